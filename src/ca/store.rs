@@ -1,0 +1,316 @@
+//! The data directory: where the CA's certificates and keys live on disk.
+//!
+//! Owns: the file layout, `init` (create or import a root, create an issuer),
+//! and loading it back. Private keys are written 0600 through
+//! `secret::write_private`. Must not: issue leaves or decide policy.
+//!
+//! Layout:
+//! - `root.crt`, `root.key` — the root (self-signed or imported)
+//! - `issuer.crt`, `issuer.key` — the issuing intermediate
+//! - `bundle.pem` — the trust bundle (all roots)
+//! - `token-signer.key` — ES256 key for `meshca token` (development tokens)
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::prelude::*;
+
+use super::{der_to_pem, fingerprint, pem_to_certs, profile, to_system_time, ActiveIssuer, CaKey};
+use crate::secret::{self, SecretBytes};
+
+/// Errors reading or writing the data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory already holds a CA.
+    #[error("{0} already holds a CA ({1} exists); refusing to overwrite it")]
+    AlreadyInitialized(PathBuf, PathBuf),
+    /// The directory holds no CA.
+    #[error("{0} holds no CA; run `meshca init --data-dir {0}` first")]
+    NotInitialized(PathBuf),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A file holds something unusable.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Key generation or signing failed.
+    #[error("crypto: {0}")]
+    Crypto(String),
+}
+
+impl From<rcgen::Error> for StoreError {
+    fn from(e: rcgen::Error) -> Self {
+        StoreError::Crypto(e.to_string())
+    }
+}
+
+/// How to create a CA.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Lifetime of a generated root.
+    pub root_lifetime: Duration,
+    /// Lifetime of the issuer (clamped to the root's expiry).
+    pub issuer_lifetime: Duration,
+    /// Import this root (certificate PEM, key PEM) instead of generating one.
+    pub import_root: Option<(PathBuf, PathBuf)>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            root_lifetime: Duration::from_secs(365 * 24 * 3600),
+            issuer_lifetime: Duration::from_secs(30 * 24 * 3600),
+            import_root: None,
+        }
+    }
+}
+
+/// What `init` created.
+#[derive(Debug, Clone)]
+pub struct InitReport {
+    /// SHA-256 of the root certificate.
+    pub root_fingerprint: String,
+    /// SHA-256 of the issuer certificate.
+    pub issuer_fingerprint: String,
+    /// The issuer's expiry.
+    pub issuer_not_after: SystemTime,
+    /// True when the issuer lifetime was cut to the root's expiry.
+    pub issuer_clamped: bool,
+    /// True when the root was imported.
+    pub imported: bool,
+}
+
+/// What `load` returns.
+#[derive(Debug)]
+pub struct LoadedCa {
+    /// The issuer, ready to sign.
+    pub issuer: ActiveIssuer,
+    /// The trust anchors.
+    pub roots: Vec<CertificateDer<'static>>,
+}
+
+/// A data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    dir: PathBuf,
+}
+
+impl DataDir {
+    /// Wraps a path (not created until `init`).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Path of a file in the directory.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// True when a CA has been created here.
+    pub fn is_initialized(&self) -> bool {
+        self.file("issuer.crt").exists()
+    }
+
+    /// Creates a root (or imports one) and an issuer under it.
+    pub fn init(&self, opts: &InitOptions, now: SystemTime) -> Result<InitReport, StoreError> {
+        for f in [
+            "root.crt",
+            "root.key",
+            "issuer.crt",
+            "issuer.key",
+            "bundle.pem",
+        ] {
+            let p = self.file(f);
+            if p.exists() {
+                return Err(StoreError::AlreadyInitialized(self.dir.clone(), p));
+            }
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        set_dir_private(&self.dir)?;
+
+        let (root_der, root_key, imported) = match &opts.import_root {
+            Some((cert, key)) => {
+                let (der, key) = import_root(cert, key, now)?;
+                (der, key, true)
+            }
+            None => {
+                let key = CaKey::generate_p256()?;
+                let params = profile::root("meshca root CA", now, opts.root_lifetime);
+                let cert = params.self_signed(&key)?;
+                (cert.der().clone(), key, false)
+            }
+        };
+        let (_, root) = X509Certificate::from_der(&root_der).map_err(|e| StoreError::Invalid {
+            path: self.file("root.crt"),
+            reason: e.to_string(),
+        })?;
+        let root_not_after = to_system_time(root.validity().not_after);
+
+        let issuer_key = CaKey::generate_p256()?;
+        let wanted = now + opts.issuer_lifetime;
+        let issuer_clamped = wanted > root_not_after;
+        let issuer_not_after = wanted.min(root_not_after);
+        let params = profile::issuer(
+            &format!("meshca issuer {}", &crate::clock::rfc3339(now)[..10]),
+            now - super::BACKDATE,
+            issuer_not_after,
+        );
+        let root_issuer = rcgen::Issuer::from_ca_cert_der(&root_der, &root_key)?;
+        let issuer_cert = params.signed_by(&issuer_key, &root_issuer)?;
+
+        // Keys first, certificates after: a crash in between leaves a
+        // directory that `is_initialized` still reports as empty.
+        self.write_key("root.key", &root_key.to_pem())?;
+        self.write_key("issuer.key", &issuer_key.to_pem())?;
+        if !self.file("token-signer.key").exists() {
+            self.write_key("token-signer.key", &CaKey::generate_p256()?.to_pem())?;
+        }
+        self.write_pub("root.crt", der_to_pem(&root_der).as_bytes())?;
+        self.write_pub("bundle.pem", der_to_pem(&root_der).as_bytes())?;
+        self.write_pub("issuer.crt", der_to_pem(issuer_cert.der()).as_bytes())?;
+
+        Ok(InitReport {
+            root_fingerprint: fingerprint(&root_der),
+            issuer_fingerprint: fingerprint(issuer_cert.der()),
+            issuer_not_after,
+            issuer_clamped,
+            imported,
+        })
+    }
+
+    /// Loads the issuer and the trust bundle.
+    pub fn load(&self) -> Result<LoadedCa, StoreError> {
+        if !self.is_initialized() {
+            return Err(StoreError::NotInitialized(self.dir.clone()));
+        }
+        let roots = self.read_certs("bundle.pem")?;
+        let chain = self.read_certs("issuer.crt")?;
+        let key_path = self.file("issuer.key");
+        let key =
+            CaKey::from_pem(&self.read_key("issuer.key")?).map_err(|e| StoreError::Invalid {
+                path: key_path.clone(),
+                reason: e.to_string(),
+            })?;
+        let issuer = ActiveIssuer::new(chain, key).map_err(|e| StoreError::Invalid {
+            path: key_path,
+            reason: e.to_string(),
+        })?;
+        Ok(LoadedCa { issuer, roots })
+    }
+
+    /// Reads the PEM trust bundle.
+    pub fn bundle_pem(&self) -> Result<String, StoreError> {
+        let p = self.file("bundle.pem");
+        std::fs::read_to_string(&p).map_err(|source| StoreError::Io { path: p, source })
+    }
+
+    /// Reads a private key file into zeroizing memory.
+    pub fn read_key(&self, name: &str) -> Result<SecretBytes, StoreError> {
+        let path = self.file(name);
+        secret::read_private(&path).map_err(|source| StoreError::Io { path, source })
+    }
+
+    fn read_certs(&self, name: &str) -> Result<Vec<CertificateDer<'static>>, StoreError> {
+        let path = self.file(name);
+        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        pem_to_certs(&bytes).map_err(|reason| StoreError::Invalid { path, reason })
+    }
+
+    fn write_key(&self, name: &str, pem: &SecretBytes) -> Result<(), StoreError> {
+        let path = self.file(name);
+        secret::write_private(&path, pem.expose()).map_err(|source| StoreError::Io { path, source })
+    }
+
+    fn write_pub(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.file(name);
+        secret::write_public(&path, bytes).map_err(|source| StoreError::Io { path, source })
+    }
+}
+
+fn set_dir_private(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        StoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// Loads an operator-supplied root and checks it can act as one.
+fn import_root(
+    cert_path: &Path,
+    key_path: &Path,
+    now: SystemTime,
+) -> Result<(CertificateDer<'static>, CaKey), StoreError> {
+    let invalid = |path: &Path, reason: String| StoreError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(cert_path).map_err(|source| StoreError::Io {
+        path: cert_path.to_path_buf(),
+        source,
+    })?;
+    let der = pem_to_certs(&bytes)
+        .map_err(|r| invalid(cert_path, r))?
+        .swap_remove(0);
+    let key_pem = secret::read_private(key_path).map_err(|source| StoreError::Io {
+        path: key_path.to_path_buf(),
+        source,
+    })?;
+    let key = CaKey::from_pem(&key_pem).map_err(|e| invalid(key_path, e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| invalid(cert_path, e.to_string()))?;
+    match cert.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => {
+            return Err(invalid(
+                cert_path,
+                "not a CA certificate (basicConstraints CA:true is missing)".into(),
+            ))
+        }
+    }
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if !ku.value.key_cert_sign() {
+            return Err(invalid(
+                cert_path,
+                "keyUsage lacks keyCertSign, so it cannot sign an issuer".into(),
+            ));
+        }
+    }
+    if cert.public_key().raw != key.spki_der().as_slice() {
+        return Err(invalid(
+            key_path,
+            "this private key does not belong to the root certificate".into(),
+        ));
+    }
+    if to_system_time(cert.validity().not_after) <= now {
+        return Err(invalid(
+            cert_path,
+            "the root certificate has expired".into(),
+        ));
+    }
+    Ok((der, key))
+}

@@ -1,0 +1,24 @@
+//! meshca: a service-mesh certificate authority.
+#![forbid(unsafe_code)]
+
+/// Generated protobuf and gRPC code for the three wire APIs.
+pub mod proto {
+    #![allow(missing_docs, clippy::all)]
+    /// meshca's native API (`meshca.v1`).
+    pub mod meshca {
+        tonic::include_proto!("meshca.v1");
+    }
+    /// Linkerd's identity API (`io.linkerd.proxy.identity`).
+    pub mod linkerd {
+        tonic::include_proto!("io.linkerd.proxy.identity");
+    }
+    /// Istio's certificate API (`istio.v1.auth`).
+    pub mod istio {
+        tonic::include_proto!("istio.v1.auth");
+    }
+}
+
+pub mod ca;
+pub mod clock;
+pub mod identity;
+pub mod secret;
