@@ -18,7 +18,11 @@ pub mod proto {
     }
 }
 
+pub mod api;
+pub mod authn;
 pub mod ca;
 pub mod clock;
 pub mod identity;
+pub mod metrics;
+pub mod ratelimit;
 pub mod secret;

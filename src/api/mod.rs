@@ -1,0 +1,327 @@
+//! The gRPC APIs: one file per wire API, all sharing one pipeline.
+//!
+//! Owns: decode → authenticate → rate-limit → issue → encode, the one
+//! structured log line per issuance decision, and the issuance metrics. The
+//! wire files (`native`, `linkerd`, `istio`) only translate messages; errors
+//! become gRPC statuses in exactly one place, `status`. Must not: sign
+//! anything itself, or talk to Kubernetes except through `authn`.
+
+pub mod istio;
+pub mod linkerd;
+pub mod native;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::CertificateDer;
+use x509_parser::prelude::*;
+
+use crate::authn::{Authenticated, Authenticator, AuthnError, Method};
+use crate::ca::{Authority, CaError, Issued};
+use crate::identity::Workload;
+use crate::ratelimit::KeyedLimiter;
+pub use status::ApiError;
+
+/// The largest gRPC message accepted, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Which wire API a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireApi {
+    /// `meshca.v1.Identity`.
+    Native,
+    /// `io.linkerd.proxy.identity.Identity`.
+    Linkerd,
+    /// `istio.v1.auth.IstioCertificateService`.
+    Istio,
+}
+
+impl WireApi {
+    /// Label for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            WireApi::Native => "native",
+            WireApi::Linkerd => "linkerd",
+            WireApi::Istio => "istio",
+        }
+    }
+}
+
+/// Token audiences per API.
+#[derive(Debug, Clone)]
+pub struct Audiences {
+    /// Native API audience (default `meshca`).
+    pub native: String,
+    /// Linkerd API audience (default `identity.l5d.io`).
+    pub linkerd: String,
+    /// Istio API audience (default `istio-ca`).
+    pub istio: String,
+}
+
+impl Default for Audiences {
+    fn default() -> Self {
+        Self {
+            native: "meshca".into(),
+            linkerd: "identity.l5d.io".into(),
+            istio: "istio-ca".into(),
+        }
+    }
+}
+
+/// How the caller proves who it is.
+#[derive(Debug)]
+pub enum Credential<'a> {
+    /// A bearer token.
+    Token(&'a str),
+    /// The leaf of a verified mTLS client chain.
+    PeerCertificate(&'a CertificateDer<'static>),
+    /// Nothing.
+    None,
+}
+
+/// One certificate request, whatever API it came through.
+#[derive(Debug)]
+pub struct CertifyInput<'a> {
+    /// The API.
+    pub api: WireApi,
+    /// The credential.
+    pub credential: Credential<'a>,
+    /// DER CSR.
+    pub csr_der: &'a [u8],
+    /// Requested lifetime.
+    pub ttl: Option<Duration>,
+    /// The identity the caller claims (Linkerd's `identity` field).
+    pub claimed_dns_identity: Option<&'a str>,
+    /// The caller's address.
+    pub peer: Option<SocketAddr>,
+}
+
+/// Shared state of the gRPC services.
+pub struct Core {
+    /// The CA.
+    pub ca: Arc<Authority>,
+    /// The token chain.
+    pub authn: Arc<Authenticator>,
+    /// Audiences per API.
+    pub audiences: Audiences,
+    limiter: KeyedLimiter<Workload>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// Builds the pipeline with a per-identity limit of `rate`/s, `burst`.
+    pub fn new(
+        ca: Arc<Authority>,
+        authn: Arc<Authenticator>,
+        audiences: Audiences,
+        rate: f64,
+        burst: u32,
+    ) -> Self {
+        let limiter = KeyedLimiter::new(rate, burst, ca.clock().clone());
+        Self {
+            ca,
+            authn,
+            audiences,
+            limiter,
+        }
+    }
+
+    fn audience(&self, api: WireApi) -> &str {
+        match api {
+            WireApi::Native => &self.audiences.native,
+            WireApi::Linkerd => &self.audiences.linkerd,
+            WireApi::Istio => &self.audiences.istio,
+        }
+    }
+
+    /// Runs one request through authentication, policy and signing, and
+    /// records the decision (log line + metrics) whatever the outcome.
+    pub async fn certify(&self, input: CertifyInput<'_>) -> Result<Issued, ApiError> {
+        let metrics = crate::metrics::global();
+        let _guard = metrics.in_flight();
+        let started = Instant::now();
+        let mut who: Option<Authenticated> = None;
+        let result = self.certify_inner(&input, &mut who).await;
+        let identity = who
+            .as_ref()
+            .map(|a| a.workload.to_string())
+            .unwrap_or_else(|| "-".into());
+        let method = who.as_ref().map(|a| a.method.as_str()).unwrap_or("-");
+        let peer = input
+            .peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into());
+        match &result {
+            Ok(issued) => {
+                metrics.issuance(input.api.as_str(), true, "ok", started.elapsed());
+                tracing::info!(
+                    target: "meshca::issuance",
+                    api = input.api.as_str(),
+                    identity = %identity,
+                    spiffe_id = %issued.spiffe_id,
+                    method,
+                    peer = %peer,
+                    pod = who.as_ref().and_then(|a| a.pod_name.as_deref()).unwrap_or("-"),
+                    serial = %issued.serial,
+                    not_after = %crate::clock::rfc3339(issued.not_after),
+                    ttl_clamped = issued.ttl_clamped,
+                    result = "granted",
+                    reason = "ok",
+                    "certificate issued"
+                );
+            }
+            Err(e) => {
+                metrics.issuance(input.api.as_str(), false, e.reason(), started.elapsed());
+                tracing::info!(
+                    target: "meshca::issuance",
+                    api = input.api.as_str(),
+                    identity = %identity,
+                    method,
+                    peer = %peer,
+                    result = "refused",
+                    reason = e.reason(),
+                    detail = %e,
+                    "certificate refused"
+                );
+            }
+        }
+        result
+    }
+
+    async fn certify_inner(
+        &self,
+        input: &CertifyInput<'_>,
+        who: &mut Option<Authenticated>,
+    ) -> Result<Issued, ApiError> {
+        let metrics = crate::metrics::global();
+        let authenticated = match input.credential {
+            Credential::Token(token) => {
+                let r = self
+                    .authn
+                    .authenticate(token, self.audience(input.api))
+                    .await;
+                let (method, result) = match &r {
+                    Ok(a) => (a.method.as_str(), "ok"),
+                    Err(AuthnError::Unavailable(_)) => ("token", "unavailable"),
+                    Err(_) => ("token", "rejected"),
+                };
+                metrics.validation(method, result);
+                r?
+            }
+            Credential::PeerCertificate(cert) => {
+                let r = self.authenticate_peer(cert);
+                metrics.validation("certificate", if r.is_ok() { "ok" } else { "rejected" });
+                r?
+            }
+            Credential::None => {
+                metrics.validation("none", "rejected");
+                return Err(AuthnError::Missing.into());
+            }
+        };
+        *who = Some(authenticated.clone());
+        let workload = &authenticated.workload;
+        if let Some(claimed) = input.claimed_dns_identity {
+            let actual = workload
+                .dns_identity(self.ca.mesh())
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            if claimed != actual.as_str() {
+                return Err(ApiError::IdentityMismatch {
+                    claimed: claimed.chars().take(253).collect(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        if !self.limiter.try_take(workload) {
+            return Err(ApiError::RateLimited(workload.to_string()));
+        }
+        let ca = self.ca.clone();
+        let workload = workload.clone();
+        let csr = input.csr_der.to_vec();
+        let ttl = input.ttl;
+        // Signing is CPU-bound; keep it off the reactor threads.
+        let issued = tokio::task::spawn_blocking(move || ca.issue(&workload, &csr, ttl))
+            .await
+            .map_err(|e| ApiError::Internal(format!("signing task failed: {e}")))??;
+        Ok(issued)
+    }
+
+    /// Authenticates a caller by the meshca leaf it presented over mTLS
+    /// (rustls already verified the chain to our roots during the handshake).
+    fn authenticate_peer(&self, cert: &CertificateDer<'_>) -> Result<Authenticated, AuthnError> {
+        let (_, x509) = X509Certificate::from_der(cert)
+            .map_err(|e| AuthnError::Invalid(format!("client certificate does not parse: {e}")))?;
+        let now = self.ca.clock().now();
+        let not_after = crate::ca::to_system_time(x509.validity().not_after);
+        if not_after <= now {
+            return Err(AuthnError::Invalid("client certificate has expired".into()));
+        }
+        let uri = x509
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|san| {
+                san.value.general_names.iter().find_map(|g| match g {
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+            })
+            .ok_or_else(|| AuthnError::Invalid("client certificate has no SPIFFE ID".into()))?;
+        let id: crate::identity::SpiffeId = uri
+            .parse()
+            .map_err(|e| AuthnError::Invalid(format!("{e}")))?;
+        if id.trust_domain() != self.ca.mesh().trust_domain.as_str() {
+            return Err(AuthnError::Invalid(format!(
+                "client certificate is for trust domain {}, not {}",
+                id.trust_domain(),
+                self.ca.mesh().trust_domain
+            )));
+        }
+        let parts: Vec<&str> = id.path().split('/').collect();
+        let workload = match parts.as_slice() {
+            ["", "ns", ns, "sa", sa] => Workload::new(ns, sa)
+                .map_err(|e| AuthnError::Invalid(format!("client certificate: {e}")))?,
+            _ => {
+                return Err(AuthnError::Invalid(format!(
+                    "client certificate SPIFFE ID {id} is not a workload identity"
+                )))
+            }
+        };
+        Ok(Authenticated {
+            workload,
+            pod_name: None,
+            pod_uid: None,
+            method: Method::Certificate,
+            expires: Some(not_after),
+        })
+    }
+}
+
+impl From<CaError> for ApiError {
+    fn from(e: CaError) -> Self {
+        ApiError::Ca(e)
+    }
+}
+
+impl From<AuthnError> for ApiError {
+    fn from(e: AuthnError) -> Self {
+        ApiError::Authn(e)
+    }
+}
+
+/// Converts a `SystemTime` to a protobuf timestamp.
+pub fn to_timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}

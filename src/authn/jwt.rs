@@ -1,0 +1,357 @@
+//! Local JWT verification against a JWKS (Kubernetes projected
+//! service-account tokens).
+//!
+//! Owns: the algorithm allow-list (RS256, ES256 only), key lookup by `kid`
+//! with rate-limited refresh, and the claim checks (`iss`, `aud`, `exp`,
+//! `nbf`, `sub` consistent with the `kubernetes.io` claim). Must not: call
+//! the Kubernetes API (that is `tokenreview`) or build gRPC statuses.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use base64::Engine;
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::{Authenticated, Method, Verdict, LEGACY_ISSUER};
+use crate::clock::{unix_secs, Clock};
+use crate::identity::Workload;
+
+/// Clock-skew tolerance for `exp`, `nbf` and `iat`.
+pub const LEEWAY: Duration = Duration::from_secs(60);
+/// The shortest interval between two JWKS refreshes triggered by unknown `kid`s.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The claims of a Kubernetes projected service-account token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct K8sClaims {
+    /// Issuer.
+    pub iss: String,
+    /// `system:serviceaccount:NS:SA`.
+    pub sub: String,
+    /// Audiences (a string or a list on the wire).
+    #[serde(deserialize_with = "one_or_many", default)]
+    pub aud: Vec<String>,
+    /// Expiry (Unix seconds).
+    pub exp: u64,
+    /// Issued at (Unix seconds).
+    #[serde(default)]
+    pub iat: Option<u64>,
+    /// Not before (Unix seconds).
+    #[serde(default)]
+    pub nbf: Option<u64>,
+    /// The `kubernetes.io` private claim.
+    #[serde(rename = "kubernetes.io")]
+    pub kubernetes: Option<K8sInfo>,
+}
+
+/// The `kubernetes.io` claim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct K8sInfo {
+    /// The service account's namespace.
+    pub namespace: String,
+    /// The service account.
+    pub serviceaccount: NameUid,
+    /// The pod the token is bound to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<NameUid>,
+}
+
+/// A `{name, uid}` reference.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NameUid {
+    /// Object name.
+    pub name: String,
+    /// Object UID.
+    pub uid: String,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Where the keys come from.
+#[derive(Debug, Clone)]
+pub enum JwksSource {
+    /// A JWKS JSON file, re-read on refresh.
+    File(PathBuf),
+    /// A fixed set (tests, the development signer).
+    Static(String),
+}
+
+struct Key {
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies JWTs against one JWKS for a set of accepted issuers.
+pub struct JwksVerifier {
+    issuers: Vec<String>,
+    source: JwksSource,
+    keys: ArcSwap<HashMap<String, Arc<Key>>>,
+    last_refresh: Mutex<Option<SystemTime>>,
+    clock: Arc<dyn Clock>,
+    allow_legacy: bool,
+    method: Method,
+}
+
+impl std::fmt::Debug for JwksVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwksVerifier")
+            .field("issuers", &self.issuers)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses JWKS JSON into usable keys, skipping (not failing on) keys that are
+/// not RS256/ES256-capable.
+fn parse_jwks(json: &str) -> Result<HashMap<String, Arc<Key>>, String> {
+    let set: JwkSet = serde_json::from_str(json).map_err(|e| format!("JWKS is not valid: {e}"))?;
+    let mut keys = HashMap::new();
+    for (i, jwk) in set.keys.iter().enumerate() {
+        let alg = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(ec)
+                if ec.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+            {
+                Algorithm::ES256
+            }
+            _ => continue,
+        };
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        let kid = jwk.common.key_id.clone().unwrap_or_else(|| format!("#{i}"));
+        keys.insert(kid, Arc::new(Key { alg, key }));
+    }
+    Ok(keys)
+}
+
+impl JwksVerifier {
+    /// Loads the keys once; fails if the source cannot be read.
+    pub fn new(
+        source: JwksSource,
+        issuers: Vec<String>,
+        clock: Arc<dyn Clock>,
+        allow_legacy: bool,
+        method: Method,
+    ) -> Result<Self, String> {
+        let keys = parse_jwks(&read_source(&source)?)?;
+        if keys.is_empty() {
+            return Err("JWKS has no RS256 or ES256 key".into());
+        }
+        Ok(Self {
+            issuers,
+            source,
+            keys: ArcSwap::from_pointee(keys),
+            last_refresh: Mutex::new(Some(clock.now())),
+            clock,
+            allow_legacy,
+            method,
+        })
+    }
+
+    /// The accepted issuers.
+    pub fn issuers(&self) -> &[String] {
+        &self.issuers
+    }
+
+    /// Re-reads the key source, at most once per [`MIN_REFRESH_INTERVAL`].
+    fn refresh(&self) {
+        let now = self.clock.now();
+        {
+            let mut last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = *last {
+                if now.duration_since(t).unwrap_or_default() < MIN_REFRESH_INTERVAL {
+                    return;
+                }
+            }
+            *last = Some(now);
+        }
+        match read_source(&self.source).and_then(|j| parse_jwks(&j)) {
+            Ok(k) if !k.is_empty() => self.keys.store(Arc::new(k)),
+            Ok(_) => {
+                tracing::warn!(source = ?self.source, "JWKS refresh found no usable key; keeping the old keys")
+            }
+            Err(e) => {
+                tracing::warn!(source = ?self.source, error = %e, "JWKS refresh failed; keeping the old keys")
+            }
+        }
+    }
+
+    fn find_key(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<Key>> {
+        let keys = self.keys.load();
+        match kid {
+            Some(kid) => keys.get(kid).filter(|k| k.alg == alg).cloned(),
+            None if keys.len() == 1 => keys.values().next().filter(|k| k.alg == alg).cloned(),
+            None => None,
+        }
+    }
+
+    /// Verifies `token` for `audience`.
+    pub fn verify(&self, token: &str, audience: &str) -> Verdict {
+        let header = match jsonwebtoken::decode_header(token) {
+            Ok(h) => h,
+            Err(e) => {
+                return Verdict::Rejected(format!(
+                    "the token is not a well-formed JWT or uses a forbidden algorithm ({e})"
+                ))
+            }
+        };
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Verdict::Rejected(format!(
+                "token algorithm {:?} is not allowed (only RS256 and ES256)",
+                header.alg
+            ));
+        }
+        // Peek at the unverified issuer only to route the token to the
+        // right verifier; nothing is trusted until the signature checks.
+        let unverified_iss = peek_issuer(token);
+        if unverified_iss.as_deref() == Some(LEGACY_ISSUER) {
+            return if self.allow_legacy {
+                Verdict::Undecided("legacy secret-based tokens are checked by TokenReview".into())
+            } else {
+                Verdict::Rejected(
+                    "legacy secret-based service-account tokens are refused; use a projected token (or enable --allow-legacy-tokens)"
+                        .into(),
+                )
+            };
+        }
+        match &unverified_iss {
+            Some(iss) if self.issuers.iter().any(|i| i == iss) => {}
+            Some(iss) => {
+                return Verdict::Undecided(format!(
+                    "token issuer {iss:?} is not one of the JWKS issuers"
+                ))
+            }
+            None => return Verdict::Rejected("the token has no iss claim".into()),
+        }
+        let kid = header.kid.as_deref();
+        let key = match self.find_key(kid, header.alg) {
+            Some(k) => k,
+            None => {
+                self.refresh();
+                match self.find_key(kid, header.alg) {
+                    Some(k) => k,
+                    None => {
+                        return Verdict::Undecided(format!(
+                            "no {:?} key with kid {:?} in the JWKS",
+                            header.alg,
+                            kid.unwrap_or("")
+                        ))
+                    }
+                }
+            }
+        };
+
+        let mut v = Validation::new(key.alg);
+        v.algorithms = vec![key.alg];
+        v.set_audience(&[audience]);
+        v.set_issuer(&self.issuers);
+        // Time claims are checked below against our own clock.
+        v.validate_exp = false;
+        v.validate_nbf = false;
+        v.set_required_spec_claims(&["iss", "aud", "sub"]);
+        let claims = match jsonwebtoken::decode::<K8sClaims>(token, &key.key, &v) {
+            Ok(d) => d.claims,
+            Err(e) => {
+                use jsonwebtoken::errors::ErrorKind as K;
+                let why = match e.kind() {
+                    K::InvalidSignature => "the token signature does not verify".to_string(),
+                    K::InvalidAudience => {
+                        format!("the token's audience does not include {audience:?}")
+                    }
+                    K::InvalidIssuer => "the token issuer is not accepted".to_string(),
+                    K::MissingRequiredClaim(c) => format!("the token has no {c} claim"),
+                    K::Json(_) => {
+                        "the token claims are not those of a Kubernetes service-account token"
+                            .to_string()
+                    }
+                    _ => format!("the token is invalid ({e})"),
+                };
+                return Verdict::Rejected(why);
+            }
+        };
+        match check_claims(&claims, self.clock.now()) {
+            Ok(mut a) => {
+                a.method = self.method;
+                Verdict::Authenticated(a)
+            }
+            Err(why) => Verdict::Rejected(why),
+        }
+    }
+}
+
+fn read_source(source: &JwksSource) -> Result<String, String> {
+    match source {
+        JwksSource::File(p) => std::fs::read_to_string(p)
+            .map_err(|e| format!("cannot read JWKS file {}: {e}", p.display())),
+        JwksSource::Static(s) => Ok(s.clone()),
+    }
+}
+
+/// Decodes the payload's `iss` without verifying anything.
+fn peek_issuer(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    #[derive(Deserialize)]
+    struct Iss {
+        iss: Option<String>,
+    }
+    serde_json::from_slice::<Iss>(&bytes).ok()?.iss
+}
+
+/// Checks time claims and that `sub` matches the `kubernetes.io` claim.
+fn check_claims(c: &K8sClaims, now: SystemTime) -> Result<Authenticated, String> {
+    let now_s = unix_secs(now);
+    let leeway = LEEWAY.as_secs();
+    if c.exp + leeway <= now_s {
+        return Err(format!(
+            "the token expired at {} (now {})",
+            crate::clock::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(c.exp)),
+            crate::clock::rfc3339(now)
+        ));
+    }
+    if let Some(nbf) = c.nbf {
+        if nbf > now_s + leeway {
+            return Err("the token is not valid yet (nbf is in the future)".into());
+        }
+    }
+    if let Some(iat) = c.iat {
+        if iat > now_s + leeway {
+            return Err("the token was issued in the future (iat); check clocks".into());
+        }
+    }
+    let workload = Workload::from_username(&c.sub).map_err(|e| format!("token subject: {e}"))?;
+    let k8s = c.kubernetes.as_ref().ok_or(
+        "the token has no kubernetes.io claim; it is not a projected service-account token",
+    )?;
+    if k8s.namespace != workload.namespace.as_str()
+        || k8s.serviceaccount.name != workload.service_account.as_str()
+    {
+        return Err("the token's sub does not match its kubernetes.io claim".into());
+    }
+    Ok(Authenticated {
+        workload,
+        pod_name: k8s.pod.as_ref().map(|p| p.name.clone()),
+        pod_uid: k8s.pod.as_ref().map(|p| p.uid.clone()),
+        method: Method::Jwks,
+        expires: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(c.exp)),
+    })
+}

@@ -1,0 +1,184 @@
+//! Authentication: turns a bearer token into a verified workload identity.
+//!
+//! Owns: the ordered chain of token sources (local JWKS verification first,
+//! TokenReview for what JWKS cannot decide) and the fail-closed rule: a token
+//! passes only when a source positively authenticates it; when no source can
+//! decide because a backend is down, the answer is [`AuthnError::Unavailable`]
+//! (clients retry), never a pass and never a false "bad token". Must not:
+//! build gRPC statuses (see `api::status`) or store tokens (only hashes).
+
+pub mod devtoken;
+pub mod jwt;
+pub mod tokenreview;
+
+use std::time::SystemTime;
+
+use crate::identity::Workload;
+
+/// The issuer of legacy secret-based service-account tokens.
+pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+/// The largest token accepted, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// How a caller was authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// JWT verified locally against a JWKS.
+    Jwks,
+    /// JWT verified with the development signer of `meshca token`.
+    DevKey,
+    /// Kubernetes TokenReview.
+    TokenReview,
+    /// A still-valid meshca client certificate (mTLS renewal).
+    Certificate,
+}
+
+impl Method {
+    /// Label used in logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Jwks => "jwks",
+            Method::DevKey => "dev_key",
+            Method::TokenReview => "token_review",
+            Method::Certificate => "certificate",
+        }
+    }
+}
+
+/// A positively authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The service account.
+    pub workload: Workload,
+    /// The pod the token is bound to, when known.
+    pub pod_name: Option<String>,
+    /// The pod UID, when known.
+    pub pod_uid: Option<String>,
+    /// How it was authenticated.
+    pub method: Method,
+    /// When the credential stops being valid, when known.
+    pub expires: Option<SystemTime>,
+}
+
+/// One source's answer.
+#[derive(Debug)]
+pub enum Verdict {
+    /// The token is good.
+    Authenticated(Authenticated),
+    /// The token is definitely bad.
+    Rejected(String),
+    /// This source cannot tell (not its issuer, unknown key…); ask the next.
+    Undecided(String),
+    /// This source's backend is unreachable.
+    Unavailable(String),
+}
+
+/// Why authentication failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AuthnError {
+    /// No token was presented.
+    #[error("no credential: send a Kubernetes service-account token (or renew over mTLS with a valid meshca certificate)")]
+    Missing,
+    /// The token is larger than [`MAX_TOKEN_BYTES`].
+    #[error("token is {0} bytes, more than the 16384-byte limit")]
+    TooLarge(usize),
+    /// The token is bad.
+    #[error("token rejected: {0}")]
+    Invalid(String),
+    /// No source could decide because a backend is down.
+    #[error("cannot validate the token right now: {0}")]
+    Unavailable(String),
+}
+
+/// A token source in the chain.
+pub enum Source {
+    /// Local verification.
+    Jwks(jwt::JwksVerifier),
+    /// Kubernetes TokenReview.
+    TokenReview(tokenreview::TokenReviewer),
+}
+
+impl Source {
+    /// Name for logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Jwks(j) => format!("JWKS (issuers {:?})", j.issuers()),
+            Source::TokenReview(_) => "TokenReview".into(),
+        }
+    }
+}
+
+/// The ordered chain of token sources.
+pub struct Authenticator {
+    sources: Vec<Source>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<_> = self.sources.iter().map(Source::describe).collect();
+        f.debug_struct("Authenticator")
+            .field("sources", &names)
+            .finish()
+    }
+}
+
+impl Authenticator {
+    /// A chain tried in the given order.
+    pub fn new(sources: Vec<Source>) -> Self {
+        Self { sources }
+    }
+
+    /// True when at least one source is configured.
+    pub fn is_configured(&self) -> bool {
+        !self.sources.is_empty()
+    }
+
+    /// Names of the sources, in order.
+    pub fn describe(&self) -> Vec<String> {
+        self.sources.iter().map(Source::describe).collect()
+    }
+
+    /// Authenticates `token` for `audience`.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<Authenticated, AuthnError> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(AuthnError::Missing);
+        }
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthnError::TooLarge(token.len()));
+        }
+        let mut undecided = Vec::new();
+        let mut unavailable = Vec::new();
+        for source in &self.sources {
+            let verdict = match source {
+                Source::Jwks(j) => j.verify(token, audience),
+                Source::TokenReview(t) => t.review(token, audience).await,
+            };
+            match verdict {
+                Verdict::Authenticated(a) => return Ok(a),
+                Verdict::Rejected(why) => return Err(AuthnError::Invalid(why)),
+                Verdict::Undecided(why) => undecided.push(why),
+                Verdict::Unavailable(why) => unavailable.push(why),
+            }
+        }
+        if !unavailable.is_empty() {
+            return Err(AuthnError::Unavailable(unavailable.join("; ")));
+        }
+        if undecided.is_empty() {
+            undecided.push("no token source is configured".into());
+        }
+        Err(AuthnError::Invalid(undecided.join("; ")))
+    }
+}
+
+/// SHA-256 of a token, hex: the only form in which a token is ever kept.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        token.as_bytes(),
+    ))
+}

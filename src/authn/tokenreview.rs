@@ -1,0 +1,168 @@
+//! Token validation through the Kubernetes TokenReview API.
+//!
+//! Owns: POSTing `authentication.k8s.io/v1` TokenReviews through kube, the
+//! checks on the answer (authenticated, audience echoed, a service-account
+//! username), a positive-result cache keyed by token hash, and the client-side
+//! QPS/burst limit toward the API server. Must not: keep tokens (only their
+//! SHA-256), or turn an unreachable API server into a rejection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
+
+use super::{token_hash, Authenticated, Method, Verdict};
+use crate::clock::Clock;
+use crate::identity::Workload;
+use crate::ratelimit::TokenBucket;
+
+/// How long a positive review is reused at most.
+pub const CACHE_TTL: Duration = Duration::from_secs(300);
+/// How long one review may take before the API server counts as unavailable.
+pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<String, (Authenticated, SystemTime)>>;
+
+/// Reviews tokens with the API server.
+pub struct TokenReviewer {
+    client: kube::Client,
+    clock: Arc<dyn Clock>,
+    cache: Vec<Shard>,
+    limiter: TokenBucket,
+}
+
+impl TokenReviewer {
+    /// A reviewer allowing `qps` reviews per second with bursts of `burst`.
+    pub fn new(client: kube::Client, clock: Arc<dyn Clock>, qps: f64, burst: u32) -> Self {
+        Self {
+            client,
+            limiter: TokenBucket::new(qps, burst, clock.clone()),
+            clock,
+            cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    /// Builds a kube client from a kubeconfig file.
+    pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client, String> {
+        let kc = kube::config::Kubeconfig::read_from(path)
+            .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+        kube::Client::try_from(cfg).map_err(|e| format!("kube client: {e}"))
+    }
+
+    fn shard(&self, key: &str) -> &Shard {
+        let i = usize::from_str_radix(&key[..2], 16).unwrap_or(0) % SHARDS;
+        &self.cache[i]
+    }
+
+    /// Reviews `token` for `audience`.
+    pub async fn review(&self, token: &str, audience: &str) -> Verdict {
+        let now = self.clock.now();
+        let key = format!("{}:{}", token_hash(token), audience);
+        {
+            let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+            match shard.get(&key) {
+                Some((a, until)) if *until > now => return Verdict::Authenticated(a.clone()),
+                Some(_) => {
+                    shard.remove(&key);
+                }
+                None => {}
+            }
+        }
+        if !self.limiter.try_take() {
+            return Verdict::Unavailable(
+                "the TokenReview rate limit toward the API server is reached; retry shortly".into(),
+            );
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: Some(vec![audience.to_string()]),
+            },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let started = std::time::Instant::now();
+        let res =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await;
+        crate::metrics::global().observe_tokenreview(started.elapsed());
+        let answer = match res {
+            Err(_) => {
+                return Verdict::Unavailable(format!(
+                    "the Kubernetes API server did not answer the TokenReview within {}s",
+                    REVIEW_TIMEOUT.as_secs()
+                ))
+            }
+            Ok(Err(kube::Error::Api(s))) if s.code == 400 || s.code == 422 => {
+                return Verdict::Rejected(format!("TokenReview refused the token: {}", s.message))
+            }
+            Ok(Err(kube::Error::Api(s))) => {
+                return Verdict::Unavailable(format!(
+                    "TokenReview failed with HTTP {} ({}); check the CA's RBAC and the API server",
+                    s.code, s.message
+                ))
+            }
+            Ok(Err(e)) => {
+                return Verdict::Unavailable(format!("cannot reach the Kubernetes API server: {e}"))
+            }
+            Ok(Ok(r)) => r,
+        };
+        let verdict = interpret(&answer, audience);
+        if let Verdict::Authenticated(a) = &verdict {
+            let until = now + CACHE_TTL;
+            let until = a.expires.map_or(until, |e| e.min(until));
+            let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
+            if shard.len() > 10_000 {
+                shard.retain(|_, (_, u)| *u > now);
+            }
+            shard.insert(key, (a.clone(), until));
+        }
+        verdict
+    }
+}
+
+/// Decides from a TokenReview answer.
+fn interpret(review: &TokenReview, audience: &str) -> Verdict {
+    let Some(status) = &review.status else {
+        return Verdict::Unavailable("TokenReview answer has no status".into());
+    };
+    if status.authenticated != Some(true) {
+        let why = status
+            .error
+            .clone()
+            .unwrap_or_else(|| "not authenticated".into());
+        return Verdict::Rejected(format!(
+            "the API server did not authenticate the token: {why}"
+        ));
+    }
+    let audiences = status.audiences.clone().unwrap_or_default();
+    if !audiences.iter().any(|a| a == audience) {
+        return Verdict::Rejected(format!("the token is not valid for audience {audience:?}"));
+    }
+    let Some(user) = &status.user else {
+        return Verdict::Rejected("TokenReview returned no user".into());
+    };
+    let username = user.username.clone().unwrap_or_default();
+    let workload = match Workload::from_username(&username) {
+        Ok(w) => w,
+        Err(e) => return Verdict::Rejected(format!("not a service-account token: {e}")),
+    };
+    let extra = |k: &str| {
+        user.extra
+            .as_ref()
+            .and_then(|e| e.get(k))
+            .and_then(|v| v.first().cloned())
+    };
+    Verdict::Authenticated(Authenticated {
+        workload,
+        pod_name: extra("authentication.kubernetes.io/pod-name"),
+        pod_uid: extra("authentication.kubernetes.io/pod-uid"),
+        method: Method::TokenReview,
+        expires: None,
+    })
+}

@@ -1,0 +1,195 @@
+//! Named Prometheus instruments and their text exposition.
+//!
+//! Owns: every metric meshca exports. Makes no decisions: callers record what
+//! happened. One process-wide registry (`global()`), since Prometheus scrapes
+//! a process; instruments are atomics, so recording takes no lock.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IssuanceLabels {
+    api: String,
+    result: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabel {
+    api: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ValidationLabels {
+    method: String,
+    result: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs … ~3.3 s
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// All of meshca's instruments.
+pub struct Metrics {
+    registry: Registry,
+    issuance: Family<IssuanceLabels, Counter>,
+    issuance_latency: Family<ApiLabel, Histogram, fn() -> Histogram>,
+    validations: Family<ValidationLabels, Counter>,
+    tokenreview_latency: Histogram,
+    root_expiry: Gauge,
+    issuer_expiry: Gauge,
+    in_flight: Gauge,
+    bundle_version: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshca");
+        let issuance = Family::<IssuanceLabels, Counter>::default();
+        registry.register(
+            "issuance",
+            "Issuance decisions by API, result (granted/refused) and reason",
+            issuance.clone(),
+        );
+        let issuance_latency =
+            Family::<ApiLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram,
+            );
+        registry.register(
+            "issuance_duration_seconds",
+            "Time from request to response for certificate requests",
+            issuance_latency.clone(),
+        );
+        let validations = Family::<ValidationLabels, Counter>::default();
+        registry.register(
+            "token_validations",
+            "Credential validations by method and result",
+            validations.clone(),
+        );
+        let tokenreview_latency = latency_histogram();
+        registry.register(
+            "tokenreview_duration_seconds",
+            "Latency of TokenReview calls to the Kubernetes API server",
+            tokenreview_latency.clone(),
+        );
+        let root_expiry = Gauge::default();
+        registry.register(
+            "root_expiry_timestamp_seconds",
+            "Unix time at which the earliest-expiring trust anchor expires",
+            root_expiry.clone(),
+        );
+        let issuer_expiry = Gauge::default();
+        registry.register(
+            "issuer_expiry_timestamp_seconds",
+            "Unix time at which the active issuer expires",
+            issuer_expiry.clone(),
+        );
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Certificate requests being processed",
+            in_flight.clone(),
+        );
+        let bundle_version = Gauge::default();
+        registry.register(
+            "trust_bundle_version",
+            "Version of the trust bundle being served",
+            bundle_version.clone(),
+        );
+        Self {
+            registry,
+            issuance,
+            issuance_latency,
+            validations,
+            tokenreview_latency,
+            root_expiry,
+            issuer_expiry,
+            in_flight,
+            bundle_version,
+        }
+    }
+
+    /// Records one issuance decision.
+    pub fn issuance(&self, api: &str, granted: bool, reason: &str, latency: Duration) {
+        self.issuance
+            .get_or_create(&IssuanceLabels {
+                api: api.into(),
+                result: if granted { "granted" } else { "refused" }.into(),
+                reason: reason.into(),
+            })
+            .inc();
+        self.issuance_latency
+            .get_or_create(&ApiLabel { api: api.into() })
+            .observe(latency.as_secs_f64());
+    }
+
+    /// Records one credential validation.
+    pub fn validation(&self, method: &str, result: &str) {
+        self.validations
+            .get_or_create(&ValidationLabels {
+                method: method.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
+    /// Records one TokenReview round trip.
+    pub fn observe_tokenreview(&self, d: Duration) {
+        self.tokenreview_latency.observe(d.as_secs_f64());
+    }
+
+    /// Sets the expiry gauges and bundle version.
+    pub fn set_ca_state(
+        &self,
+        root_expiry_unix: u64,
+        issuer_expiry_unix: u64,
+        bundle_version: u64,
+    ) {
+        self.root_expiry.set(root_expiry_unix as i64);
+        self.issuer_expiry.set(issuer_expiry_unix as i64);
+        self.bundle_version.set(bundle_version as i64);
+    }
+
+    /// Marks a request in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+
+    /// Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Decrements the in-flight gauge on drop.
+pub struct InFlight<'a>(&'a Gauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The process-wide instruments.
+pub fn global() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::new)
+}
