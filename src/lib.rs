@@ -20,9 +20,14 @@ pub mod proto {
 
 pub mod api;
 pub mod authn;
+pub mod bench;
 pub mod ca;
+pub mod cli;
+pub mod client;
 pub mod clock;
+pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod ratelimit;
 pub mod secret;
+pub mod server;

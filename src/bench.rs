@@ -1,0 +1,247 @@
+//! `meshca bench`: issuance throughput and latency over real TLS + gRPC
+//! against an in-process server, next to the crypto floor measured in the
+//! same run.
+//!
+//! The crypto floor is one core's rate of the work no implementation can
+//! skip — verify the token signature and claims, parse and verify the CSR,
+//! sign the leaf — multiplied by the number of cores. The ratio of measured
+//! throughput to that floor says how much the server's own plumbing costs.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::api::Audiences;
+use crate::authn::devtoken::{DevSigner, TokenSpec, DEV_ISSUER};
+use crate::authn::jwt::{JwksSource, JwksVerifier};
+use crate::authn::{Method, Verdict};
+use crate::ca::store::DataDir;
+use crate::cli::Output;
+use crate::client;
+use crate::clock::SystemClock;
+use crate::config::{HumanDuration, ServeConfig};
+use crate::identity::Workload;
+use crate::proto::meshca as pb;
+
+/// `meshca bench` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Concurrent clients, each on its own TLS connection.
+    #[arg(long, default_value_t = 32)]
+    pub clients: usize,
+    /// How long to drive load.
+    #[arg(long, default_value = "10s")]
+    pub duration: HumanDuration,
+    /// How long to measure the crypto floor.
+    #[arg(long, default_value = "3s")]
+    pub floor_duration: HumanDuration,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t)]
+    pub output: Output,
+}
+
+/// The figures `meshca bench` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Cores available.
+    pub cores: usize,
+    /// Successful certificates.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Measured wall time of the load phase.
+    pub duration_s: f64,
+    /// Throughput.
+    pub certificates_per_second: f64,
+    /// Median latency.
+    pub p50_ms: f64,
+    /// 99th percentile latency.
+    pub p99_ms: f64,
+    /// Maximum latency.
+    pub max_ms: f64,
+    /// One core's floor rate times the cores.
+    pub crypto_floor_per_second: f64,
+    /// One core's floor rate.
+    pub crypto_floor_per_core: f64,
+    /// Throughput / floor.
+    pub ratio_to_floor: f64,
+}
+
+/// Runs the benchmark and prints the report.
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let report = measure(&args).await?;
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| e.to_string())?
+        ),
+        Output::Table => {
+            println!(
+                "meshca bench: {} clients over TLS for {:.1}s on {} cores",
+                report.clients, report.duration_s, report.cores
+            );
+            println!(
+                "  certificates/s        {:>10.1}",
+                report.certificates_per_second
+            );
+            println!("  p50 latency           {:>10.2} ms", report.p50_ms);
+            println!("  p99 latency           {:>10.2} ms", report.p99_ms);
+            println!("  max latency           {:>10.2} ms", report.max_ms);
+            println!(
+                "  requests / errors     {:>10} / {}",
+                report.requests, report.errors
+            );
+            println!(
+                "  crypto floor / core   {:>10.1} /s",
+                report.crypto_floor_per_core
+            );
+            println!(
+                "  crypto floor          {:>10.1} /s",
+                report.crypto_floor_per_second
+            );
+            println!("  ratio to floor        {:>10.2}", report.ratio_to_floor);
+        }
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Runs the benchmark and returns the figures.
+pub async fn measure(args: &BenchArgs) -> Result<BenchReport, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut cfg = ServeConfig::for_tests(dir.path().to_path_buf());
+    // The benchmark measures the issuance path, not the abuse limiter.
+    cfg.rate_limit = 1e9;
+    cfg.rate_burst = u32::MAX;
+    let running = crate::server::start(cfg).await?;
+    let data = DataDir::new(dir.path());
+    let signer = DevSigner::from_pem(
+        &data
+            .read_key("token-signer.key")
+            .map_err(|e| e.to_string())?,
+    )?;
+    let bundle_pem = data.bundle_pem().map_err(|e| e.to_string())?;
+    let audience = Audiences::default().native;
+    let now = SystemTime::now();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // Pre-made tokens and CSRs (one identity per client).
+    let mut inputs = Vec::new();
+    for i in 0..args.clients.max(1) {
+        let w = Workload::new("bench", &format!("client-{i}")).map_err(|e| e.to_string())?;
+        let token = signer.mint(
+            &TokenSpec {
+                workload: w.clone(),
+                audiences: vec![audience.clone()],
+                ttl: Duration::from_secs(3600),
+                issuer: DEV_ISSUER.into(),
+                pod: None,
+            },
+            now,
+        )?;
+        let csrs: Vec<Vec<u8>> = (0..8)
+            .map(|_| client::new_key_and_csr(None).map(|(_, c)| c))
+            .collect::<Result<_, _>>()?;
+        inputs.push((w, token, csrs));
+    }
+
+    // Crypto floor: the unavoidable work, on one core, in this process.
+    let floor_per_core = {
+        let verifier = JwksVerifier::new(
+            JwksSource::Static(signer.jwks().to_string()),
+            vec![DEV_ISSUER.into()],
+            Arc::new(SystemClock),
+            false,
+            Method::DevKey,
+        )?;
+        let ca = running.ca.clone();
+        let (w, token, csrs) = inputs[0].clone();
+        let dur = args.floor_duration.0;
+        tokio::task::spawn_blocking(move || {
+            let start = Instant::now();
+            let mut n = 0u64;
+            while start.elapsed() < dur {
+                match verifier.verify(&token, &audience) {
+                    Verdict::Authenticated(_) => {}
+                    other => return Err(format!("floor: token did not verify: {other:?}")),
+                }
+                ca.issue(&w, &csrs[n as usize % csrs.len()], None)
+                    .map_err(|e| format!("floor: {e}"))?;
+                n += 1;
+            }
+            Ok(n as f64 / start.elapsed().as_secs_f64())
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+
+    // Load: each client on its own TLS connection, back to back.
+    let addr = running.grpc_addr.to_string();
+    let mut channels = Vec::new();
+    for _ in 0..inputs.len() {
+        channels.push(client::connect(&addr, &bundle_pem, &running.server_name, None).await?);
+    }
+    let deadline = Instant::now() + args.duration.0;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for ((_, token, csrs), ch) in inputs.into_iter().zip(channels) {
+        tasks.push(tokio::spawn(async move {
+            let mut c = pb::identity_client::IdentityClient::new(ch);
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0usize;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = c
+                    .certify(pb::CertifyRequest {
+                        token: token.clone(),
+                        csr: csrs[i % csrs.len()].clone(),
+                        requested_ttl: None,
+                    })
+                    .await;
+                i += 1;
+                match r {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.map_err(|e| e.to_string())?;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    running.shutdown().await;
+    all.sort();
+    let rate = all.len() as f64 / elapsed;
+    let floor = floor_per_core * cores as f64;
+    Ok(BenchReport {
+        clients: args.clients,
+        cores,
+        requests: all.len() as u64,
+        errors,
+        duration_s: elapsed,
+        certificates_per_second: rate,
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+        max_ms: all.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        crypto_floor_per_second: floor,
+        crypto_floor_per_core: floor_per_core,
+        ratio_to_floor: if floor > 0.0 { rate / floor } else { 0.0 },
+    })
+}

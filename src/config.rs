@@ -1,0 +1,437 @@
+//! Typed, validated configuration for `meshca serve`.
+//!
+//! Owns: the settings, their defaults, and precedence — command-line flags
+//! over `MESHCA_*` environment variables (both through clap) over the TOML
+//! file named by `--config`. Invalid values fail at start-up with a message
+//! naming the setting. Must not: open sockets or files other than the TOML
+//! file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::api::Audiences;
+use crate::identity::Mesh;
+
+/// A duration written as `90s`, `30m`, `24h`, `7d` (or plain seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+            Some(i) => s.split_at(i),
+            None => (s, "s"),
+        };
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (use e.g. 90s, 30m, 24h, 7d)"))?;
+        let mult = match unit {
+            "ms" => return Ok(Self(Duration::from_millis(n))),
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => {
+                return Err(format!(
+                    "{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        Ok(Self(Duration::from_secs(n.saturating_mul(mult))))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.as_secs();
+        if s % 86400 == 0 && s > 0 {
+            write!(f, "{}d", s / 86400)
+        } else if s % 3600 == 0 && s > 0 {
+            write!(f, "{}h", s / 3600)
+        } else if s % 60 == 0 && s > 0 {
+            write!(f, "{}m", s / 60)
+        } else {
+            write!(f, "{s}s")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Self(Duration::from_secs(n))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Token sources, in the order they are consulted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthnSource {
+    /// Local JWT verification against a JWKS.
+    Jwks,
+    /// Kubernetes TokenReview.
+    Tokenreview,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every `serve` setting. All optional here; defaults apply after merging
+/// flags, environment and file. The same names (with `_`) are the TOML keys.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML configuration file (lowest precedence).
+    #[arg(long, env = "MESHCA_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Data directory holding the CA's keys and certificates [default: ./meshca-data].
+    #[arg(long, env = "MESHCA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// gRPC (TLS) listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "MESHCA_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin HTTP listen address for /metrics, /live, /ready [default: 127.0.0.1:9990].
+    #[arg(long, env = "MESHCA_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// SPIFFE trust domain [default: cluster.local].
+    #[arg(long, env = "MESHCA_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Namespace the CA runs in; part of every DNS identity [default: meshca].
+    #[arg(long, env = "MESHCA_CONTROL_PLANE_NAMESPACE")]
+    pub control_plane_namespace: Option<String>,
+    /// Extra DNS names for the CA's own server certificate (repeatable).
+    #[arg(
+        long = "server-dns-name",
+        env = "MESHCA_SERVER_DNS_NAMES",
+        value_delimiter = ','
+    )]
+    pub server_dns_names: Option<Vec<String>>,
+    /// Leaf lifetime when a request names none [default: 24h].
+    #[arg(long, env = "MESHCA_DEFAULT_TTL")]
+    pub default_ttl: Option<HumanDuration>,
+    /// Longest leaf lifetime; longer requests are clamped [default: 24h].
+    #[arg(long, env = "MESHCA_MAX_TTL")]
+    pub max_ttl: Option<HumanDuration>,
+    /// Shortest leaf lifetime accepted [default: 5m].
+    #[arg(long, env = "MESHCA_MIN_TTL")]
+    pub min_ttl: Option<HumanDuration>,
+    /// Token audience for the native API [default: meshca].
+    #[arg(long, env = "MESHCA_NATIVE_AUDIENCE")]
+    pub native_audience: Option<String>,
+    /// Token audience for the Linkerd API [default: identity.l5d.io].
+    #[arg(long, env = "MESHCA_LINKERD_AUDIENCE")]
+    pub linkerd_audience: Option<String>,
+    /// Token audience for the Istio API [default: istio-ca].
+    #[arg(long, env = "MESHCA_ISTIO_AUDIENCE")]
+    pub istio_audience: Option<String>,
+    /// JWKS file for local token verification.
+    #[arg(long, env = "MESHCA_JWKS_FILE")]
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted token issuers for JWKS verification (repeatable)
+    /// [default: https://kubernetes.default.svc.cluster.local].
+    #[arg(long = "jwt-issuer", env = "MESHCA_JWT_ISSUERS", value_delimiter = ',')]
+    pub jwt_issuers: Option<Vec<String>>,
+    /// Kubeconfig used for TokenReview (enables TokenReview).
+    #[arg(long, env = "MESHCA_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// TokenReview requests per second toward the API server [default: 50].
+    #[arg(long, env = "MESHCA_TOKENREVIEW_QPS")]
+    pub tokenreview_qps: Option<f64>,
+    /// TokenReview burst [default: 100].
+    #[arg(long, env = "MESHCA_TOKENREVIEW_BURST")]
+    pub tokenreview_burst: Option<u32>,
+    /// Order of token sources [default: jwks,tokenreview].
+    #[arg(long, env = "MESHCA_AUTHN_ORDER", value_delimiter = ',')]
+    pub authn_order: Option<Vec<AuthnSource>>,
+    /// Accept legacy secret-based tokens (checked by TokenReview only).
+    #[arg(long, env = "MESHCA_ALLOW_LEGACY_TOKENS")]
+    pub allow_legacy_tokens: Option<bool>,
+    /// Certificates per second allowed per identity [default: 5].
+    #[arg(long, env = "MESHCA_RATE_LIMIT")]
+    pub rate_limit: Option<f64>,
+    /// Burst per identity [default: 20].
+    #[arg(long, env = "MESHCA_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    /// Log format [default: text].
+    #[arg(long, env = "MESHCA_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! merge_fields {
+    ($hi:expr, $lo:expr; $($f:ident),* $(,)?) => {
+        ServeArgs { config: $hi.config.clone(), $($f: $hi.$f.clone().or_else(|| $lo.$f.clone()),)* }
+    };
+}
+
+impl ServeArgs {
+    /// Fills unset fields from the TOML file named by `--config`, if any.
+    pub fn with_file(self) -> Result<Self, String> {
+        let Some(path) = &self.config else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        let file: ServeArgs =
+            toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+        Ok(merge_fields!(self, file;
+            data_dir, listen, admin_listen, trust_domain, control_plane_namespace,
+            server_dns_names, default_ttl, max_ttl, min_ttl, native_audience,
+            linkerd_audience, istio_audience, jwks_file, jwt_issuers, kubeconfig,
+            tokenreview_qps, tokenreview_burst, authn_order, allow_legacy_tokens,
+            rate_limit, rate_burst, log_format,
+        ))
+    }
+
+    /// Applies defaults and validates.
+    pub fn resolve(self) -> Result<ServeConfig, String> {
+        let bad = |setting: &str, e: String| format!("invalid setting {setting}: {e}");
+        let mesh = Mesh {
+            trust_domain: self
+                .trust_domain
+                .as_deref()
+                .unwrap_or("cluster.local")
+                .parse()
+                .map_err(|e: crate::identity::NameError| bad("trust_domain", e.to_string()))?,
+            control_plane_ns: self
+                .control_plane_namespace
+                .as_deref()
+                .unwrap_or("meshca")
+                .parse()
+                .map_err(|e: crate::identity::NameError| {
+                    bad("control_plane_namespace", e.to_string())
+                })?,
+        };
+        let default_ttl = self.default_ttl.map_or(Duration::from_secs(86400), |d| d.0);
+        let max_ttl = self.max_ttl.map_or(Duration::from_secs(86400), |d| d.0);
+        let min_ttl = self.min_ttl.map_or(Duration::from_secs(300), |d| d.0);
+        if max_ttl < min_ttl {
+            return Err(bad("max_ttl", "must not be shorter than min_ttl".into()));
+        }
+        if default_ttl > max_ttl || default_ttl < min_ttl {
+            return Err(bad(
+                "default_ttl",
+                "must lie between min_ttl and max_ttl".into(),
+            ));
+        }
+        let rate_limit = self.rate_limit.unwrap_or(5.0);
+        if rate_limit.is_nan() || rate_limit <= 0.0 {
+            return Err(bad("rate_limit", "must be a positive number".into()));
+        }
+        let tokenreview_qps = self.tokenreview_qps.unwrap_or(50.0);
+        if tokenreview_qps.is_nan() || tokenreview_qps <= 0.0 {
+            return Err(bad("tokenreview_qps", "must be a positive number".into()));
+        }
+        let server_dns_names = self.server_dns_names.unwrap_or_default();
+        for n in &server_dns_names {
+            n.parse::<crate::identity::DnsIdentity>()
+                .map_err(|e| bad("server_dns_names", e.to_string()))?;
+        }
+        let audiences = Audiences {
+            native: self.native_audience.unwrap_or_else(|| "meshca".into()),
+            linkerd: self
+                .linkerd_audience
+                .unwrap_or_else(|| "identity.l5d.io".into()),
+            istio: self.istio_audience.unwrap_or_else(|| "istio-ca".into()),
+        };
+        for (k, v) in [
+            ("native_audience", &audiences.native),
+            ("linkerd_audience", &audiences.linkerd),
+            ("istio_audience", &audiences.istio),
+        ] {
+            if v.is_empty() {
+                return Err(bad(k, "must not be empty".into()));
+            }
+        }
+        if let Some(p) = &self.jwks_file {
+            if !p.exists() {
+                return Err(bad("jwks_file", format!("{} does not exist", p.display())));
+            }
+        }
+        if let Some(p) = &self.kubeconfig {
+            if !p.exists() {
+                return Err(bad("kubeconfig", format!("{} does not exist", p.display())));
+            }
+        }
+        Ok(ServeConfig {
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("meshca-data")),
+            listen: self
+                .listen
+                .unwrap_or_else(|| "127.0.0.1:8080".parse().expect("valid")),
+            admin_listen: self
+                .admin_listen
+                .unwrap_or_else(|| "127.0.0.1:9990".parse().expect("valid")),
+            mesh,
+            server_dns_names,
+            default_ttl,
+            max_ttl,
+            min_ttl,
+            audiences,
+            jwks_file: self.jwks_file,
+            jwt_issuers: self
+                .jwt_issuers
+                .unwrap_or_else(|| vec![crate::authn::devtoken::DEV_ISSUER.to_string()]),
+            kubeconfig: self.kubeconfig,
+            tokenreview_qps,
+            tokenreview_burst: self.tokenreview_burst.unwrap_or(100),
+            authn_order: self
+                .authn_order
+                .unwrap_or_else(|| vec![AuthnSource::Jwks, AuthnSource::Tokenreview]),
+            allow_legacy_tokens: self.allow_legacy_tokens.unwrap_or(false),
+            rate_limit,
+            rate_burst: self.rate_burst.unwrap_or(20),
+            log_format: self.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+/// The resolved, validated `serve` configuration. Immutable once built.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Admin address.
+    pub admin_listen: SocketAddr,
+    /// Mesh names.
+    pub mesh: Mesh,
+    /// Extra server DNS names.
+    pub server_dns_names: Vec<String>,
+    /// Default leaf TTL.
+    pub default_ttl: Duration,
+    /// Maximum leaf TTL.
+    pub max_ttl: Duration,
+    /// Minimum leaf TTL.
+    pub min_ttl: Duration,
+    /// Audiences per API.
+    pub audiences: Audiences,
+    /// JWKS file.
+    pub jwks_file: Option<PathBuf>,
+    /// Accepted JWT issuers.
+    pub jwt_issuers: Vec<String>,
+    /// Kubeconfig for TokenReview.
+    pub kubeconfig: Option<PathBuf>,
+    /// TokenReview QPS.
+    pub tokenreview_qps: f64,
+    /// TokenReview burst.
+    pub tokenreview_burst: u32,
+    /// Source order.
+    pub authn_order: Vec<AuthnSource>,
+    /// Legacy tokens allowed.
+    pub allow_legacy_tokens: bool,
+    /// Per-identity rate.
+    pub rate_limit: f64,
+    /// Per-identity burst.
+    pub rate_burst: u32,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl ServeConfig {
+    /// Defaults with a given data directory and ephemeral ports (tests, bench).
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        let mut c = ServeArgs::default().resolve().expect("defaults are valid");
+        c.data_dir = data_dir;
+        c.listen = "127.0.0.1:0".parse().expect("valid");
+        c.admin_listen = "127.0.0.1:0".parse().expect("valid");
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(
+            "90s".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            "24h".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(86400)
+        );
+        assert_eq!("7d".parse::<HumanDuration>().unwrap().to_string(), "7d");
+        assert_eq!(
+            "300".parse::<HumanDuration>().unwrap().0,
+            Duration::from_secs(300)
+        );
+        assert!("3w".parse::<HumanDuration>().is_err());
+        assert!("h".parse::<HumanDuration>().is_err());
+    }
+
+    #[test]
+    fn file_is_lowest_precedence_and_errors_name_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("meshca.toml");
+        std::fs::write(
+            &f,
+            "trust_domain = \"example.org\"\nmax_ttl = \"2h\"\ndefault_ttl = \"1h\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            config: Some(f.clone()),
+            max_ttl: Some("3h".parse().unwrap()),
+            ..Default::default()
+        };
+        let c = args.with_file().unwrap().resolve().unwrap();
+        assert_eq!(c.mesh.trust_domain.as_str(), "example.org");
+        assert_eq!(c.max_ttl, Duration::from_secs(3 * 3600), "flag beats file");
+        assert_eq!(c.default_ttl, Duration::from_secs(3600));
+
+        std::fs::write(&f, "trust_domain = \"Bad_Domain\"\n").unwrap();
+        let e = ServeArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        }
+        .with_file()
+        .unwrap()
+        .resolve()
+        .unwrap_err();
+        assert!(e.contains("trust_domain"), "{e}");
+
+        std::fs::write(&f, "no_such_setting = 1\n").unwrap();
+        let e = ServeArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .with_file()
+        .unwrap_err();
+        assert!(e.contains("no_such_setting"), "{e}");
+
+        let e = ServeArgs {
+            min_ttl: Some("2d".parse().unwrap()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(e.contains("max_ttl"), "{e}");
+    }
+}

@@ -1,0 +1,428 @@
+//! `meshca serve`: wires the CA, authentication and the three gRPC APIs onto
+//! one TLS port, plus the admin HTTP endpoint.
+//!
+//! Owns: start-up (load or initialize the data directory, build the token
+//! chain), the rustls server configuration with the CA's own auto-renewed
+//! certificate, the accept loop, and graceful shutdown (stop accepting, drain
+//! in-flight requests). Must not: contain issuance policy (see `ca`) or wire
+//! translation (see `api`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::routing::get;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::api::{self, Core};
+use crate::authn::{self, jwt, Authenticator, Method, Source};
+use crate::ca::store::{DataDir, InitOptions};
+use crate::ca::{Authority, Policy};
+use crate::clock::{Clock, SystemClock};
+use crate::config::{AuthnSource, ServeConfig};
+use crate::identity::Workload;
+use crate::proto;
+
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+    /// The CA.
+    pub ca: Arc<Authority>,
+    /// The DNS identity in the server certificate (what clients verify).
+    pub server_name: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests and waits for the end.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Waits until the server stops by itself.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    /// Signals shutdown without waiting.
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The ring crypto provider (the one crypto backend in the tree).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the token chain from configuration.
+pub async fn build_authenticator(
+    cfg: &ServeConfig,
+    data: &DataDir,
+    clock: Arc<dyn Clock>,
+) -> Result<Authenticator, String> {
+    let mut sources = Vec::new();
+    let dev_mode = cfg.jwks_file.is_none() && cfg.kubeconfig.is_none();
+    for s in &cfg.authn_order {
+        match s {
+            AuthnSource::Jwks => {
+                if let Some(f) = &cfg.jwks_file {
+                    let v = jwt::JwksVerifier::new(
+                        jwt::JwksSource::File(f.clone()),
+                        cfg.jwt_issuers.clone(),
+                        clock.clone(),
+                        cfg.allow_legacy_tokens,
+                        Method::Jwks,
+                    )
+                    .map_err(|e| format!("invalid setting jwks_file: {e}"))?;
+                    sources.push(Source::Jwks(v));
+                }
+            }
+            AuthnSource::Tokenreview => {
+                if let Some(k) = &cfg.kubeconfig {
+                    let client = authn::tokenreview::TokenReviewer::client_from_kubeconfig(k)
+                        .await
+                        .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+                    sources.push(Source::TokenReview(authn::tokenreview::TokenReviewer::new(
+                        client,
+                        clock.clone(),
+                        cfg.tokenreview_qps,
+                        cfg.tokenreview_burst,
+                    )));
+                }
+            }
+        }
+    }
+    if dev_mode {
+        let signer = authn::devtoken::DevSigner::from_pem(
+            &data
+                .read_key("token-signer.key")
+                .map_err(|e| e.to_string())?,
+        )?;
+        let v = jwt::JwksVerifier::new(
+            jwt::JwksSource::Static(signer.jwks().to_string()),
+            vec![authn::devtoken::DEV_ISSUER.to_string()],
+            clock,
+            false,
+            Method::DevKey,
+        )?;
+        tracing::warn!(
+            "no token source configured (--jwks-file / --kubeconfig): trusting the development token signer in {} (tokens from `meshca token`); do not use this in production",
+            data.path().display()
+        );
+        sources.push(Source::Jwks(v));
+    }
+    if sources.is_empty() {
+        return Err(
+            "no token source is usable: check authn_order against jwks_file/kubeconfig".into(),
+        );
+    }
+    Ok(Authenticator::new(sources))
+}
+
+/// Issues the CA's own serving certificate and builds a rustls config.
+fn server_tls(
+    ca: &Authority,
+    cfg: &ServeConfig,
+) -> Result<(Arc<ServerConfig>, std::time::SystemTime), String> {
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+    let me = Workload {
+        namespace: cfg.mesh.control_plane_ns.clone(),
+        service_account: "meshca".parse().expect("valid name"),
+    };
+    let issued = ca
+        .issue_with_dns(&me, &cfg.server_dns_names, csr.der(), Some(cfg.max_ttl))
+        .map_err(|e| format!("cannot issue the server certificate: {e}"))?;
+    let mut chain = vec![issued.leaf.clone()];
+    chain.extend(issued.intermediates.iter().cloned());
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let provider = crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for r in &issued.bundle.roots {
+        roots
+            .add(r.clone())
+            .map_err(|e| format!("trust bundle: {e}"))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| format!("client verifier: {e}"))?;
+    let mut sc = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der)
+        .map_err(|e| format!("server certificate: {e}"))?;
+    sc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok((Arc::new(sc), issued.refresh_at))
+}
+
+/// The DNS identity the server certificate carries (clients verify it).
+pub fn server_identity(cfg: &ServeConfig) -> String {
+    format!(
+        "meshca.{}.serviceaccount.identity.{}.{}",
+        cfg.mesh.control_plane_ns, cfg.mesh.control_plane_ns, cfg.mesh.trust_domain
+    )
+}
+
+/// Starts the server: loads (or creates) the CA and binds both ports.
+pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let data = DataDir::new(&cfg.data_dir);
+    if !data.is_initialized() {
+        let report = data
+            .init(&InitOptions::default(), clock.now())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            data_dir = %cfg.data_dir.display(),
+            root = %report.root_fingerprint,
+            issuer = %report.issuer_fingerprint,
+            "data directory was empty: created a new root and issuer (embedded default)"
+        );
+    }
+    let loaded = data.load().map_err(|e| e.to_string())?;
+    let root_expiry = loaded
+        .roots
+        .iter()
+        .filter_map(|r| x509_parser::parse_x509_certificate(r).ok())
+        .map(|(_, c)| c.validity().not_after.timestamp())
+        .min()
+        .unwrap_or(0);
+    let issuer_expiry = crate::clock::unix_secs(loaded.issuer.not_after);
+    let policy = Policy {
+        mesh: cfg.mesh.clone(),
+        default_ttl: cfg.default_ttl,
+        max_ttl: cfg.max_ttl,
+        min_ttl: cfg.min_ttl,
+    };
+    let ca = Arc::new(Authority::new(
+        policy,
+        clock.clone(),
+        loaded.issuer,
+        loaded.roots,
+    ));
+    crate::metrics::global().set_ca_state(
+        root_expiry.max(0) as u64,
+        issuer_expiry,
+        ca.bundle().version,
+    );
+    let authn = Arc::new(build_authenticator(&cfg, &data, clock.clone()).await?);
+    tracing::info!(sources = ?authn.describe(), "token sources");
+    let core = Arc::new(Core::new(
+        ca.clone(),
+        authn,
+        cfg.audiences.clone(),
+        cfg.rate_limit,
+        cfg.rate_burst,
+    ));
+
+    let (tls, refresh_at) = server_tls(&ca, &cfg)?;
+    let tls = Arc::new(ArcSwap::new(tls));
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (setting listen): {e}", cfg.listen))?;
+    let grpc_addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let admin = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
+        format!(
+            "cannot listen on {} (setting admin_listen): {e}",
+            cfg.admin_listen
+        )
+    })?;
+    let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Renew the server certificate before it expires, and rebuild the TLS
+    // config when the trust bundle changes.
+    {
+        let tls = tls.clone();
+        let ca = ca.clone();
+        let cfg = cfg.clone();
+        let mut stop = stop_rx.clone();
+        let mut bundle = ca.watch_bundle();
+        tokio::spawn(async move {
+            let mut refresh_at = refresh_at;
+            loop {
+                let wait = refresh_at
+                    .duration_since(ca.clock().now())
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(1));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    r = bundle.changed() => { if r.is_err() { return; } }
+                    _ = stop.changed() => return,
+                }
+                match server_tls(&ca, &cfg) {
+                    Ok((c, next)) => {
+                        tls.store(c);
+                        refresh_at = next;
+                        tracing::info!(next_renewal = %crate::clock::rfc3339(next), "renewed the CA's server certificate");
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "server certificate renewal failed; retrying in 30s");
+                        refresh_at = ca.clock().now() + Duration::from_secs(30);
+                    }
+                }
+            }
+        });
+    }
+
+    // Accept loop: TLS handshakes run concurrently, finished streams feed tonic.
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
+    {
+        let tls = tls.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                    _ = stop.changed() => return,
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+                let conn_tx = conn_tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => {
+                            let _ = conn_tx.send(Ok::<_, std::io::Error>(s)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+    }
+
+    let native = proto::meshca::identity_server::IdentityServer::new(api::native::NativeService(
+        core.clone(),
+    ))
+    .max_decoding_message_size(api::MAX_MESSAGE_BYTES);
+    let linkerd = proto::linkerd::identity_server::IdentityServer::new(
+        api::linkerd::LinkerdService(core.clone()),
+    )
+    .max_decoding_message_size(api::MAX_MESSAGE_BYTES);
+    let istio = proto::istio::istio_certificate_service_server::IstioCertificateServiceServer::new(
+        api::istio::IstioService(core.clone()),
+    )
+    .max_decoding_message_size(api::MAX_MESSAGE_BYTES);
+
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+    let mut grpc_stop = stop_rx.clone();
+    let grpc = tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(native)
+            .add_service(linkerd)
+            .add_service(istio)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = grpc_stop.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+
+    let ready_ca = ca.clone();
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    crate::metrics::global().render(),
+                )
+            }),
+        )
+        .route("/live", get(|| async { "ok\n" }))
+        .route(
+            "/ready",
+            get(move || {
+                let ca = ready_ca.clone();
+                async move {
+                    let now = ca.clock().now();
+                    if ca.issuer().not_after > now {
+                        (axum::http::StatusCode::OK, "ready\n".to_string())
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "issuer expired\n".to_string(),
+                        )
+                    }
+                }
+            }),
+        );
+    let mut admin_stop = stop_rx.clone();
+    let admin_task = tokio::spawn(async move {
+        let r = axum::serve(admin, router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "admin server failed");
+        }
+    });
+
+    let task = tokio::spawn(async move {
+        let _ = shutdown_rx.await;
+        let _ = stop_tx.send(true);
+        let _ = grpc.await;
+        let _ = admin_task.await;
+    });
+
+    let server_name = server_identity(&cfg);
+    tracing::info!(%grpc_addr, %admin_addr, server_name = %server_name, trust_domain = %cfg.mesh.trust_domain, "meshca serving");
+    Ok(Running {
+        grpc_addr,
+        admin_addr,
+        ca,
+        server_name,
+        shutdown: Some(shutdown_tx),
+        task,
+    })
+}
+
+/// The trust bundle of a running server, as rustls roots (for clients).
+pub fn root_store(roots: &[CertificateDer<'static>]) -> rustls::RootCertStore {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        let _ = store.add(r.clone());
+    }
+    store
+}
