@@ -51,11 +51,11 @@ impl FromStr for HumanDuration {
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0.as_secs();
-        if s % 86400 == 0 && s > 0 {
+        if s > 0 && s.is_multiple_of(86400) {
             write!(f, "{}d", s / 86400)
-        } else if s % 3600 == 0 && s > 0 {
+        } else if s > 0 && s.is_multiple_of(3600) {
             write!(f, "{}h", s / 3600)
-        } else if s % 60 == 0 && s > 0 {
+        } else if s > 0 && s.is_multiple_of(60) {
             write!(f, "{}m", s / 60)
         } else {
             write!(f, "{s}s")

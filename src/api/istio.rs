@@ -32,9 +32,9 @@ impl pb::istio_certificate_service_server::IstioCertificateService for IstioServ
                     .strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
                     .ok_or_else(|| {
-                        ApiError::BadRequest(
+                        ApiError::Authn(crate::authn::AuthnError::Invalid(
                             "authorization metadata must be `Bearer <token>`".into(),
-                        )
+                        ))
                     })?;
                 Some(t.to_string())
             }

@@ -1,0 +1,211 @@
+//! Test support: an in-process CA on ephemeral ports, token minting with the
+//! data directory's development signer (and with deliberately wrong keys),
+//! CSR builders, and independent chain validation with `openssl verify`.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use meshca::ca::store::DataDir;
+use meshca::config::ServeConfig;
+use meshca::server::{self, Running};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A running CA and its data directory.
+pub struct Ca {
+    pub running: Running,
+    pub dir: TempDir,
+}
+
+impl Ca {
+    pub async fn start() -> Ca {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut ServeConfig)) -> Ca {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = ServeConfig::for_tests(dir.path().join("data"));
+        f(&mut cfg);
+        let running = server::start(cfg).await.expect("server starts");
+        Ca { running, dir }
+    }
+
+    pub fn data(&self) -> DataDir {
+        DataDir::new(self.dir.path().join("data"))
+    }
+
+    pub fn bundle_pem(&self) -> String {
+        self.data().bundle_pem().unwrap()
+    }
+
+    pub fn addr(&self) -> String {
+        self.running.grpc_addr.to_string()
+    }
+
+    pub async fn channel(&self) -> Channel {
+        meshca::client::connect(
+            &self.addr(),
+            &self.bundle_pem(),
+            &self.running.server_name,
+            None,
+        )
+        .await
+        .expect("connects over TLS")
+    }
+
+    /// The dev signer's private key PEM and kid.
+    pub fn signer(&self) -> (Vec<u8>, String) {
+        let pem = self.data().read_key("token-signer.key").unwrap();
+        let signer = meshca::authn::devtoken::DevSigner::from_pem(&pem).unwrap();
+        let jwks: Value = serde_json::from_str(signer.jwks()).unwrap();
+        (
+            pem.expose().to_vec(),
+            jwks["keys"][0]["kid"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// A valid token for ns/sa with `aud`.
+    pub fn token(&self, ns: &str, sa: &str, aud: &str) -> String {
+        self.token_with(ns, sa, |c| c["aud"] = json!([aud]))
+    }
+
+    /// A token whose claims `edit` may change before signing with the dev key.
+    pub fn token_with(&self, ns: &str, sa: &str, edit: impl FnOnce(&mut Value)) -> String {
+        let (pem, kid) = self.signer();
+        let mut c = claims(ns, sa);
+        edit(&mut c);
+        sign_es256(&pem, &kid, &c)
+    }
+}
+
+pub fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Claims shaped like a Kubernetes projected token.
+pub fn claims(ns: &str, sa: &str) -> Value {
+    let now = now_s();
+    json!({
+        "iss": ISSUER,
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "aud": ["meshca"],
+        "exp": now + 3600, "iat": now, "nbf": now,
+        "kubernetes.io": {
+            "namespace": ns,
+            "serviceaccount": {"name": sa, "uid": "0f6f8e5e-0000-4000-8000-000000000001"},
+            "pod": {"name": format!("{sa}-5d8f7"), "uid": "0f6f8e5e-0000-4000-8000-000000000002"}
+        }
+    })
+}
+
+pub fn sign_es256(pem: &[u8], kid: &str, claims: &Value) -> String {
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    h.kid = Some(kid.to_string());
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pem).unwrap();
+    jsonwebtoken::encode(&h, claims, &key).unwrap()
+}
+
+pub fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// A P-256 CSR with the given DNS and URI SANs (and no subject).
+pub fn csr_with(
+    dns: &[&str],
+    uris: &[&str],
+    edit: impl FnOnce(&mut rcgen::CertificateParams),
+) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    for d in dns {
+        p.subject_alt_names
+            .push(rcgen::SanType::DnsName((*d).try_into().unwrap()));
+    }
+    for u in uris {
+        p.subject_alt_names
+            .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+    }
+    edit(&mut p);
+    p.serialize_request(&key).unwrap().der().to_vec()
+}
+
+pub fn csr() -> Vec<u8> {
+    csr_with(&[], &[], |_| {})
+}
+
+/// A CSR made by the openssl CLI (an implementation we did not write).
+pub fn openssl_csr(dir: &Path, newkey: &[&str]) -> Vec<u8> {
+    let out = dir.join(format!("csr-{}.der", rand_suffix()));
+    let key = dir.join(format!("key-{}.pem", rand_suffix()));
+    let mut cmd = std::process::Command::new("openssl");
+    cmd.args(["req", "-new", "-nodes", "-subj", "/", "-outform", "DER"])
+        .args(newkey)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&out);
+    let st = cmd.output().expect("openssl is installed");
+    assert!(
+        st.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn rand_suffix() -> u64 {
+    rand::random()
+}
+
+/// Verifies a chain with `openssl verify` for both TLS client and server use.
+pub fn openssl_verify(dir: &Path, leaf: &[u8], intermediates: &[Vec<u8>], roots: &[Vec<u8>]) {
+    let pem = |ders: &[Vec<u8>]| {
+        ders.iter()
+            .map(|d| meshca::ca::der_to_pem(d))
+            .collect::<String>()
+    };
+    let n = rand_suffix();
+    let (l, i, r) = (
+        dir.join(format!("leaf-{n}.pem")),
+        dir.join(format!("inter-{n}.pem")),
+        dir.join(format!("roots-{n}.pem")),
+    );
+    std::fs::write(&l, meshca::ca::der_to_pem(leaf)).unwrap();
+    std::fs::write(&i, pem(intermediates)).unwrap();
+    std::fs::write(&r, pem(roots)).unwrap();
+    for purpose in ["sslclient", "sslserver"] {
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-x509_strict", "-purpose", purpose, "-CAfile"])
+            .arg(&r)
+            .arg("-untrusted")
+            .arg(&i)
+            .arg(&l)
+            .output()
+            .expect("openssl is installed");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(": OK"),
+            "openssl verify ({purpose}) failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+pub fn within(a: SystemTime, b: SystemTime, tolerance: Duration) -> bool {
+    let d = if a > b {
+        a.duration_since(b)
+    } else {
+        b.duration_since(a)
+    }
+    .unwrap();
+    d <= tolerance
+}
