@@ -399,3 +399,92 @@ pub fn to_system_time(t: ASN1Time) -> SystemTime {
         SystemTime::UNIX_EPOCH
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use store::{DataDir, InitOptions};
+
+    fn authority(clock: Arc<ManualClock>) -> (Authority, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path());
+        d.init(&InitOptions::default(), clock.now()).unwrap();
+        let loaded = d.load().unwrap();
+        let policy = Policy {
+            mesh: Mesh {
+                trust_domain: "cluster.local".parse().unwrap(),
+                control_plane_ns: "meshca".parse().unwrap(),
+            },
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(86400),
+            min_ttl: Duration::from_secs(300),
+        };
+        (
+            Authority::new(policy, clock, loaded.issuer, loaded.roots),
+            dir,
+        )
+    }
+
+    fn csr() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn ttl_resolution() {
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let (ca, _d) = authority(clock);
+        assert_eq!(
+            ca.resolve_ttl(None).unwrap(),
+            (Duration::from_secs(3600), false)
+        );
+        assert_eq!(
+            ca.resolve_ttl(Some(Duration::ZERO)).unwrap(),
+            (Duration::from_secs(3600), false)
+        );
+        assert_eq!(
+            ca.resolve_ttl(Some(Duration::from_secs(999_999))).unwrap(),
+            (Duration::from_secs(86400), true)
+        );
+        assert!(matches!(
+            ca.resolve_ttl(Some(Duration::from_secs(10))),
+            Err(CaError::InvalidTtl(_))
+        ));
+    }
+
+    #[test]
+    fn leaves_never_outlive_the_issuer_and_expired_issuers_refuse() {
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let (ca, _d) = authority(clock.clone());
+        let w = Workload::new("shop", "web").unwrap();
+        let issuer_end = ca.issuer().not_after;
+        // 29.5 days later the 24h leaf would outlive the 30-day issuer.
+        clock.advance(Duration::from_secs(29 * 86400 + 43200));
+        let issued = ca
+            .issue(&w, &csr(), Some(Duration::from_secs(86400)))
+            .unwrap();
+        assert!(issued.clamped_to_issuer);
+        assert_eq!(
+            crate::clock::unix_secs(issued.not_after),
+            crate::clock::unix_secs(issuer_end)
+        );
+        clock.advance(Duration::from_secs(86400));
+        let e = ca.issue(&w, &csr(), None).unwrap_err();
+        assert!(matches!(e, CaError::IssuerUnusable(_)), "{e}");
+        assert!(e.to_string().contains("expired"));
+    }
+
+    #[test]
+    fn bundle_version_moves_only_on_change() {
+        let clock = Arc::new(ManualClock::new(SystemTime::now()));
+        let (ca, _d) = authority(clock);
+        let b = ca.bundle();
+        ca.set_roots(b.roots.clone());
+        assert_eq!(ca.bundle().version, 1);
+        ca.set_roots(vec![]);
+        assert_eq!(ca.bundle().version, 2);
+    }
+}

@@ -314,3 +314,83 @@ fn import_root(
     }
     Ok((der, key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn init_refuses_to_overwrite_and_loads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path().join("ca"));
+        let r = d.init(&InitOptions::default(), now()).unwrap();
+        assert!(!r.imported && !r.issuer_clamped);
+        let e = d.init(&InitOptions::default(), now()).unwrap_err();
+        assert!(matches!(e, StoreError::AlreadyInitialized(..)), "{e}");
+        let loaded = d.load().unwrap();
+        assert_eq!(loaded.roots.len(), 1);
+        assert_eq!(loaded.issuer.fingerprint, r.issuer_fingerprint);
+        use std::os::unix::fs::PermissionsExt;
+        for k in ["root.key", "issuer.key", "token-signer.key"] {
+            let mode = std::fs::metadata(d.file(k)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{k}");
+        }
+    }
+
+    #[test]
+    fn issuer_is_clamped_to_a_short_lived_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path());
+        let opts = InitOptions {
+            root_lifetime: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let r = d.init(&opts, now()).unwrap();
+        assert!(r.issuer_clamped);
+        assert!(r.issuer_not_after <= now() + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn import_checks_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        // A proper CA root and its key.
+        let key = CaKey::generate_p256().unwrap();
+        let root = profile::root("ext root", now(), Duration::from_secs(86400))
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(p.join("root.pem"), root.pem()).unwrap();
+        std::fs::write(p.join("root.key"), key.to_pem().expose()).unwrap();
+        // Another key.
+        let other = CaKey::generate_p256().unwrap();
+        std::fs::write(p.join("other.key"), other.to_pem().expose()).unwrap();
+        // A non-CA certificate.
+        let leaf_key = CaKey::generate_p256().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["x.example".to_string()])
+            .unwrap()
+            .self_signed(&leaf_key)
+            .unwrap();
+        std::fs::write(p.join("leaf.pem"), leaf.pem()).unwrap();
+        std::fs::write(p.join("leaf.key"), leaf_key.to_pem().expose()).unwrap();
+
+        let try_import = |cert: &str, key: &str, sub: &str| {
+            let opts = InitOptions {
+                import_root: Some((p.join(cert), p.join(key))),
+                ..Default::default()
+            };
+            DataDir::new(p.join(sub)).init(&opts, now())
+        };
+        let e = try_import("root.pem", "other.key", "a").unwrap_err();
+        assert!(e.to_string().contains("does not belong"), "{e}");
+        let e = try_import("leaf.pem", "leaf.key", "b").unwrap_err();
+        assert!(e.to_string().contains("not a CA"), "{e}");
+        let r = try_import("root.pem", "root.key", "c").unwrap();
+        assert!(r.imported);
+        assert_eq!(r.root_fingerprint, fingerprint(root.der()));
+        DataDir::new(p.join("c")).load().unwrap();
+    }
+}
