@@ -151,8 +151,23 @@ pub struct ServeArgs {
     /// JWKS file for local token verification.
     #[arg(long, env = "MESHCA_JWKS_FILE")]
     pub jwks_file: Option<PathBuf>,
+    /// JWKS URL (HTTPS) for local token verification, e.g. the API server's
+    /// /openid/v1/jwks.
+    #[arg(long, env = "MESHCA_JWKS_URL")]
+    pub jwks_url: Option<String>,
+    /// OIDC issuer URL whose discovery document names the JWKS
+    /// (<issuer>/.well-known/openid-configuration).
+    #[arg(long, env = "MESHCA_OIDC_ISSUER_URL")]
+    pub oidc_issuer_url: Option<String>,
+    /// PEM CA bundle trusted when fetching the JWKS / discovery document
+    /// [default: the system roots].
+    #[arg(long, env = "MESHCA_JWKS_CA_FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// How often a fetched JWKS is refreshed [default: 5m].
+    #[arg(long, env = "MESHCA_JWKS_REFRESH_INTERVAL")]
+    pub jwks_refresh_interval: Option<HumanDuration>,
     /// Accepted token issuers for JWKS verification (repeatable)
-    /// [default: https://kubernetes.default.svc.cluster.local].
+    /// [default: the OIDC issuer URL if set, else https://kubernetes.default.svc.cluster.local].
     #[arg(long = "jwt-issuer", env = "MESHCA_JWT_ISSUERS", value_delimiter = ',')]
     pub jwt_issuers: Option<Vec<String>>,
     /// Kubeconfig used for TokenReview (enables TokenReview).
@@ -200,7 +215,8 @@ impl ServeArgs {
         Ok(merge_fields!(self, file;
             data_dir, listen, admin_listen, trust_domain, control_plane_namespace,
             server_dns_names, default_ttl, max_ttl, min_ttl, native_audience,
-            linkerd_audience, istio_audience, jwks_file, jwt_issuers, kubeconfig,
+            linkerd_audience, istio_audience, jwks_file, jwks_url, oidc_issuer_url,
+            jwks_ca_file, jwks_refresh_interval, jwt_issuers, kubeconfig,
             tokenreview_qps, tokenreview_burst, authn_order, allow_legacy_tokens,
             rate_limit, rate_burst, log_format,
         ))
@@ -271,6 +287,41 @@ impl ServeArgs {
                 return Err(bad("jwks_file", format!("{} does not exist", p.display())));
             }
         }
+        let jwks_sources = [
+            self.jwks_file.is_some(),
+            self.jwks_url.is_some(),
+            self.oidc_issuer_url.is_some(),
+        ];
+        if jwks_sources.iter().filter(|x| **x).count() > 1 {
+            return Err(bad(
+                "jwks_file",
+                "set only one of jwks_file, jwks_url and oidc_issuer_url".into(),
+            ));
+        }
+        for (k, v) in [
+            ("jwks_url", &self.jwks_url),
+            ("oidc_issuer_url", &self.oidc_issuer_url),
+        ] {
+            if let Some(u) = v {
+                if !u.starts_with("https://") {
+                    return Err(bad(k, format!("{u:?} must be an https:// URL")));
+                }
+            }
+        }
+        if let Some(p) = &self.jwks_ca_file {
+            if !p.exists() {
+                return Err(bad(
+                    "jwks_ca_file",
+                    format!("{} does not exist", p.display()),
+                ));
+            }
+        }
+        let jwks_refresh_interval = self
+            .jwks_refresh_interval
+            .map_or(Duration::from_secs(300), |d| d.0);
+        if jwks_refresh_interval < Duration::from_secs(10) {
+            return Err(bad("jwks_refresh_interval", "must be at least 10s".into()));
+        }
         if let Some(p) = &self.kubeconfig {
             if !p.exists() {
                 return Err(bad("kubeconfig", format!("{} does not exist", p.display())));
@@ -293,9 +344,16 @@ impl ServeArgs {
             min_ttl,
             audiences,
             jwks_file: self.jwks_file,
-            jwt_issuers: self
-                .jwt_issuers
-                .unwrap_or_else(|| vec![crate::authn::devtoken::DEV_ISSUER.to_string()]),
+            jwt_issuers: self.jwt_issuers.unwrap_or_else(|| {
+                vec![self
+                    .oidc_issuer_url
+                    .clone()
+                    .unwrap_or_else(|| crate::authn::devtoken::DEV_ISSUER.to_string())]
+            }),
+            jwks_url: self.jwks_url,
+            oidc_issuer_url: self.oidc_issuer_url,
+            jwks_ca_file: self.jwks_ca_file,
+            jwks_refresh_interval,
             kubeconfig: self.kubeconfig,
             tokenreview_qps,
             tokenreview_burst: self.tokenreview_burst.unwrap_or(100),
@@ -333,6 +391,14 @@ pub struct ServeConfig {
     pub audiences: Audiences,
     /// JWKS file.
     pub jwks_file: Option<PathBuf>,
+    /// JWKS URL.
+    pub jwks_url: Option<String>,
+    /// OIDC issuer for discovery.
+    pub oidc_issuer_url: Option<String>,
+    /// CA bundle for JWKS fetches.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Periodic JWKS refresh.
+    pub jwks_refresh_interval: Duration,
     /// Accepted JWT issuers.
     pub jwt_issuers: Vec<String>,
     /// Kubeconfig for TokenReview.

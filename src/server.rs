@@ -81,21 +81,60 @@ pub async fn build_authenticator(
     clock: Arc<dyn Clock>,
 ) -> Result<Authenticator, String> {
     let mut sources = Vec::new();
-    let dev_mode = cfg.jwks_file.is_none() && cfg.kubeconfig.is_none();
+    let dev_mode = cfg.jwks_file.is_none()
+        && cfg.jwks_url.is_none()
+        && cfg.oidc_issuer_url.is_none()
+        && cfg.kubeconfig.is_none();
     for s in &cfg.authn_order {
         match s {
             AuthnSource::Jwks => {
-                if let Some(f) = &cfg.jwks_file {
-                    let v = jwt::JwksVerifier::new(
-                        jwt::JwksSource::File(f.clone()),
-                        cfg.jwt_issuers.clone(),
-                        clock.clone(),
-                        cfg.allow_legacy_tokens,
-                        Method::Jwks,
-                    )
-                    .map_err(|e| format!("invalid setting jwks_file: {e}"))?;
-                    sources.push(Source::Jwks(v));
-                }
+                let (source, setting) = if let Some(f) = &cfg.jwks_file {
+                    (jwt::JwksSource::File(f.clone()), "jwks_file")
+                } else if cfg.jwks_url.is_some() || cfg.oidc_issuer_url.is_some() {
+                    let ca = match &cfg.jwks_ca_file {
+                        Some(p) => Some(std::fs::read(p).map_err(|e| {
+                            format!("invalid setting jwks_ca_file: {}: {e}", p.display())
+                        })?),
+                        None => None,
+                    };
+                    let fetcher = authn::fetch::Fetcher::new(ca.as_deref())
+                        .map_err(|e| format!("invalid setting jwks_ca_file: {e}"))?;
+                    match (&cfg.jwks_url, &cfg.oidc_issuer_url) {
+                        (Some(url), _) => (
+                            jwt::JwksSource::Url {
+                                url: url.clone(),
+                                fetcher: Box::new(fetcher),
+                            },
+                            "jwks_url",
+                        ),
+                        (None, Some(issuer)) => {
+                            let url = fetcher.discover_jwks_uri(issuer).await.map_err(|e| {
+                                format!("invalid setting oidc_issuer_url: discovery failed: {e}")
+                            })?;
+                            tracing::info!(%issuer, jwks_uri = %url, "OIDC discovery");
+                            (
+                                jwt::JwksSource::Url {
+                                    url,
+                                    fetcher: Box::new(fetcher),
+                                },
+                                "oidc_issuer_url",
+                            )
+                        }
+                        (None, None) => unreachable!("checked above"),
+                    }
+                } else {
+                    continue;
+                };
+                let v = jwt::JwksVerifier::new(
+                    source,
+                    cfg.jwt_issuers.clone(),
+                    clock.clone(),
+                    cfg.allow_legacy_tokens,
+                    Method::Jwks,
+                )
+                .await
+                .map_err(|e| format!("invalid setting {setting}: {e}"))?;
+                sources.push(Source::Jwks(Arc::new(v)));
             }
             AuthnSource::Tokenreview => {
                 if let Some(k) = &cfg.kubeconfig {
@@ -124,12 +163,13 @@ pub async fn build_authenticator(
             clock,
             false,
             Method::DevKey,
-        )?;
+        )
+        .await?;
         tracing::warn!(
             "no token source configured (--jwks-file / --kubeconfig): trusting the development token signer in {} (tokens from `meshca token`); do not use this in production",
             data.path().display()
         );
-        sources.push(Source::Jwks(v));
+        sources.push(Source::Jwks(Arc::new(v)));
     }
     if sources.is_empty() {
         return Err(
@@ -231,6 +271,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     );
     let authn = Arc::new(build_authenticator(&cfg, &data, clock.clone()).await?);
     tracing::info!(sources = ?authn.describe(), "token sources");
+    for j in authn.remote_jwks() {
+        let every = cfg.jwks_refresh_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                j.refresh_now().await;
+            }
+        });
+    }
     let core = Arc::new(Core::new(
         ca.clone(),
         authn,

@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use base64::Engine;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
 use meshca::proto::{linkerd, meshca as pb};
 use serde_json::{json, Value};
 use support::*;
@@ -26,118 +24,62 @@ struct FakeApiServer {
 }
 
 async fn fake_api_server(fail_with: Option<u16>) -> FakeApiServer {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
-            .unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-
-    let mut sc = rustls::ServerConfig::builder_with_provider(meshca::server::crypto_provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
-    sc.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let reviews = Arc::new(AtomicUsize::new(0));
     let last_audiences = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (r2, a2) = (reviews.clone(), last_audiences.clone());
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            let (reviews, audiences) = (r2.clone(), a2.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (reviews, audiences) = (reviews.clone(), audiences.clone());
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let method = req.method().clone();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let (status, out) = if let Some(code) = fail_with {
-                                (
-                                    code,
-                                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcdserver: request timed out", "reason": "InternalError", "code": code}),
-                                )
-                            } else if method == hyper::Method::POST
-                                && path == "/apis/authentication.k8s.io/v1/tokenreviews"
-                            {
-                                reviews.fetch_add(1, Ordering::SeqCst);
-                                let review: Value = serde_json::from_slice(&body).unwrap();
-                                assert_eq!(review["kind"], "TokenReview");
-                                assert_eq!(review["apiVersion"], "authentication.k8s.io/v1");
-                                let token = review["spec"]["token"].as_str().unwrap_or_default();
-                                let auds: Vec<String> =
-                                    serde_json::from_value(review["spec"]["audiences"].clone())
-                                        .unwrap_or_default();
-                                *audiences.lock().unwrap() = auds.clone();
-                                let status = if token == GOOD {
-                                    json!({
-                                        "authenticated": true,
-                                        "audiences": auds,
-                                        "user": {
-                                            "username": "system:serviceaccount:shop:web",
-                                            "uid": "5b9c0b1e-0000-4000-8000-000000000003",
-                                            "groups": ["system:serviceaccounts", "system:serviceaccounts:shop", "system:authenticated"],
-                                            "extra": {
-                                                "authentication.kubernetes.io/pod-name": ["web-5d8f7"],
-                                                "authentication.kubernetes.io/pod-uid": ["5b9c0b1e-0000-4000-8000-000000000004"]
-                                            }
-                                        }
-                                    })
-                                } else {
-                                    json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
-                                };
-                                (
-                                    201,
-                                    json!({
-                                        "kind": "TokenReview",
-                                        "apiVersion": "authentication.k8s.io/v1",
-                                        "metadata": {"creationTimestamp": null},
-                                        "spec": review["spec"],
-                                        "status": status
-                                    }),
-                                )
-                            } else {
-                                (
-                                    404,
-                                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "not found", "reason": "NotFound", "code": 404}),
-                                )
-                            };
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(Full::new(Bytes::from(out.to_string())))
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
+    let handler: Handler = Arc::new(move |method, path, body| {
+        if let Some(code) = fail_with {
+            return (
+                code,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcdserver: request timed out", "reason": "InternalError", "code": code}),
+            );
         }
+        if method != "POST" || path != "/apis/authentication.k8s.io/v1/tokenreviews" {
+            return (
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "not found", "reason": "NotFound", "code": 404}),
+            );
+        }
+        r2.fetch_add(1, Ordering::SeqCst);
+        let review: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(review["kind"], "TokenReview");
+        assert_eq!(review["apiVersion"], "authentication.k8s.io/v1");
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let auds: Vec<String> =
+            serde_json::from_value(review["spec"]["audiences"].clone()).unwrap_or_default();
+        *a2.lock().unwrap() = auds.clone();
+        let status = if token == GOOD {
+            json!({
+                "authenticated": true,
+                "audiences": auds,
+                "user": {
+                    "username": "system:serviceaccount:shop:web",
+                    "uid": "5b9c0b1e-0000-4000-8000-000000000003",
+                    "groups": ["system:serviceaccounts", "system:serviceaccounts:shop", "system:authenticated"],
+                    "extra": {
+                        "authentication.kubernetes.io/pod-name": ["web-5d8f7"],
+                        "authentication.kubernetes.io/pod-uid": ["5b9c0b1e-0000-4000-8000-000000000004"]
+                    }
+                }
+            })
+        } else {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        };
+        (
+            201,
+            json!({
+                "kind": "TokenReview",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": null},
+                "spec": review["spec"],
+                "status": status
+            }),
+        )
     });
+    let (addr, ca_pem) = https_json_server(handler).await;
     FakeApiServer {
         addr,
-        ca_pem: ca_cert.pem(),
+        ca_pem,
         reviews,
         last_audiences,
     }
@@ -222,10 +164,7 @@ async fn tokenreview_authenticates_and_caches() {
 #[tokio::test]
 async fn api_server_outage_is_unavailable_not_unauthenticated() {
     // Nothing listens on this port.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = closed_port();
     let tmp = tempfile::tempdir().unwrap();
     let api = fake_api_server(None).await;
     let kc = kubeconfig(

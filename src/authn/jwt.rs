@@ -88,8 +88,21 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 pub enum JwksSource {
     /// A JWKS JSON file, re-read on refresh.
     File(PathBuf),
+    /// A JWKS document fetched over HTTPS (e.g. the API server's `/openid/v1/jwks`).
+    Url {
+        /// The JWKS URL.
+        url: String,
+        /// The HTTPS client.
+        fetcher: Box<super::fetch::Fetcher>,
+    },
     /// A fixed set (tests, the development signer).
     Static(String),
+}
+
+impl JwksSource {
+    fn is_remote(&self) -> bool {
+        matches!(self, JwksSource::Url { .. })
+    }
 }
 
 struct Key {
@@ -103,6 +116,8 @@ pub struct JwksVerifier {
     source: JwksSource,
     keys: ArcSwap<HashMap<String, Arc<Key>>>,
     last_refresh: Mutex<Option<SystemTime>>,
+    /// Why the last fetch failed, while it is failing.
+    fetch_error: Mutex<Option<String>>,
     clock: Arc<dyn Clock>,
     allow_legacy: bool,
     method: Method,
@@ -142,23 +157,32 @@ fn parse_jwks(json: &str) -> Result<HashMap<String, Arc<Key>>, String> {
 }
 
 impl JwksVerifier {
-    /// Loads the keys once; fails if the source cannot be read.
-    pub fn new(
+    /// Loads the keys once. A local source that cannot be read is an error;
+    /// a remote one that cannot be fetched yet starts empty (tokens then get
+    /// UNAVAILABLE until a fetch succeeds).
+    pub async fn new(
         source: JwksSource,
         issuers: Vec<String>,
         clock: Arc<dyn Clock>,
         allow_legacy: bool,
         method: Method,
     ) -> Result<Self, String> {
-        let keys = parse_jwks(&read_source(&source)?)?;
-        if keys.is_empty() {
-            return Err("JWKS has no RS256 or ES256 key".into());
-        }
+        let (keys, fetch_error) = match read_source(&source).await.and_then(|j| parse_jwks(&j)) {
+            Ok(k) if k.is_empty() => return Err("JWKS has no RS256 or ES256 key".into()),
+            Ok(k) => (k, None),
+            Err(e) if source.is_remote() => {
+                tracing::warn!(error = %e, "JWKS fetch failed at start-up; will retry");
+                (HashMap::new(), Some(e))
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Self {
             issuers,
             source,
             keys: ArcSwap::from_pointee(keys),
-            last_refresh: Mutex::new(Some(clock.now())),
+            // The initial load does not count against the refresh rate limit.
+            last_refresh: Mutex::new(None),
+            fetch_error: Mutex::new(fetch_error),
             clock,
             allow_legacy,
             method,
@@ -170,8 +194,30 @@ impl JwksVerifier {
         &self.issuers
     }
 
+    /// True when the keys come from a URL (and so want periodic refresh).
+    pub fn is_remote(&self) -> bool {
+        self.source.is_remote()
+    }
+
+    /// Re-reads the key source now, keeping the old keys if that fails.
+    pub async fn refresh_now(&self) {
+        match read_source(&self.source).await.and_then(|j| parse_jwks(&j)) {
+            Ok(k) if !k.is_empty() => {
+                self.keys.store(Arc::new(k));
+                *self.fetch_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Ok(_) => {
+                tracing::warn!(source = ?self.source, "JWKS refresh found no usable key; keeping the old keys")
+            }
+            Err(e) => {
+                tracing::warn!(source = ?self.source, error = %e, "JWKS refresh failed; keeping the old keys");
+                *self.fetch_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        }
+    }
+
     /// Re-reads the key source, at most once per [`MIN_REFRESH_INTERVAL`].
-    fn refresh(&self) {
+    async fn refresh(&self) {
         let now = self.clock.now();
         {
             let mut last = self.last_refresh.lock().unwrap_or_else(|e| e.into_inner());
@@ -182,15 +228,7 @@ impl JwksVerifier {
             }
             *last = Some(now);
         }
-        match read_source(&self.source).and_then(|j| parse_jwks(&j)) {
-            Ok(k) if !k.is_empty() => self.keys.store(Arc::new(k)),
-            Ok(_) => {
-                tracing::warn!(source = ?self.source, "JWKS refresh found no usable key; keeping the old keys")
-            }
-            Err(e) => {
-                tracing::warn!(source = ?self.source, error = %e, "JWKS refresh failed; keeping the old keys")
-            }
-        }
+        self.refresh_now().await;
     }
 
     fn find_key(&self, kid: Option<&str>, alg: Algorithm) -> Option<Arc<Key>> {
@@ -203,7 +241,7 @@ impl JwksVerifier {
     }
 
     /// Verifies `token` for `audience`.
-    pub fn verify(&self, token: &str, audience: &str) -> Verdict {
+    pub async fn verify(&self, token: &str, audience: &str) -> Verdict {
         let header = match jsonwebtoken::decode_header(token) {
             Ok(h) => h,
             Err(e) => {
@@ -244,15 +282,25 @@ impl JwksVerifier {
         let key = match self.find_key(kid, header.alg) {
             Some(k) => k,
             None => {
-                self.refresh();
+                self.refresh().await;
                 match self.find_key(kid, header.alg) {
                     Some(k) => k,
                     None => {
+                        let failing = self
+                            .fetch_error
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone();
+                        if let Some(e) = failing {
+                            return Verdict::Unavailable(format!(
+                                "the JWKS cannot be fetched, so the token's key is unknown: {e}"
+                            ));
+                        }
                         return Verdict::Undecided(format!(
                             "no {:?} key with kid {:?} in the JWKS",
                             header.alg,
                             kid.unwrap_or("")
-                        ))
+                        ));
                     }
                 }
             }
@@ -296,10 +344,12 @@ impl JwksVerifier {
     }
 }
 
-fn read_source(source: &JwksSource) -> Result<String, String> {
+async fn read_source(source: &JwksSource) -> Result<String, String> {
     match source {
-        JwksSource::File(p) => std::fs::read_to_string(p)
+        JwksSource::File(p) => tokio::fs::read_to_string(p)
+            .await
             .map_err(|e| format!("cannot read JWKS file {}: {e}", p.display())),
+        JwksSource::Url { url, fetcher } => fetcher.get(url).await,
         JwksSource::Static(s) => Ok(s.clone()),
     }
 }

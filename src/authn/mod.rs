@@ -8,6 +8,7 @@
 //! build gRPC statuses (see `api::status`) or store tokens (only hashes).
 
 pub mod devtoken;
+pub mod fetch;
 pub mod jwt;
 pub mod tokenreview;
 
@@ -93,7 +94,7 @@ pub enum AuthnError {
 /// A token source in the chain.
 pub enum Source {
     /// Local verification.
-    Jwks(jwt::JwksVerifier),
+    Jwks(std::sync::Arc<jwt::JwksVerifier>),
     /// Kubernetes TokenReview.
     TokenReview(tokenreview::TokenReviewer),
 }
@@ -133,6 +134,17 @@ impl Authenticator {
         !self.sources.is_empty()
     }
 
+    /// The JWKS verifiers whose keys come from a URL (for periodic refresh).
+    pub fn remote_jwks(&self) -> Vec<std::sync::Arc<jwt::JwksVerifier>> {
+        self.sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Jwks(j) if j.is_remote() => Some(j.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Names of the sources, in order.
     pub fn describe(&self) -> Vec<String> {
         self.sources.iter().map(Source::describe).collect()
@@ -155,7 +167,7 @@ impl Authenticator {
         let mut unavailable = Vec::new();
         for source in &self.sources {
             let verdict = match source {
-                Source::Jwks(j) => j.verify(token, audience),
+                Source::Jwks(j) => j.verify(token, audience).await,
                 Source::TokenReview(t) => t.review(token, audience).await,
             };
             match verdict {
