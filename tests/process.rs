@@ -1,0 +1,218 @@
+//! The `meshca` binary as an operator runs it: `serve` initializes an empty
+//! data directory, the walkthrough commands work against it, bad config fails
+//! naming the setting, and SIGTERM exits 0. Also the CA's own server
+//! certificate renewing itself.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+fn meshca() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_meshca"))
+}
+
+#[test]
+fn serve_walkthrough_and_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut child = meshca()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut grpc = None;
+    let mut initialized = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
+        let msg = v["fields"]["message"].as_str().unwrap_or_default();
+        if msg.contains("data directory was empty") {
+            initialized = true;
+        }
+        if msg == "meshca serving" {
+            grpc = Some(v["fields"]["grpc_addr"].as_str().unwrap().to_string());
+            break;
+        }
+    }
+    assert!(initialized, "serve says it initialized the data directory");
+    let grpc = grpc.expect("serve logs its address");
+    // Keep draining stderr so the server never blocks on a full pipe.
+    let log = std::thread::spawn(move || lines.map(|l| l.unwrap()).collect::<Vec<_>>());
+
+    let token = meshca()
+        .args([
+            "token",
+            "--namespace",
+            "shop",
+            "--service-account",
+            "web",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let tok_file = tmp.path().join("web.token");
+    std::fs::write(&tok_file, &token.stdout).unwrap();
+    for api in ["native", "linkerd", "istio"] {
+        let out = tmp.path().join(api);
+        let r = meshca()
+            .args(["certify", "--server", &grpc, "--api", api, "--token-file"])
+            .arg(&tok_file)
+            .arg("--out")
+            .arg(&out)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            r.status.success(),
+            "certify --api {api}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(out.join("key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let inspect = meshca()
+            .args(["inspect", "--output", "json"])
+            .arg(out.join("chain.pem"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+        assert_eq!(v[0]["sans"][0], "URI:spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(v[1]["is_ca"], true);
+    }
+    let bundle = meshca()
+        .arg("bundle")
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bundle.stdout).starts_with("-----BEGIN CERTIFICATE-----"));
+
+    // init refuses to overwrite the CA serve created.
+    let again = meshca()
+        .arg("init")
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    let log = log.join().unwrap();
+    assert!(log.iter().any(|l| l.contains("SIGTERM")), "{log:?}");
+    assert!(log
+        .iter()
+        .any(|l| l.contains("certificate issued") && l.contains("\"api\":\"linkerd\"")));
+}
+
+#[test]
+fn invalid_configuration_fails_naming_the_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (args, setting) in [
+        (vec!["--trust-domain", "Bad_Domain"], "trust_domain"),
+        (vec!["--max-ttl", "1m"], "max_ttl"),
+        (
+            vec!["--jwks-url", "http://insecure.example/jwks"],
+            "jwks_url",
+        ),
+        (vec!["--rate-limit", "0"], "rate_limit"),
+    ] {
+        let r = meshca()
+            .arg("serve")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(tmp.path().join("d"))
+            .output()
+            .unwrap();
+        assert!(!r.status.success(), "{args:?} must fail");
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(err.contains(setting), "{args:?}: {err}");
+    }
+    let cfg = tmp.path().join("meshca.toml");
+    std::fs::write(&cfg, "trust_domian = \"typo.example\"\n").unwrap();
+    let r = meshca()
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("trust_domian"));
+}
+
+/// Reads the serial of the certificate the server presents.
+async fn server_serial(ca: &Ca) -> Vec<u8> {
+    let roots =
+        meshca::server::root_store(&meshca::ca::pem_to_certs(ca.bundle_pem().as_bytes()).unwrap());
+    let cfg = rustls::ClientConfig::builder_with_provider(meshca::server::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(ca.running.grpc_addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(ca.running.server_name.clone()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .expect("server cert verifies");
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, x) = x509_parser::parse_x509_certificate(&cert).unwrap();
+    x.raw_serial().to_vec()
+}
+
+#[tokio::test]
+async fn server_certificate_renews_itself() {
+    // A 10 s lifetime renews at 60 %, i.e. after about 6 s.
+    let ca = Ca::start_with(|c| {
+        c.min_ttl = Duration::from_secs(1);
+        c.max_ttl = Duration::from_secs(10);
+        c.default_ttl = Duration::from_secs(10);
+    })
+    .await;
+    let first = server_serial(&ca).await;
+    let mut renewed = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if server_serial(&ca).await != first {
+            renewed = true;
+            break;
+        }
+    }
+    assert!(renewed, "a new server certificate within 10 s");
+}
