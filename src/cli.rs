@@ -102,7 +102,7 @@ pub enum Command {
         /// Lifetime.
         #[arg(long, default_value = "1h")]
         ttl: HumanDuration,
-        /// Bind the token to this pod name.
+        /// Name of the pod the token is bound to [default: <service-account>-dev].
         #[arg(long)]
         pod: Option<String>,
         /// Data directory holding token-signer.key.
@@ -148,17 +148,27 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
 }
 
-/// Sets up logging to stderr.
-pub fn init_logging(format: LogFormat) {
+/// Sets up logging to stderr through a background writer thread, so a slow
+/// log consumer never blocks a request. Keep the guard alive: dropping it
+/// flushes what is buffered.
+pub fn init_logging(format: LogFormat) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHCA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // Never drop a decision log line: back-pressure instead when the
+        // buffer of 128k lines is full.
+        .lossy(false)
+        .buffered_lines_limit(128 * 1024)
+        .finish(std::io::stderr());
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer);
+    let ok = match format {
         LogFormat::Json => b.json().try_init(),
         LogFormat::Text => b.try_init(),
     };
+    ok.ok().map(|_| guard)
 }
 
 /// Runs a command; returns the process exit code.
@@ -275,7 +285,7 @@ fn init(
 
 async fn serve(args: ServeArgs) -> Result<(), String> {
     let cfg = args.with_file()?.resolve()?;
-    init_logging(cfg.log_format);
+    let _log = init_logging(cfg.log_format);
     let mut running = crate::server::start(cfg).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
@@ -315,7 +325,7 @@ fn token(
             audiences,
             ttl,
             issuer: crate::authn::devtoken::DEV_ISSUER.into(),
-            pod,
+            pod: Some(pod.unwrap_or_else(|| format!("{sa}-dev"))),
         },
         SystemTime::now(),
     )?;

@@ -6,10 +6,14 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     let cli = meshca::cli::Cli::parse();
-    if !matches!(cli.command, meshca::cli::Command::Serve(_)) {
-        meshca::cli::init_logging(meshca::config::LogFormat::Text);
-    }
-    if let Err(e) = meshca::cli::run(cli).await {
+    let log = match cli.command {
+        // `serve` sets up logging itself, in the configured format.
+        meshca::cli::Command::Serve(_) => None,
+        _ => meshca::cli::init_logging(meshca::config::LogFormat::Text),
+    };
+    let result = meshca::cli::run(cli).await;
+    drop(log);
+    if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

@@ -127,3 +127,55 @@ impl DevSigner {
         jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+
+    #[test]
+    fn minted_tokens_have_the_kubernetes_shape_and_verify() {
+        let key = CaKey::generate_p256().unwrap().to_pem();
+        let signer = DevSigner::from_pem(&key).unwrap();
+        let now = SystemTime::now();
+        let t = signer
+            .mint(
+                &TokenSpec {
+                    workload: Workload::new("shop", "web").unwrap(),
+                    audiences: vec!["meshca".into()],
+                    ttl: Duration::from_secs(600),
+                    issuer: DEV_ISSUER.into(),
+                    pod: Some("web-1".into()),
+                },
+                now,
+            )
+            .unwrap();
+        let parts: Vec<&str> = t.split('.').collect();
+        assert_eq!(parts.len(), 3);
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header: serde_json::Value =
+            serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+        assert_eq!(header["alg"], "ES256");
+        assert!(header["kid"].is_string());
+        let c: serde_json::Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+        assert_eq!(c["iss"], DEV_ISSUER);
+        assert_eq!(c["sub"], "system:serviceaccount:shop:web");
+        assert_eq!(c["aud"], serde_json::json!(["meshca"]));
+        let iat = c["iat"].as_u64().unwrap();
+        assert_eq!(c["nbf"].as_u64().unwrap(), iat);
+        assert_eq!(c["exp"].as_u64().unwrap(), iat + 600);
+        let k = &c["kubernetes.io"];
+        assert_eq!(k["namespace"], "shop");
+        assert_eq!(k["serviceaccount"]["name"], "web");
+        assert_eq!(k["pod"]["name"], "web-1");
+        for uid in [&k["serviceaccount"]["uid"], &k["pod"]["uid"]] {
+            assert_eq!(uid.as_str().unwrap().len(), 36, "UUID-shaped uid");
+        }
+        // And the JWKS the signer publishes verifies it.
+        let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(signer.jwks()).unwrap();
+        let key = jsonwebtoken::DecodingKey::from_jwk(&set.keys[0]).unwrap();
+        let mut v = jsonwebtoken::Validation::new(Algorithm::ES256);
+        v.set_audience(&["meshca"]);
+        jsonwebtoken::decode::<serde_json::Value>(&t, &key, &v).unwrap();
+    }
+}
