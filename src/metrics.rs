@@ -16,20 +16,20 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuanceLabels {
-    api: String,
-    result: String,
-    reason: String,
+    api: &'static str,
+    result: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ApiLabel {
-    api: String,
+    api: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ValidationLabels {
-    method: String,
-    result: String,
+    method: &'static str,
+    result: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -124,26 +124,29 @@ impl Metrics {
     }
 
     /// Records one issuance decision.
-    pub fn issuance(&self, api: &str, granted: bool, reason: &str, latency: Duration) {
+    pub fn issuance(
+        &self,
+        api: &'static str,
+        granted: bool,
+        reason: &'static str,
+        latency: Duration,
+    ) {
         self.issuance
             .get_or_create(&IssuanceLabels {
-                api: api.into(),
-                result: if granted { "granted" } else { "refused" }.into(),
-                reason: reason.into(),
+                api,
+                result: if granted { "granted" } else { "refused" },
+                reason,
             })
             .inc();
         self.issuance_latency
-            .get_or_create(&ApiLabel { api: api.into() })
+            .get_or_create(&ApiLabel { api })
             .observe(latency.as_secs_f64());
     }
 
     /// Records one credential validation.
-    pub fn validation(&self, method: &str, result: &str) {
+    pub fn validation(&self, method: &'static str, result: &'static str) {
         self.validations
-            .get_or_create(&ValidationLabels {
-                method: method.into(),
-                result: result.into(),
-            })
+            .get_or_create(&ValidationLabels { method, result })
             .inc();
     }
 
