@@ -184,8 +184,7 @@ fn server_tls(
     ca: &Authority,
     cfg: &ServeConfig,
 ) -> Result<(Arc<ServerConfig>, std::time::SystemTime), String> {
-    let key =
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let key = crate::ca::CaKey::generate_p256().map_err(|e| e.to_string())?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
@@ -198,7 +197,10 @@ fn server_tls(
         .map_err(|e| format!("cannot issue the server certificate: {e}"))?;
     let mut chain = vec![issued.leaf.clone()];
     chain.extend(issued.intermediates.iter().cloned());
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    // rustls takes its own copy; ours (and `key`) are zeroized on drop.
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        key.to_pkcs8_der().expose().to_vec(),
+    ));
     let provider = crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     for r in &issued.bundle.roots {

@@ -112,8 +112,11 @@ impl TokenReviewer {
             }
             Ok(Ok(r)) => r,
         };
-        let verdict = interpret(&answer, audience);
-        if let Verdict::Authenticated(a) = &verdict {
+        let mut verdict = interpret(&answer, audience);
+        if let Verdict::Authenticated(a) = &mut verdict {
+            // Never cache past the token's own expiry. Reading `exp` without
+            // verification is safe here: it can only shorten the cache life.
+            a.expires = unverified_exp(token);
             let until = now + CACHE_TTL;
             let until = a.expires.map_or(until, |e| e.min(until));
             let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
@@ -124,6 +127,17 @@ impl TokenReviewer {
         }
         verdict
     }
+}
+
+/// The `exp` claim of a JWT, unverified (None for opaque tokens).
+fn unverified_exp(token: &str) -> Option<SystemTime> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(v["exp"].as_u64()?))
 }
 
 /// Decides from a TokenReview answer.
@@ -165,4 +179,78 @@ fn interpret(review: &TokenReview, audience: &str) -> Verdict {
         method: Method::TokenReview,
         expires: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::authentication::v1::{TokenReviewStatus, UserInfo};
+
+    fn review(authenticated: bool, audiences: &[&str], username: &str) -> TokenReview {
+        TokenReview {
+            status: Some(TokenReviewStatus {
+                authenticated: Some(authenticated),
+                audiences: Some(audiences.iter().map(|s| s.to_string()).collect()),
+                user: Some(UserInfo {
+                    username: Some(username.into()),
+                    extra: Some(
+                        [(
+                            "authentication.kubernetes.io/pod-name".to_string(),
+                            vec!["web-1".to_string()],
+                        )]
+                        .into(),
+                    ),
+                    ..Default::default()
+                }),
+                error: None,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn answers_are_checked() {
+        match interpret(
+            &review(true, &["meshca"], "system:serviceaccount:shop:web"),
+            "meshca",
+        ) {
+            Verdict::Authenticated(a) => {
+                assert_eq!(a.workload.to_string(), "shop/web");
+                assert_eq!(a.pod_name.as_deref(), Some("web-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        for (r, why) in [
+            (
+                review(false, &["meshca"], "system:serviceaccount:shop:web"),
+                "not authenticated",
+            ),
+            (
+                review(true, &["other"], "system:serviceaccount:shop:web"),
+                "audience not echoed",
+            ),
+            (review(true, &["meshca"], "alice"), "not a service account"),
+        ] {
+            assert!(
+                matches!(interpret(&r, "meshca"), Verdict::Rejected(_)),
+                "{why}"
+            );
+        }
+        assert!(matches!(
+            interpret(&TokenReview::default(), "meshca"),
+            Verdict::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn cache_life_is_bounded_by_token_expiry() {
+        use base64::Engine;
+        let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let t = format!("{}.{}.sig", b.encode(b"{}"), b.encode(br#"{"exp": 1000}"#));
+        assert_eq!(
+            unverified_exp(&t),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000))
+        );
+        assert_eq!(unverified_exp("opaque"), None);
+    }
 }

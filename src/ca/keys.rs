@@ -33,6 +33,11 @@ impl CaKey {
         SecretBytes::new(self.0.serialize_pem().into_bytes())
     }
 
+    /// The PKCS#8 DER encoding, in zeroizing memory.
+    pub fn to_pkcs8_der(&self) -> SecretBytes {
+        SecretBytes::new(self.0.serialize_der())
+    }
+
     /// The DER SubjectPublicKeyInfo.
     pub fn spki_der(&self) -> Vec<u8> {
         self.0.subject_public_key_info()
