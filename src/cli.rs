@@ -347,14 +347,8 @@ struct CertifyArgs {
 /// Reads the token's `sub` without verifying it (the CA verifies); used only
 /// to fill Linkerd's `identity` field.
 fn unverified_workload(token: &str) -> Result<Workload, String> {
-    use base64::Engine;
-    let payload = token.split('.').nth(1).ok_or("the token is not a JWT")?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .map_err(|_| "the token is not a JWT")?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| "the token is not a JWT")?;
-    let sub = v["sub"].as_str().ok_or("the token has no sub")?;
+    let claims = crate::authn::unverified_claims(token).ok_or("the token is not a JWT")?;
+    let sub = claims["sub"].as_str().ok_or("the token has no sub")?;
     Workload::from_username(sub).map_err(|e| e.to_string())
 }
 

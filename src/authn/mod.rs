@@ -187,6 +187,18 @@ impl Authenticator {
     }
 }
 
+/// The JWT payload, decoded but NOT verified. Only for routing or bounding
+/// decisions that cannot widen access (which verifier to ask, how long to
+/// cache, which identity to claim before the CA checks it).
+pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// SHA-256 of a token, hex: the only form in which a token is ever kept.
 pub fn token_hash(token: &str) -> String {
     hex::encode(ring::digest::digest(
