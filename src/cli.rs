@@ -146,6 +146,9 @@ pub enum Command {
     },
     /// Benchmark issuance against an in-process server.
     Bench(crate::bench::BenchArgs),
+    /// Query and verify the tamper-evident issuance log.
+    #[command(subcommand)]
+    Audit(crate::audit_cli::AuditCommand),
 }
 
 /// Sets up logging to stderr through a background writer thread, so a slow
@@ -247,6 +250,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             .await
         }
         Command::Bench(args) => crate::bench::run(args).await,
+        Command::Audit(cmd) => crate::audit_cli::run(cmd),
     }
 }
 

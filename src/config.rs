@@ -191,6 +191,12 @@ pub struct ServeArgs {
     /// Burst per identity [default: 20].
     #[arg(long, env = "MESHCA_RATE_BURST")]
     pub rate_burst: Option<u32>,
+    /// Keep the tamper-evident audit log (audit.db in the data directory) [default: true].
+    #[arg(long, env = "MESHCA_AUDIT_LOG")]
+    pub audit_log: Option<bool>,
+    /// How often the audit log signs a checkpoint when it has grown [default: 10s].
+    #[arg(long, env = "MESHCA_AUDIT_CHECKPOINT_INTERVAL")]
+    pub audit_checkpoint_interval: Option<HumanDuration>,
     /// Log format [default: text].
     #[arg(long, env = "MESHCA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -218,7 +224,7 @@ impl ServeArgs {
             linkerd_audience, istio_audience, jwks_file, jwks_url, oidc_issuer_url,
             jwks_ca_file, jwks_refresh_interval, jwt_issuers, kubeconfig,
             tokenreview_qps, tokenreview_burst, authn_order, allow_legacy_tokens,
-            rate_limit, rate_burst, log_format,
+            rate_limit, rate_burst, audit_log, audit_checkpoint_interval, log_format,
         ))
     }
 
@@ -316,6 +322,15 @@ impl ServeArgs {
                 ));
             }
         }
+        let audit_checkpoint_interval = self
+            .audit_checkpoint_interval
+            .map_or(Duration::from_secs(10), |d| d.0);
+        if audit_checkpoint_interval < Duration::from_millis(100) {
+            return Err(bad(
+                "audit_checkpoint_interval",
+                "must be at least 100ms".into(),
+            ));
+        }
         let jwks_refresh_interval = self
             .jwks_refresh_interval
             .map_or(Duration::from_secs(300), |d| d.0);
@@ -363,6 +378,8 @@ impl ServeArgs {
             allow_legacy_tokens: self.allow_legacy_tokens.unwrap_or(false),
             rate_limit,
             rate_burst: self.rate_burst.unwrap_or(20),
+            audit_log: self.audit_log.unwrap_or(true),
+            audit_checkpoint_interval,
             log_format: self.log_format.unwrap_or_default(),
         })
     }
@@ -415,6 +432,10 @@ pub struct ServeConfig {
     pub rate_limit: f64,
     /// Per-identity burst.
     pub rate_burst: u32,
+    /// Audit log on.
+    pub audit_log: bool,
+    /// Checkpoint signing interval.
+    pub audit_checkpoint_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }

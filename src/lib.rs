@@ -19,6 +19,8 @@ pub mod proto {
 }
 
 pub mod api;
+pub mod audit;
+pub mod audit_cli;
 pub mod authn;
 pub mod bench;
 pub mod ca;

@@ -43,6 +43,8 @@ pub struct Running {
     pub ca: Arc<Authority>,
     /// The DNS identity in the server certificate (what clients verify).
     pub server_name: String,
+    /// The audit log, when on.
+    pub audit: Option<crate::audit::AuditLog>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -282,13 +284,38 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             }
         });
     }
-    let core = Arc::new(Core::new(
+    let mut core = Core::new(
         ca.clone(),
         authn,
         cfg.audiences.clone(),
         cfg.rate_limit,
         cfg.rate_burst,
-    ));
+    );
+    let mut audit_guard = None;
+    let mut audit_log = None;
+    if cfg.audit_log {
+        let (log, guard) = crate::audit::AuditLog::open(
+            &cfg.data_dir,
+            cfg.mesh.trust_domain.as_str(),
+            clock.clone(),
+        )?;
+        let every = cfg.audit_checkpoint_interval;
+        let ticker = log.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                ticker.request_checkpoint();
+            }
+        });
+        core = core.with_audit(log.clone());
+        audit_log = Some(log);
+        audit_guard = Some(guard);
+    } else {
+        tracing::warn!(
+            "the audit log is off (audit_log = false): decisions are not recorded durably"
+        );
+    }
+    let core = Arc::new(core);
 
     let (tls, refresh_at) = server_tls(&ca, &cfg)?;
     let tls = Arc::new(ArcSwap::new(tls));
@@ -438,6 +465,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 }
             }),
         );
+    let router = match &audit_log {
+        Some(log) => router.merge(crate::audit::http::routes(log.clone())),
+        None => router,
+    };
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(async move {
         let r = axum::serve(admin, router)
@@ -455,6 +486,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         let _ = stop_tx.send(true);
         let _ = grpc.await;
         let _ = admin_task.await;
+        // In-flight requests are done: sign the final checkpoint.
+        if let Some(g) = audit_guard {
+            let _ = tokio::task::spawn_blocking(move || g.stop()).await;
+        }
     });
 
     let server_name = server_identity(&cfg);
@@ -464,6 +499,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         admin_addr,
         ca,
         server_name,
+        audit: audit_log,
         shutdown: Some(shutdown_tx),
         task,
     })

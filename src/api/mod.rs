@@ -107,6 +107,7 @@ pub struct Core {
     /// Audiences per API.
     pub audiences: Audiences,
     limiter: KeyedLimiter<Workload>,
+    audit: Option<crate::audit::AuditLog>,
 }
 
 impl std::fmt::Debug for Core {
@@ -132,7 +133,15 @@ impl Core {
             authn,
             audiences,
             limiter,
+            audit: None,
         }
+    }
+
+    /// Records every decision in `log`; certificates are returned only once
+    /// their entry is durable.
+    pub fn with_audit(mut self, log: crate::audit::AuditLog) -> Self {
+        self.audit = Some(log);
+        self
     }
 
     fn audience(&self, api: WireApi) -> &str {
@@ -150,7 +159,17 @@ impl Core {
         let _guard = metrics.in_flight();
         let started = Instant::now();
         let mut who: Option<Authenticated> = None;
-        let result = self.certify_inner(&input, &mut who).await;
+        let mut result = self.certify_inner(&input, &mut who).await;
+        if let Some(log) = &self.audit {
+            let entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
+            match (log.append(entry).await, &result) {
+                (Ok(_), _) => {}
+                (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e)),
+                (Err(e), Err(_)) => {
+                    tracing::error!(error = %e, "could not record a refusal in the audit log")
+                }
+            }
+        }
         let identity = who
             .as_ref()
             .map(|a| a.workload.to_string())
@@ -299,6 +318,53 @@ impl Core {
             expires: Some(not_after),
         })
     }
+}
+
+/// Builds the audit record of one decision.
+fn audit_entry(
+    input: &CertifyInput<'_>,
+    who: Option<&Authenticated>,
+    result: &Result<Issued, ApiError>,
+    now: std::time::SystemTime,
+) -> crate::audit::Entry {
+    use crate::clock::{rfc3339, unix_millis};
+    let mut e = crate::audit::Entry {
+        time: rfc3339(now),
+        time_unix_ms: unix_millis(now),
+        kind: "issuance".into(),
+        api: Some(input.api.as_str().into()),
+        auth_method: who.map(|a| a.method.as_str().into()),
+        namespace: who.map(|a| a.workload.namespace.to_string()),
+        service_account: who.map(|a| a.workload.service_account.to_string()),
+        pod_name: who.and_then(|a| a.pod_name.clone()),
+        pod_uid: who.and_then(|a| a.pod_uid.clone()),
+        peer: input.peer.map(|p| p.to_string()),
+        requested_identity: input
+            .claimed_dns_identity
+            .map(|s| s.chars().take(253).collect()),
+        requested_ttl_s: input.ttl.map(|d| d.as_secs()),
+        csr_sha256: (!input.csr_der.is_empty()).then(|| crate::ca::fingerprint(input.csr_der)),
+        ..Default::default()
+    };
+    match result {
+        Ok(i) => {
+            e.result = "granted".into();
+            e.reason = "ok".into();
+            e.serial = Some(i.serial.clone());
+            e.sans = i.sans.clone();
+            e.not_before = Some(rfc3339(i.not_before));
+            e.not_after = Some(rfc3339(i.not_after));
+            e.leaf_sha256 = Some(crate::ca::fingerprint(&i.leaf));
+            e.spki_sha256 = Some(i.spki_sha256.clone());
+            e.issuer_fingerprint = Some(i.issuer_fingerprint.clone());
+        }
+        Err(err) => {
+            e.result = "refused".into();
+            e.reason = err.reason().into();
+            e.detail = Some(err.to_string());
+        }
+    }
+    e
 }
 
 impl From<CaError> for ApiError {

@@ -33,6 +33,10 @@ pub enum ApiError {
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The decision could not be recorded in the audit log, so the
+    /// certificate is withheld.
+    #[error("the audit log cannot record this issuance ({0}); the certificate was withheld, retry later")]
+    AuditUnavailable(String),
     /// A bug or an internal failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -58,6 +62,7 @@ impl ApiError {
             },
             ApiError::IdentityMismatch { .. } => Code::PermissionDenied,
             ApiError::RateLimited(_) => Code::ResourceExhausted,
+            ApiError::AuditUnavailable(_) => Code::Unavailable,
             ApiError::BadRequest(_) => Code::InvalidArgument,
             ApiError::Internal(_) => Code::Internal,
         }
@@ -83,6 +88,7 @@ impl ApiError {
             },
             ApiError::IdentityMismatch { .. } => "identity_mismatch",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::AuditUnavailable(_) => "audit_unavailable",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Internal(_) => "internal",
         }

@@ -169,6 +169,10 @@ pub struct Issued {
     pub clamped_to_issuer: bool,
     /// Fingerprint of the issuer that signed it.
     pub issuer_fingerprint: String,
+    /// SHA-256 of the leaf's SubjectPublicKeyInfo (hex).
+    pub spki_sha256: String,
+    /// Every SAN in the leaf, as `URI:…` / `DNS:…`.
+    pub sans: Vec<String>,
 }
 
 /// The certificate authority.
@@ -344,6 +348,8 @@ impl Authority {
             .map_err(|e| CaError::UnsupportedKey(format!("public key: {e}")))?;
         let cert = params.signed_by(&public, &issuer.signer)?;
         let life = not_after.duration_since(now).unwrap_or_default();
+        let mut sans = vec![format!("URI:{spiffe_id}")];
+        sans.extend(dns.iter().map(|d| format!("DNS:{d}")));
         Ok(Issued {
             leaf: cert.der().clone(),
             intermediates: issuer.chain.clone(),
@@ -357,6 +363,8 @@ impl Authority {
             ttl_clamped,
             clamped_to_issuer,
             issuer_fingerprint: issuer.fingerprint.clone(),
+            spki_sha256: fingerprint(&csr.spki_der),
+            sans,
         })
     }
 }

@@ -1,0 +1,159 @@
+//! The audit queries over the admin endpoint of a running server.
+//!
+//! Routes (all GET, read-only, each on its own read-only SQLite connection so
+//! queries never hold up the writer):
+//! - `/audit/entries?identity=NS/SA&namespace=&result=&since=&until=&limit=` — JSON lines
+//! - `/audit/entries/{serial}` — the entry and its inclusion proof
+//! - `/audit/checkpoint` — the newest signed checkpoint (note text)
+//! - `/audit/consistency?from=A&to=B` — a consistency proof
+//! - `/audit/key` — the log's verifier key
+
+use axum::extract::{Path, Query};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+
+use super::store::{AuditStore, Filter, SqliteStore};
+use super::{query, AuditLog};
+
+/// Query parameters of `/audit/entries`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListParams {
+    identity: Option<String>,
+    namespace: Option<String>,
+    result: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<u64>,
+}
+
+/// Query parameters of `/audit/consistency`.
+#[derive(Debug, Deserialize)]
+pub struct ProveParams {
+    from: u64,
+    to: u64,
+}
+
+fn json(v: &impl serde::Serialize) -> Response {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => ([("content-type", "application/json")], s + "\n").into_response(),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn err(code: StatusCode, msg: String) -> Response {
+    (code, format!("{msg}\n")).into_response()
+}
+
+async fn with_store<T: Send + 'static>(
+    log: &AuditLog,
+    f: impl FnOnce(&dyn AuditStore) -> Result<T, String> + Send + 'static,
+) -> Result<T, Response> {
+    let path = log.db_path().to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let store = SqliteStore::open_read_only(&path)?;
+        f(&store)
+    })
+    .await
+    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| err(StatusCode::BAD_REQUEST, e))
+}
+
+/// Builds the filter from parameters.
+pub fn filter(p: ListParams, now: std::time::SystemTime) -> Result<Filter, String> {
+    Ok(Filter {
+        identity: p.identity,
+        namespace: p.namespace,
+        result: p.result,
+        since_ms: p
+            .since
+            .as_deref()
+            .map(|s| query::parse_time(s, now))
+            .transpose()?,
+        until_ms: p
+            .until
+            .as_deref()
+            .map(|s| query::parse_time(s, now))
+            .transpose()?,
+        limit: p.limit,
+    })
+}
+
+/// The audit routes.
+pub fn routes(log: AuditLog) -> Router {
+    let l1 = log.clone();
+    let l2 = log.clone();
+    let l3 = log.clone();
+    let l4 = log.clone();
+    Router::new()
+        .route(
+            "/audit/entries",
+            get(move |Query(p): Query<ListParams>| {
+                let log = l1.clone();
+                async move {
+                    let f = match filter(p, std::time::SystemTime::now()) {
+                        Ok(f) => f,
+                        Err(e) => return err(StatusCode::BAD_REQUEST, e),
+                    };
+                    match with_store(&log, move |s| query::list(s, &f)).await {
+                        Ok(rows) => {
+                            let body: String = rows
+                                .iter()
+                                .map(|r| serde_json::to_string(r).unwrap_or_default() + "\n")
+                                .collect();
+                            ([("content-type", "application/x-ndjson")], body).into_response()
+                        }
+                        Err(r) => r,
+                    }
+                }
+            }),
+        )
+        .route(
+            "/audit/entries/{serial}",
+            get(move |Path(serial): Path<String>| {
+                let log = l2.clone();
+                async move {
+                    match with_store(&log, move |s| query::show(s, &serial)).await {
+                        Ok(shown) => json(&shown),
+                        Err(r) => r,
+                    }
+                }
+            }),
+        )
+        .route(
+            "/audit/checkpoint",
+            get(move || {
+                let log = l3.clone();
+                async move {
+                    match with_store(&log, |s| s.checkpoints()).await {
+                        Ok(cps) => match cps.last() {
+                            Some(c) => c.note.clone().into_response(),
+                            None => err(StatusCode::NOT_FOUND, "no checkpoint yet".into()),
+                        },
+                        Err(r) => r,
+                    }
+                }
+            }),
+        )
+        .route(
+            "/audit/consistency",
+            get(move |Query(p): Query<ProveParams>| {
+                let log = l4.clone();
+                async move {
+                    match with_store(&log, move |s| query::prove(s, p.from, p.to)).await {
+                        Ok(proved) => json(&proved),
+                        Err(r) => r,
+                    }
+                }
+            }),
+        )
+        .route(
+            "/audit/key",
+            get(move || {
+                let k = log.verifier_key().to_string();
+                async move { format!("{k}\n") }
+            }),
+        )
+}

@@ -1,0 +1,294 @@
+//! The tamper-evident issuance log.
+//!
+//! Owns: appending every decision durably before the caller gets its answer,
+//! batching concurrent appends into one commit (group commit) on a dedicated
+//! writer thread, keeping the Merkle frontier, and signing checkpoints.
+//! Never stores a token, key or secret (see [`entry::Entry`]). Must not:
+//! decide policy; it records what `api` decided.
+
+pub mod entry;
+pub mod http;
+pub mod merkle;
+pub mod note;
+pub mod query;
+pub mod store;
+pub mod verify;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use crate::clock::{unix_millis, Clock};
+use crate::secret::SecretBytes;
+pub use entry::Entry;
+use merkle::{leaf_hash, Frontier};
+use note::{Checkpoint, NoteSigner};
+use store::{AuditStore, Indexed, SqliteStore, StoredCheckpoint};
+
+/// File names in the data directory.
+pub const DB_FILE: &str = "audit.db";
+/// The log's Ed25519 signing key (PKCS#8, 0600).
+pub const KEY_FILE: &str = "audit-signer.key";
+/// The verifier key auditors use (public).
+pub const PUB_FILE: &str = "audit-signer.pub";
+/// Largest batch committed at once.
+const MAX_BATCH: usize = 4096;
+
+enum Msg {
+    Append(Box<Entry>, oneshot::Sender<Result<u64, String>>),
+    Checkpoint(Option<oneshot::Sender<Result<u64, String>>>),
+    Shutdown,
+}
+
+/// Handle to the running log. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
+    db_path: PathBuf,
+    verifier_key: String,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("db", &self.db_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The log's origin line for a trust domain.
+pub fn origin(trust_domain: &str) -> String {
+    format!("meshca/{trust_domain}")
+}
+
+/// Loads the signing key from the data directory, creating it on first use.
+pub fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, String> {
+    let path = data_dir.join(KEY_FILE);
+    let pkcs8 = if path.exists() {
+        crate::secret::read_private(&path).map_err(|e| format!("{}: {e}", path.display()))?
+    } else {
+        let k = NoteSigner::generate_pkcs8()?;
+        crate::secret::write_private(&path, k.expose())
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        k
+    };
+    let signer = NoteSigner::from_pkcs8(origin, &pkcs8)?;
+    let pub_path = data_dir.join(PUB_FILE);
+    let vkey = format!("{}\n", signer.verifier_key());
+    if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(vkey.as_str()) {
+        crate::secret::write_public(&pub_path, vkey.as_bytes())
+            .map_err(|e| format!("{}: {e}", pub_path.display()))?;
+    }
+    Ok(signer)
+}
+
+/// The guard that stops the writer thread (signing a final checkpoint).
+pub struct WriterGuard {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for WriterGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriterGuard")
+    }
+}
+
+impl WriterGuard {
+    /// Signs a last checkpoint and waits for the writer to finish.
+    pub fn stop(mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for WriterGuard {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+    }
+}
+
+impl AuditLog {
+    /// Opens the log in `data_dir` and starts its writer thread.
+    pub fn open(
+        data_dir: &Path,
+        trust_domain: &str,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> Result<(AuditLog, WriterGuard), String> {
+        let origin = origin(trust_domain);
+        let signer = load_or_create_key(data_dir, &origin)?;
+        let verifier_key = signer.verifier_key();
+        let db_path = data_dir.join(DB_FILE);
+        let store = SqliteStore::open(&db_path)?;
+        let leaves = store.leaf_hashes()?;
+        // Entries past the last index would mean a gap: refuse to append onto a damaged log.
+        if store.count()? != leaves.len() as u64 {
+            return Err("audit log is inconsistent (entry count differs from leaves); run `meshca audit verify`".into());
+        }
+        let frontier = Frontier::from_leaves(&leaves);
+        tracing::info!(entries = frontier.size(), db = %db_path.display(), "audit log opened");
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("meshca-audit".into())
+            .spawn(move || writer(store, frontier, signer, origin, clock, rx))
+            .map_err(|e| format!("cannot start the audit writer: {e}"))?;
+        Ok((
+            AuditLog {
+                tx: tx.clone(),
+                db_path,
+                verifier_key,
+            },
+            WriterGuard {
+                tx,
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    /// Appends an entry; resolves once it is durable, with its index.
+    pub async fn append(&self, entry: Entry) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Append(Box::new(entry), tx))
+            .map_err(|_| "the audit writer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the audit writer has stopped".to_string())?
+    }
+
+    /// Signs a checkpoint now (if the tree grew); resolves with the tree size.
+    pub async fn checkpoint(&self) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Checkpoint(Some(tx)))
+            .map_err(|_| "the audit writer has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the audit writer has stopped".to_string())?
+    }
+
+    /// Asks for a checkpoint without waiting.
+    pub fn request_checkpoint(&self) {
+        let _ = self.tx.send(Msg::Checkpoint(None));
+    }
+
+    /// The SQLite file (for read-only queries).
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// The verifier key of the log's signer.
+    pub fn verifier_key(&self) -> &str {
+        &self.verifier_key
+    }
+}
+
+fn writer(
+    mut store: SqliteStore,
+    mut frontier: Frontier,
+    signer: NoteSigner,
+    origin: String,
+    clock: std::sync::Arc<dyn Clock>,
+    rx: mpsc::Receiver<Msg>,
+) {
+    let mut last_checkpoint = store
+        .checkpoints()
+        .ok()
+        .and_then(|c| c.last().map(|c| c.size))
+        .unwrap_or(0);
+    let mut sign = |store: &mut SqliteStore, frontier: &Frontier| -> Result<u64, String> {
+        if frontier.size() == last_checkpoint {
+            return Ok(last_checkpoint);
+        }
+        let cp = Checkpoint {
+            origin: origin.clone(),
+            size: frontier.size(),
+            root: frontier.root(),
+        };
+        let note = signer.sign(&cp);
+        store.add_checkpoint(&StoredCheckpoint {
+            size: cp.size,
+            root: cp.root,
+            note,
+            time_unix_ms: unix_millis(clock.now()),
+        })?;
+        last_checkpoint = cp.size;
+        Ok(cp.size)
+    };
+    while let Ok(first) = rx.recv() {
+        let mut msgs = vec![first];
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut appends = Vec::new();
+        let mut rows = Vec::new();
+        let mut checkpoints = Vec::new();
+        let mut shutdown = false;
+        for m in msgs {
+            match m {
+                Msg::Append(entry, reply) => {
+                    let body = entry.canonical();
+                    let leaf = leaf_hash(&body);
+                    rows.push((
+                        body,
+                        leaf,
+                        Indexed {
+                            time_ms: entry.time_unix_ms,
+                            namespace: entry.namespace.clone(),
+                            service_account: entry.service_account.clone(),
+                            result: entry.result.clone(),
+                            serial: entry.serial.clone(),
+                        },
+                    ));
+                    appends.push(reply);
+                }
+                Msg::Checkpoint(reply) => checkpoints.push(reply),
+                Msg::Shutdown => shutdown = true,
+            }
+        }
+        if !rows.is_empty() {
+            let first_index = frontier.size();
+            // One transaction, one fsync, for the whole batch.
+            match store.append(first_index, &rows) {
+                Ok(()) => {
+                    for (i, ((_, leaf, _), reply)) in rows.iter().zip(appends).enumerate() {
+                        frontier.push(*leaf);
+                        let _ = reply.send(Ok(first_index + i as u64));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "audit append failed");
+                    for reply in appends {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        for reply in checkpoints {
+            let r = sign(&mut store, &frontier);
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "audit checkpoint failed");
+            }
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
+        }
+        if shutdown {
+            if let Err(e) = sign(&mut store, &frontier) {
+                tracing::error!(error = %e, "final audit checkpoint failed");
+            }
+            return;
+        }
+    }
+}
+
+/// Reads a PKCS#8 key file into zeroizing memory (exposed for tests).
+pub fn read_key(data_dir: &Path) -> Result<SecretBytes, String> {
+    let p = data_dir.join(KEY_FILE);
+    crate::secret::read_private(&p).map_err(|e| format!("{}: {e}", p.display()))
+}

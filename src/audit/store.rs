@@ -1,0 +1,307 @@
+//! Storage of audit entries and checkpoints.
+//!
+//! Owns: the [`AuditStore`] trait (the seam where a server database can be
+//! added for multi-replica deployments) and its embedded SQLite (WAL)
+//! implementation. Must not: compute Merkle hashes beyond storing them, or
+//! sign anything.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::merkle::Hash;
+
+/// A stored entry.
+#[derive(Debug, Clone)]
+pub struct StoredEntry {
+    /// Position in the log (0-based): the Merkle leaf index.
+    pub index: u64,
+    /// Canonical entry bytes.
+    pub body: Vec<u8>,
+    /// The leaf hash recorded when the entry was appended.
+    pub leaf_hash: Hash,
+}
+
+/// A stored checkpoint.
+#[derive(Debug, Clone)]
+pub struct StoredCheckpoint {
+    /// Tree size.
+    pub size: u64,
+    /// Root hash.
+    pub root: Hash,
+    /// The signed note.
+    pub note: String,
+    /// When it was signed (Unix ms).
+    pub time_unix_ms: u64,
+}
+
+/// Filters for listing entries.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// `namespace/service-account` exact match.
+    pub identity: Option<String>,
+    /// Namespace exact match.
+    pub namespace: Option<String>,
+    /// `granted` or `refused`.
+    pub result: Option<String>,
+    /// Only entries at or after this Unix ms.
+    pub since_ms: Option<u64>,
+    /// Only entries before this Unix ms.
+    pub until_ms: Option<u64>,
+    /// At most this many (newest last).
+    pub limit: Option<u64>,
+}
+
+/// Fields indexed for queries, besides the body.
+#[derive(Debug, Clone, Default)]
+pub struct Indexed {
+    /// Unix ms.
+    pub time_ms: u64,
+    /// Namespace.
+    pub namespace: Option<String>,
+    /// Service account.
+    pub service_account: Option<String>,
+    /// Result.
+    pub result: String,
+    /// Serial.
+    pub serial: Option<String>,
+}
+
+/// Errors from storage.
+pub type StoreResult<T> = Result<T, String>;
+
+/// Where the audit log lives.
+pub trait AuditStore: Send {
+    /// Appends entries at `first_index..`, all or none, durably.
+    fn append(&mut self, first_index: u64, entries: &[(Vec<u8>, Hash, Indexed)])
+        -> StoreResult<()>;
+    /// Every leaf hash in index order (to rebuild the tree and make proofs).
+    fn leaf_hashes(&self) -> StoreResult<Vec<Hash>>;
+    /// Entries in index order starting at `from`, at most `limit`.
+    fn entries(&self, from: u64, limit: u64) -> StoreResult<Vec<StoredEntry>>;
+    /// Entries matching a filter.
+    fn query(&self, f: &Filter) -> StoreResult<Vec<StoredEntry>>;
+    /// The entry that granted a serial.
+    fn by_serial(&self, serial: &str) -> StoreResult<Option<StoredEntry>>;
+    /// Number of entries.
+    fn count(&self) -> StoreResult<u64>;
+    /// Records a signed checkpoint.
+    fn add_checkpoint(&mut self, cp: &StoredCheckpoint) -> StoreResult<()>;
+    /// Every checkpoint, by size.
+    fn checkpoints(&self) -> StoreResult<Vec<StoredCheckpoint>>;
+}
+
+/// SQLite in WAL mode with `synchronous=FULL`: a commit is on disk when it returns.
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SqliteStore")
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    namespace TEXT,
+    service_account TEXT,
+    result TEXT NOT NULL,
+    serial TEXT,
+    body BLOB NOT NULL,
+    leaf_hash BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_serial ON entries(serial);
+CREATE INDEX IF NOT EXISTS entries_time ON entries(time_ms);
+CREATE INDEX IF NOT EXISTS entries_identity ON entries(namespace, service_account);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    root BLOB NOT NULL,
+    note TEXT NOT NULL,
+    time_ms INTEGER NOT NULL
+);
+";
+
+fn e(err: rusqlite::Error) -> String {
+    format!("audit store: {err}")
+}
+
+fn hash_of(v: Vec<u8>) -> Hash {
+    let mut h = [0u8; 32];
+    if v.len() == 32 {
+        h.copy_from_slice(&v);
+    }
+    h
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the log for writing.
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path).map_err(e)?;
+        conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+            .map_err(e)?;
+        conn.execute_batch(SCHEMA).map_err(e)?;
+        set_private(path);
+        Ok(Self { conn })
+    }
+
+    /// Opens an existing log read-only (auditor commands; works beside a running server).
+    pub fn open_read_only(path: &Path) -> StoreResult<Self> {
+        if !path.exists() {
+            return Err(format!("no audit log at {}", path.display()));
+        }
+        let conn =
+            Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(e)?;
+        Ok(Self { conn })
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
+        Ok(StoredEntry {
+            index: r.get::<_, i64>(0)? as u64,
+            body: r.get(1)?,
+            leaf_hash: hash_of(r.get(2)?),
+        })
+    }
+}
+
+fn set_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+impl AuditStore for SqliteStore {
+    fn append(&mut self, first: u64, entries: &[(Vec<u8>, Hash, Indexed)]) -> StoreResult<()> {
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT INTO entries (idx, time_ms, namespace, service_account, result, serial, body, leaf_hash)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(e)?;
+            for (i, (body, leaf, ix)) in entries.iter().enumerate() {
+                st.execute(params![
+                    (first + i as u64) as i64,
+                    ix.time_ms as i64,
+                    ix.namespace,
+                    ix.service_account,
+                    ix.result,
+                    ix.serial,
+                    body,
+                    &leaf[..],
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    fn leaf_hashes(&self) -> StoreResult<Vec<Hash>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT leaf_hash FROM entries ORDER BY idx")
+            .map_err(e)?;
+        let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0)).map_err(e)?;
+        rows.map(|r| r.map(hash_of).map_err(e)).collect()
+    }
+
+    fn entries(&self, from: u64, limit: u64) -> StoreResult<Vec<StoredEntry>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT idx, body, leaf_hash FROM entries WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
+            )
+            .map_err(e)?;
+        let rows = st
+            .query_map(params![from as i64, limit as i64], Self::row)
+            .map_err(e)?;
+        rows.map(|r| r.map_err(e)).collect()
+    }
+
+    fn query(&self, f: &Filter) -> StoreResult<Vec<StoredEntry>> {
+        let mut sql = String::from("SELECT idx, body, leaf_hash FROM entries WHERE 1=1");
+        let mut args: Vec<rusqlite::types::Value> = Vec::new();
+        if let Some(id) = &f.identity {
+            let (ns, sa) = id.split_once('/').unwrap_or((id.as_str(), ""));
+            sql.push_str(" AND namespace = ? AND service_account = ?");
+            args.push(ns.to_string().into());
+            args.push(sa.to_string().into());
+        }
+        if let Some(ns) = &f.namespace {
+            sql.push_str(" AND namespace = ?");
+            args.push(ns.clone().into());
+        }
+        if let Some(r) = &f.result {
+            sql.push_str(" AND result = ?");
+            args.push(r.clone().into());
+        }
+        if let Some(t) = f.since_ms {
+            sql.push_str(" AND time_ms >= ?");
+            args.push((t as i64).into());
+        }
+        if let Some(t) = f.until_ms {
+            sql.push_str(" AND time_ms < ?");
+            args.push((t as i64).into());
+        }
+        sql.push_str(" ORDER BY idx DESC");
+        if let Some(l) = f.limit {
+            sql.push_str(" LIMIT ?");
+            args.push((l as i64).into());
+        }
+        let mut st = self.conn.prepare(&sql).map_err(e)?;
+        let rows = st
+            .query_map(rusqlite::params_from_iter(args), Self::row)
+            .map_err(e)?;
+        let mut out: Vec<StoredEntry> = rows.map(|r| r.map_err(e)).collect::<Result<_, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn by_serial(&self, serial: &str) -> StoreResult<Option<StoredEntry>> {
+        self.conn
+            .query_row(
+                "SELECT idx, body, leaf_hash FROM entries WHERE serial = ?1 ORDER BY idx LIMIT 1",
+                [serial],
+                Self::row,
+            )
+            .optional()
+            .map_err(e)
+    }
+
+    fn count(&self) -> StoreResult<u64> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM entries", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as u64)
+            .map_err(e)
+    }
+
+    fn add_checkpoint(&mut self, cp: &StoredCheckpoint) -> StoreResult<()> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO checkpoints (size, root, note, time_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![cp.size as i64, &cp.root[..], cp.note, cp.time_unix_ms as i64],
+            )
+            .map(|_| ())
+            .map_err(e)
+    }
+
+    fn checkpoints(&self) -> StoreResult<Vec<StoredCheckpoint>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT size, root, note, time_ms FROM checkpoints ORDER BY size")
+            .map_err(e)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(StoredCheckpoint {
+                    size: r.get::<_, i64>(0)? as u64,
+                    root: hash_of(r.get(1)?),
+                    note: r.get(2)?,
+                    time_unix_ms: r.get::<_, i64>(3)? as u64,
+                })
+            })
+            .map_err(e)?;
+        rows.map(|r| r.map_err(e)).collect()
+    }
+}

@@ -1,0 +1,349 @@
+//! `meshca audit …`: the auditor's commands over the data directory's log
+//! (read-only; safe beside a running server) or over an export.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+
+use crate::audit::{self, note::NoteVerifier, query, store::SqliteStore};
+use crate::cli::Output;
+
+/// Auditor commands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// List decisions, newest last.
+    List {
+        /// Only this identity (`namespace/service-account`).
+        #[arg(long)]
+        identity: Option<String>,
+        /// Only this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only `granted` or `refused`.
+        #[arg(long, value_parser = ["granted", "refused"])]
+        result: Option<String>,
+        /// From this time on (RFC 3339, Unix ms, or a duration ago like 1h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Data directory.
+        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
+        data_dir: PathBuf,
+        /// Output: a table, or JSON lines.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show the entry for a serial (or a PEM certificate) with its inclusion proof.
+    Show {
+        /// A serial in hex, or a PEM certificate file.
+        what: String,
+        /// Data directory.
+        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Recompute the tree from every entry and check every checkpoint.
+    Verify {
+        /// Data directory (ignored with --export).
+        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
+        data_dir: PathBuf,
+        /// Verify an export instead (offline; needs --public-key).
+        #[arg(long, requires = "public_key")]
+        export: Option<PathBuf>,
+        /// The log's verifier key (the string, or a file holding it)
+        /// [default: <data-dir>/audit-signer.pub].
+        #[arg(long)]
+        public_key: Option<String>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Prove that the tree at --to extends the tree at --from.
+    Prove {
+        /// Smaller tree size.
+        #[arg(long)]
+        from: u64,
+        /// Larger tree size.
+        #[arg(long)]
+        to: u64,
+        /// Data directory.
+        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Write every entry and checkpoint as JSON lines.
+    Export {
+        /// Data directory.
+        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
+        data_dir: PathBuf,
+        /// Output file [default: stdout].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print the log's verifier key.
+    Key {
+        /// Data directory.
+        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn open(data_dir: &Path) -> Result<SqliteStore, String> {
+    SqliteStore::open_read_only(&data_dir.join(audit::DB_FILE))
+}
+
+fn verifier(data_dir: &Path, key: Option<String>) -> Result<NoteVerifier, String> {
+    let text = match key {
+        Some(k) if Path::new(&k).exists() => {
+            std::fs::read_to_string(&k).map_err(|e| format!("{k}: {e}"))?
+        }
+        Some(k) => k,
+        None => {
+            let p = data_dir.join(audit::PUB_FILE);
+            std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+    };
+    NoteVerifier::parse(&text)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<(), String> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
+/// Runs an audit command.
+pub fn run(cmd: AuditCommand) -> Result<(), String> {
+    match cmd {
+        AuditCommand::List {
+            identity,
+            namespace,
+            result,
+            since,
+            until,
+            limit,
+            data_dir,
+            output,
+        } => {
+            let now = std::time::SystemTime::now();
+            let f = audit::store::Filter {
+                identity,
+                namespace,
+                result,
+                since_ms: since
+                    .as_deref()
+                    .map(|s| query::parse_time(s, now))
+                    .transpose()?,
+                until_ms: until
+                    .as_deref()
+                    .map(|s| query::parse_time(s, now))
+                    .transpose()?,
+                limit,
+            };
+            let rows = query::list(&open(&data_dir)?, &f)?;
+            match output {
+                Output::Json => {
+                    for r in rows {
+                        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+                    }
+                }
+                Output::Table => {
+                    println!(
+                        "{:>7}  {:<24}  {:<7}  {:<24}  {:<8}  {:<20}  SERIAL",
+                        "INDEX", "TIME", "API", "IDENTITY", "RESULT", "REASON"
+                    );
+                    for r in &rows {
+                        let e = &r.entry;
+                        println!(
+                            "{:>7}  {:<24}  {:<7}  {:<24}  {:<8}  {:<20}  {}",
+                            r.index,
+                            e.time.get(..24).unwrap_or(&e.time),
+                            e.api.as_deref().unwrap_or("-"),
+                            e.identity(),
+                            e.result,
+                            e.reason,
+                            e.serial.as_deref().unwrap_or("-")
+                        );
+                    }
+                    println!("{} entries", rows.len());
+                }
+            }
+            Ok(())
+        }
+        AuditCommand::Show {
+            what,
+            data_dir,
+            output,
+        } => {
+            let serial = if Path::new(&what).exists() {
+                let pem = std::fs::read(&what).map_err(|e| format!("{what}: {e}"))?;
+                let der = crate::ca::pem_to_certs(&pem)?.swap_remove(0);
+                let (_, x) =
+                    x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+                hex::encode(x.raw_serial())
+            } else {
+                what
+            };
+            let shown = query::show(&open(&data_dir)?, &serial)?;
+            match output {
+                Output::Json => print_json(&shown),
+                Output::Table => {
+                    let e = &shown.entry;
+                    println!("entry {}  ({} {})", shown.index, e.result, e.reason);
+                    println!("  time        {}", e.time);
+                    println!("  api         {}", e.api.as_deref().unwrap_or("-"));
+                    println!(
+                        "  identity    {}  (auth: {})",
+                        e.identity(),
+                        e.auth_method.as_deref().unwrap_or("-")
+                    );
+                    println!("  pod         {}", e.pod_name.as_deref().unwrap_or("-"));
+                    println!("  serial      {}", e.serial.as_deref().unwrap_or("-"));
+                    for s in &e.sans {
+                        println!("  san         {s}");
+                    }
+                    println!(
+                        "  validity    {} .. {}",
+                        e.not_before.as_deref().unwrap_or("-"),
+                        e.not_after.as_deref().unwrap_or("-")
+                    );
+                    println!("  leaf sha256 {}", e.leaf_sha256.as_deref().unwrap_or("-"));
+                    println!(
+                        "  issuer      {}",
+                        e.issuer_fingerprint.as_deref().unwrap_or("-")
+                    );
+                    println!("  leaf hash   {}", shown.leaf_hash);
+                    match shown.tree_size {
+                        Some(n) => println!(
+                            "  inclusion   {} hashes, against the checkpoint of size {n}: {}",
+                            shown.inclusion_proof.len(),
+                            if shown.proof_verified {
+                                "verifies"
+                            } else {
+                                "DOES NOT VERIFY"
+                            }
+                        ),
+                        None => println!("  inclusion   no checkpoint covers this entry yet"),
+                    }
+                    Ok(())
+                }
+            }
+        }
+        AuditCommand::Verify {
+            data_dir,
+            export,
+            public_key,
+            output,
+        } => {
+            let v = verifier(&data_dir, public_key)?;
+            let progress = |n: u64| eprint!("\rverified {n} entries");
+            let report = match &export {
+                Some(f) => {
+                    let file =
+                        std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
+                    query::verify_export(&mut std::io::BufReader::new(file), &v, progress)
+                }
+                None => query::verify_store(&open(&data_dir)?, &v, progress),
+            };
+            eprintln!();
+            let report = report.map_err(|e| format!("VERIFICATION FAILED: {e}"))?;
+            match output {
+                Output::Json => print_json(&report),
+                Output::Table => {
+                    println!("audit log OK");
+                    println!("  entries              {}", report.entries);
+                    println!("  checkpoints          {} (all signatures verify, each consistent with the next)", report.checkpoints);
+                    println!(
+                        "  latest checkpoint    size {}",
+                        report.latest_checkpoint_size
+                    );
+                    println!("  not yet checkpointed {}", report.unsigned_tail);
+                    println!("  root                 {}", report.root);
+                    Ok(())
+                }
+            }
+        }
+        AuditCommand::Prove {
+            from,
+            to,
+            data_dir,
+            output,
+        } => {
+            let p = query::prove(&open(&data_dir)?, from, to)?;
+            match output {
+                Output::Json => print_json(&p),
+                Output::Table => {
+                    println!(
+                        "consistency {} -> {}: {}",
+                        p.from,
+                        p.to,
+                        if p.proof_verified {
+                            "verifies"
+                        } else {
+                            "DOES NOT VERIFY"
+                        }
+                    );
+                    println!(
+                        "  root at {:<8} {}{}",
+                        p.from,
+                        p.from_root,
+                        if p.from_checkpoint.is_some() {
+                            "  (signed checkpoint)"
+                        } else {
+                            ""
+                        }
+                    );
+                    println!(
+                        "  root at {:<8} {}{}",
+                        p.to,
+                        p.to_root,
+                        if p.to_checkpoint.is_some() {
+                            "  (signed checkpoint)"
+                        } else {
+                            ""
+                        }
+                    );
+                    for h in &p.proof {
+                        println!("  proof    {h}");
+                    }
+                    Ok(())
+                }
+            }
+        }
+        AuditCommand::Export { data_dir, out } => {
+            let store = open(&data_dir)?;
+            let key = std::fs::read_to_string(data_dir.join(audit::PUB_FILE))
+                .map_err(|e| e.to_string())?;
+            let n = match out {
+                Some(p) => {
+                    let mut f = std::io::BufWriter::new(
+                        std::fs::File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?,
+                    );
+                    query::export(&store, key.trim(), &mut f)?
+                }
+                None => query::export(&store, key.trim(), &mut std::io::stdout().lock())?,
+            };
+            eprintln!("exported {n} entries");
+            Ok(())
+        }
+        AuditCommand::Key { data_dir } => {
+            let p = data_dir.join(audit::PUB_FILE);
+            print!(
+                "{}",
+                std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?
+            );
+            Ok(())
+        }
+    }
+}
