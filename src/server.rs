@@ -29,6 +29,8 @@ use crate::config::{AuthnSource, ServeConfig};
 use crate::identity::Workload;
 use crate::proto;
 
+/// How long shutdown waits for open connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -484,8 +486,26 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let task = tokio::spawn(async move {
         let _ = shutdown_rx.await;
         let _ = stop_tx.send(true);
-        let _ = grpc.await;
-        let _ = admin_task.await;
+        // Graceful: in-flight requests finish and clients get GOAWAY. A
+        // client that keeps its connection open past the grace period is cut.
+        let mut grpc = grpc;
+        if tokio::time::timeout(DRAIN_TIMEOUT, &mut grpc)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "connections still open {}s after shutdown began; closing them",
+                DRAIN_TIMEOUT.as_secs()
+            );
+            grpc.abort();
+        }
+        let mut admin_task = admin_task;
+        if tokio::time::timeout(Duration::from_secs(1), &mut admin_task)
+            .await
+            .is_err()
+        {
+            admin_task.abort();
+        }
         // In-flight requests are done: sign the final checkpoint.
         if let Some(g) = audit_guard {
             let _ = tokio::task::spawn_blocking(move || g.stop()).await;
