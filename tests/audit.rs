@@ -243,7 +243,8 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 
 /// Each tampering on its own copy; `meshca audit verify` must name it.
 fn tamper_cases(data: &Path, tmp: &Path) {
-    let cases: Vec<(&str, &str, Box<dyn Fn(&rusqlite::Connection)>)> = vec![
+    type Tamper = Box<dyn Fn(&rusqlite::Connection)>;
+    let cases: Vec<(&str, &str, Tamper)> = vec![
         (
             "modify",
             "entry 3 was modified",
