@@ -36,9 +36,25 @@ pub struct BenchArgs {
     /// How long to measure the crypto floor.
     #[arg(long, default_value = "3s")]
     pub floor_duration: HumanDuration,
+    /// Audit log during the load: on (as `serve` runs), off, or both (two
+    /// runs, to measure what the log costs).
+    #[arg(long, value_enum, default_value_t)]
+    pub audit: AuditMode,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
+}
+
+/// `--audit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum AuditMode {
+    /// The audit log on.
+    #[default]
+    On,
+    /// The audit log off.
+    Off,
+    /// One run with it off, then one with it on.
+    Both,
 }
 
 /// The figures `meshca bench` prints.
@@ -68,11 +84,34 @@ pub struct BenchReport {
     pub crypto_floor_per_core: f64,
     /// Throughput / floor.
     pub ratio_to_floor: f64,
+    /// Whether the audit log was on for these figures.
+    pub audit: bool,
+    /// With `--audit both`: throughput of the run with the log off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_off_certificates_per_second: Option<f64>,
+    /// With `--audit both`: throughput with the log on / with it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_throughput_ratio: Option<f64>,
+    /// Entries in the audit log after the run (on runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_entries: Option<u64>,
 }
 
 /// Runs the benchmark and prints the report.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
-    let report = measure(&args).await?;
+    let report = match args.audit {
+        AuditMode::On => measure(&args, true).await?,
+        AuditMode::Off => measure(&args, false).await?,
+        AuditMode::Both => {
+            let off = measure(&args, false).await?;
+            let mut on = measure(&args, true).await?;
+            on.audit_off_certificates_per_second = Some(off.certificates_per_second);
+            on.audit_throughput_ratio = Some(
+                on.certificates_per_second / off.certificates_per_second.max(f64::MIN_POSITIVE),
+            );
+            on
+        }
+    };
     match args.output {
         Output::Json => println!(
             "{}",
@@ -103,6 +142,20 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                 report.crypto_floor_per_second
             );
             println!("  ratio to floor        {:>10.2}", report.ratio_to_floor);
+            println!(
+                "  audit log             {:>10}",
+                if report.audit { "on" } else { "off" }
+            );
+            if let Some(n) = report.audit_entries {
+                println!("  audit entries         {n:>10}");
+            }
+            if let (Some(off), Some(r)) = (
+                report.audit_off_certificates_per_second,
+                report.audit_throughput_ratio,
+            ) {
+                println!("  certificates/s, off   {off:>10.1}");
+                println!("  on / off              {r:>10.2}");
+            }
         }
     }
     Ok(())
@@ -117,12 +170,13 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Runs the benchmark and returns the figures.
-pub async fn measure(args: &BenchArgs) -> Result<BenchReport, String> {
+pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cfg = ServeConfig::for_tests(dir.path().to_path_buf());
     // The benchmark measures the issuance path, not the abuse limiter.
     cfg.rate_limit = 1e9;
     cfg.rate_burst = u32::MAX;
+    cfg.audit_log = audit;
     let running = crate::server::start(cfg).await?;
     let data = DataDir::new(dir.path());
     let signer = DevSigner::from_pem(
@@ -231,7 +285,15 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchReport, String> {
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let audit_log = running.audit.clone();
     running.shutdown().await;
+    let audit_entries = match audit_log {
+        Some(log) => Some(
+            crate::audit::store::SqliteStore::open_read_only(log.db_path())
+                .and_then(|s| crate::audit::store::AuditStore::count(&s))?,
+        ),
+        None => None,
+    };
     all.sort();
     let rate = all.len() as f64 / elapsed;
     let floor = floor_per_core * cores as f64;
@@ -248,5 +310,9 @@ pub async fn measure(args: &BenchArgs) -> Result<BenchReport, String> {
         crypto_floor_per_second: floor,
         crypto_floor_per_core: floor_per_core,
         ratio_to_floor: if floor > 0.0 { rate / floor } else { 0.0 },
+        audit,
+        audit_off_certificates_per_second: None,
+        audit_throughput_ratio: None,
+        audit_entries,
     })
 }
