@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn every_inclusion_proof_verifies_and_tampering_fails() {
-        for n in 1..=130usize {
+        for n in 1..=256usize {
             let l = leaves(n);
             let r = root(&l);
             for m in 0..n {
@@ -337,8 +337,8 @@ mod tests {
 
     #[test]
     fn every_consistency_proof_verifies_and_tampering_fails() {
-        let all = leaves(100);
-        for n in 1..=100usize {
+        let all = leaves(160);
+        for n in 1..=160usize {
             let rn = root(&all[..n]);
             for m in 1..=n {
                 let rm = root(&all[..m]);
