@@ -33,3 +33,4 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod secret;
 pub mod server;
+pub mod trust;
