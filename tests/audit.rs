@@ -4,8 +4,8 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use meshca::audit::store::{AuditStore, Filter, SqliteStore};
@@ -14,8 +14,10 @@ use meshca::proto::meshca as pb;
 use support::*;
 
 fn meshca() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshca"))
+    meshca_bin()
 }
+
+const LOAD_FLAGS: &[&str] = &["--rate-limit", "100000", "--rate-burst", "100000"];
 
 async fn certify(ca: &Ca, sa: &str) -> Result<pb::CertifyResponse, tonic::Status> {
     pb::identity_client::IdentityClient::new(ca.channel().await)
@@ -343,58 +345,14 @@ fn tamper_cases(data: &Path, tmp: &Path) {
     }
 }
 
-fn wait_for_addr(child: &mut std::process::Child) -> (String, std::thread::JoinHandle<()>) {
-    use std::io::{BufRead, BufReader};
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if v["fields"]["message"] == "meshca serving" {
-            let addr = v["fields"]["grpc_addr"].as_str().unwrap().to_string();
-            let drain = std::thread::spawn(move || {
-                for l in lines.map_while(Result::ok) {
-                    if !l.contains("certificate issued") {
-                        eprintln!("server: {l}");
-                    }
-                }
-            });
-            return (addr, drain);
-        }
-    }
-    panic!("server did not start");
-}
-
-fn spawn_server(data: &PathBuf) -> std::process::Child {
-    meshca()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--rate-limit",
-            "100000",
-            "--rate-burst",
-            "100000",
-        ])
-        .arg("--data-dir")
-        .arg(data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
 // Multi-threaded: the test blocks on child processes while client
 // connections still need a runtime thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_load_loses_nothing_a_client_received() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut child = spawn_server(&data);
-    let (addr, _drain) = wait_for_addr(&mut child);
-    eprintln!("server at {addr}");
+    let mut serve = spawn_serve(&data, LOAD_FLAGS);
+    let addr = serve.grpc_addr.clone();
     let bundle = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
     let server_name = "meshca.meshca.serviceaccount.identity.meshca.cluster.local";
     let signer = meshca::authn::devtoken::DevSigner::from_pem(
@@ -443,20 +401,11 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    eprintln!(
-        "killing after {} certificates",
-        received.lock().unwrap().len()
-    );
-    let kill = Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let _ = child.wait();
+    signal(&serve.child, "KILL");
+    let _ = serve.child.wait();
     for t in tasks {
         t.await.unwrap();
     }
-    eprintln!("clients stopped");
     let received = received.lock().unwrap().clone();
     assert!(
         received.len() > 50,
@@ -480,12 +429,10 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
     );
     let (ok, out) = verify_cli(&data);
     assert!(ok, "log verifies after SIGKILL: {out}");
-    eprintln!("verified; restarting");
 
     // Restart: new entries append cleanly after the old ones.
-    let mut child = spawn_server(&data);
-    let (addr, _drain2) = wait_for_addr(&mut child);
-    eprintln!("restarted at {addr}");
+    let mut serve = spawn_serve(&data, LOAD_FLAGS);
+    let addr = serve.grpc_addr.clone();
     let ch = meshca::client::connect(&addr, &bundle, server_name, None)
         .await
         .unwrap();
@@ -511,12 +458,8 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
         .unwrap()
         .into_inner();
     let serial = serial_of(&r.cert_chain[0]);
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    assert!(child.wait().unwrap().success());
+    signal(&serve.child, "TERM");
+    assert!(serve.child.wait().unwrap().success());
     let store = SqliteStore::open_read_only(&data.join(DB_FILE)).unwrap();
     let e = store.by_serial(&serial).unwrap().expect("new entry");
     assert_eq!(e.index, before, "appended right after the old entries");

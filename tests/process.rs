@@ -5,56 +5,29 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
 
 fn meshca() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshca"))
+    meshca_bin()
 }
 
 #[test]
 fn serve_walkthrough_and_sigterm() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let mut child = meshca()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .arg("--data-dir")
-        .arg(&data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut grpc = None;
-    let mut initialized = false;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log lines");
-        let msg = v["fields"]["message"].as_str().unwrap_or_default();
-        if msg.contains("data directory was empty") {
-            initialized = true;
-        }
-        if msg == "meshca serving" {
-            grpc = Some(v["fields"]["grpc_addr"].as_str().unwrap().to_string());
-            break;
-        }
-    }
-    assert!(initialized, "serve says it initialized the data directory");
-    let grpc = grpc.expect("serve logs its address");
-    // Keep draining stderr so the server never blocks on a full pipe.
-    let log = std::thread::spawn(move || lines.map(|l| l.unwrap()).collect::<Vec<_>>());
+    let mut serve = spawn_serve(&data, &[]);
+    assert!(
+        serve
+            .startup_log
+            .iter()
+            .any(|l| l.contains("data directory was empty")),
+        "serve says it initialized the data directory"
+    );
+    let grpc = serve.grpc_addr.clone();
 
     let token = meshca()
         .args([
@@ -125,14 +98,10 @@ fn serve_walkthrough_and_sigterm() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
 
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = child.wait().unwrap();
+    signal(&serve.child, "TERM");
+    let status = serve.child.wait().unwrap();
     assert!(status.success(), "SIGTERM exits 0, got {status:?}");
-    let log = log.join().unwrap();
+    let log = serve.log.join().unwrap();
     assert!(log.iter().any(|l| l.contains("SIGTERM")), "{log:?}");
     assert!(log
         .iter()

@@ -286,3 +286,71 @@ pub fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
+
+/// The `meshca` binary under test.
+pub fn meshca_bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meshca"))
+}
+
+/// A `meshca serve` child process on ephemeral ports with JSON logs.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// The gRPC address it logged.
+    pub grpc_addr: String,
+    /// Log lines seen before it was serving.
+    pub startup_log: Vec<String>,
+    /// Collects the rest of its log (joins when the process ends).
+    pub log: std::thread::JoinHandle<Vec<String>>,
+}
+
+/// Starts `meshca serve --data-dir DATA EXTRA…` and waits until it serves.
+pub fn spawn_serve(data: &Path, extra: &[&str]) -> ServeProcess {
+    use std::io::{BufRead, BufReader};
+    let mut child = meshca_bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(extra)
+        .arg("--data-dir")
+        .arg(data)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut startup_log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let v: Value = serde_json::from_str(&line).expect("JSON log lines");
+        startup_log.push(line);
+        if v["fields"]["message"] == "meshca serving" {
+            let grpc_addr = v["fields"]["grpc_addr"].as_str().unwrap().to_string();
+            // Keep draining stderr so the server never blocks on a full pipe.
+            let log = std::thread::spawn(move || lines.map_while(Result::ok).collect());
+            return ServeProcess {
+                child,
+                grpc_addr,
+                startup_log,
+                log,
+            };
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("serve did not start: {startup_log:?}");
+}
+
+/// Sends a signal (`TERM`, `KILL`) to a child process.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([format!("-{sig}"), child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
