@@ -102,6 +102,21 @@ async fn decisions_are_recorded_proved_and_tampering_is_caught() {
     assert_eq!(log.checkpoint().await.unwrap(), 8);
 
     let data = ca.data().path().to_path_buf();
+    // Rotation status counts live leaves per issuer from the log.
+    let st =
+        meshca::trust::status::status(&ca.data(), std::time::SystemTime::now(), Duration::ZERO)
+            .unwrap();
+    assert_eq!(st.certificates[1].kind, "issuer");
+    assert_eq!(
+        st.certificates[1].live_leaves,
+        Some(6),
+        "6 granted, none expired"
+    );
+    assert_eq!(
+        st.certificates[0].live_leaves,
+        Some(6),
+        "all under the one root"
+    );
     {
         let store = SqliteStore::open_read_only(&data.join(DB_FILE)).unwrap();
         let refused = query::list(

@@ -7,3 +7,4 @@
 
 pub mod journal;
 pub mod rotation;
+pub mod status;
