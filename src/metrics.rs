@@ -167,6 +167,11 @@ impl Metrics {
         self.bundle_version.set(bundle_version as i64);
     }
 
+    /// Sets the issuer expiry gauge (after a renewal).
+    pub fn set_issuer_expiry(&self, unix: u64) {
+        self.issuer_expiry.set(unix as i64);
+    }
+
     /// Marks a request in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight<'_> {
         self.in_flight.inc();

@@ -337,6 +337,78 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // Renew the issuer under the root at 2/3 of its lifetime, without a restart.
+    {
+        let ca = ca.clone();
+        let data = data.clone();
+        let audit = audit_log.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let iss = ca.issuer();
+                // notBefore is backdated; the lifetime counts from creation.
+                let created = iss.not_before + crate::ca::BACKDATE;
+                let life = iss.not_after.duration_since(created).unwrap_or_default();
+                let due = created + life * 2 / 3;
+                let wait = due
+                    .duration_since(ca.clock().now())
+                    .unwrap_or_default()
+                    .max(Duration::from_millis(100));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => return,
+                }
+                let (d, now) = (data.clone(), ca.clock().now());
+                let renewed = tokio::task::spawn_blocking(move || {
+                    let r = d.renew_issuer(life, now).map_err(|e| e.to_string())?;
+                    d.load().map(|l| (r, l)).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match renewed {
+                    Ok((report, loaded)) => {
+                        let old = iss.fingerprint.clone();
+                        ca.set_issuer(loaded.issuer);
+                        crate::metrics::global()
+                            .set_issuer_expiry(crate::clock::unix_secs(report.not_after));
+                        if report.clamped_to_root {
+                            tracing::warn!(issuer = %report.fingerprint, not_after = %crate::clock::rfc3339(report.not_after), "the new issuer's lifetime was cut to the root's expiry: rotate the root");
+                        }
+                        tracing::info!(old = %old, new = %report.fingerprint, not_after = %crate::clock::rfc3339(report.not_after), "issuer renewed");
+                        if let Some(log) = &audit {
+                            let t = ca.clock().now();
+                            let entry = crate::audit::Entry {
+                                time: crate::clock::rfc3339(t),
+                                time_unix_ms: crate::clock::unix_millis(t),
+                                kind: "rotation".into(),
+                                result: "issuer_renewed".into(),
+                                reason: "scheduled".into(),
+                                detail: Some(format!(
+                                    "issuer {old} replaced by {} (not after {})",
+                                    report.fingerprint,
+                                    crate::clock::rfc3339(report.not_after)
+                                )),
+                                issuer_fingerprint: Some(report.fingerprint.clone()),
+                                ..Default::default()
+                            };
+                            if let Err(e) = log.append(entry).await {
+                                tracing::error!(error = %e, "could not record the issuer renewal in the audit log");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "issuer renewal failed; retrying in 60s");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     // Renew the server certificate before it expires, and rebuild the TLS
     // config when the trust bundle changes.
     {

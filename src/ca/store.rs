@@ -91,6 +91,17 @@ pub struct InitReport {
     pub imported: bool,
 }
 
+/// What `renew_issuer` created.
+#[derive(Debug, Clone)]
+pub struct RenewReport {
+    /// SHA-256 of the new issuer certificate.
+    pub fingerprint: String,
+    /// Its expiry.
+    pub not_after: SystemTime,
+    /// True when its lifetime was cut to the root's expiry.
+    pub clamped_to_root: bool,
+}
+
 /// What `load` returns.
 #[derive(Debug)]
 pub struct LoadedCa {
@@ -197,11 +208,87 @@ impl DataDir {
         })
     }
 
+    /// Creates a new issuer under the root in this directory and makes it
+    /// the current one. Crash-safe: the pair is written as
+    /// `issuer.pending.key` + `issuer.pending.crt`, then renamed into place
+    /// key first; [`DataDir::load`] rolls a half-finished switch forward.
+    pub fn renew_issuer(
+        &self,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<RenewReport, StoreError> {
+        self.finish_pending_issuer()?;
+        let root_der = self.read_certs("root.crt")?.swap_remove(0);
+        let root_key_path = self.file("root.key");
+        let root_key =
+            CaKey::from_pem(&self.read_key("root.key")?).map_err(|e| StoreError::Invalid {
+                path: root_key_path,
+                reason: e.to_string(),
+            })?;
+        let (_, root) = X509Certificate::from_der(&root_der).map_err(|e| StoreError::Invalid {
+            path: self.file("root.crt"),
+            reason: e.to_string(),
+        })?;
+        let root_not_after = to_system_time(root.validity().not_after);
+        if root_not_after <= now {
+            return Err(StoreError::Invalid {
+                path: self.file("root.crt"),
+                reason: "the root has expired; a new issuer cannot be made under it".into(),
+            });
+        }
+        let wanted = now + lifetime;
+        let clamped = wanted > root_not_after;
+        let not_after = wanted.min(root_not_after);
+        let key = CaKey::generate_p256()?;
+        let params = profile::issuer(
+            &format!("meshca issuer {}", &crate::clock::rfc3339(now)[..10]),
+            now - super::BACKDATE,
+            not_after,
+        );
+        let root_issuer = rcgen::Issuer::from_ca_cert_der(&root_der, &root_key)?;
+        let cert = params.signed_by(&key, &root_issuer)?;
+        self.write_key("issuer.pending.key", &key.to_pem())?;
+        self.write_pub("issuer.pending.crt", der_to_pem(cert.der()).as_bytes())?;
+        self.finish_pending_issuer()?;
+        Ok(RenewReport {
+            fingerprint: fingerprint(cert.der()),
+            not_after,
+            clamped_to_root: clamped,
+        })
+    }
+
+    /// Completes (or discards) an issuer switch a crash interrupted.
+    fn finish_pending_issuer(&self) -> Result<(), StoreError> {
+        let (pk, pc) = (
+            self.file("issuer.pending.key"),
+            self.file("issuer.pending.crt"),
+        );
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
+        };
+        if pc.exists() {
+            // Both halves were written: roll forward, key first.
+            if pk.exists() {
+                std::fs::rename(&pk, self.file("issuer.key")).map_err(io(&pk))?;
+            }
+            std::fs::rename(&pc, self.file("issuer.crt")).map_err(io(&pc))?;
+            std::fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.dir))?;
+        } else if pk.exists() {
+            // The certificate was never written: the renewal did not happen.
+            std::fs::remove_file(&pk).map_err(io(&pk))?;
+        }
+        Ok(())
+    }
+
     /// Loads the issuer and the trust bundle.
     pub fn load(&self) -> Result<LoadedCa, StoreError> {
         if !self.is_initialized() {
             return Err(StoreError::NotInitialized(self.dir.clone()));
         }
+        self.finish_pending_issuer()?;
         let roots = self.read_certs("bundle.pem")?;
         let chain = self.read_certs("issuer.crt")?;
         let key_path = self.file("issuer.key");
@@ -352,6 +439,60 @@ mod tests {
         let r = d.init(&opts, now()).unwrap();
         assert!(r.issuer_clamped);
         assert!(r.issuer_not_after <= now() + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn issuer_renewal_is_crash_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path());
+        let t0 = now();
+        d.init(&InitOptions::default(), t0).unwrap();
+        let old = d.load().unwrap().issuer.fingerprint.clone();
+        let r = d
+            .renew_issuer(
+                Duration::from_secs(30 * 86400),
+                t0 + Duration::from_secs(86400),
+            )
+            .unwrap();
+        assert_ne!(r.fingerprint, old);
+        assert!(!r.clamped_to_root);
+        assert_eq!(d.load().unwrap().issuer.fingerprint, r.fingerprint);
+        let root = d.read_certs("root.crt").unwrap().swap_remove(0);
+        let issuer = d.read_certs("issuer.crt").unwrap().swap_remove(0);
+        let (_, x) = X509Certificate::from_der(&issuer).unwrap();
+        let (_, rx) = X509Certificate::from_der(&root).unwrap();
+        x.verify_signature(Some(rx.public_key()))
+            .expect("signed by the root");
+
+        // Crash after the pending key, before the pending certificate: discarded.
+        let current = d.load().unwrap().issuer.fingerprint.clone();
+        std::fs::write(d.file("issuer.pending.key"), b"half").unwrap();
+        assert_eq!(d.load().unwrap().issuer.fingerprint, current);
+        assert!(!d.file("issuer.pending.key").exists());
+
+        // Crash between the two renames: rolled forward on load.
+        let r2 = d
+            .renew_issuer(
+                Duration::from_secs(86400),
+                t0 + Duration::from_secs(2 * 86400),
+            )
+            .unwrap();
+        let new_crt = std::fs::read(d.file("issuer.crt")).unwrap();
+        std::fs::write(d.file("issuer.pending.crt"), &new_crt).unwrap();
+        std::fs::write(d.file("issuer.crt"), der_to_pem(&issuer)).unwrap(); // the old one back
+        let loaded = d
+            .load()
+            .expect("key and certificate match after roll-forward");
+        assert_eq!(loaded.issuer.fingerprint, r2.fingerprint);
+
+        // A renewal under a root that expires sooner is clamped to it.
+        let r3 = d
+            .renew_issuer(
+                Duration::from_secs(400 * 86400),
+                t0 + Duration::from_secs(3 * 86400),
+            )
+            .unwrap();
+        assert!(r3.clamped_to_root);
     }
 
     #[test]
