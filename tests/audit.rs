@@ -370,12 +370,6 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
     let addr = serve.grpc_addr.clone();
     let bundle = std::fs::read_to_string(data.join("bundle.pem")).unwrap();
     let server_name = "meshca.meshca.serviceaccount.identity.meshca.cluster.local";
-    let signer = meshca::authn::devtoken::DevSigner::from_pem(
-        &meshca::ca::store::DataDir::new(&data)
-            .read_key("token-signer.key")
-            .unwrap(),
-    )
-    .unwrap();
 
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let mut tasks = Vec::new();
@@ -383,18 +377,7 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
         let ch = meshca::client::connect(&addr, &bundle, server_name, None)
             .await
             .unwrap();
-        let token = signer
-            .mint(
-                &meshca::authn::devtoken::TokenSpec {
-                    workload: meshca::identity::Workload::new("load", &format!("w{i}")).unwrap(),
-                    audiences: vec!["meshca".into()],
-                    ttl: Duration::from_secs(600),
-                    issuer: meshca::authn::devtoken::DEV_ISSUER.into(),
-                    pod: None,
-                },
-                std::time::SystemTime::now(),
-            )
-            .unwrap();
+        let token = dev_token(&data, "load", &format!("w{i}"));
         let received = received.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = pb::identity_client::IdentityClient::new(ch);
@@ -451,18 +434,7 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
     let ch = meshca::client::connect(&addr, &bundle, server_name, None)
         .await
         .unwrap();
-    let token = signer
-        .mint(
-            &meshca::authn::devtoken::TokenSpec {
-                workload: meshca::identity::Workload::new("load", "after").unwrap(),
-                audiences: vec!["meshca".into()],
-                ttl: Duration::from_secs(600),
-                issuer: meshca::authn::devtoken::DEV_ISSUER.into(),
-                pod: None,
-            },
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
+    let token = dev_token(&data, "load", "after");
     let r = pb::identity_client::IdentityClient::new(ch)
         .certify(pb::CertifyRequest {
             token,

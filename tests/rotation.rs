@@ -47,20 +47,7 @@ async fn issuer_renews_itself_without_restart() {
     )
     .await
     .unwrap();
-    let pem = DataDir::new(&data).read_key("token-signer.key").unwrap();
-    let signer = meshca::authn::devtoken::DevSigner::from_pem(&pem).unwrap();
-    let token = signer
-        .mint(
-            &meshca::authn::devtoken::TokenSpec {
-                workload: meshca::identity::Workload::new("shop", "web").unwrap(),
-                audiences: vec!["meshca".into()],
-                ttl: Duration::from_secs(600),
-                issuer: meshca::authn::devtoken::DEV_ISSUER.into(),
-                pod: None,
-            },
-            SystemTime::now(),
-        )
-        .unwrap();
+    let token = dev_token(&data, "shop", "web");
     let r = pb::identity_client::IdentityClient::new(ch)
         .certify(pb::CertifyRequest {
             token,

@@ -354,3 +354,21 @@ pub fn signal(child: &std::process::Child, sig: &str) {
         .unwrap();
     assert!(st.success());
 }
+
+/// A native-audience token for ns/sa from the development signer in `data_dir`.
+pub fn dev_token(data_dir: &Path, ns: &str, sa: &str) -> String {
+    let pem = DataDir::new(data_dir).read_key("token-signer.key").unwrap();
+    meshca::authn::devtoken::DevSigner::from_pem(&pem)
+        .unwrap()
+        .mint(
+            &meshca::authn::devtoken::TokenSpec {
+                workload: meshca::identity::Workload::new(ns, sa).unwrap(),
+                audiences: vec!["meshca".into()],
+                ttl: Duration::from_secs(600),
+                issuer: meshca::authn::devtoken::DEV_ISSUER.into(),
+                pod: None,
+            },
+            SystemTime::now(),
+        )
+        .unwrap()
+}
