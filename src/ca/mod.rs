@@ -309,7 +309,7 @@ impl Authority {
         let now = self.clock.now();
         if now >= issuer.not_after {
             return Err(CaError::IssuerUnusable(format!(
-                "issuer {} expired at {}; rotate the issuer (see docs/rotation.md)",
+                "issuer {} expired at {}; a running server renews it at 2/3 of its lifetime, so this one was down or its renewal failed (see the log); check `meshca rotation status`",
                 &issuer.fingerprint[..16],
                 crate::clock::rfc3339(issuer.not_after)
             )));
