@@ -20,14 +20,7 @@ fn meshca() -> Command {
 const LOAD_FLAGS: &[&str] = &["--rate-limit", "100000", "--rate-burst", "100000"];
 
 async fn certify(ca: &Ca, sa: &str) -> Result<pb::CertifyResponse, tonic::Status> {
-    pb::identity_client::IdentityClient::new(ca.channel().await)
-        .certify(pb::CertifyRequest {
-            token: ca.token("shop", sa, "meshca"),
-            csr: csr(),
-            requested_ttl: None,
-        })
-        .await
-        .map(|r| r.into_inner())
+    certify_native(&ca.channel().await, ca.token("shop", sa, "meshca")).await
 }
 
 fn serial_of(der: &[u8]) -> String {
@@ -434,16 +427,9 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
     let ch = meshca::client::connect(&addr, &bundle, server_name, None)
         .await
         .unwrap();
-    let token = dev_token(&data, "load", "after");
-    let r = pb::identity_client::IdentityClient::new(ch)
-        .certify(pb::CertifyRequest {
-            token,
-            csr: csr(),
-            requested_ttl: None,
-        })
+    let r = certify_native(&ch, dev_token(&data, "load", "after"))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let serial = serial_of(&r.cert_chain[0]);
     signal(&serve.child, "TERM");
     assert!(serve.child.wait().unwrap().success());

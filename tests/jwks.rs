@@ -181,21 +181,13 @@ async fn unreachable_jwks_is_unavailable() {
     let (pem_a, jwk_a) = es256_key();
     let url = format!("https://127.0.0.1:{}/openid/v1/jwks", closed_port());
     let ca = Ca::start_with(|c| c.jwks_url = Some(url)).await;
-    let mut c = pb::identity_client::IdentityClient::new(ca.channel().await);
     let t = sign(
         jsonwebtoken::Algorithm::ES256,
         &pem_a,
         jwk_a["kid"].as_str().unwrap(),
         &claims("shop", "web"),
     );
-    let e = c
-        .certify(pb::CertifyRequest {
-            token: t,
-            csr: csr(),
-            requested_ttl: None,
-        })
-        .await
-        .unwrap_err();
+    let e = certify_native(&ca.channel().await, t).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert!(e.message().contains("JWKS"), "{}", e.message());
     drop(tmp);

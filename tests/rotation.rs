@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime};
 use meshca::audit::store::{Filter, SqliteStore};
 use meshca::ca::store::{DataDir, InitOptions};
 use meshca::config::ServeConfig;
-use meshca::proto::meshca as pb;
 use support::*;
 
 #[tokio::test]
@@ -47,16 +46,9 @@ async fn issuer_renews_itself_without_restart() {
     )
     .await
     .unwrap();
-    let token = dev_token(&data, "shop", "web");
-    let r = pb::identity_client::IdentityClient::new(ch)
-        .certify(pb::CertifyRequest {
-            token,
-            csr: csr(),
-            requested_ttl: None,
-        })
+    let r = certify_native(&ch, dev_token(&data, "shop", "web"))
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(meshca::ca::fingerprint(&r.cert_chain[1]), renewed);
     let roots = r.trust_bundle.unwrap().roots;
     assert_eq!(roots.len(), 1, "the root did not change");

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use base64::Engine;
-use meshca::proto::{linkerd, meshca as pb};
+use meshca::proto::linkerd;
 use serde_json::{json, Value};
 use support::*;
 use tonic::Code;
@@ -106,17 +106,9 @@ async fn tokenreview_authenticates_and_caches() {
     );
     let ca = Ca::start_with(|c| c.kubeconfig = Some(kc)).await;
 
-    let mut c = pb::identity_client::IdentityClient::new(ca.channel().await);
+    let ch = ca.channel().await;
     for _ in 0..3 {
-        let r = c
-            .certify(pb::CertifyRequest {
-                token: GOOD.into(),
-                csr: csr(),
-                requested_ttl: None,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = certify_native(&ch, GOOD).await.unwrap();
         assert_eq!(r.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
     }
     assert_eq!(
@@ -144,14 +136,7 @@ async fn tokenreview_authenticates_and_caches() {
     );
 
     // A token the API server does not authenticate.
-    let e = c
-        .certify(pb::CertifyRequest {
-            token: "some-other-token".into(),
-            csr: csr(),
-            requested_ttl: None,
-        })
-        .await
-        .unwrap_err();
+    let e = certify_native(&ch, "some-other-token").await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(
         e.message().contains("did not authenticate"),
@@ -173,15 +158,7 @@ async fn api_server_outage_is_unavailable_not_unauthenticated() {
         &api.ca_pem,
     );
     let ca = Ca::start_with(|c| c.kubeconfig = Some(kc)).await;
-    let mut c = pb::identity_client::IdentityClient::new(ca.channel().await);
-    let e = c
-        .certify(pb::CertifyRequest {
-            token: GOOD.into(),
-            csr: csr(),
-            requested_ttl: None,
-        })
-        .await
-        .unwrap_err();
+    let e = certify_native(&ca.channel().await, GOOD).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
 
     // An API server answering 500 is also an outage.
@@ -193,13 +170,7 @@ async fn api_server_outage_is_unavailable_not_unauthenticated() {
         &failing.ca_pem,
     );
     let ca2 = Ca::start_with(|c| c.kubeconfig = Some(kc2)).await;
-    let mut c2 = pb::identity_client::IdentityClient::new(ca2.channel().await);
-    let e = c2
-        .certify(pb::CertifyRequest {
-            token: GOOD.into(),
-            csr: csr(),
-            requested_ttl: None,
-        })
+    let e = certify_native(&ca2.channel().await, GOOD)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());

@@ -372,3 +372,19 @@ pub fn dev_token(data_dir: &Path, ns: &str, sa: &str) -> String {
         )
         .unwrap()
 }
+
+/// A native `Certify` over `ch` with `token`, a fresh P-256 CSR and the default TTL.
+pub async fn certify_native(
+    ch: &Channel,
+    token: impl Into<String>,
+) -> Result<meshca::proto::meshca::CertifyResponse, tonic::Status> {
+    use meshca::proto::meshca as pb;
+    pb::identity_client::IdentityClient::new(ch.clone())
+        .certify(pb::CertifyRequest {
+            token: token.into(),
+            csr: csr(),
+            requested_ttl: None,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
