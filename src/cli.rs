@@ -151,24 +151,7 @@ pub enum Command {
     Audit(crate::audit_cli::AuditCommand),
     /// Trust-anchor and issuer lifecycle.
     #[command(subcommand)]
-    Rotation(RotationCommand),
-}
-
-/// `meshca rotation …`.
-#[derive(Debug, Subcommand)]
-pub enum RotationCommand {
-    /// Each root and the issuer: fingerprint, validity, state, live leaves (from the audit log).
-    Status {
-        /// Data directory.
-        #[arg(long, env = "MESHCA_DATA_DIR", default_value = "meshca-data")]
-        data_dir: PathBuf,
-        /// Warn about anything expiring within this.
-        #[arg(long, default_value = "7d")]
-        warn_within: HumanDuration,
-        /// Output format.
-        #[arg(long, value_enum, default_value_t)]
-        output: Output,
-    },
+    Rotation(crate::rotation_cli::RotationCommand),
 }
 
 /// Sets up logging to stderr through a background writer thread, so a slow
@@ -271,11 +254,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Audit(cmd) => crate::audit_cli::run(cmd),
-        Command::Rotation(RotationCommand::Status {
-            data_dir,
-            warn_within,
-            output,
-        }) => rotation_status(&data_dir, warn_within.0, output),
+        Command::Rotation(cmd) => crate::rotation_cli::run(cmd).await,
     }
 }
 
@@ -544,39 +523,6 @@ fn sans(x: &X509Certificate<'_>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn rotation_status(data_dir: &Path, warn_within: Duration, output: Output) -> Result<(), String> {
-    let s = crate::trust::status::status(&DataDir::new(data_dir), SystemTime::now(), warn_within)?;
-    match output {
-        Output::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?
-        ),
-        Output::Table => {
-            println!(
-                "{:<7}  {:<16}  {:<10}  {:<20}  {:<20}  {:>11}  SUBJECT",
-                "KIND", "FINGERPRINT", "STATE", "NOT BEFORE", "NOT AFTER", "LIVE LEAVES"
-            );
-            for c in &s.certificates {
-                println!(
-                    "{:<7}  {:<16}  {:<10}  {:<20}  {:<20}  {:>11}  {}",
-                    c.kind,
-                    &c.fingerprint[..16],
-                    c.state,
-                    c.not_before.get(..19).unwrap_or(&c.not_before),
-                    c.not_after.get(..19).unwrap_or(&c.not_after),
-                    c.live_leaves.map_or("-".to_string(), |n| n.to_string()),
-                    c.subject
-                );
-            }
-            for w in &s.warnings {
-                println!("WARNING: {w}");
-            }
-            println!("next: {}", s.next_step);
-        }
-    }
-    Ok(())
 }
 
 fn inspect(file: &Path, output: Output) -> Result<(), String> {

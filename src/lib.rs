@@ -18,6 +18,7 @@ pub mod proto {
     }
 }
 
+pub mod admin_client;
 pub mod api;
 pub mod audit;
 pub mod audit_cli;
@@ -31,6 +32,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod ratelimit;
+pub mod rotation_cli;
 pub mod secret;
 pub mod server;
 pub mod trust;

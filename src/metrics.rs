@@ -32,6 +32,43 @@ struct ValidationLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RootLabels {
+    root: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RootLabel {
+    root: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabel {
+    step: &'static str,
+}
+
+/// One root as the rotation metrics show it.
+#[derive(Debug, Clone)]
+pub struct RootGauge {
+    /// Fingerprint (hex, shortened by the caller).
+    pub root: String,
+    /// Phase (`prepared`, `active`, `retired`), with `-tainted` appended when tainted.
+    pub state: String,
+    /// Expiry, Unix seconds.
+    pub expiry_unix: u64,
+}
+
+fn step_histogram() -> Histogram {
+    // 1 ms … ~33 s (a step makes keys and fsyncs files)
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs … ~3.3 s
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
@@ -48,6 +85,13 @@ pub struct Metrics {
     issuer_expiry: Gauge,
     in_flight: Gauge,
     bundle_version: Gauge,
+    roots: Family<RootLabels, Gauge>,
+    bundle_clients: Family<VersionLabel, Gauge>,
+    bundle_watchers: Gauge,
+    leaves_alive: Family<RootLabel, Gauge>,
+    rotation_steps: Family<StepLabel, Histogram, fn() -> Histogram>,
+    rotation_transitions: Family<StepLabel, Counter>,
+    expiry_warnings: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -110,7 +154,57 @@ impl Metrics {
             "Version of the trust bundle being served",
             bundle_version.clone(),
         );
+        let roots = Family::<RootLabels, Gauge>::default();
+        registry.register(
+            "trust_root_expiry_timestamp_seconds",
+            "Expiry (Unix time) of each root in the trust bundle, labelled by fingerprint prefix and rotation state",
+            roots.clone(),
+        );
+        let bundle_clients = Family::<VersionLabel, Gauge>::default();
+        registry.register(
+            "trust_bundle_clients",
+            "Live clients (bundle watchers and holders of unexpired certificates) by the highest bundle version delivered to them",
+            bundle_clients.clone(),
+        );
+        let bundle_watchers = Gauge::default();
+        registry.register(
+            "trust_bundle_watchers",
+            "Connected WatchTrustBundle streams",
+            bundle_watchers.clone(),
+        );
+        let leaves_alive = Family::<RootLabel, Gauge>::default();
+        registry.register(
+            "leaves_alive",
+            "Unexpired certificates per root (latest certificate of each client seen since start)",
+            leaves_alive.clone(),
+        );
+        let rotation_steps =
+            Family::<StepLabel, Histogram, fn() -> Histogram>::new_with_constructor(step_histogram);
+        registry.register(
+            "rotation_step_duration_seconds",
+            "Time taken by each rotation step (key generation, journal commit, derived files)",
+            rotation_steps.clone(),
+        );
+        let rotation_transitions = Family::<StepLabel, Counter>::default();
+        registry.register(
+            "rotation_transitions",
+            "Rotation transitions by kind (prepared, activated, removed, tainted, issuer_renewed)",
+            rotation_transitions.clone(),
+        );
+        let expiry_warnings = Gauge::default();
+        registry.register(
+            "expiry_warnings",
+            "Roots and issuers within the expiry-warning threshold (or expired)",
+            expiry_warnings.clone(),
+        );
         Self {
+            roots,
+            bundle_clients,
+            bundle_watchers,
+            leaves_alive,
+            rotation_steps,
+            rotation_transitions,
+            expiry_warnings,
             registry,
             issuance,
             issuance_latency,
@@ -168,6 +262,64 @@ impl Metrics {
     }
 
     /// Sets the issuer expiry gauge (after a renewal).
+    /// Replaces the per-root gauges and the bundle version.
+    pub fn set_roots(&self, roots: &[RootGauge], bundle_version: u64) {
+        self.roots.clear();
+        for r in roots {
+            self.roots
+                .get_or_create(&RootLabels {
+                    root: r.root.clone(),
+                    state: r.state.clone(),
+                })
+                .set(r.expiry_unix as i64);
+        }
+        if let Some(min) = roots.iter().map(|r| r.expiry_unix).min() {
+            self.root_expiry.set(min as i64);
+        }
+        self.bundle_version.set(bundle_version as i64);
+    }
+
+    /// Replaces the propagation gauges.
+    pub fn set_propagation(
+        &self,
+        by_version: &std::collections::BTreeMap<u64, usize>,
+        watchers: usize,
+        leaves_by_root: &std::collections::BTreeMap<String, usize>,
+    ) {
+        self.bundle_clients.clear();
+        for (v, n) in by_version {
+            self.bundle_clients
+                .get_or_create(&VersionLabel { version: *v })
+                .set(*n as i64);
+        }
+        self.bundle_watchers.set(watchers as i64);
+        self.leaves_alive.clear();
+        for (r, n) in leaves_by_root {
+            self.leaves_alive
+                .get_or_create(&RootLabel { root: r.clone() })
+                .set(*n as i64);
+        }
+    }
+
+    /// Records one rotation step and how long it took.
+    pub fn rotation_step(&self, step: &'static str, took: Duration) {
+        self.rotation_steps
+            .get_or_create(&StepLabel { step })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a transition.
+    pub fn rotation_transition(&self, kind: &'static str) {
+        self.rotation_transitions
+            .get_or_create(&StepLabel { step: kind })
+            .inc();
+    }
+
+    /// How many certificates are within the warning threshold.
+    pub fn set_expiry_warnings(&self, n: usize) {
+        self.expiry_warnings.set(n as i64);
+    }
+
     pub fn set_issuer_expiry(&self, unix: u64) {
         self.issuer_expiry.set(unix as i64);
     }

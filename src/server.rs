@@ -226,6 +226,51 @@ fn server_tls(
     Ok((Arc::new(sc), issued.refresh_at))
 }
 
+/// Takes the data directory's lock (`.lock`), held for the server's life.
+pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, String> {
+    let p = data.file(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "{} is in use by another meshca process (a running server holds {}); talk to it with --server http://ADMIN_ADDRESS",
+            data.path().display(),
+            p.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", p.display())),
+    }
+}
+
+/// A throw-away self-signed server certificate, for when the CA cannot
+/// issue (recovery mode): the server keeps running so an operator can
+/// rotate, and clients see a certificate they do not trust rather than no
+/// server at all.
+fn fallback_tls(cfg: &ServeConfig) -> Result<Arc<ServerConfig>, String> {
+    let key = crate::ca::CaKey::generate_p256().map_err(|e| e.to_string())?;
+    let mut names = cfg.server_dns_names.clone();
+    names.push(server_identity(cfg));
+    let cert = rcgen::CertificateParams::new(names)
+        .map_err(|e| e.to_string())?
+        .self_signed(&key)
+        .map_err(|e| e.to_string())?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        key.to_pkcs8_der().expose().to_vec(),
+    ));
+    let mut sc = ServerConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key_der)
+        .map_err(|e| format!("server certificate: {e}"))?;
+    sc.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(sc))
+}
+
 /// The DNS identity the server certificate carries (clients verify it).
 pub fn server_identity(cfg: &ServeConfig) -> String {
     format!(
@@ -249,15 +294,23 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             "data directory was empty: created a new root and issuer (embedded default)"
         );
     }
+    // One server per data directory: offline `meshca rotation` commands
+    // take the same lock, so they cannot race a running server.
+    let lock = lock_data_dir(&data)?;
+    let mgr = Arc::new(crate::trust::manager::TrustManager::open(
+        data.clone(),
+        clock.now(),
+    )?);
+    // Finish whatever a crash interrupted, renew an expired issuer under a
+    // still-valid root; an expired root is reported, not fatal (recovery is
+    // `rotation prepare` + `activate --force` against this running server).
+    let reconciled = mgr.reconcile(cfg.issuer_lifetime, clock.now())?;
     let loaded = data.load().map_err(|e| e.to_string())?;
-    let root_expiry = loaded
-        .roots
-        .iter()
-        .filter_map(|r| x509_parser::parse_x509_certificate(r).ok())
-        .map(|(_, c)| c.validity().not_after.timestamp())
-        .min()
-        .unwrap_or(0);
-    let issuer_expiry = crate::clock::unix_secs(loaded.issuer.not_after);
+    let active_root = mgr
+        .state()
+        .active()
+        .map(|r| r.id.clone())
+        .ok_or("the rotation state has no active root")?;
     let policy = Policy {
         mesh: cfg.mesh.clone(),
         default_ttl: cfg.default_ttl,
@@ -267,14 +320,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let ca = Arc::new(Authority::new(
         policy,
         clock.clone(),
-        loaded.issuer,
+        loaded.issuer.with_root(active_root),
         loaded.roots,
     ));
-    crate::metrics::global().set_ca_state(
-        root_expiry.max(0) as u64,
-        issuer_expiry,
-        ca.bundle().version,
-    );
+    ca.set_bundle(mgr.bundle()?);
+    crate::metrics::global().set_issuer_expiry(crate::clock::unix_secs(ca.issuer().not_after));
     let authn = Arc::new(build_authenticator(&cfg, &data, clock.clone()).await?);
     tracing::info!(sources = ?authn.describe(), "token sources");
     for j in authn.remote_jwks() {
@@ -286,13 +336,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             }
         });
     }
+    let tracker = Arc::new(crate::trust::propagation::Tracker::default());
     let mut core = Core::new(
         ca.clone(),
         authn,
         cfg.audiences.clone(),
         cfg.rate_limit,
         cfg.rate_burst,
-    );
+    )
+    .with_tracker(tracker.clone());
     let mut audit_guard = None;
     let mut audit_log = None;
     if cfg.audit_log {
@@ -318,8 +370,25 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         );
     }
     let core = Arc::new(core);
+    let rotation = crate::trust::service::RotationService::new(
+        mgr,
+        ca.clone(),
+        tracker,
+        audit_log.clone(),
+        cfg.rotation_settings(),
+    );
+    rotation.publish(&reconciled).await?;
+    let admin_token = crate::trust::http::ensure_token(&cfg.data_dir)?;
 
-    let (tls, refresh_at) = server_tls(&ca, &cfg)?;
+    let (tls, refresh_at) = match server_tls(&ca, &cfg) {
+        Ok(x) => x,
+        Err(e) => {
+            // Recovery mode: nothing can be issued until an operator
+            // rotates, but the server must run to accept that rotation.
+            tracing::error!(error = %e, "the CA cannot issue its own server certificate; serving a temporary self-signed one until a rotation brings the CA back (see `meshca rotation status`)");
+            (fallback_tls(&cfg)?, clock.now() + Duration::from_secs(30))
+        }
+    };
     let tls = Arc::new(ArcSwap::new(tls));
 
     let listener = TcpListener::bind(cfg.listen)
@@ -337,73 +406,24 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    // Renew the issuer under the root at 2/3 of its lifetime, without a restart.
-    {
-        let ca = ca.clone();
-        let data = data.clone();
-        let audit = audit_log.clone();
+    rotation.spawn(stop_rx.clone());
+
+    // File-based consumers: the bundle file follows every change.
+    if let Some(path) = cfg.bundle_file.clone() {
+        let mut bundle = ca.watch_bundle();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
-                let iss = ca.issuer();
-                // notBefore is backdated; the lifetime counts from creation.
-                let created = iss.not_before + crate::ca::BACKDATE;
-                let life = iss.not_after.duration_since(created).unwrap_or_default();
-                let due = created + life * 2 / 3;
-                let wait = due
-                    .duration_since(ca.clock().now())
-                    .unwrap_or_default()
-                    .max(Duration::from_millis(100));
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => return,
-                }
-                let (d, now) = (data.clone(), ca.clock().now());
-                let renewed = tokio::task::spawn_blocking(move || {
-                    let r = d.renew_issuer(life, now).map_err(|e| e.to_string())?;
-                    d.load().map(|l| (r, l)).map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r);
-                match renewed {
-                    Ok((report, loaded)) => {
-                        let old = iss.fingerprint.clone();
-                        ca.set_issuer(loaded.issuer);
-                        crate::metrics::global()
-                            .set_issuer_expiry(crate::clock::unix_secs(report.not_after));
-                        if report.clamped_to_root {
-                            tracing::warn!(issuer = %report.fingerprint, not_after = %crate::clock::rfc3339(report.not_after), "the new issuer's lifetime was cut to the root's expiry: rotate the root");
-                        }
-                        tracing::info!(old = %old, new = %report.fingerprint, not_after = %crate::clock::rfc3339(report.not_after), "issuer renewed");
-                        if let Some(log) = &audit {
-                            let t = ca.clock().now();
-                            let entry = crate::audit::Entry {
-                                time: crate::clock::rfc3339(t),
-                                time_unix_ms: crate::clock::unix_millis(t),
-                                kind: "rotation".into(),
-                                result: "issuer_renewed".into(),
-                                reason: "scheduled".into(),
-                                detail: Some(format!(
-                                    "issuer {old} replaced by {} (not after {})",
-                                    report.fingerprint,
-                                    crate::clock::rfc3339(report.not_after)
-                                )),
-                                issuer_fingerprint: Some(report.fingerprint.clone()),
-                                ..Default::default()
-                            };
-                            if let Err(e) = log.append(entry).await {
-                                tracing::error!(error = %e, "could not record the issuer renewal in the audit log");
-                            }
-                        }
-                    }
+                let pem = bundle.borrow_and_update().to_pem();
+                match crate::secret::write_public(&path, pem.as_bytes()) {
+                    Ok(()) => tracing::info!(file = %path.display(), "trust bundle written"),
                     Err(e) => {
-                        tracing::error!(error = %e, "issuer renewal failed; retrying in 60s");
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(60)) => {}
-                            _ = stop.changed() => return,
-                        }
+                        tracing::error!(file = %path.display(), error = %e, "cannot write the trust bundle file")
                     }
+                }
+                tokio::select! {
+                    r = bundle.changed() => if r.is_err() { return },
+                    _ = stop.changed() => return,
                 }
             }
         });
@@ -417,6 +437,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         let cfg = cfg.clone();
         let mut stop = stop_rx.clone();
         let mut bundle = ca.watch_bundle();
+        let rotation = rotation.clone();
         tokio::spawn(async move {
             let mut refresh_at = refresh_at;
             loop {
@@ -427,6 +448,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     r = bundle.changed() => { if r.is_err() { return; } }
+                    _ = rotation.issuer_changed() => {}
                     _ = stop.changed() => return,
                 }
                 match server_tls(&ca, &cfg) {
@@ -528,17 +550,23 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 let ca = ready_ca.clone();
                 async move {
                     let now = ca.clock().now();
-                    if ca.issuer().not_after > now {
+                    let iss = ca.issuer();
+                    if iss.not_after > now {
                         (axum::http::StatusCode::OK, "ready\n".to_string())
                     } else {
                         (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "issuer expired\n".to_string(),
+                            format!(
+                                "not ready: issuer {} expired at {}; see `meshca rotation status`\n",
+                                &iss.fingerprint[..16],
+                                crate::clock::rfc3339(iss.not_after)
+                            ),
                         )
                     }
                 }
             }),
         );
+    let router = router.merge(crate::trust::http::routes(rotation.clone(), &admin_token));
     let router = match &audit_log {
         Some(log) => router.merge(crate::audit::http::routes(log.clone())),
         None => router,
@@ -582,6 +610,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         if let Some(g) = audit_guard {
             let _ = tokio::task::spawn_blocking(move || g.stop()).await;
         }
+        drop(lock);
     });
 
     let server_name = server_identity(&cfg);

@@ -394,7 +394,11 @@ async fn trust_bundle_get_and_watch() {
         .self_signed(&rcgen::KeyPair::generate().unwrap())
         .unwrap();
     roots.push(extra.der().clone());
-    ca.running.ca.set_roots(roots);
+    ca.running.ca.set_bundle(meshca::ca::TrustBundle {
+        version: 2,
+        roots,
+        tainted: vec![],
+    });
     let second = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("update arrives")

@@ -96,9 +96,19 @@ async fn decisions_are_recorded_proved_and_tampering_is_caught() {
 
     let data = ca.data().path().to_path_buf();
     // Rotation status counts live leaves per issuer from the log.
-    let st =
-        meshca::trust::status::status(&ca.data(), std::time::SystemTime::now(), Duration::ZERO)
-            .unwrap();
+    let now = std::time::SystemTime::now();
+    let state = meshca::trust::manager::TrustManager::open(ca.data(), now)
+        .unwrap()
+        .state();
+    let obs = meshca::trust::rotation::Observations {
+        now,
+        watchers: 0,
+        watchers_acked: 0,
+        acked_version: 0,
+        propagation_wait: Duration::from_secs(86400),
+        max_leaf_ttl: Duration::from_secs(86400),
+    };
+    let st = meshca::trust::status::status(&ca.data(), &state, &obs, None, Duration::ZERO).unwrap();
     assert_eq!(st.certificates[1].kind, "issuer");
     assert_eq!(
         st.certificates[1].live_leaves,

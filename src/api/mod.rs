@@ -108,6 +108,7 @@ pub struct Core {
     pub audiences: Audiences,
     limiter: KeyedLimiter<Workload>,
     audit: Option<crate::audit::AuditLog>,
+    tracker: Arc<crate::trust::propagation::Tracker>,
 }
 
 impl std::fmt::Debug for Core {
@@ -134,7 +135,19 @@ impl Core {
             audiences,
             limiter,
             audit: None,
+            tracker: Arc::default(),
         }
+    }
+
+    /// Shares the bundle-propagation tracker (the rotation gate reads it).
+    pub fn with_tracker(mut self, tracker: Arc<crate::trust::propagation::Tracker>) -> Self {
+        self.tracker = tracker;
+        self
+    }
+
+    /// The bundle-propagation tracker.
+    pub fn tracker(&self) -> &Arc<crate::trust::propagation::Tracker> {
+        &self.tracker
     }
 
     /// Records every decision in `log`; certificates are returned only once
@@ -182,6 +195,18 @@ impl Core {
         match &result {
             Ok(issued) => {
                 metrics.issuance(input.api.as_str(), true, "ok", started.elapsed());
+                // Linkerd responses carry no bundle: nothing was delivered.
+                if input.api != WireApi::Linkerd {
+                    self.tracker.certified(
+                        &crate::trust::propagation::client_key(
+                            issued.spiffe_id.as_str(),
+                            input.peer,
+                        ),
+                        issued.bundle.version,
+                        issued.not_after,
+                        issued.root_fingerprint.as_deref(),
+                    );
+                }
                 tracing::info!(
                     target: "meshca::issuance",
                     api = input.api.as_str(),
@@ -279,16 +304,7 @@ impl Core {
         if not_after <= now {
             return Err(AuthnError::Invalid("client certificate has expired".into()));
         }
-        let uri = x509
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .and_then(|san| {
-                san.value.general_names.iter().find_map(|g| match g {
-                    GeneralName::URI(u) => Some(u.to_string()),
-                    _ => None,
-                })
-            })
+        let uri = first_uri_san(&x509)
             .ok_or_else(|| AuthnError::Invalid("client certificate has no SPIFFE ID".into()))?;
         let id: crate::identity::SpiffeId = uri
             .parse()
@@ -321,6 +337,24 @@ impl Core {
 }
 
 /// Builds the audit record of one decision.
+fn first_uri_san(x509: &X509Certificate<'_>) -> Option<String> {
+    x509.subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|g| match g {
+                GeneralName::URI(u) => Some(u.to_string()),
+                _ => None,
+            })
+        })
+}
+
+/// The URI SAN (SPIFFE ID) of a DER certificate, if it parses and has one.
+pub(crate) fn spiffe_id_of(der: &[u8]) -> Option<String> {
+    let (_, x509) = X509Certificate::from_der(der).ok()?;
+    first_uri_san(&x509)
+}
+
 fn audit_entry(
     input: &CertifyInput<'_>,
     who: Option<&Authenticated>,
@@ -357,6 +391,8 @@ fn audit_entry(
             e.leaf_sha256 = Some(crate::ca::fingerprint(&i.leaf));
             e.spki_sha256 = Some(i.spki_sha256.clone());
             e.issuer_fingerprint = Some(i.issuer_fingerprint.clone());
+            e.root_fingerprint = i.root_fingerprint.clone();
+            e.bundle_version = (input.api != WireApi::Linkerd).then_some(i.bundle.version);
         }
         Err(err) => {
             e.result = "refused".into();

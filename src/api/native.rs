@@ -21,6 +21,7 @@ fn bundle_msg(b: &TrustBundle, trust_domain: &str) -> pb::TrustBundle {
         version: b.version,
         trust_domain: trust_domain.to_string(),
         roots: b.roots.iter().map(|r| r.to_vec()).collect(),
+        tainted_roots: b.tainted.iter().map(|r| r.to_vec()).collect(),
     }
 }
 
@@ -92,12 +93,27 @@ impl pb::identity_server::Identity for NativeService {
 
     async fn watch_trust_bundle(
         &self,
-        _request: Request<pb::WatchTrustBundleRequest>,
+        request: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
         let td = self.0.ca.mesh().trust_domain.to_string();
+        // A watcher presenting its meshca certificate is tracked under the
+        // same key as its renewals; an anonymous one by its address.
+        let peer = request.remote_addr();
+        let who = request
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|leaf| super::spiffe_id_of(leaf)));
+        let key = match (who, peer) {
+            (Some(id), p) => crate::trust::propagation::client_key(&id, p),
+            (None, Some(p)) => format!("anonymous {p}"),
+            (None, None) => "anonymous".into(),
+        };
+        let handle = self.0.tracker().watch(key);
         // WatchStream yields the current value at once, then every change.
-        let stream = tokio_stream::wrappers::WatchStream::new(self.0.ca.watch_bundle())
-            .map(move |b| Ok(bundle_msg(&b, &td)));
+        let stream =
+            tokio_stream::wrappers::WatchStream::new(self.0.ca.watch_bundle()).map(move |b| {
+                handle.delivered(b.version);
+                Ok(bundle_msg(&b, &td))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

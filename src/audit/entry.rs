@@ -74,6 +74,14 @@ pub struct Entry {
     /// SHA-256 of the issuer certificate that signed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issuer_fingerprint: Option<String>,
+    /// SHA-256 of the root that issuer chains to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_fingerprint: Option<String>,
+    /// The trust-bundle version handed out with the certificate (native and
+    /// Istio responses carry the bundle; Linkerd's do not). For rotation
+    /// entries: the bundle version after the transition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_version: Option<u64>,
 }
 
 impl Entry {

@@ -88,6 +88,9 @@ pub struct ActiveIssuer {
     pub not_after: SystemTime,
     /// SHA-256 fingerprint of the issuer certificate (hex).
     pub fingerprint: String,
+    /// Fingerprint of the root it chains to, when known (set by the trust
+    /// manager, recorded with each leaf for rotation bookkeeping).
+    pub root_fingerprint: Option<String>,
 }
 
 impl std::fmt::Debug for ActiveIssuer {
@@ -122,7 +125,14 @@ impl ActiveIssuer {
             not_before,
             not_after,
             fingerprint,
+            root_fingerprint: None,
         })
+    }
+
+    /// Names the root this issuer chains to.
+    pub fn with_root(mut self, root_fingerprint: String) -> Self {
+        self.root_fingerprint = Some(root_fingerprint);
+        self
     }
 }
 
@@ -133,6 +143,9 @@ pub struct TrustBundle {
     pub version: u64,
     /// DER root certificates.
     pub roots: Vec<CertificateDer<'static>>,
+    /// The roots (also in `roots`) that are tainted: a client whose chain
+    /// ends at one of them must re-certify now.
+    pub tainted: Vec<CertificateDer<'static>>,
 }
 
 impl TrustBundle {
@@ -169,6 +182,8 @@ pub struct Issued {
     pub clamped_to_issuer: bool,
     /// Fingerprint of the issuer that signed it.
     pub issuer_fingerprint: String,
+    /// Fingerprint of the root the issuer chains to, when known.
+    pub root_fingerprint: Option<String>,
     /// SHA-256 of the leaf's SubjectPublicKeyInfo (hex).
     pub spki_sha256: String,
     /// Every SAN in the leaf, as `URI:…` / `DNS:…`.
@@ -199,7 +214,11 @@ impl Authority {
         issuer: ActiveIssuer,
         roots: Vec<CertificateDer<'static>>,
     ) -> Self {
-        let (bundle, _) = watch::channel(Arc::new(TrustBundle { version: 1, roots }));
+        let (bundle, _) = watch::channel(Arc::new(TrustBundle {
+            version: 1,
+            roots,
+            tainted: Vec::new(),
+        }));
         Self {
             policy,
             clock,
@@ -243,16 +262,15 @@ impl Authority {
         self.issuer.store(Arc::new(issuer));
     }
 
-    /// Replaces the trust anchors, bumping the bundle version if they changed.
-    pub fn set_roots(&self, roots: Vec<CertificateDer<'static>>) {
+    /// Publishes a new trust bundle to every watcher. A bundle equal to the
+    /// current one is not re-sent; the version comes from the rotation
+    /// journal, which is the only place that decides it.
+    pub fn set_bundle(&self, bundle: TrustBundle) {
         self.bundle.send_if_modified(|b| {
-            if b.roots == roots {
+            if **b == bundle {
                 return false;
             }
-            *b = Arc::new(TrustBundle {
-                version: b.version + 1,
-                roots,
-            });
+            *b = Arc::new(bundle);
             true
         });
     }
@@ -363,6 +381,7 @@ impl Authority {
             ttl_clamped,
             clamped_to_issuer,
             issuer_fingerprint: issuer.fingerprint.clone(),
+            root_fingerprint: issuer.root_fingerprint.clone(),
             spki_sha256: fingerprint(&csr.spki_der),
             sans,
         })
@@ -489,10 +508,18 @@ mod tests {
     fn bundle_version_moves_only_on_change() {
         let clock = Arc::new(ManualClock::new(SystemTime::now()));
         let (ca, _d) = authority(clock);
+        let mut rx = ca.watch_bundle();
+        rx.mark_unchanged();
         let b = ca.bundle();
-        ca.set_roots(b.roots.clone());
-        assert_eq!(ca.bundle().version, 1);
-        ca.set_roots(vec![]);
+        ca.set_bundle((*b).clone());
+        assert!(
+            !rx.has_changed().unwrap(),
+            "an identical bundle is not re-sent"
+        );
+        let mut next = (*b).clone();
+        next.version = 2;
+        ca.set_bundle(next);
+        assert!(rx.has_changed().unwrap());
         assert_eq!(ca.bundle().version, 2);
     }
 }

@@ -5,9 +5,13 @@
 //! `secret::write_private`. Must not: issue leaves or decide policy.
 //!
 //! Layout:
-//! - `root.crt`, `root.key` — the root (self-signed or imported)
-//! - `issuer.crt`, `issuer.key` — the issuing intermediate
-//! - `bundle.pem` — the trust bundle (all roots)
+//! - `roots/<sha256>.crt`, `roots/<sha256>.key` — every root (self-signed or
+//!   imported), named by fingerprint; `rotation.json` (owned by
+//!   `trust::journal`) says which one is active
+//! - `root.crt`, `root.key` — the layout before rotation existed: one root;
+//!   `trust::manager` moves it into `roots/` on first start
+//! - `issuer.crt`, `issuer.key` — the issuing intermediate (under the active root)
+//! - `bundle.pem` — the trust bundle (every root in it), rewritten on each change
 //! - `token-signer.key` — ES256 key for `meshca token` (development tokens)
 
 use std::path::{Path, PathBuf};
@@ -143,6 +147,8 @@ impl DataDir {
         for f in [
             "root.crt",
             "root.key",
+            "roots",
+            "rotation.json",
             "issuer.crt",
             "issuer.key",
             "bundle.pem",
@@ -164,10 +170,8 @@ impl DataDir {
                 (der, key, true)
             }
             None => {
-                let key = CaKey::generate_p256()?;
-                let params = profile::root("meshca root CA", now, opts.root_lifetime);
-                let cert = params.self_signed(&key)?;
-                (cert.der().clone(), key, false)
+                let (der, key) = new_root(now, opts.root_lifetime)?;
+                (der, key, false)
             }
         };
         let (_, root) = X509Certificate::from_der(&root_der).map_err(|e| StoreError::Invalid {
@@ -190,12 +194,11 @@ impl DataDir {
 
         // Keys first, certificates after: a crash in between leaves a
         // directory that `is_initialized` still reports as empty.
-        self.write_key("root.key", &root_key.to_pem())?;
+        self.write_root(&root_der, &root_key)?;
         self.write_key("issuer.key", &issuer_key.to_pem())?;
         if !self.file("token-signer.key").exists() {
             self.write_key("token-signer.key", &CaKey::generate_p256()?.to_pem())?;
         }
-        self.write_pub("root.crt", der_to_pem(&root_der).as_bytes())?;
         self.write_pub("bundle.pem", der_to_pem(&root_der).as_bytes())?;
         self.write_pub("issuer.crt", der_to_pem(issuer_cert.der()).as_bytes())?;
 
@@ -208,32 +211,31 @@ impl DataDir {
         })
     }
 
-    /// Creates a new issuer under the root in this directory and makes it
-    /// the current one. Crash-safe: the pair is written as
-    /// `issuer.pending.key` + `issuer.pending.crt`, then renamed into place
-    /// key first; [`DataDir::load`] rolls a half-finished switch forward.
+    /// Creates a new issuer under the root `root_id` (a fingerprint in
+    /// `roots/`) and makes it the current one. Crash-safe: the pair is
+    /// written as `issuer.pending.key` + `issuer.pending.crt`, then renamed
+    /// into place key first; [`DataDir::load`] rolls a half-finished switch
+    /// forward.
     pub fn renew_issuer(
         &self,
+        root_id: &str,
         lifetime: Duration,
         now: SystemTime,
     ) -> Result<RenewReport, StoreError> {
         self.finish_pending_issuer()?;
-        let root_der = self.read_certs("root.crt")?.swap_remove(0);
-        let root_key_path = self.file("root.key");
-        let root_key =
-            CaKey::from_pem(&self.read_key("root.key")?).map_err(|e| StoreError::Invalid {
-                path: root_key_path,
-                reason: e.to_string(),
-            })?;
+        let (root_der, root_key) = self.read_root(root_id)?;
         let (_, root) = X509Certificate::from_der(&root_der).map_err(|e| StoreError::Invalid {
-            path: self.file("root.crt"),
+            path: self.root_paths(root_id).0,
             reason: e.to_string(),
         })?;
         let root_not_after = to_system_time(root.validity().not_after);
         if root_not_after <= now {
             return Err(StoreError::Invalid {
-                path: self.file("root.crt"),
-                reason: "the root has expired; a new issuer cannot be made under it".into(),
+                path: self.root_paths(root_id).0,
+                reason: format!(
+                    "the root expired at {}; a new issuer cannot be made under it: run `meshca rotation prepare` then `meshca rotation activate --force`",
+                    crate::clock::rfc3339(root_not_after)
+                ),
             });
         }
         let wanted = now + lifetime;
@@ -304,6 +306,90 @@ impl DataDir {
         Ok(LoadedCa { issuer, roots })
     }
 
+    /// `roots/<id>.crt` and `roots/<id>.key`.
+    pub fn root_paths(&self, id: &str) -> (PathBuf, PathBuf) {
+        let d = self.file("roots");
+        (d.join(format!("{id}.crt")), d.join(format!("{id}.key")))
+    }
+
+    /// Stores a root under its fingerprint (key first) and returns the fingerprint.
+    pub fn write_root(
+        &self,
+        der: &CertificateDer<'static>,
+        key: &CaKey,
+    ) -> Result<String, StoreError> {
+        let dir = self.file("roots");
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        set_dir_private(&dir)?;
+        let id = fingerprint(der);
+        let (crt, k) = self.root_paths(&id);
+        secret::write_private(&k, key.to_pem().expose())
+            .map_err(|source| StoreError::Io { path: k, source })?;
+        secret::write_public(&crt, der_to_pem(der).as_bytes())
+            .map_err(|source| StoreError::Io { path: crt, source })?;
+        Ok(id)
+    }
+
+    /// The certificate of a stored root.
+    pub fn read_root_cert(&self, id: &str) -> Result<CertificateDer<'static>, StoreError> {
+        let path = self.root_paths(id).0;
+        let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let der = pem_to_certs(&bytes)
+            .map_err(|reason| StoreError::Invalid {
+                path: path.clone(),
+                reason,
+            })?
+            .swap_remove(0);
+        if fingerprint(&der) != id {
+            return Err(StoreError::Invalid {
+                path,
+                reason: format!("holds a certificate whose fingerprint is not {id}"),
+            });
+        }
+        Ok(der)
+    }
+
+    /// A stored root's certificate and key.
+    pub fn read_root(&self, id: &str) -> Result<(CertificateDer<'static>, CaKey), StoreError> {
+        let der = self.read_root_cert(id)?;
+        let key_path = self.root_paths(id).1;
+        let key =
+            CaKey::from_pem(
+                &secret::read_private(&key_path).map_err(|source| StoreError::Io {
+                    path: key_path.clone(),
+                    source,
+                })?,
+            )
+            .map_err(|e| StoreError::Invalid {
+                path: key_path,
+                reason: e.to_string(),
+            })?;
+        Ok((der, key))
+    }
+
+    /// Replaces `bundle.pem` (atomically).
+    pub fn write_bundle(&self, roots: &[CertificateDer<'static>]) -> Result<(), StoreError> {
+        let pem: String = roots.iter().map(|r| der_to_pem(r)).collect();
+        self.write_pub("bundle.pem", pem.as_bytes())
+    }
+
+    /// The current issuer certificate chain (issuer first).
+    pub fn issuer_chain(&self) -> Result<Vec<CertificateDer<'static>>, StoreError> {
+        self.finish_pending_issuer()?;
+        self.read_certs("issuer.crt")
+    }
+
+    /// Reads a PEM certificate file of the directory.
+    pub fn read_cert_file(&self, name: &str) -> Result<Vec<CertificateDer<'static>>, StoreError> {
+        self.read_certs(name)
+    }
+
     /// Reads the PEM trust bundle.
     pub fn bundle_pem(&self) -> Result<String, StoreError> {
         let p = self.file("bundle.pem");
@@ -346,8 +432,25 @@ fn set_dir_private(dir: &Path) -> Result<(), StoreError> {
     })
 }
 
+/// Generates a P-256 root valid from `now` for `lifetime`. Its common name
+/// carries the creation time so that two roots in one bundle are told apart
+/// at a glance (and by name-matching path builders).
+pub fn new_root(
+    now: SystemTime,
+    lifetime: Duration,
+) -> Result<(CertificateDer<'static>, CaKey), StoreError> {
+    let key = CaKey::generate_p256()?;
+    let params = profile::root(
+        &format!("meshca root CA {}", crate::clock::rfc3339(now)),
+        now,
+        lifetime,
+    );
+    let cert = params.self_signed(&key)?;
+    Ok((cert.der().clone(), key))
+}
+
 /// Loads an operator-supplied root and checks it can act as one.
-fn import_root(
+pub fn import_root(
     cert_path: &Path,
     key_path: &Path,
     now: SystemTime,
@@ -422,9 +525,10 @@ mod tests {
         assert_eq!(loaded.roots.len(), 1);
         assert_eq!(loaded.issuer.fingerprint, r.issuer_fingerprint);
         use std::os::unix::fs::PermissionsExt;
-        for k in ["root.key", "issuer.key", "token-signer.key"] {
-            let mode = std::fs::metadata(d.file(k)).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{k}");
+        let root_key = d.root_paths(&r.root_fingerprint).1;
+        for k in [root_key, d.file("issuer.key"), d.file("token-signer.key")] {
+            let mode = std::fs::metadata(&k).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", k.display());
         }
     }
 
@@ -446,10 +550,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = DataDir::new(dir.path());
         let t0 = now();
-        d.init(&InitOptions::default(), t0).unwrap();
+        let root_id = d
+            .init(&InitOptions::default(), t0)
+            .unwrap()
+            .root_fingerprint;
         let old = d.load().unwrap().issuer.fingerprint.clone();
         let r = d
             .renew_issuer(
+                &root_id,
                 Duration::from_secs(30 * 86400),
                 t0 + Duration::from_secs(86400),
             )
@@ -457,7 +565,7 @@ mod tests {
         assert_ne!(r.fingerprint, old);
         assert!(!r.clamped_to_root);
         assert_eq!(d.load().unwrap().issuer.fingerprint, r.fingerprint);
-        let root = d.read_certs("root.crt").unwrap().swap_remove(0);
+        let root = d.read_root_cert(&root_id).unwrap();
         let issuer = d.read_certs("issuer.crt").unwrap().swap_remove(0);
         let (_, x) = X509Certificate::from_der(&issuer).unwrap();
         let (_, rx) = X509Certificate::from_der(&root).unwrap();
@@ -473,6 +581,7 @@ mod tests {
         // Crash between the two renames: rolled forward on load.
         let r2 = d
             .renew_issuer(
+                &root_id,
                 Duration::from_secs(86400),
                 t0 + Duration::from_secs(2 * 86400),
             )
@@ -488,6 +597,7 @@ mod tests {
         // A renewal under a root that expires sooner is clamped to it.
         let r3 = d
             .renew_issuer(
+                &root_id,
                 Duration::from_secs(400 * 86400),
                 t0 + Duration::from_secs(3 * 86400),
             )

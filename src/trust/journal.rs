@@ -93,6 +93,7 @@ mod tests {
             watchers_acked: 0,
             acked_version: 0,
             propagation_wait: Duration::ZERO,
+            max_leaf_ttl: Duration::ZERO,
         };
         let (s1, _) = s0
             .apply(

@@ -1,10 +1,15 @@
-//! Trust anchors over time: the rotation state machine and its journal.
+//! Trust anchors over time: rotation of roots and issuers.
 //!
-//! Owns: which roots are in the bundle and which one signs (`rotation`), and
-//! persisting that state so a crash resumes exactly where it stopped
-//! (`journal`). Not yet wired into `serve` (issue 3 is in progress): today
-//! the CA runs with the single root of its data directory.
+//! Owns: the rotation state machine (`rotation`, pure), its journal
+//! (`journal`), the files derived from it in the data directory
+//! (`manager`), which bundle version each client has seen (`propagation`),
+//! the live service that applies steps to the running CA (`service`), the
+//! status report (`status`) and the admin HTTP routes (`http`).
 
+pub mod http;
 pub mod journal;
+pub mod manager;
+pub mod propagation;
 pub mod rotation;
+pub mod service;
 pub mod status;

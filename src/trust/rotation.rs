@@ -74,6 +74,18 @@ pub struct Observations {
     /// The least time a prepared root must be in the bundle before activation
     /// (default: the maximum leaf TTL, so every renewing client has fetched it).
     pub propagation_wait: Duration,
+    /// The longest lifetime a leaf can have: a root that stops signing is
+    /// needed in the bundle for at most this long afterwards.
+    pub max_leaf_ttl: Duration,
+}
+
+impl Observations {
+    /// True when every tracked client has seen bundle `version` (vacuously
+    /// true with none).
+    pub fn all_acked(&self, version: u64) -> bool {
+        self.watchers == 0
+            || (self.acked_version >= version && self.watchers_acked >= self.watchers)
+    }
 }
 
 /// An operator (or automatic policy) request.
@@ -97,11 +109,6 @@ pub enum Command {
     Taint {
         /// The root's fingerprint (or a unique prefix).
         id: String,
-    },
-    /// Record that a leaf was signed under the active root.
-    LeafIssued {
-        /// The leaf's notAfter.
-        not_after: SystemTime,
     },
     /// Automatic housekeeping: remove tainted, non-active roots nothing depends on.
     Tick,
@@ -145,6 +152,9 @@ pub enum RotationError {
     /// The root is already out of the bundle.
     #[error("root {0} was already removed")]
     AlreadyRemoved(String),
+    /// The root is already tainted.
+    #[error("root {0} is already tainted")]
+    AlreadyTainted(String),
     /// No root is active (the state is broken).
     #[error("no root is active")]
     NoActiveRoot,
@@ -267,8 +277,7 @@ impl RotationState {
                     return Err(RotationError::TaintedPrepared(p.id.clone()));
                 }
                 let waited = now.duration_since(p.prepared_at).unwrap_or_default();
-                let all_acked =
-                    obs.acked_version >= p.added_in_bundle && obs.watchers_acked >= obs.watchers;
+                let all_acked = obs.all_acked(p.added_in_bundle);
                 if !force && (!all_acked || waited < obs.propagation_wait) {
                     return Err(RotationError::NotPropagated {
                         acked: if obs.acked_version >= p.added_in_bundle {
@@ -289,6 +298,11 @@ impl RotationState {
                     .ok_or(RotationError::NoActiveRoot)?;
                 next.roots[ai].phase = Phase::Retired;
                 next.roots[ai].retired_at = Some(now);
+                // Leaves it signed up to now live at most max_leaf_ttl more
+                // (and never past the root itself): a bound that needs no
+                // per-leaf bookkeeping and survives restarts.
+                let bound = (now + obs.max_leaf_ttl).min(self.roots[ai].not_after);
+                next.roots[ai].last_leaf_not_after = Some(bound);
                 next.roots[pi].phase = Phase::Active;
                 next.roots[pi].activated_at = Some(now);
                 events.push(Event::Activated {
@@ -328,20 +342,14 @@ impl RotationState {
                 if self.roots[i].phase == Phase::Removed {
                     return Err(RotationError::AlreadyRemoved(self.roots[i].id.clone()));
                 }
+                if self.roots[i].tainted {
+                    return Err(RotationError::AlreadyTainted(self.roots[i].id.clone()));
+                }
                 next.roots[i].tainted = true;
+                // The bundle message lists tainted roots: clients must see a
+                // new version to learn they have to re-certify.
+                next.bundle_version += 1;
                 events.push(Event::Tainted(self.roots[i].id.clone()));
-            }
-            Command::LeafIssued { not_after } => {
-                let ai = self
-                    .roots
-                    .iter()
-                    .position(|r| r.phase == Phase::Active)
-                    .ok_or(RotationError::NoActiveRoot)?;
-                let r = &mut next.roots[ai];
-                r.last_leaf_not_after = Some(
-                    r.last_leaf_not_after
-                        .map_or(*not_after, |t| t.max(*not_after)),
-                );
             }
             Command::Tick => {
                 let mut changed = false;
@@ -375,8 +383,7 @@ impl RotationState {
     pub fn next_step(&self, obs: &Observations) -> (String, Option<SystemTime>) {
         if let Some(p) = self.prepared() {
             let at = p.prepared_at + obs.propagation_wait;
-            let acked =
-                obs.acked_version >= p.added_in_bundle && obs.watchers_acked >= obs.watchers;
+            let acked = obs.all_acked(p.added_in_bundle);
             return (
                 format!(
                     "activate (watchers acknowledged: {}/{})",
@@ -419,6 +426,7 @@ mod tests {
             watchers_acked: 2,
             acked_version: 100,
             propagation_wait: 24 * H,
+            max_leaf_ttl: 24 * H,
         }
     }
 
@@ -429,10 +437,6 @@ mod tests {
     #[test]
     fn routine_rotation_walks_every_phase() {
         let s = start();
-        let (s, ev) = s
-            .apply(&Command::LeafIssued { not_after: t(24) }, &obs(t(0)))
-            .unwrap();
-        assert!(ev.is_empty());
         let (s, ev) = s
             .apply(
                 &Command::Prepare {
@@ -466,12 +470,15 @@ mod tests {
         );
         assert_eq!(s.active().unwrap().id, "bbbb");
         assert_eq!(s.roots[0].phase, Phase::Retired);
-        // The old root signed a leaf valid until t(24), but it retired at t(26).
-        let (s, ev) = s.apply(&Command::Retire, &obs(t(27))).unwrap();
+        // Leaves the old root signed until t(26) live at most 24h more.
+        assert_eq!(s.roots[0].last_leaf_not_after, Some(t(50)));
+        let e = s.apply(&Command::Retire, &obs(t(49))).unwrap_err();
+        assert!(e.to_string().contains("live leaves"), "{e}");
+        let (s, ev) = s.apply(&Command::Retire, &obs(t(50))).unwrap();
         assert_eq!(ev, vec![Event::Removed("aaaa".into())]);
         assert_eq!(s.bundle_version, 3);
         assert_eq!(s.in_bundle().count(), 1);
-        assert_eq!(s.seq, 4, "one seq per state change (LeafIssued included)");
+        assert_eq!(s.seq, 3, "one seq per state change");
     }
 
     #[test]
@@ -564,9 +571,6 @@ mod tests {
         // Retiring before the old root's last leaf expires is refused.
         let s = start();
         let (s, _) = s
-            .apply(&Command::LeafIssued { not_after: t(30) }, &obs(t(0)))
-            .unwrap();
-        let (s, _) = s
             .apply(
                 &Command::Prepare {
                     id: "bbbb".into(),
@@ -578,17 +582,14 @@ mod tests {
         let (s, _) = s
             .apply(&Command::Activate { force: false }, &obs(t(25)))
             .unwrap();
-        let e = s.apply(&Command::Retire, &obs(t(29))).unwrap_err();
+        let e = s.apply(&Command::Retire, &obs(t(48))).unwrap_err();
         assert!(e.to_string().contains("live leaves"), "{e}");
-        assert!(s.apply(&Command::Retire, &obs(t(30))).is_ok());
+        assert!(s.apply(&Command::Retire, &obs(t(49))).is_ok());
     }
 
     #[test]
     fn tainted_roots_leave_the_bundle_once_nothing_depends_on_them() {
         let s = start();
-        let (s, _) = s
-            .apply(&Command::LeafIssued { not_after: t(10) }, &obs(t(0)))
-            .unwrap();
         let (s, _) = s
             .apply(
                 &Command::Prepare {
@@ -601,6 +602,12 @@ mod tests {
         let (s, _) = s
             .apply(&Command::Taint { id: "aaaa".into() }, &obs(t(1)))
             .unwrap();
+        assert_eq!(s.bundle_version, 3, "tainting changes the bundle message");
+        assert_eq!(
+            s.apply(&Command::Taint { id: "aaaa".into() }, &obs(t(1)))
+                .unwrap_err(),
+            RotationError::AlreadyTainted("aaaa".into())
+        );
         // Emergency: activate the new root at once.
         let (s, _) = s
             .apply(&Command::Activate { force: true }, &obs(t(2)))
@@ -608,7 +615,7 @@ mod tests {
         let (s2, ev) = s.apply(&Command::Tick, &obs(t(5))).unwrap();
         assert!(ev.is_empty(), "leaves under the tainted root still live");
         assert_eq!(s2, s);
-        let (s3, ev) = s.apply(&Command::Tick, &obs(t(10))).unwrap();
+        let (s3, ev) = s.apply(&Command::Tick, &obs(t(26))).unwrap();
         assert_eq!(ev, vec![Event::Removed("aaaa".into())]);
         assert_eq!(s3.bundle_version, s.bundle_version + 1);
         assert_eq!(

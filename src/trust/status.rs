@@ -1,24 +1,31 @@
-//! `meshca rotation status` from the data directory (read-only): each root
-//! and the issuer, with fingerprint, validity, state and the number of live
-//! leaves it signed (counted from the audit log), plus expiry warnings.
+//! `meshca rotation status`: the report (read-only).
 //!
-//! Must not: change anything.
+//! Owns: building the status from the rotation state, the certificate
+//! files, the propagation tracker (when a server is running) and the audit
+//! log (live leaves per root and issuer): each root and the issuer with
+//! fingerprint, validity, state, live leaves and propagation, expiry
+//! warnings, and the next step with when it becomes safe. Must not: change
+//! anything.
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
 
+use super::propagation::Propagation;
+use super::rotation::{Observations, Phase, RotationState};
+use super::service::phase_name;
 use crate::audit::store::{Filter, SqliteStore};
 use crate::ca::store::DataDir;
-use crate::ca::{fingerprint, pem_to_certs, to_system_time};
+use crate::ca::{fingerprint, to_system_time};
 use crate::clock::rfc3339;
 
 /// One certificate row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CertRow {
     /// `root` or `issuer`.
-    pub kind: &'static str,
+    pub kind: String,
     /// SHA-256 fingerprint (hex).
     pub fingerprint: String,
     /// Subject.
@@ -27,86 +34,101 @@ pub struct CertRow {
     pub not_before: String,
     /// Validity end (RFC 3339).
     pub not_after: String,
-    /// `active`, `in bundle`, `expired`, or (journal) the rotation phase.
+    /// Roots: `prepared`, `active`, `retired` (with `, tainted`, or
+    /// `, EXPIRED`); the issuer: `active` or `EXPIRED`.
     pub state: String,
     /// Leaves signed under it that have not expired (None without an audit log).
     pub live_leaves: Option<u64>,
+    /// For the prepared root: clients that have seen it / live clients
+    /// (None when unknown, e.g. offline).
+    pub propagation: Option<String>,
     /// Seconds until expiry (negative once expired).
     pub expires_in_s: i64,
 }
 
 /// The status report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
-    /// Roots, then the issuer.
+    /// The trust bundle version.
+    pub bundle_version: u64,
+    /// Roots (oldest first), then the issuer.
     pub certificates: Vec<CertRow>,
-    /// Warnings (expiry thresholds).
+    /// Propagation of the version that matters now (None offline).
+    pub propagation: Option<Propagation>,
+    /// Warnings (expiry thresholds, unobservable clients).
     pub warnings: Vec<String>,
-    /// What to do next, and when.
+    /// What to do next.
     pub next_step: String,
+    /// When it becomes safe (RFC 3339), if it is gated on time.
+    pub next_step_at: Option<String>,
 }
 
-fn parse(der: &[u8]) -> Result<(String, SystemTime, SystemTime, Vec<u8>), String> {
+fn parse(der: &[u8]) -> Result<(String, SystemTime, SystemTime), String> {
     let (_, x) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
     Ok((
         x.subject().to_string(),
         to_system_time(x.validity().not_before),
         to_system_time(x.validity().not_after),
-        x.issuer().as_raw().to_vec(),
     ))
 }
 
-/// Builds the status of `data` at `now`. Warns for anything expiring within `warn_within`.
-pub fn status(data: &DataDir, now: SystemTime, warn_within: Duration) -> Result<Status, String> {
-    let read = |name: &str| -> Result<Vec<Vec<u8>>, String> {
-        let p = data.file(name);
-        let b = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        Ok(pem_to_certs(&b)?.into_iter().map(|c| c.to_vec()).collect())
-    };
-    let roots = read("bundle.pem")?;
-    let issuer = read("issuer.crt")?.swap_remove(0);
-    let (i_subject, i_nb, i_na, i_issuer_name) = parse(&issuer)?;
-    let issuer_fp = fingerprint(&issuer);
+/// Live leaves per root and per issuer, from the audit log's granted entries.
+type LiveLeaves = (HashMap<String, u64>, HashMap<String, u64>);
 
-    // Live leaves per issuer, from the audit log's granted entries.
-    let live: Option<std::collections::HashMap<String, u64>> = {
-        let db = data.file(crate::audit::DB_FILE);
-        if db.exists() {
-            let store = SqliteStore::open_read_only(&db)?;
-            let rows = crate::audit::query::list(
-                &store,
-                &Filter {
-                    result: Some("granted".into()),
-                    ..Default::default()
-                },
-            )?;
-            let mut m = std::collections::HashMap::new();
-            for r in rows {
-                let alive = r
-                    .entry
-                    .not_after
-                    .as_deref()
-                    .and_then(|t| {
-                        ::time::OffsetDateTime::parse(
-                            t,
-                            &::time::format_description::well_known::Rfc3339,
-                        )
-                        .ok()
-                    })
-                    .is_some_and(|t| SystemTime::from(t) > now);
-                if let (true, Some(f)) = (alive, r.entry.issuer_fingerprint) {
-                    *m.entry(f).or_insert(0) += 1;
-                }
-            }
-            Some(m)
-        } else {
-            None
+fn live_leaves(
+    data: &DataDir,
+    now: SystemTime,
+    max_ttl: Duration,
+) -> Result<Option<LiveLeaves>, String> {
+    let db = data.file(crate::audit::DB_FILE);
+    if !db.exists() {
+        return Ok(None);
+    }
+    let store = SqliteStore::open_read_only(&db)?;
+    let since = now.checked_sub(max_ttl + Duration::from_secs(3600));
+    let rows = crate::audit::query::list(
+        &store,
+        &Filter {
+            result: Some("granted".into()),
+            since_ms: since.map(crate::clock::unix_millis),
+            ..Default::default()
+        },
+    )?;
+    let (mut by_root, mut by_issuer) = (HashMap::new(), HashMap::new());
+    for r in rows {
+        let alive = r
+            .entry
+            .not_after
+            .as_deref()
+            .and_then(|t| {
+                ::time::OffsetDateTime::parse(t, &::time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .is_some_and(|t| SystemTime::from(t) > now);
+        if !alive {
+            continue;
         }
-    };
-    let issuer_live = live
-        .as_ref()
-        .map(|m| m.get(&issuer_fp).copied().unwrap_or(0));
+        if let Some(f) = r.entry.root_fingerprint {
+            *by_root.entry(f).or_insert(0) += 1;
+        }
+        if let Some(f) = r.entry.issuer_fingerprint {
+            *by_issuer.entry(f).or_insert(0) += 1;
+        }
+    }
+    Ok(Some((by_root, by_issuer)))
+}
 
+/// Builds the status of `data` at `now`. `propagation` comes from a running
+/// server; offline it is None.
+pub fn status(
+    data: &DataDir,
+    state: &RotationState,
+    obs: &Observations,
+    propagation: Option<Propagation>,
+    warn_within: Duration,
+) -> Result<Status, String> {
+    let now = obs.now;
+    let live = live_leaves(data, now, obs.max_leaf_ttl)?;
     let secs = |t: SystemTime| -> i64 {
         match t.duration_since(now) {
             Ok(d) => d.as_secs() as i64,
@@ -114,47 +136,55 @@ pub fn status(data: &DataDir, now: SystemTime, warn_within: Duration) -> Result<
         }
     };
     let mut rows = Vec::new();
-    let mut warnings = Vec::new();
-    for r in &roots {
-        let (subject, nb, na, _) = parse(r)?;
-        let (_, x) = X509Certificate::from_der(r).map_err(|e| e.to_string())?;
-        let signs_issuer = x.subject().as_raw() == i_issuer_name.as_slice();
-        let state = if na <= now {
-            "expired"
-        } else if signs_issuer {
-            "active"
-        } else {
-            "in bundle"
+    for r in state.in_bundle() {
+        let der = data.read_root_cert(&r.id).map_err(|e| e.to_string())?;
+        let (subject, nb, na) = parse(&der)?;
+        let mut st = phase_name(r.phase).to_string();
+        if r.tainted {
+            st.push_str(", tainted");
+        }
+        if na <= now {
+            st.push_str(", EXPIRED");
+        }
+        let prop = match (&propagation, r.phase) {
+            (Some(p), Phase::Prepared) => Some(format!("{}/{}", p.acked, p.clients)),
+            _ => None,
         };
         rows.push(CertRow {
-            kind: "root",
-            fingerprint: fingerprint(r),
+            kind: "root".into(),
+            fingerprint: r.id.clone(),
             subject,
             not_before: rfc3339(nb),
             not_after: rfc3339(na),
-            state: state.into(),
-            live_leaves: if signs_issuer {
-                issuer_live
-            } else {
-                live.as_ref().map(|_| 0)
-            },
+            state: st,
+            live_leaves: live
+                .as_ref()
+                .map(|(by_root, _)| by_root.get(&r.id).copied().unwrap_or(0)),
+            propagation: prop,
             expires_in_s: secs(na),
         });
     }
+    let issuer = data
+        .issuer_chain()
+        .map_err(|e| e.to_string())?
+        .swap_remove(0);
+    let (i_subject, i_nb, i_na) = parse(&issuer)?;
+    let issuer_fp = fingerprint(&issuer);
     rows.push(CertRow {
-        kind: "issuer",
-        fingerprint: issuer_fp,
+        kind: "issuer".into(),
+        fingerprint: issuer_fp.clone(),
         subject: i_subject,
         not_before: rfc3339(i_nb),
         not_after: rfc3339(i_na),
-        state: if i_na <= now {
-            "expired".into()
-        } else {
-            "active".into()
-        },
-        live_leaves: issuer_live,
+        state: if i_na <= now { "EXPIRED" } else { "active" }.into(),
+        live_leaves: live
+            .as_ref()
+            .map(|(_, by_issuer)| by_issuer.get(&issuer_fp).copied().unwrap_or(0)),
+        propagation: None,
         expires_in_s: secs(i_na),
     });
+
+    let mut warnings = Vec::new();
     for r in &rows {
         if r.expires_in_s <= 0 {
             warnings.push(format!(
@@ -173,25 +203,91 @@ pub fn status(data: &DataDir, now: SystemTime, warn_within: Duration) -> Result<
             ));
         }
     }
-    let next_step = if i_na <= now {
-        "the issuer has expired: issuance is refused until it is replaced".to_string()
-    } else {
-        format!(
-            "no rotation in progress; the issuer should be renewed by {} (2/3 of its lifetime)",
-            rfc3339(i_nb + (i_na.duration_since(i_nb).unwrap_or_default() * 2) / 3)
+    if let Some(p) = &propagation {
+        for l in &p.lagging {
+            warnings.push(format!(
+                "client has not seen bundle version {}: {l}",
+                p.version
+            ));
+        }
+    }
+
+    let active_expired = state.active().is_none_or(|a| a.not_after <= now);
+    let (next_step, next_step_at) = if active_expired {
+        (
+            "the active root has expired: run `meshca rotation prepare`, then `meshca rotation activate --force` (docs/rotation.md, recovery)".to_string(),
+            None,
         )
+    } else if i_na <= now && state.prepared().is_none() {
+        (
+            "the issuer has expired: restart `meshca serve` (it makes a new issuer under the active root at start)".to_string(),
+            None,
+        )
+    } else {
+        let (step, at) = state.next_step(obs);
+        (step, at.map(rfc3339))
     };
     Ok(Status {
+        bundle_version: state.bundle_version,
         certificates: rows,
+        propagation,
         warnings,
         next_step,
+        next_step_at,
     })
+}
+
+/// Prints a status as a table.
+pub fn print_table(s: &Status) {
+    println!("trust bundle version {}", s.bundle_version);
+    println!(
+        "{:<7}  {:<16}  {:<18}  {:<20}  {:<20}  {:>11}  {:>11}  SUBJECT",
+        "KIND", "FINGERPRINT", "STATE", "NOT BEFORE", "NOT AFTER", "LIVE LEAVES", "PROPAGATION"
+    );
+    for c in &s.certificates {
+        println!(
+            "{:<7}  {:<16}  {:<18}  {:<20}  {:<20}  {:>11}  {:>11}  {}",
+            c.kind,
+            &c.fingerprint[..16],
+            c.state,
+            c.not_before.get(..19).unwrap_or(&c.not_before),
+            c.not_after.get(..19).unwrap_or(&c.not_after),
+            c.live_leaves.map_or("-".to_string(), |n| n.to_string()),
+            c.propagation.as_deref().unwrap_or("-"),
+            c.subject
+        );
+    }
+    if let Some(p) = &s.propagation {
+        println!(
+            "clients: {} live, {} watching; {} have seen bundle version {}",
+            p.clients, p.watchers, p.acked, p.version
+        );
+    }
+    for w in &s.warnings {
+        println!("WARNING: {w}");
+    }
+    match &s.next_step_at {
+        Some(at) => println!("next: {} (safe from {at})", s.next_step),
+        None => println!("next: {}", s.next_step),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ca::store::InitOptions;
+    use crate::trust::manager::TrustManager;
+
+    fn obs(now: SystemTime) -> Observations {
+        Observations {
+            now,
+            watchers: 0,
+            watchers_acked: 0,
+            acked_version: 0,
+            propagation_wait: Duration::from_secs(86400),
+            max_leaf_ttl: Duration::from_secs(86400),
+        }
+    }
 
     #[test]
     fn status_of_a_fresh_ca_and_expiry_warnings() {
@@ -199,21 +295,25 @@ mod tests {
         let d = DataDir::new(dir.path());
         let now = SystemTime::now();
         d.init(&InitOptions::default(), now).unwrap();
-        let s = status(&d, now, Duration::from_secs(7 * 86400)).unwrap();
+        let m = TrustManager::open(d.clone(), now).unwrap();
+        let week = Duration::from_secs(7 * 86400);
+        let s = status(&d, &m.state(), &obs(now), None, week).unwrap();
         assert_eq!(s.certificates.len(), 2);
         assert_eq!(s.certificates[0].kind, "root");
         assert_eq!(s.certificates[0].state, "active");
         assert_eq!(s.certificates[1].kind, "issuer");
         assert_eq!(s.certificates[1].live_leaves, None, "no audit log yet");
         assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+        assert!(s.next_step.starts_with("prepare"), "{}", s.next_step);
         // 25 days later the 30-day issuer is within the 7-day warning window.
         let later = now + Duration::from_secs(25 * 86400);
-        let s = status(&d, later, Duration::from_secs(7 * 86400)).unwrap();
+        let s = status(&d, &m.state(), &obs(later), None, week).unwrap();
         assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
         assert!(s.warnings[0].starts_with("issuer"));
         // 31 days later it has expired.
-        let s = status(&d, now + Duration::from_secs(31 * 86400), Duration::ZERO).unwrap();
-        assert_eq!(s.certificates[1].state, "expired");
+        let t = now + Duration::from_secs(31 * 86400);
+        let s = status(&d, &m.state(), &obs(t), None, Duration::ZERO).unwrap();
+        assert_eq!(s.certificates[1].state, "EXPIRED");
         assert!(s.warnings[0].contains("EXPIRED"));
         assert!(s.next_step.contains("expired"));
     }

@@ -1,0 +1,213 @@
+//! Which trust-bundle version each client has seen.
+//!
+//! Owns: the in-memory record of clients — bundle watchers
+//! (`WatchTrustBundle`) and renewing clients (native and Istio `Certify`,
+//! whose responses carry the bundle) — keyed by `SPIFFE ID + peer IP`, each
+//! with the highest bundle version delivered to it and how long it matters
+//! (while it watches, or until its latest certificate expires). The
+//! activation gate asks it how many live clients have seen a version.
+//! Sharded so the per-request update rarely shares a lock. Must not: decide
+//! whether a rotation step is safe (see `rotation`).
+//!
+//! "Seen" means the message carrying that version was handed to the client's
+//! connection (a stream item yielded, a response returned). Linkerd's
+//! `Certify` response carries no bundle, so Linkerd proxies are not tracked:
+//! the propagation wait covers them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+const SHARDS: usize = 16;
+
+#[derive(Debug, Clone)]
+struct Client {
+    version: u64,
+    live_until: SystemTime,
+    watching: u32,
+    root: Option<String>,
+}
+
+impl Client {
+    fn live(&self, now: SystemTime) -> bool {
+        self.watching > 0 || self.live_until > now
+    }
+}
+
+/// The tracker (one per server).
+#[derive(Debug)]
+pub struct Tracker {
+    shards: Vec<Mutex<HashMap<String, Client>>>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+/// What the tracker knows at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Propagation {
+    /// The version asked about.
+    pub version: u64,
+    /// Live clients (watchers and holders of unexpired certificates).
+    pub clients: usize,
+    /// Of those, how many have seen `version` or later.
+    pub acked: usize,
+    /// Connected watchers.
+    pub watchers: usize,
+    /// Of those, how many have been sent `version` or later.
+    pub watchers_acked: usize,
+    /// Live clients by the highest version they have seen.
+    pub by_version: BTreeMap<u64, usize>,
+    /// Live certificates per root fingerprint (the latest certificate of
+    /// each tracked client, since this server started).
+    pub leaves_by_root: BTreeMap<String, usize>,
+    /// Some clients that have not seen `version` (for the operator).
+    pub lagging: Vec<String>,
+}
+
+/// A connected watcher; dropping it ends the watch.
+#[derive(Debug)]
+pub struct WatchHandle {
+    tracker: Arc<Tracker>,
+    key: String,
+}
+
+impl WatchHandle {
+    /// Records that `version` was sent to this watcher.
+    pub fn delivered(&self, version: u64) {
+        self.tracker
+            .with(&self.key, |c| c.version = c.version.max(version));
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        self.tracker
+            .with(&self.key, |c| c.watching = c.watching.saturating_sub(1));
+    }
+}
+
+impl Tracker {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Client>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn with(&self, key: &str, f: impl FnOnce(&mut Client)) {
+        let mut m = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let c = m.entry(key.to_string()).or_insert(Client {
+            version: 0,
+            live_until: SystemTime::UNIX_EPOCH,
+            watching: 0,
+            root: None,
+        });
+        f(c);
+    }
+
+    /// Records a certificate handed out together with bundle `version`.
+    pub fn certified(&self, key: &str, version: u64, not_after: SystemTime, root: Option<&str>) {
+        self.with(key, |c| {
+            c.version = c.version.max(version);
+            c.live_until = c.live_until.max(not_after);
+            if root.is_some() {
+                c.root = root.map(str::to_string);
+            }
+        });
+    }
+
+    /// Starts tracking a watcher.
+    pub fn watch(self: &Arc<Self>, key: String) -> WatchHandle {
+        self.with(&key, |c| c.watching += 1);
+        WatchHandle {
+            tracker: self.clone(),
+            key,
+        }
+    }
+
+    /// Summarizes live clients against `version`, forgetting dead ones.
+    pub fn summary(&self, now: SystemTime, version: u64) -> Propagation {
+        let mut p = Propagation {
+            version,
+            ..Default::default()
+        };
+        for shard in &self.shards {
+            let mut m = shard.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|_, c| c.live(now));
+            for (k, c) in m.iter() {
+                p.clients += 1;
+                *p.by_version.entry(c.version).or_insert(0) += 1;
+                let acked = c.version >= version;
+                if acked {
+                    p.acked += 1;
+                } else if p.lagging.len() < 10 {
+                    p.lagging.push(format!("{k} (has version {})", c.version));
+                }
+                if c.watching > 0 {
+                    p.watchers += 1;
+                    if acked {
+                        p.watchers_acked += 1;
+                    }
+                }
+                if let (Some(r), true) = (&c.root, c.live_until > now) {
+                    *p.leaves_by_root.entry(r.clone()).or_insert(0) += 1;
+                }
+            }
+        }
+        p.lagging.sort();
+        p
+    }
+}
+
+/// The key a client is tracked under.
+pub fn client_key(spiffe_id: &str, peer: Option<std::net::SocketAddr>) -> String {
+    match peer {
+        Some(p) => format!("{spiffe_id} {}", p.ip()),
+        None => spiffe_id.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn watchers_and_renewing_clients_are_counted_until_they_stop_mattering() {
+        let t = Arc::new(Tracker::default());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        t.certified("a 10.0.0.1", 1, now + hour, Some("r1"));
+        t.certified("b 10.0.0.2", 1, now + 2 * hour, Some("r1"));
+        let w = t.watch("a 10.0.0.1".into());
+        w.delivered(2);
+        let p = t.summary(now, 2);
+        assert_eq!(
+            (p.clients, p.acked, p.watchers, p.watchers_acked),
+            (2, 1, 1, 1)
+        );
+        assert_eq!(p.lagging, vec!["b 10.0.0.2 (has version 1)".to_string()]);
+        assert_eq!(p.leaves_by_root.get("r1"), Some(&2));
+        // b renews and gets version 2 with its new certificate.
+        t.certified("b 10.0.0.2", 2, now + 3 * hour, Some("r2"));
+        let p = t.summary(now, 2);
+        assert_eq!((p.clients, p.acked), (2, 2));
+        assert_eq!(p.by_version.get(&2), Some(&2));
+        // After a's certificate expires it still counts while it watches...
+        let later = now + Duration::from_secs(5400);
+        assert_eq!(t.summary(later, 2).clients, 2);
+        // ...and not once it has gone.
+        drop(w);
+        let p = t.summary(later, 2);
+        assert_eq!((p.clients, p.watchers), (1, 0));
+        assert_eq!(t.summary(now + 4 * hour, 2).clients, 0);
+    }
+}

@@ -1,0 +1,512 @@
+//! The live rotation: applies steps to a running CA.
+//!
+//! Owns: running a step (operator or automatic) through the
+//! [`TrustManager`] off the async workers, then publishing the result to the
+//! running [`Authority`] (bundle to every watcher, new issuer at once), one
+//! log line and one audit entry per transition, the rotation metrics, and
+//! the background loops: scheduled issuer renewal at 2/3 of its lifetime,
+//! housekeeping of tainted roots, the optional automatic rotation policy and
+//! expiry warnings. Steps are serialized by one async lock (they are rare;
+//! issuance never takes it). Must not: decide whether a step is safe (see
+//! `rotation`) or write files itself (see `manager`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{watch, Notify};
+
+use super::manager::{Reconciled, RootSource, TrustError, TrustManager};
+use super::propagation::{Propagation, Tracker};
+use super::rotation::{Command, Event, Observations, Phase, RotationError};
+use crate::audit::{AuditLog, Entry};
+use crate::ca::Authority;
+use crate::clock::{rfc3339, unix_millis, unix_secs};
+
+/// Rotation settings (from `serve`'s configuration).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Lifetime of a new issuer (clamped to its root).
+    pub issuer_lifetime: Duration,
+    /// Lifetime of a generated root.
+    pub root_lifetime: Duration,
+    /// The least time a prepared root stays in the bundle before activation.
+    pub propagation_wait: Duration,
+    /// The longest leaf lifetime (bounds how long a retired root is needed).
+    pub max_leaf_ttl: Duration,
+    /// Warn this long before a root or issuer expires.
+    pub expiry_warning: Duration,
+    /// Walk prepare → activate → retire automatically at this period.
+    pub auto_rotate_every: Option<Duration>,
+    /// How often housekeeping and the automatic policy run.
+    pub check_interval: Duration,
+}
+
+/// A step an operator (or the automatic policy) asks for.
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// Add a new root to the bundle.
+    Prepare(RootSource),
+    /// Make the prepared root sign.
+    Activate {
+        /// Skip the propagation gate.
+        force: bool,
+    },
+    /// Remove retired roots whose leaves have expired.
+    Retire,
+    /// Mark a root compromised.
+    Taint(String),
+}
+
+impl Step {
+    fn name(&self) -> &'static str {
+        match self {
+            Step::Prepare(_) => "prepare",
+            Step::Activate { .. } => "activate",
+            Step::Retire => "retire",
+            Step::Taint(_) => "taint",
+        }
+    }
+}
+
+/// The running rotation service.
+#[derive(Debug)]
+pub struct RotationService {
+    mgr: Arc<TrustManager>,
+    ca: Arc<Authority>,
+    tracker: Arc<Tracker>,
+    audit: Option<AuditLog>,
+    settings: Settings,
+    steps: tokio::sync::Mutex<()>,
+    issuer_changed: Notify,
+}
+
+impl RotationService {
+    /// Wraps the manager and the CA it drives; publishes the current state.
+    pub fn new(
+        mgr: Arc<TrustManager>,
+        ca: Arc<Authority>,
+        tracker: Arc<Tracker>,
+        audit: Option<AuditLog>,
+        settings: Settings,
+    ) -> Arc<Self> {
+        let s = Arc::new(Self {
+            mgr,
+            ca,
+            tracker,
+            audit,
+            settings,
+            steps: tokio::sync::Mutex::new(()),
+            issuer_changed: Notify::new(),
+        });
+        s.publish_metrics();
+        s
+    }
+
+    /// The manager.
+    pub fn manager(&self) -> &Arc<TrustManager> {
+        &self.mgr
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Resolves when the issuer has been replaced (the server renews its
+    /// own certificate under the new one).
+    pub async fn issuer_changed(&self) {
+        self.issuer_changed.notified().await
+    }
+
+    /// Propagation of the version that matters now: the prepared root's, or
+    /// the current bundle's when nothing is prepared.
+    pub fn propagation(&self, now: SystemTime) -> Propagation {
+        let s = self.mgr.state();
+        let v = s
+            .prepared()
+            .map(|p| p.added_in_bundle)
+            .unwrap_or(s.bundle_version);
+        self.tracker.summary(now, v)
+    }
+
+    /// What the state machine is told about the world.
+    pub fn observations(&self, now: SystemTime) -> Observations {
+        let p = self.propagation(now);
+        Observations {
+            now,
+            watchers: p.clients,
+            watchers_acked: p.acked,
+            acked_version: p.version,
+            propagation_wait: self.settings.propagation_wait,
+            max_leaf_ttl: self.settings.max_leaf_ttl,
+        }
+    }
+
+    /// Runs one step. `actor` says who asked (for the log and audit).
+    pub async fn step(&self, step: Step, actor: &str) -> Result<Vec<Event>, TrustError> {
+        let _one_at_a_time = self.steps.lock().await;
+        let started = Instant::now();
+        let now = self.ca.clock().now();
+        let obs = self.observations(now);
+        let name = step.name();
+        let mgr = self.mgr.clone();
+        let lifetime = self.settings.issuer_lifetime;
+        let obs2 = obs.clone();
+        let (events, rec) = tokio::task::spawn_blocking(move || {
+            let obs = obs2;
+            let events = match &step {
+                Step::Prepare(src) => mgr.prepare(src, &obs)?,
+                Step::Activate { force } => {
+                    mgr.apply(&Command::Activate { force: *force }, &obs)?
+                }
+                Step::Retire => mgr.apply(&Command::Retire, &obs)?,
+                Step::Taint(id) => mgr.apply(&Command::Taint { id: id.clone() }, &obs)?,
+            };
+            let rec = mgr.reconcile(lifetime, now).map_err(TrustError::Storage)?;
+            Ok::<_, TrustError>((events, rec))
+        })
+        .await
+        .map_err(|e| TrustError::Storage(format!("rotation step panicked: {e}")))??;
+        self.publish(&rec).await.map_err(TrustError::Storage)?;
+        crate::metrics::global().rotation_step(name, started.elapsed());
+        self.record(&events, actor, &obs).await;
+        Ok(events)
+    }
+
+    /// Applies the journal's state to the running CA after a step or at start.
+    pub async fn publish(&self, rec: &Reconciled) -> Result<(), String> {
+        let bundle = self.mgr.bundle()?;
+        self.ca.set_bundle(bundle);
+        if let Some((report, why)) = &rec.issuer_renewed {
+            self.load_issuer().await?;
+            tracing::info!(issuer = %report.fingerprint, not_after = %rfc3339(report.not_after), reason = why, "rotation: new issuer under the active root");
+            crate::metrics::global().rotation_transition("issuer_renewed");
+            self.audit_entry(
+                "issuer_renewed",
+                why,
+                format!(
+                    "issuer {} (not after {})",
+                    report.fingerprint,
+                    rfc3339(report.not_after)
+                ),
+                Some(report.fingerprint.clone()),
+            )
+            .await;
+        }
+        if let Some(p) = &rec.problem {
+            tracing::error!(problem = %p, "rotation: the CA cannot issue");
+        }
+        self.publish_metrics();
+        Ok(())
+    }
+
+    /// Loads the issuer from disk into the CA.
+    pub async fn load_issuer(&self) -> Result<(), String> {
+        let data = self.mgr.data().clone();
+        let active = self
+            .mgr
+            .state()
+            .active()
+            .map(|r| r.id.clone())
+            .ok_or("no active root")?;
+        let loaded = tokio::task::spawn_blocking(move || data.load())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        crate::metrics::global().set_issuer_expiry(unix_secs(loaded.issuer.not_after));
+        self.ca.set_issuer(loaded.issuer.with_root(active));
+        self.issuer_changed.notify_waiters();
+        Ok(())
+    }
+
+    fn publish_metrics(&self) {
+        let s = self.mgr.state();
+        let roots: Vec<crate::metrics::RootGauge> = s
+            .in_bundle()
+            .map(|r| crate::metrics::RootGauge {
+                root: r.id[..16.min(r.id.len())].to_string(),
+                state: format!(
+                    "{}{}",
+                    phase_name(r.phase),
+                    if r.tainted { "-tainted" } else { "" }
+                ),
+                expiry_unix: unix_secs(r.not_after),
+            })
+            .collect();
+        let m = crate::metrics::global();
+        m.set_roots(&roots, s.bundle_version);
+        let p = self.propagation(self.ca.clock().now());
+        let short: std::collections::BTreeMap<String, usize> = p
+            .leaves_by_root
+            .iter()
+            .map(|(k, v)| (k[..16.min(k.len())].to_string(), *v))
+            .collect();
+        m.set_propagation(&p.by_version, p.watchers, &short);
+    }
+
+    async fn record(&self, events: &[Event], actor: &str, obs: &Observations) {
+        let m = crate::metrics::global();
+        for e in events {
+            let (kind, root, detail) = match e {
+                Event::Prepared(id) => (
+                    "prepared",
+                    id.clone(),
+                    "added to the trust bundle, not signing yet".to_string(),
+                ),
+                Event::Activated { new, old, forced } => (
+                    "activated",
+                    new.clone(),
+                    format!(
+                        "now signing; root {old} retired{}",
+                        if *forced {
+                            format!(
+                                " (FORCED: {}/{} clients had seen bundle version {})",
+                                obs.watchers_acked, obs.watchers, obs.acked_version
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ),
+                Event::Removed(id) => (
+                    "removed",
+                    id.clone(),
+                    "removed from the trust bundle".to_string(),
+                ),
+                Event::Tainted(id) => (
+                    "tainted",
+                    id.clone(),
+                    "marked compromised: clients chained to it must re-certify".to_string(),
+                ),
+            };
+            m.rotation_transition(kind);
+            let version = self.mgr.state().bundle_version;
+            tracing::warn!(transition = kind, root = %root, actor, bundle_version = version, detail = %detail, "rotation transition");
+            self.audit_entry(kind, actor, format!("root {root}: {detail}"), None)
+                .await;
+        }
+    }
+
+    async fn audit_entry(
+        &self,
+        result: &str,
+        reason: &str,
+        detail: String,
+        issuer: Option<String>,
+    ) {
+        let Some(log) = &self.audit else { return };
+        let t = self.ca.clock().now();
+        let s = self.mgr.state();
+        let entry = Entry {
+            time: rfc3339(t),
+            time_unix_ms: unix_millis(t),
+            kind: "rotation".into(),
+            result: result.into(),
+            reason: reason.into(),
+            detail: Some(detail),
+            issuer_fingerprint: issuer,
+            root_fingerprint: s.active().map(|r| r.id.clone()),
+            bundle_version: Some(s.bundle_version),
+            ..Default::default()
+        };
+        if let Err(e) = log.append(entry).await {
+            tracing::error!(error = %e, "could not record a rotation transition in the audit log");
+        }
+    }
+
+    /// Starts the background loops; they end when `stop` flips.
+    pub fn spawn(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+        let me = self.clone();
+        let mut s1 = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = me.issuer_renewal_loop() => {}
+                _ = s1.changed() => {}
+            }
+        });
+        let me = self.clone();
+        let mut s2 = stop;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = me.housekeeping_loop() => {}
+                _ = s2.changed() => {}
+            }
+        });
+    }
+
+    /// Renews the issuer under the active root at 2/3 of its lifetime.
+    async fn issuer_renewal_loop(&self) {
+        loop {
+            let iss = self.ca.issuer();
+            // notBefore is backdated; the lifetime counts from creation.
+            let created = iss.not_before + crate::ca::BACKDATE;
+            let life = iss.not_after.duration_since(created).unwrap_or_default();
+            let due = created + life * 2 / 3;
+            let wait = due
+                .duration_since(self.ca.clock().now())
+                .unwrap_or_default()
+                .max(Duration::from_millis(100));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.issuer_changed() => continue,
+            }
+            let _one_at_a_time = self.steps.lock().await;
+            if self.ca.issuer().fingerprint != iss.fingerprint {
+                continue; // a rotation step replaced it meanwhile
+            }
+            let started = Instant::now();
+            let (mgr, now) = (self.mgr.clone(), self.ca.clock().now());
+            let lifetime = self.settings.issuer_lifetime;
+            let r = tokio::task::spawn_blocking(move || mgr.renew_issuer(lifetime, now))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            match r {
+                Ok(report) => {
+                    if let Err(e) = self.load_issuer().await {
+                        tracing::error!(error = %e, "renewed issuer does not load");
+                        continue;
+                    }
+                    crate::metrics::global().rotation_step("issuer_renewal", started.elapsed());
+                    crate::metrics::global().rotation_transition("issuer_renewed");
+                    if report.clamped_to_root {
+                        tracing::warn!(issuer = %report.fingerprint, not_after = %rfc3339(report.not_after), "the new issuer's lifetime was cut to the root's expiry: rotate the root (meshca rotation prepare)");
+                    }
+                    tracing::info!(old = %iss.fingerprint, new = %report.fingerprint, not_after = %rfc3339(report.not_after), "issuer renewed");
+                    self.audit_entry(
+                        "issuer_renewed",
+                        "scheduled",
+                        format!(
+                            "issuer {} replaced by {} (not after {})",
+                            iss.fingerprint,
+                            report.fingerprint,
+                            rfc3339(report.not_after)
+                        ),
+                        Some(report.fingerprint.clone()),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    drop(_one_at_a_time);
+                    tracing::error!(error = %e, "issuer renewal failed; retrying in 60s");
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+            }
+        }
+    }
+
+    /// Tainted-root removal, the automatic policy, expiry warnings, metrics.
+    async fn housekeeping_loop(&self) {
+        let mut warned: HashMap<String, SystemTime> = HashMap::new();
+        loop {
+            tokio::time::sleep(self.settings.check_interval).await;
+            self.housekeeping_once(&mut warned).await;
+        }
+    }
+
+    /// One round of housekeeping (public for tests).
+    pub async fn housekeeping_once(&self, warned: &mut HashMap<String, SystemTime>) {
+        let now = self.ca.clock().now();
+        // Tainted roots leave the bundle once nothing depends on them.
+        {
+            let _one_at_a_time = self.steps.lock().await;
+            let obs = self.observations(now);
+            let mgr = self.mgr.clone();
+            let lifetime = self.settings.issuer_lifetime;
+            let r = tokio::task::spawn_blocking(move || {
+                let ev = mgr.apply(&Command::Tick, &obs)?;
+                let rec = if ev.is_empty() {
+                    None
+                } else {
+                    Some(mgr.reconcile(lifetime, now).map_err(TrustError::Storage)?)
+                };
+                Ok::<_, TrustError>((ev, rec, obs))
+            })
+            .await;
+            match r {
+                Ok(Ok((ev, Some(rec), obs))) => {
+                    if let Err(e) = self.publish(&rec).await {
+                        tracing::error!(error = %e, "rotation: publishing failed");
+                    }
+                    self.record(&ev, "housekeeping", &obs).await;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "rotation housekeeping failed"),
+                Err(e) => tracing::error!(error = %e, "rotation housekeeping panicked"),
+            }
+        }
+        if let Some(every) = self.settings.auto_rotate_every {
+            self.auto_rotate(every, now).await;
+        }
+        self.warn_expiry(now, warned);
+        self.publish_metrics();
+    }
+
+    /// The automatic policy: the same steps and gates an operator uses.
+    async fn auto_rotate(&self, every: Duration, now: SystemTime) {
+        let s = self.mgr.state();
+        let step = if s.prepared().is_some() {
+            Some(Step::Activate { force: false })
+        } else if s.roots.iter().any(|r| r.phase == Phase::Retired) {
+            Some(Step::Retire)
+        } else {
+            s.active()
+                .and_then(|a| a.activated_at)
+                .filter(|at| *at + every <= now)
+                .map(|_| Step::Prepare(RootSource::Generate(self.settings.root_lifetime)))
+        };
+        let Some(step) = step else { return };
+        let name = step.name();
+        match self.step(step, "auto-rotate").await {
+            Ok(_) => {}
+            // Waiting on a gate is the normal case, not an error.
+            Err(TrustError::Refused(
+                RotationError::NotPropagated { .. } | RotationError::NothingToRetire(_),
+            )) => tracing::debug!(step = name, "auto-rotate: waiting for the safety gate"),
+            Err(e) => tracing::error!(step = name, error = %e, "auto-rotate step failed"),
+        }
+    }
+
+    fn warn_expiry(&self, now: SystemTime, warned: &mut HashMap<String, SystemTime>) {
+        let mut items: Vec<(String, SystemTime)> = self
+            .mgr
+            .state()
+            .in_bundle()
+            .map(|r| (format!("root {}", &r.id[..16.min(r.id.len())]), r.not_after))
+            .collect();
+        let iss = self.ca.issuer();
+        items.push((format!("issuer {}", &iss.fingerprint[..16]), iss.not_after));
+        let mut n = 0;
+        for (what, at) in items {
+            if at > now + self.settings.expiry_warning {
+                continue;
+            }
+            n += 1;
+            // Loud, but at most hourly per certificate.
+            if warned
+                .get(&what)
+                .is_some_and(|t| now < *t + Duration::from_secs(3600))
+            {
+                continue;
+            }
+            warned.insert(what.clone(), now);
+            if at <= now {
+                tracing::error!(certificate = %what, expired_at = %rfc3339(at), "EXPIRED: see `meshca rotation status` and docs/rotation.md");
+            } else {
+                tracing::warn!(certificate = %what, expires_at = %rfc3339(at), "expires soon: see `meshca rotation status`");
+            }
+        }
+        crate::metrics::global().set_expiry_warnings(n);
+    }
+}
+
+/// The lowercase name of a phase.
+pub fn phase_name(p: Phase) -> &'static str {
+    match p {
+        Phase::Prepared => "prepared",
+        Phase::Active => "active",
+        Phase::Retired => "retired",
+        Phase::Removed => "removed",
+    }
+}
