@@ -297,6 +297,8 @@ pub struct ServeProcess {
     pub child: std::process::Child,
     /// The gRPC address it logged.
     pub grpc_addr: String,
+    /// The admin address it logged.
+    pub admin_addr: String,
     /// Log lines seen before it was serving.
     pub startup_log: Vec<String>,
     /// Collects the rest of its log (joins when the process ends).
@@ -305,8 +307,14 @@ pub struct ServeProcess {
 
 /// Starts `meshca serve --data-dir DATA EXTRA…` and waits until it serves.
 pub fn spawn_serve(data: &Path, extra: &[&str]) -> ServeProcess {
+    spawn_serve_env(data, extra, &[])
+}
+
+/// Like [`spawn_serve`], with extra environment variables.
+pub fn spawn_serve_env(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> ServeProcess {
     use std::io::{BufRead, BufReader};
     let mut child = meshca_bin()
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--listen",
@@ -331,11 +339,13 @@ pub fn spawn_serve(data: &Path, extra: &[&str]) -> ServeProcess {
         startup_log.push(line);
         if v["fields"]["message"] == "meshca serving" {
             let grpc_addr = v["fields"]["grpc_addr"].as_str().unwrap().to_string();
+            let admin_addr = v["fields"]["admin_addr"].as_str().unwrap().to_string();
             // Keep draining stderr so the server never blocks on a full pipe.
             let log = std::thread::spawn(move || lines.map_while(Result::ok).collect());
             return ServeProcess {
                 child,
                 grpc_addr,
+                admin_addr,
                 startup_log,
                 log,
             };
