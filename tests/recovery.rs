@@ -1,0 +1,124 @@
+//! Recovery from expiry: a CA whose root (and so its issuer) has expired
+//! starts anyway, says what expired, is not ready, and comes back with
+//! `meshca rotation prepare` + `meshca rotation activate --force` run against
+//! the running server with the CLI.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use meshca::ca::store::{DataDir, InitOptions};
+use support::*;
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = meshca_bin().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_root_is_recovered_without_a_crash_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    DataDir::new(&data)
+        .init(
+            &InitOptions {
+                root_lifetime: Duration::from_secs(2),
+                ..Default::default()
+            },
+            SystemTime::now(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let mut srv = spawn_serve(&data, &[]);
+    let log = srv.startup_log.join("\n");
+    assert!(
+        log.contains("expired"),
+        "the start-up log says what expired: {log}"
+    );
+    let admin = format!("http://{}", srv.admin_addr);
+    let (code, body) = meshca::admin_client::request("GET", &format!("{admin}/ready"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("expired"), "{body}");
+
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = cli(&["rotation", "status", "--server", &admin, "--data-dir", d]);
+    assert!(ok, "{err}");
+    assert!(out.contains("EXPIRED"), "{out}");
+    assert!(
+        out.contains("activate --force"),
+        "the table names the way out: {out}"
+    );
+
+    // A server holds the directory: offline commands refuse and say why.
+    let (ok, _, err) = cli(&["rotation", "prepare", "--data-dir", d]);
+    assert!(!ok);
+    assert!(err.contains("--server"), "{err}");
+
+    let (ok, out, err) = cli(&["rotation", "prepare", "--server", &admin, "--data-dir", d]);
+    assert!(ok, "{err}");
+    assert!(out.contains("done: prepared"), "{out}");
+    // Without --force the gate holds (the wait is max_ttl, 24 h by default).
+    let (ok, _, err) = cli(&["rotation", "activate", "--server", &admin, "--data-dir", d]);
+    assert!(!ok);
+    assert!(
+        err.contains("not propagated") && err.contains("--force"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(&[
+        "rotation",
+        "activate",
+        "--force",
+        "--server",
+        &admin,
+        "--data-dir",
+        d,
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["events"][0].as_str().unwrap().contains("FORCED"), "{v}");
+
+    // Ready again, and issuing under the new root.
+    let (code, _) = meshca::admin_client::request("GET", &format!("{admin}/ready"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let bundle = DataDir::new(&data).bundle_pem().unwrap();
+    let mut resp = None;
+    // The server swaps its own certificate right after the new issuer.
+    for _ in 0..50 {
+        if let Ok(ch) = meshca::client::connect(
+            &srv.grpc_addr,
+            &bundle,
+            "meshca.meshca.serviceaccount.identity.meshca.cluster.local",
+            None,
+        )
+        .await
+        {
+            if let Ok(r) = certify_native(&ch, dev_token(&data, "shop", "web")).await {
+                resp = Some(r);
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = resp.expect("issuance is back");
+    let tb = r.trust_bundle.unwrap();
+    meshca::client::verify_chain(
+        &r.cert_chain[0],
+        &r.cert_chain[1..],
+        &tb.roots,
+        SystemTime::now(),
+    )
+    .unwrap();
+    signal(&srv.child, "TERM");
+    assert!(srv.child.wait().unwrap().success());
+}
