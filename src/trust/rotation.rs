@@ -124,7 +124,7 @@ pub enum RotationError {
     #[error("root {0} is already prepared: activate it (or taint it) before preparing another")]
     AlreadyPrepared(String),
     /// The prepared root has not reached every client yet.
-    #[error("the prepared root has not propagated: {acked}/{total} bundle watchers have acknowledged version {version}, and it has been in the bundle {waited}s of the required {wait}s; activating now could break clients that do not trust it yet (use --force to accept that risk)")]
+    #[error("the prepared root has not propagated: {acked}/{total} live clients (bundle watchers and holders of unexpired certificates) have been sent bundle version {version}, and it has been in the bundle {waited}s of the required {wait}s; activating now could break clients that do not trust it yet (see `meshca rotation status` for who lags; use --force to accept that risk)")]
     NotPropagated {
         /// Watchers that acknowledged.
         acked: usize,
@@ -386,7 +386,7 @@ impl RotationState {
             let acked = obs.all_acked(p.added_in_bundle);
             return (
                 format!(
-                    "activate (watchers acknowledged: {}/{})",
+                    "activate (clients with the new bundle: {}/{})",
                     if obs.acked_version >= p.added_in_bundle {
                         obs.watchers_acked
                     } else {
