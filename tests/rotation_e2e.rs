@@ -659,3 +659,68 @@ async fn a_workload_that_does_not_watch_blocks_activation() {
     assert_eq!(code, 200, "{v}");
     s.mesh.stop.store(true, Ordering::Relaxed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_automatic_policy_walks_the_same_gated_steps() {
+    let ca = Ca::start_with(|c| {
+        c.max_ttl = Duration::from_secs(2);
+        c.default_ttl = Duration::from_secs(2);
+        c.min_ttl = Duration::from_secs(1);
+        c.propagation_wait = Duration::from_secs(1);
+        c.root_lifetime = Duration::from_secs(3600);
+        c.auto_rotate_root_every = Some(Duration::from_secs(2));
+        c.rotation_check_interval = Duration::from_millis(200);
+    })
+    .await;
+    let first = meshca::ca::fingerprint(&ca.running.ca.bundle().roots[0]);
+    // prepare at ~2 s, activate ≥ 1 s later, retire ≥ 2 s after that.
+    let t = Instant::now();
+    let mut saw_two = false;
+    loop {
+        let b = ca.running.ca.bundle();
+        saw_two |= b.roots.len() == 2;
+        let active = ca.running.ca.issuer().root_fingerprint.clone().unwrap();
+        if saw_two && b.roots.len() == 1 && active != first {
+            assert_eq!(meshca::ca::fingerprint(&b.roots[0]), active);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no automatic rotation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(4),
+        "the gates were waited for: {took:?}"
+    );
+    let log = ca.running.audit.clone().unwrap();
+    log.checkpoint().await.unwrap();
+    let store = meshca::audit::store::SqliteStore::open_read_only(log.db_path()).unwrap();
+    let auto: Vec<String> = meshca::audit::query::list(&store, &Default::default())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.entry.kind == "rotation" && r.entry.reason == "auto-rotate")
+        .map(|r| r.entry.result)
+        .collect();
+    assert_eq!(&auto[..3], ["prepared", "activated", "removed"], "{auto:?}");
+    // The metrics show the rotation.
+    let (_, m) = meshca::admin_client::request(
+        "GET",
+        &format!("http://{}/metrics", ca.running.admin_addr),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    for name in [
+        "meshca_trust_bundle_version",
+        "meshca_trust_root_expiry_timestamp_seconds{",
+        "meshca_rotation_step_duration_seconds_count{step=\"activate\"}",
+        "meshca_rotation_transitions_total{step=\"activated\"}",
+        "meshca_expiry_warnings",
+    ] {
+        assert!(m.contains(name), "{name} in /metrics");
+    }
+}
