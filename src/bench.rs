@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// runs, to measure what the log costs).
     #[arg(long, value_enum, default_value_t)]
     pub audit: AuditMode,
+    /// With `--audit both`: alternate this many off/on pairs and report the
+    /// median on/off ratio (each pair's ratio is printed too), so that drift
+    /// in the machine's speed does not land on one side.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Output format.
     #[arg(long, value_enum, default_value_t)]
     pub output: Output,
@@ -92,6 +97,9 @@ pub struct BenchReport {
     /// With `--audit both`: throughput with the log on / with it off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_throughput_ratio: Option<f64>,
+    /// With `--audit both --rounds N`: the on/off ratio of each pair, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audit_round_ratios: Vec<f64>,
     /// Entries in the audit log after the run (on runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_entries: Option<u64>,
@@ -103,12 +111,32 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         AuditMode::On => measure(&args, true).await?,
         AuditMode::Off => measure(&args, false).await?,
         AuditMode::Both => {
-            let off = measure(&args, false).await?;
-            let mut on = measure(&args, true).await?;
+            let mut pairs = Vec::new();
+            for round in 0..args.rounds.max(1) {
+                let off = measure(&args, false).await?;
+                let on = measure(&args, true).await?;
+                let ratio =
+                    on.certificates_per_second / off.certificates_per_second.max(f64::MIN_POSITIVE);
+                if args.rounds > 1 {
+                    eprintln!(
+                        "round {}/{}: off {:.1}/s, on {:.1}/s, on/off {ratio:.2}",
+                        round + 1,
+                        args.rounds,
+                        off.certificates_per_second,
+                        on.certificates_per_second
+                    );
+                }
+                pairs.push((ratio, off, on));
+            }
+            // The median pair by ratio; its figures are the ones reported.
+            let ratios: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+            pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (ratio, off, mut on) = pairs.swap_remove(pairs.len() / 2);
             on.audit_off_certificates_per_second = Some(off.certificates_per_second);
-            on.audit_throughput_ratio = Some(
-                on.certificates_per_second / off.certificates_per_second.max(f64::MIN_POSITIVE),
-            );
+            on.audit_throughput_ratio = Some(ratio);
+            if ratios.len() > 1 {
+                on.audit_round_ratios = ratios;
+            }
             on
         }
     };
@@ -155,6 +183,17 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             ) {
                 println!("  certificates/s, off   {off:>10.1}");
                 println!("  on / off              {r:>10.2}");
+                if !report.audit_round_ratios.is_empty() {
+                    let all: Vec<String> = report
+                        .audit_round_ratios
+                        .iter()
+                        .map(|r| format!("{r:.2}"))
+                        .collect();
+                    println!(
+                        "  on / off per round    {} (median reported)",
+                        all.join(" ")
+                    );
+                }
             }
         }
     }
@@ -314,5 +353,6 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
         audit_off_certificates_per_second: None,
         audit_throughput_ratio: None,
         audit_entries,
+        audit_round_ratios: Vec::new(),
     })
 }
