@@ -122,3 +122,88 @@ async fn an_expired_root_is_recovered_without_a_crash_loop() {
     signal(&srv.child, "TERM");
     assert!(srv.child.wait().unwrap().success());
 }
+
+#[test]
+fn an_offline_root_is_imported_with_checks_and_the_bundle_file_follows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    DataDir::new(&data)
+        .init(&InitOptions::default(), SystemTime::now())
+        .unwrap();
+    let d = data.to_str().unwrap();
+    // An externally made root (as an offline root CA would hand over).
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "offline root 2027");
+    p.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let root = p.self_signed(&key).unwrap();
+    let crt = dir.path().join("root.pem");
+    let k = dir.path().join("root.key");
+    std::fs::write(&crt, root.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    let other = dir.path().join("other.key");
+    std::fs::write(&other, rcgen::KeyPair::generate().unwrap().serialize_pem()).unwrap();
+
+    let (ok, _, err) = cli(&[
+        "rotation",
+        "prepare",
+        "--data-dir",
+        d,
+        "--root-cert",
+        crt.to_str().unwrap(),
+        "--root-key",
+        other.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(
+        err.contains("does not belong"),
+        "a mismatched key is refused: {err}"
+    );
+    let (ok, out, err) = cli(&[
+        "rotation",
+        "prepare",
+        "--data-dir",
+        d,
+        "--root-cert",
+        crt.to_str().unwrap(),
+        "--root-key",
+        k.to_str().unwrap(),
+        "--output",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let fp = meshca::ca::fingerprint(root.der());
+    assert_eq!(v["status"]["certificates"][1]["fingerprint"], fp.as_str());
+    assert_eq!(v["status"]["certificates"][1]["state"], "prepared");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(data.join("roots").join(format!("{fp}.key")))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A server started on it publishes both roots to the bundle file.
+    let bundle_file = dir.path().join("published/ca.crt");
+    std::fs::create_dir_all(bundle_file.parent().unwrap()).unwrap();
+    let mut srv = spawn_serve(&data, &["--bundle-file", bundle_file.to_str().unwrap()]);
+    let mut n = 0;
+    for _ in 0..50 {
+        n = std::fs::read(&bundle_file)
+            .map(|b| meshca::ca::pem_to_certs(&b).unwrap().len())
+            .unwrap_or(0);
+        if n == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(n, 2, "the bundle file holds the old and the imported root");
+    signal(&srv.child, "TERM");
+    assert!(srv.child.wait().unwrap().success());
+}
