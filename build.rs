@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/meshca/v1/meshca.proto",
         "proto/io/linkerd/proxy/identity/identity.proto",
         "proto/istio/v1/auth/ca.proto",
+        "proto/spiffe/workload.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

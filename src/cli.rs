@@ -152,6 +152,12 @@ pub enum Command {
     /// Trust-anchor and issuer lifecycle.
     #[command(subcommand)]
     Rotation(crate::rotation_cli::RotationCommand),
+    /// Run beside a workload: obtain and renew its certificate, follow the
+    /// trust bundle, and serve them as files and/or the SPIFFE Workload API.
+    Agent(crate::sidecar_cli::AgentArgs),
+    /// A small L4 mTLS sidecar using the workload's identity (inbound with a
+    /// SPIFFE ID allow-list, outbound with upstream identity checks).
+    Proxy(crate::sidecar_cli::ProxyArgs),
 }
 
 /// Sets up logging to stderr through a background writer thread, so a slow
@@ -188,6 +194,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             issuer_ttl,
         } => init(data_dir, root_cert.zip(root_key), root_ttl.0, issuer_ttl.0),
         Command::Serve(args) => serve(args).await,
+        Command::Agent(args) => crate::sidecar_cli::run_agent(args).await,
+        Command::Proxy(args) => crate::sidecar_cli::run_proxy(args).await,
         Command::Bundle { data_dir } => {
             print!(
                 "{}",

@@ -16,9 +16,14 @@ pub mod proto {
     pub mod istio {
         tonic::include_proto!("istio.v1.auth");
     }
+    /// The SPIFFE Workload API (no protobuf package: `SpiffeWorkloadAPI`).
+    pub mod spiffe {
+        include!(concat!(env!("OUT_DIR"), "/_.rs"));
+    }
 }
 
 pub mod admin_client;
+pub mod agent;
 pub mod api;
 pub mod audit;
 pub mod audit_cli;
@@ -31,8 +36,10 @@ pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod proxy;
 pub mod ratelimit;
 pub mod rotation_cli;
 pub mod secret;
 pub mod server;
+pub mod sidecar_cli;
 pub mod trust;

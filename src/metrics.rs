@@ -49,6 +49,29 @@ struct VersionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    direction: &'static str,
+    result: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    direction: &'static str,
+    peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabel {
     step: &'static str,
 }
@@ -92,6 +115,13 @@ pub struct Metrics {
     rotation_steps: Family<StepLabel, Histogram, fn() -> Histogram>,
     rotation_transitions: Family<StepLabel, Counter>,
     expiry_warnings: Gauge,
+    agent_expiry: Gauge,
+    agent_renewals: Family<ResultLabel, Counter>,
+    agent_bundle_version: Gauge,
+    proxy_handshakes: Family<HandshakeLabels, Counter>,
+    proxy_open: Family<DirectionLabel, Gauge>,
+    proxy_bytes: Family<DirectionLabel, Counter>,
+    proxy_peers: Family<PeerLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -197,7 +227,56 @@ impl Metrics {
             "Roots and issuers within the expiry-warning threshold (or expired)",
             expiry_warnings.clone(),
         );
+        let agent_expiry = Gauge::default();
+        registry.register(
+            "agent_certificate_expiry_timestamp_seconds",
+            "Expiry (Unix time) of the certificate the agent holds",
+            agent_expiry.clone(),
+        );
+        let agent_renewals = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "agent_renewals",
+            "Agent certificate requests by result (ok, error)",
+            agent_renewals.clone(),
+        );
+        let agent_bundle_version = Gauge::default();
+        registry.register(
+            "agent_trust_bundle_version",
+            "Version of the trust bundle the agent holds",
+            agent_bundle_version.clone(),
+        );
+        let proxy_handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "proxy_handshakes",
+            "Proxy connections by direction, result and reason (unknown_ca, identity_not_allowed, expired, ...)",
+            proxy_handshakes.clone(),
+        );
+        let proxy_open = Family::<DirectionLabel, Gauge>::default();
+        registry.register(
+            "proxy_open_connections",
+            "Proxied connections open now",
+            proxy_open.clone(),
+        );
+        let proxy_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "proxy_bytes",
+            "Bytes copied through the proxy (both ways) by direction",
+            proxy_bytes.clone(),
+        );
+        let proxy_peers = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "proxy_peer_connections",
+            "Established proxy connections by direction and peer SPIFFE ID",
+            proxy_peers.clone(),
+        );
         Self {
+            proxy_handshakes,
+            proxy_open,
+            proxy_bytes,
+            proxy_peers,
+            agent_expiry,
+            agent_renewals,
+            agent_bundle_version,
             roots,
             bundle_clients,
             bundle_watchers,
@@ -320,6 +399,63 @@ impl Metrics {
         self.expiry_warnings.set(n as i64);
     }
 
+    /// The agent's certificate expiry.
+    pub fn agent_expiry(&self, unix: u64) {
+        self.agent_expiry.set(unix as i64);
+    }
+
+    /// Counts an agent certificate request.
+    pub fn agent_renewal(&self, ok: bool) {
+        self.agent_renewals
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+    }
+
+    /// The agent's bundle version.
+    pub fn agent_bundle(&self, version: u64) {
+        self.agent_bundle_version.set(version as i64);
+    }
+
+    /// Counts a proxy handshake outcome.
+    pub fn proxy_handshake(&self, direction: &'static str, ok: bool, reason: &'static str) {
+        self.proxy_handshakes
+            .get_or_create(&HandshakeLabels {
+                direction,
+                result: if ok { "ok" } else { "refused" },
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts an established connection by peer identity.
+    pub fn proxy_peer(&self, direction: &'static str, peer: &str) {
+        self.proxy_peers
+            .get_or_create(&PeerLabels {
+                direction,
+                peer: peer.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts bytes copied.
+    pub fn proxy_bytes(&self, direction: &'static str, n: u64) {
+        self.proxy_bytes
+            .get_or_create(&DirectionLabel { direction })
+            .inc_by(n);
+    }
+
+    /// Marks a proxied connection open until the guard drops.
+    pub fn proxy_open(&self, direction: &'static str) -> OpenGuard {
+        let g = self
+            .proxy_open
+            .get_or_create(&DirectionLabel { direction })
+            .clone();
+        g.inc();
+        OpenGuard(g)
+    }
+
     pub fn set_issuer_expiry(&self, unix: u64) {
         self.issuer_expiry.set(unix as i64);
     }
@@ -340,6 +476,16 @@ impl Metrics {
 }
 
 /// Decrements the in-flight gauge on drop.
+/// Decrements an open-connections gauge on drop.
+#[derive(Debug)]
+pub struct OpenGuard(Gauge);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {

@@ -1,0 +1,439 @@
+//! `meshca agent`: the workload's identity, kept fresh.
+//!
+//! Owns: obtaining a certificate from the CA over the native API (a new
+//! P-256 key per renewal, held only in memory; the projected token re-read
+//! on every request), renewing it at the server-suggested time with jitter,
+//! retrying with exponential backoff and jitter while the CA is unavailable
+//! (the current certificate is served until it expires), following the
+//! trust-bundle stream (and re-certifying at once when its root is tainted),
+//! and publishing the result as a [`State`] that the outputs (`files`, the
+//! SPIFFE Workload API in `workload_api`, the proxy) read. Finding the CA
+//! among several replicas is `endpoints`. Must not: write files or serve
+//! sockets itself, or trust anything but the bootstrap bundle and what
+//! arrives over TLS verified by it.
+
+pub mod endpoints;
+pub mod files;
+pub mod workload_api;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{watch, Notify};
+use x509_parser::prelude::*;
+
+use crate::ca::{der_to_pem, pem_to_certs};
+use crate::proto::meshca as pb;
+use crate::secret::SecretBytes;
+use endpoints::Endpoints;
+
+/// How the agent is set up.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The CA: `host:port`, or several separated by commas. A host name may
+    /// resolve to several replicas (a headless Service); it is re-resolved
+    /// for every connection.
+    pub ca_address: String,
+    /// The name in the CA's server certificate.
+    pub server_name: String,
+    /// PEM roots that vouch for the CA's server certificate at first contact.
+    pub bootstrap_bundle: PathBuf,
+    /// The workload's service-account token (re-read on every request).
+    pub token_file: PathBuf,
+    /// Requested certificate lifetime (None: the server's default).
+    pub requested_ttl: Option<Duration>,
+}
+
+/// One X.509-SVID: certificate chain and its private key.
+pub struct Svid {
+    /// The SPIFFE ID in the leaf.
+    pub spiffe_id: String,
+    /// Leaf first, then intermediates.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// PKCS#8 DER private key (zeroized on drop).
+    pub key_pkcs8: SecretBytes,
+    /// The same key, PEM (zeroized on drop).
+    pub key_pem: SecretBytes,
+    /// The leaf's expiry.
+    pub not_after: SystemTime,
+    /// When the agent will renew (server suggestion with jitter).
+    pub renew_at: SystemTime,
+}
+
+impl std::fmt::Debug for Svid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Svid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Svid {
+    /// The chain as PEM.
+    pub fn chain_pem(&self) -> String {
+        self.chain.iter().map(|c| der_to_pem(c)).collect()
+    }
+}
+
+/// The trust bundle the agent follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    /// The CA's bundle version (0: the bootstrap bundle).
+    pub version: u64,
+    /// The trust domain.
+    pub trust_domain: String,
+    /// DER roots.
+    pub roots: Vec<CertificateDer<'static>>,
+    /// DER roots that are tainted.
+    pub tainted: Vec<CertificateDer<'static>>,
+}
+
+impl Bundle {
+    /// The roots as PEM.
+    pub fn to_pem(&self) -> String {
+        self.roots.iter().map(|c| der_to_pem(c)).collect()
+    }
+}
+
+/// What the agent holds right now.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The current SVID (None until the first certificate arrives).
+    pub svid: Option<Arc<Svid>>,
+    /// The current bundle.
+    pub bundle: Arc<Bundle>,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    state: watch::Receiver<State>,
+    stop: watch::Sender<bool>,
+}
+
+impl Agent {
+    /// A receiver of every state change.
+    pub fn watch(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
+    /// Waits for the first certificate (or fails after `timeout`).
+    pub async fn ready(&self, timeout: Duration) -> Result<Arc<Svid>, String> {
+        let mut rx = self.state.clone();
+        let r = tokio::time::timeout(timeout, rx.wait_for(|s| s.svid.is_some())).await;
+        match r {
+            Ok(Ok(s)) => Ok(s.svid.clone().expect("waited for it")),
+            Ok(Err(_)) => Err("the agent stopped".into()),
+            Err(_) => Err(format!(
+                "no certificate within {}s (see the agent's log)",
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Stops the agent's loops.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Exponential backoff with full jitter: 200 ms doubling up to 30 s.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    /// The next wait.
+    pub fn next_wait(&mut self) -> Duration {
+        let cap =
+            Duration::from_millis(200 * (1u64 << self.attempt.min(8))).min(Duration::from_secs(30));
+        self.attempt += 1;
+        cap.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+struct Inner {
+    cfg: AgentConfig,
+    endpoints: Endpoints,
+    state: watch::Sender<State>,
+    renew_now: Notify,
+}
+
+/// Starts the agent: reads the bootstrap bundle, then runs the renewal and
+/// bundle-watch loops in the background.
+pub fn start(cfg: AgentConfig) -> Result<Agent, String> {
+    let pem = std::fs::read(&cfg.bootstrap_bundle)
+        .map_err(|e| format!("bootstrap bundle {}: {e}", cfg.bootstrap_bundle.display()))?;
+    let roots = pem_to_certs(&pem)
+        .map_err(|e| format!("bootstrap bundle {}: {e}", cfg.bootstrap_bundle.display()))?;
+    let endpoints = Endpoints::parse(&cfg.ca_address)?;
+    let (state, rx) = watch::channel(State {
+        svid: None,
+        bundle: Arc::new(Bundle {
+            version: 0,
+            trust_domain: String::new(),
+            roots,
+            tainted: Vec::new(),
+        }),
+    });
+    let (stop, stop_rx) = watch::channel(false);
+    let inner = Arc::new(Inner {
+        cfg,
+        endpoints,
+        state,
+        renew_now: Notify::new(),
+    });
+    {
+        let inner = inner.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = inner.renewal_loop() => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+    {
+        let mut stop = stop_rx;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = inner.watch_loop() => {}
+                _ = stop.wait_for(|s| *s) => {}
+            }
+        });
+    }
+    Ok(Agent { state: rx, stop })
+}
+
+/// Which root in `roots` signed the issuer of `chain`, if any.
+fn chains_to(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> bool {
+    let Some(top) = chain.last() else {
+        return false;
+    };
+    let Ok((_, c)) = X509Certificate::from_der(top) else {
+        return false;
+    };
+    roots.iter().any(|r| {
+        X509Certificate::from_der(r)
+            .map(|(_, r)| c.verify_signature(Some(r.public_key())).is_ok())
+            .unwrap_or(false)
+    })
+}
+
+impl Inner {
+    fn current(&self) -> State {
+        self.state.borrow().clone()
+    }
+
+    /// Adopts a bundle if it is newer than the one held.
+    fn adopt_bundle(&self, b: pb::TrustBundle) {
+        let bundle = Bundle {
+            version: b.version,
+            trust_domain: b.trust_domain,
+            roots: b.roots.into_iter().map(CertificateDer::from).collect(),
+            tainted: b
+                .tainted_roots
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+        };
+        let mut tainted_chain = false;
+        self.state.send_if_modified(|s| {
+            if bundle.version <= s.bundle.version && s.bundle.version != 0 {
+                return false;
+            }
+            tainted_chain = s
+                .svid
+                .as_ref()
+                .is_some_and(|v| chains_to(&v.chain, &bundle.tainted));
+            crate::metrics::global().agent_bundle(bundle.version);
+            tracing::info!(
+                version = bundle.version,
+                roots = bundle.roots.len(),
+                tainted = bundle.tainted.len(),
+                "trust bundle updated"
+            );
+            s.bundle = Arc::new(bundle.clone());
+            true
+        });
+        if tainted_chain {
+            tracing::warn!("the root of our certificate is tainted: re-certifying now");
+            self.renew_now.notify_one();
+        }
+    }
+
+    async fn renewal_loop(&self) {
+        let mut backoff = Backoff::default();
+        loop {
+            let due = self.current().svid.map(|s| s.renew_at);
+            if let Some(due) = due {
+                let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.renew_now.notified() => {}
+                }
+            }
+            loop {
+                match self.certify().await {
+                    Ok(()) => {
+                        backoff.reset();
+                        crate::metrics::global().agent_renewal(true);
+                        break;
+                    }
+                    Err(e) => {
+                        crate::metrics::global().agent_renewal(false);
+                        let wait = backoff.next_wait();
+                        let expires = self
+                            .current()
+                            .svid
+                            .map(|s| crate::clock::rfc3339(s.not_after));
+                        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, current_expires = expires.as_deref().unwrap_or("none"), "certificate request failed; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One certificate request, tried against each CA endpoint in turn.
+    async fn certify(&self) -> Result<(), String> {
+        let token = std::fs::read_to_string(&self.cfg.token_file)
+            .map_err(|e| format!("token file {}: {e}", self.cfg.token_file.display()))?;
+        let (key, csr) = crate::client::new_key_and_csr(None)?;
+        let state = self.current();
+        let bundle_pem = state.bundle.to_pem();
+        let req = pb::CertifyRequest {
+            token: token.trim().to_string(),
+            csr,
+            requested_ttl: self.cfg.requested_ttl.map(|d| prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: 0,
+            }),
+        };
+        let resp = self
+            .endpoints
+            .first_answer(|addr| {
+                let bundle_pem = bundle_pem.clone();
+                let req = req.clone();
+                async move {
+                    let ch = crate::client::connect(
+                        &addr.to_string(),
+                        &bundle_pem,
+                        &self.cfg.server_name,
+                        None,
+                    )
+                    .await?;
+                    pb::identity_client::IdentityClient::new(ch)
+                        .certify(req)
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+                }
+            })
+            .await?;
+        let chain: Vec<CertificateDer<'static>> = resp
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let ts = |t: Option<prost_types::Timestamp>| {
+            t.map(|t| {
+                SystemTime::UNIX_EPOCH
+                    + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+            })
+        };
+        let not_after = ts(resp.not_after).ok_or("response without not_after")?;
+        let refresh = ts(resp.refresh_at).unwrap_or(not_after);
+        // Jitter of ±10% of the lifetime around the server's suggestion
+        // (which is 60%), so replicas of a workload do not renew in step.
+        let now = SystemTime::now();
+        let life = not_after.duration_since(now).unwrap_or_default();
+        let jitter = life.mul_f64(rand::random::<f64>() * 0.2);
+        let renew_at = (refresh.checked_sub(life / 10).unwrap_or(refresh) + jitter).min(not_after);
+        let svid = Svid {
+            spiffe_id: resp.spiffe_id,
+            chain,
+            key_pkcs8: SecretBytes::new(key.serialize_der()),
+            key_pem: SecretBytes::new(key.serialize_pem().into_bytes()),
+            not_after,
+            renew_at,
+        };
+        tracing::info!(spiffe_id = %svid.spiffe_id, not_after = %crate::clock::rfc3339(not_after), renew_at = %crate::clock::rfc3339(renew_at), "certificate obtained");
+        crate::metrics::global().agent_expiry(crate::clock::unix_secs(not_after));
+        self.state.send_modify(|s| s.svid = Some(Arc::new(svid)));
+        if let Some(b) = resp.trust_bundle {
+            self.adopt_bundle(b);
+        }
+        Ok(())
+    }
+
+    async fn watch_loop(&self) {
+        let mut rx = self.state.subscribe();
+        if rx.wait_for(|s| s.svid.is_some()).await.is_err() {
+            return;
+        }
+        let mut backoff = Backoff::default();
+        loop {
+            let r = self.watch_once(&mut backoff).await;
+            let wait = backoff.next_wait();
+            tracing::debug!(error = ?r.err(), retry_in_ms = wait.as_millis() as u64, "bundle watch ended; reconnecting");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One bundle stream, over mTLS with the current certificate (so the CA
+    /// counts this workload as a watcher under its own identity).
+    async fn watch_once(&self, backoff: &mut Backoff) -> Result<(), String> {
+        let state = self.current();
+        let svid = state.svid.clone().ok_or("no certificate yet")?;
+        let identity = (
+            svid.chain_pem(),
+            String::from_utf8_lossy(svid.key_pem.expose()).into_owned(),
+        );
+        let bundle_pem = state.bundle.to_pem();
+        let mut stream = self
+            .endpoints
+            .first_answer(|addr| {
+                let (bundle_pem, identity) = (bundle_pem.clone(), identity.clone());
+                async move {
+                    let ch = crate::client::connect(
+                        &addr.to_string(),
+                        &bundle_pem,
+                        &self.cfg.server_name,
+                        Some(identity),
+                    )
+                    .await?;
+                    pb::identity_client::IdentityClient::new(ch)
+                        .watch_trust_bundle(pb::WatchTrustBundleRequest {})
+                        .await
+                        .map(|r| r.into_inner())
+                        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+                }
+            })
+            .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(b)) => {
+                    backoff.reset();
+                    self.adopt_bundle(b);
+                }
+                Ok(None) => return Err("the CA closed the stream".into()),
+                Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The SPIFFE Workload API on a Unix socket.
+//!
+//! Owns: serving the agent's state to SPIFFE-aware software in the pod, per
+//! the SPIFFE Workload API specification: `FetchX509SVID` and
+//! `FetchX509Bundles` are server streams that send the full current state at
+//! once and again on every change (renewal or new bundle); a request without
+//! the `workload.spiffe.io: true` metadata gets `INVALID_ARGUMENT`; the JWT
+//! methods answer `UNIMPLEMENTED`. Anything that can open the socket gets
+//! this workload's identity, so the socket belongs in a directory only the
+//! workload's containers share. Must not: obtain certificates (see `agent`).
+
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use futures_util::Stream;
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::State;
+use crate::proto::spiffe as pb;
+use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+
+/// The metadata every Workload API request must carry.
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    state: watch::Receiver<State>,
+    trust_domain: String,
+}
+
+fn check_header<T>(r: &Request<T>) -> Result<(), Status> {
+    match r
+        .metadata()
+        .get(SECURITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "security header missing from request: send the metadata `{SECURITY_HEADER}: true`"
+        ))),
+    }
+}
+
+fn concat(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<u8> {
+    certs.iter().flat_map(|c| c.iter().copied()).collect()
+}
+
+type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Stream_<pb::X509svidResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<pb::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        let s = tokio_stream::wrappers::WatchStream::new(self.state.clone()).filter_map(|st| {
+            let svid = st.svid.as_ref()?;
+            Some(Ok(pb::X509svidResponse {
+                svids: vec![pb::X509svid {
+                    spiffe_id: svid.spiffe_id.clone(),
+                    x509_svid: concat(&svid.chain),
+                    x509_svid_key: svid.key_pkcs8.expose().to_vec(),
+                    bundle: concat(&st.bundle.roots),
+                    hint: String::new(),
+                }],
+                crl: Vec::new(),
+                federated_bundles: Default::default(),
+            }))
+        });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    type FetchX509BundlesStream = Stream_<pb::X509BundlesResponse>;
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<pb::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        let td = self.trust_domain.clone();
+        let mut last = None;
+        let s =
+            tokio_stream::wrappers::WatchStream::new(self.state.clone()).filter_map(move |st| {
+                // Only bundle changes matter here, not renewals.
+                if last == Some(st.bundle.version) {
+                    return None;
+                }
+                last = Some(st.bundle.version);
+                Some(Ok(pb::X509BundlesResponse {
+                    crl: Vec::new(),
+                    bundles: [(td.clone(), concat(&st.bundle.roots))]
+                        .into_iter()
+                        .collect(),
+                }))
+            });
+        Ok(Response::new(Box::pin(s)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<pb::JwtsvidRequest>,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(Status::unimplemented("meshca issues X.509-SVIDs only"))
+    }
+
+    type FetchJWTBundlesStream = Stream_<pb::JwtBundlesResponse>;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        Err(Status::unimplemented("meshca issues X.509-SVIDs only"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(Status::unimplemented("meshca issues X.509-SVIDs only"))
+    }
+}
+
+/// Accepts `unix:///path`, `unix:/path` or a plain path (the
+/// `SPIFFE_ENDPOINT_SOCKET` conventions).
+pub fn socket_path(spec: &str) -> Result<PathBuf, String> {
+    let p = spec
+        .strip_prefix("unix://")
+        .or_else(|| spec.strip_prefix("unix:"))
+        .unwrap_or(spec);
+    if p.is_empty() || !p.starts_with('/') {
+        return Err(format!(
+            "Workload API socket {spec:?} must be an absolute path (unix:///path)"
+        ));
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// Serves the Workload API on `path` until `stop` resolves.
+pub async fn serve(
+    path: PathBuf,
+    state: watch::Receiver<State>,
+    trust_domain: String,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    // A socket left by a previous run would make bind fail.
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(&path)
+        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let svc = SpiffeWorkloadApiServer::new(WorkloadApi {
+        state,
+        trust_domain,
+    });
+    tracing::info!(socket = %path.display(), "SPIFFE Workload API listening");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop)
+            .await
+        {
+            tracing::error!(error = %e, "Workload API server failed");
+        }
+    }))
+}

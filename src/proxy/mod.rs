@@ -1,0 +1,361 @@
+//! `meshca proxy`: a small L4 mTLS sidecar.
+//!
+//! Owns: the inbound listener (mTLS in, client SPIFFE ID checked against
+//! the allow-list, plaintext to the local application) and the outbound
+//! listener (plaintext from the application, mTLS to the upstream, whose
+//! SPIFFE ID must be the expected one), the per-connection byte copying,
+//! hot-swapping of certificates and bundles (a new identity rebuilds the
+//! rustls configurations; established connections keep theirs), periodic
+//! re-resolution of the upstream, and the proxy metrics. Identity comes as a
+//! [`State`] stream, from an in-process agent or the Workload API
+//! (`identity`). Must not: obtain certificates itself.
+
+pub mod balance;
+pub mod identity;
+pub mod spiffe_tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use rustls::pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::agent::State;
+use balance::Balancer;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// How the proxy is set up.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyConfig {
+    /// Inbound: listen here (mTLS) and forward to the application at this address.
+    pub inbound: Option<(SocketAddr, String)>,
+    /// Inbound: SPIFFE IDs allowed in (exact, or a prefix ending in `/` or `*`).
+    pub allow: Vec<String>,
+    /// Outbound: listen here (plaintext) and forward to this upstream (`host:port`).
+    pub outbound: Option<(SocketAddr, String)>,
+    /// Outbound: the SPIFFE ID the upstream must present.
+    pub upstream_identity: Option<String>,
+    /// How often the upstream name is re-resolved.
+    pub resolve_interval: Duration,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    /// Where the inbound listener is.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Where the outbound listener is.
+    pub outbound_addr: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// True when `id` matches an allow-list entry (exact, or prefix when the
+/// entry ends with `/` or `*`).
+pub fn allowed(id: &str, allow: &[String]) -> bool {
+    allow.iter().any(|a| {
+        if let Some(p) = a.strip_suffix('*') {
+            id.starts_with(p)
+        } else if a.ends_with('/') {
+            id.starts_with(a.as_str())
+        } else {
+            id == a
+        }
+    })
+}
+
+struct Configs {
+    server: ArcSwapOption<rustls::ServerConfig>,
+    client: ArcSwapOption<rustls::ClientConfig>,
+}
+
+/// Starts the listeners.
+pub async fn start(cfg: ProxyConfig, identity: watch::Receiver<State>) -> Result<Proxy, String> {
+    if cfg.inbound.is_none() && cfg.outbound.is_none() {
+        return Err("nothing to proxy: give --inbound and/or --outbound".into());
+    }
+    if cfg.inbound.is_some() && cfg.allow.is_empty() {
+        return Err(
+            "--inbound needs at least one --allow SPIFFE-ID (or prefix ending in / or *)".into(),
+        );
+    }
+    let expected = match (&cfg.outbound, &cfg.upstream_identity) {
+        (Some(_), None) => return Err("--outbound needs --upstream-identity spiffe://…".into()),
+        (_, e) => e.clone(),
+    };
+    let (stop, stop_rx) = watch::channel(false);
+    let configs = Arc::new(Configs {
+        server: ArcSwapOption::empty(),
+        client: ArcSwapOption::empty(),
+    });
+    // Rebuild the TLS configurations on every identity or bundle change.
+    {
+        let configs = configs.clone();
+        let mut rx = identity.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let st = rx.borrow_and_update().clone();
+                if st.svid.is_some() {
+                    match spiffe_tls::server_config(&st) {
+                        Ok(c) => configs.server.store(Some(c)),
+                        Err(e) => tracing::error!(error = %e, "inbound TLS configuration"),
+                    }
+                    if let Some(exp) = &expected {
+                        match spiffe_tls::client_config(&st, exp) {
+                            Ok(c) => configs.client.store(Some(c)),
+                            Err(e) => tracing::error!(error = %e, "outbound TLS configuration"),
+                        }
+                    }
+                }
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    }
+    let mut proxy = Proxy {
+        inbound_addr: None,
+        outbound_addr: None,
+        stop,
+    };
+    if let Some((listen, app)) = cfg.inbound.clone() {
+        let l = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen} (inbound): {e}"))?;
+        proxy.inbound_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let allow = Arc::new(cfg.allow.clone());
+        let configs = configs.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let (configs, allow, app) = (configs.clone(), allow.clone(), app.clone());
+                tokio::spawn(async move { inbound(tcp, peer, &configs, &allow, &app).await });
+            }
+        });
+    }
+    if let Some((listen, upstream)) = cfg.outbound.clone() {
+        let l = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot listen on {listen} (outbound): {e}"))?;
+        proxy.outbound_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let balancer = Arc::new(Balancer::default());
+        let host = upstream
+            .rsplit_once(':')
+            .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+            .ok_or_else(|| format!("upstream {upstream:?} is not host:port"))?;
+        resolve(&upstream, &balancer).await?;
+        {
+            let (balancer, upstream) = (balancer.clone(), upstream.clone());
+            let every = cfg.resolve_interval.max(Duration::from_millis(100));
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                    if let Err(e) = resolve(&upstream, &balancer).await {
+                        tracing::warn!(error = %e, "upstream re-resolution failed; keeping the last addresses");
+                    }
+                }
+            });
+        }
+        let mut stop = stop_rx;
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    r = l.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let (configs, balancer, host) = (configs.clone(), balancer.clone(), host.clone());
+                tokio::spawn(async move { outbound(tcp, &configs, &balancer, &host).await });
+            }
+        });
+    }
+    Ok(proxy)
+}
+
+async fn resolve(upstream: &str, balancer: &Balancer) -> Result<(), String> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(upstream)
+        .await
+        .map_err(|e| format!("{upstream}: {e}"))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(format!("{upstream}: no addresses"));
+    }
+    balancer.set_addresses(&addrs);
+    Ok(())
+}
+
+async fn inbound(tcp: TcpStream, peer: SocketAddr, configs: &Configs, allow: &[String], app: &str) {
+    let m = crate::metrics::global();
+    let Some(cfg) = configs.server.load_full() else {
+        m.proxy_handshake("inbound", false, "no_certificate_yet");
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(cfg).accept(tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = spiffe_tls::failure_reason(&e);
+            m.proxy_handshake("inbound", false, reason);
+            tracing::info!(%peer, reason, error = %e, "inbound handshake refused");
+            return;
+        }
+        Err(_) => {
+            m.proxy_handshake("inbound", false, "timeout");
+            return;
+        }
+    };
+    let id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| spiffe_tls::spiffe_id(c));
+    let Some(id) = id.filter(|id| allowed(id, allow)) else {
+        m.proxy_handshake("inbound", false, "identity_not_allowed");
+        let shown = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| spiffe_tls::spiffe_id(c));
+        tracing::info!(%peer, peer_identity = shown.as_deref().unwrap_or("-"), "inbound connection refused: identity not allowed");
+        return;
+    };
+    m.proxy_handshake("inbound", true, "ok");
+    m.proxy_peer("inbound", &id);
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(app)).await {
+        Ok(Ok(s)) => s,
+        _ => {
+            m.proxy_handshake("inbound", false, "application_unreachable");
+            tracing::warn!(app, "the local application does not accept connections");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    pipe("inbound", tls, upstream).await;
+}
+
+async fn outbound(mut app: TcpStream, configs: &Configs, balancer: &Balancer, host: &str) {
+    let m = crate::metrics::global();
+    let Some(cfg) = configs.client.load_full() else {
+        m.proxy_handshake("outbound", false, "no_certificate_yet");
+        return;
+    };
+    let _ = app.set_nodelay(true);
+    let mut tried = Vec::new();
+    let mut conn = None;
+    for _ in 0..CONNECT_ATTEMPTS {
+        let Some(lease) = balancer.pick(Instant::now(), &tried) else {
+            break;
+        };
+        let addr = lease.endpoint().addr;
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                balancer.succeeded(lease.endpoint());
+                conn = Some((s, lease));
+                break;
+            }
+            _ => {
+                let wait = balancer.failed(lease.endpoint(), Instant::now());
+                tracing::info!(%addr, eject_s = wait.as_secs(), "upstream endpoint did not accept; ejected");
+                tried.push(addr);
+            }
+        }
+    }
+    let Some((tcp, _lease)) = conn else {
+        m.proxy_handshake("outbound", false, "upstream_unreachable");
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut app).await;
+        return;
+    };
+    let _ = tcp.set_nodelay(true);
+    // The name is for SNI only; the server is checked by SPIFFE ID.
+    let name = ServerName::try_from(host.to_string())
+        .unwrap_or_else(|_| ServerName::try_from("upstream.invalid").expect("valid name"));
+    let tls = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let reason = spiffe_tls::failure_reason(&e);
+            m.proxy_handshake("outbound", false, reason);
+            tracing::info!(reason, error = %e, "outbound handshake failed");
+            return;
+        }
+        Err(_) => {
+            m.proxy_handshake("outbound", false, "timeout");
+            return;
+        }
+    };
+    m.proxy_handshake("outbound", true, "ok");
+    if let Some(id) = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|c| spiffe_tls::spiffe_id(c))
+    {
+        m.proxy_peer("outbound", &id);
+    }
+    pipe("outbound", app, tls).await;
+}
+
+async fn pipe<A, B>(direction: &'static str, mut a: A, mut b: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let m = crate::metrics::global();
+    let _open = m.proxy_open(direction);
+    match tokio::io::copy_bidirectional(&mut a, &mut b).await {
+        Ok((ab, ba)) => m.proxy_bytes(direction, ab + ba),
+        Err(e) => tracing::debug!(direction, error = %e, "connection ended with an error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_matches_exactly_or_by_prefix() {
+        let allow = vec![
+            "spiffe://td/ns/shop/sa/web".to_string(),
+            "spiffe://td/ns/batch/".to_string(),
+            "spiffe://td/ns/ops/sa/*".to_string(),
+        ];
+        assert!(allowed("spiffe://td/ns/shop/sa/web", &allow));
+        assert!(!allowed("spiffe://td/ns/shop/sa/webx", &allow));
+        assert!(allowed("spiffe://td/ns/batch/sa/x", &allow));
+        assert!(!allowed("spiffe://td/ns/batchx/sa/x", &allow));
+        assert!(allowed("spiffe://td/ns/ops/sa/anything", &allow));
+        assert!(!allowed("spiffe://other/ns/shop/sa/web", &allow));
+    }
+}
