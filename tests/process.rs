@@ -185,3 +185,64 @@ async fn server_certificate_renews_itself() {
     }
     assert!(renewed, "a new server certificate within 10 s");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_serves_files_and_the_workload_api_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut srv = spawn_serve(&data, &[]);
+    let token = dir.path().join("token");
+    std::fs::write(&token, dev_token(&data, "shop", "web")).unwrap();
+    let out = dir.path().join("out");
+    let sock = dir.path().join("spiffe/agent.sock");
+    let admin = format!("127.0.0.1:{}", closed_port());
+    let mut agent = meshca_bin()
+        .args([
+            "agent",
+            "--ca-address",
+            &srv.grpc_addr,
+            "--admin-listen",
+            &admin,
+        ])
+        .arg("--bootstrap-bundle")
+        .arg(data.join("bundle.pem"))
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--out-dir")
+        .arg(&out)
+        .arg("--workload-api-socket")
+        .arg(format!("unix://{}", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut ready = false;
+    for _ in 0..100 {
+        if out.join("chain.pem").exists() && sock.exists() {
+            if let Ok((200, _)) =
+                meshca::admin_client::request("GET", &format!("http://{admin}/ready"), None, None)
+                    .await
+            {
+                ready = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        ready,
+        "agent wrote its files, opened the socket and is ready"
+    );
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", sock.display()))
+        .await
+        .unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    signal(&agent, "TERM");
+    assert!(agent.wait().unwrap().success(), "SIGTERM: exit 0");
+    assert!(!sock.exists(), "the socket is removed on exit");
+    signal(&srv.child, "TERM");
+    srv.child.wait().unwrap();
+}

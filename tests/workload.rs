@@ -461,3 +461,64 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     )));
     roundtrip(&mut held, b"bye").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_recertifies_at_once_when_its_root_is_tainted() {
+    // Long leaves: a renewal within the test can only come from the taint.
+    let ca = Ca::start_with(|c| c.propagation_wait = Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = agent_for(&ca, dir.path(), "web").await;
+    let mut rx = a.watch();
+    let old_leaf = leaf_of(&rx);
+    let token = std::fs::read_to_string(ca.dir.path().join("data/admin.token")).unwrap();
+    let post = |step: &str, body: String| {
+        let url = format!("http://{}/rotation/{step}", ca.running.admin_addr);
+        let token = token.trim().to_string();
+        async move {
+            let (code, text) =
+                meshca::admin_client::request("POST", &url, Some(&token), Some(body))
+                    .await
+                    .unwrap();
+            assert_eq!(code, 200, "{text}");
+        }
+    };
+    let old_root = meshca::ca::fingerprint(&ca.running.ca.bundle().roots[0]);
+    post("prepare", "{}".into()).await;
+    post("activate", "{\"force\": true}".into()).await;
+    // Activation alone does not make the agent renew (its leaf is valid for 24 h).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(leaf_of(&rx), old_leaf);
+    let t = std::time::Instant::now();
+    post("taint", format!("{{\"root\": \"{}\"}}", &old_root[..16])).await;
+    let new_leaf = next_leaf(&mut rx, &old_leaf).await;
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "re-certified {took:?} after the taint"
+    );
+    let st = rx.borrow().clone();
+    assert_eq!(st.bundle.tainted.len(), 1);
+    let roots: Vec<Vec<u8>> = st
+        .bundle
+        .roots
+        .iter()
+        .filter(|r| meshca::ca::fingerprint(r) != old_root)
+        .map(|r| r.to_vec())
+        .collect();
+    let chain = &st.svid.as_ref().unwrap().chain;
+    meshca::client::verify_chain(
+        &new_leaf,
+        &chain[1..].iter().map(|c| c.to_vec()).collect::<Vec<_>>(),
+        &roots,
+        SystemTime::now(),
+    )
+    .expect("the new leaf chains to the new root alone");
+    let m = meshca::metrics::global().render();
+    for name in [
+        "meshca_agent_certificate_expiry_timestamp_seconds",
+        "meshca_agent_renewals_total{result=\"ok\"}",
+        "meshca_agent_trust_bundle_version",
+    ] {
+        assert!(m.contains(name), "{name}");
+    }
+}
