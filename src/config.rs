@@ -170,7 +170,7 @@ pub struct ServeArgs {
     /// [default: the OIDC issuer URL if set, else https://kubernetes.default.svc.cluster.local].
     #[arg(long = "jwt-issuer", env = "MESHCA_JWT_ISSUERS", value_delimiter = ',')]
     pub jwt_issuers: Option<Vec<String>>,
-    /// Kubeconfig used for TokenReview (enables TokenReview).
+    /// Kubeconfig used for TokenReview (enables TokenReview); `in-cluster` uses the pod's service account.
     #[arg(long, env = "MESHCA_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
     /// TokenReview requests per second toward the API server [default: 50].
@@ -366,7 +366,7 @@ impl ServeArgs {
             return Err(bad("jwks_refresh_interval", "must be at least 10s".into()));
         }
         if let Some(p) = &self.kubeconfig {
-            if !p.exists() {
+            if p.as_os_str() != crate::authn::tokenreview::IN_CLUSTER && !p.exists() {
                 return Err(bad("kubeconfig", format!("{} does not exist", p.display())));
             }
         }

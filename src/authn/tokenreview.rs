@@ -26,6 +26,9 @@ const SHARDS: usize = 16;
 
 type Shard = Mutex<HashMap<String, (Authenticated, SystemTime)>>;
 
+/// The `kubeconfig` value that means: use the pod's own service account.
+pub const IN_CLUSTER: &str = "in-cluster";
+
 /// Reviews tokens with the API server.
 pub struct TokenReviewer {
     client: kube::Client,
@@ -47,6 +50,13 @@ impl TokenReviewer {
 
     /// Builds a kube client from a kubeconfig file.
     pub async fn client_from_kubeconfig(path: &std::path::Path) -> Result<kube::Client, String> {
+        if path.as_os_str() == IN_CLUSTER {
+            // The pod's service account: token, CA and API server address
+            // from the standard mounts and environment.
+            let cfg = kube::Config::incluster()
+                .map_err(|e| format!("in-cluster configuration: {e} (is this running in a pod?)"))?;
+            return kube::Client::try_from(cfg).map_err(|e| format!("kube client: {e}"));
+        }
         let kc = kube::config::Kubeconfig::read_from(path)
             .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
         let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
@@ -247,5 +257,19 @@ mod tests {
             Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1000))
         );
         assert_eq!(unverified_exp("opaque"), None);
+    }
+
+    #[tokio::test]
+    async fn in_cluster_is_a_mode_not_a_file_name() {
+        // Outside a pod the in-cluster configuration is missing, and the
+        // error says which mode was tried (not "file not found").
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            return; // really in a pod: nothing to check here
+        }
+        let Err(e) = TokenReviewer::client_from_kubeconfig(std::path::Path::new(IN_CLUSTER)).await
+        else {
+            panic!("no in-cluster configuration outside a pod");
+        };
+        assert!(e.contains("in-cluster configuration"), "{e}");
     }
 }
