@@ -221,6 +221,13 @@ pub struct ServeArgs {
     /// Also write the trust bundle (PEM) to this file on every change, for file-based consumers.
     #[arg(long, env = "MESHCA_BUNDLE_FILE")]
     pub bundle_file: Option<PathBuf>,
+    /// When the data directory is empty, import this root certificate (PEM)
+    /// instead of generating one (e.g. a mounted kubernetes.io/tls Secret's tls.crt).
+    #[arg(long, env = "MESHCA_INIT_ROOT_CERT", requires = "init_root_key")]
+    pub init_root_cert: Option<PathBuf>,
+    /// The key of --init-root-cert (PEM).
+    #[arg(long, env = "MESHCA_INIT_ROOT_KEY", requires = "init_root_cert")]
+    pub init_root_key: Option<PathBuf>,
 }
 
 /// Parses a duration such as `90s`, `24h` or `7d`.
@@ -252,7 +259,7 @@ impl ServeArgs {
             tokenreview_qps, tokenreview_burst, authn_order, allow_legacy_tokens,
             rate_limit, rate_burst, audit_log, audit_checkpoint_interval, log_format,
             issuer_lifetime, root_lifetime, propagation_wait, auto_rotate_root_every,
-            expiry_warning, rotation_check_interval, bundle_file,
+            expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
         ))
     }
 
@@ -426,6 +433,16 @@ impl ServeArgs {
                 .map_or(Duration::from_secs(7 * 86400), |d| d.0),
             rotation_check_interval,
             bundle_file: self.bundle_file,
+            init_root: match (self.init_root_cert, self.init_root_key) {
+                (Some(c), Some(k)) => Some((c, k)),
+                (None, None) => None,
+                _ => {
+                    return Err(bad(
+                        "init_root_cert",
+                        "init_root_cert and init_root_key go together".into(),
+                    ))
+                }
+            },
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from("meshca-data")),
@@ -535,6 +552,8 @@ pub struct ServeConfig {
     pub rotation_check_interval: Duration,
     /// Extra bundle output file.
     pub bundle_file: Option<PathBuf>,
+    /// Root (certificate, key) to import when the data directory is empty.
+    pub init_root: Option<(PathBuf, PathBuf)>,
 }
 
 impl ServeConfig {

@@ -284,14 +284,21 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let data = DataDir::new(&cfg.data_dir);
     if !data.is_initialized() {
+        let opts = InitOptions {
+            issuer_lifetime: cfg.issuer_lifetime,
+            import_root: cfg.init_root.clone(),
+            ..Default::default()
+        };
         let report = data
-            .init(&InitOptions::default(), clock.now())
-            .map_err(|e| e.to_string())?;
+            .init(&opts, clock.now())
+            .map_err(|e| format!("initializing {}: {e}", cfg.data_dir.display()))?;
         tracing::info!(
             data_dir = %cfg.data_dir.display(),
             root = %report.root_fingerprint,
             issuer = %report.issuer_fingerprint,
-            "data directory was empty: created a new root and issuer (embedded default)"
+            imported = report.imported,
+            "data directory was empty: created the CA (root {}, and a new issuer)",
+            if report.imported { "imported" } else { "generated" }
         );
     }
     // One server per data directory: offline `meshca rotation` commands

@@ -207,3 +207,50 @@ fn an_offline_root_is_imported_with_checks_and_the_bundle_file_follows() {
     signal(&srv.child, "TERM");
     assert!(srv.child.wait().unwrap().success());
 }
+
+#[test]
+fn serve_imports_a_mounted_root_into_an_empty_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    p.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let root = p.self_signed(&key).unwrap();
+    // As a kubernetes.io/tls Secret mounts it.
+    std::fs::write(dir.path().join("tls.crt"), root.pem()).unwrap();
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+    let data = dir.path().join("data");
+    let crt = dir.path().join("tls.crt");
+    let k = dir.path().join("tls.key");
+    let mut srv = spawn_serve(
+        &data,
+        &[
+            "--init-root-cert",
+            crt.to_str().unwrap(),
+            "--init-root-key",
+            k.to_str().unwrap(),
+        ],
+    );
+    let bundle =
+        meshca::ca::pem_to_certs(DataDir::new(&data).bundle_pem().unwrap().as_bytes()).unwrap();
+    assert_eq!(bundle.len(), 1);
+    assert_eq!(
+        meshca::ca::fingerprint(&bundle[0]),
+        meshca::ca::fingerprint(root.der())
+    );
+    signal(&srv.child, "TERM");
+    assert!(srv.child.wait().unwrap().success());
+    // A second start finds the directory initialized and ignores the flags.
+    let mut srv = spawn_serve(
+        &data,
+        &[
+            "--init-root-cert",
+            crt.to_str().unwrap(),
+            "--init-root-key",
+            k.to_str().unwrap(),
+        ],
+    );
+    signal(&srv.child, "TERM");
+    assert!(srv.child.wait().unwrap().success());
+}

@@ -53,8 +53,9 @@ impl TokenReviewer {
         if path.as_os_str() == IN_CLUSTER {
             // The pod's service account: token, CA and API server address
             // from the standard mounts and environment.
-            let cfg = kube::Config::incluster()
-                .map_err(|e| format!("in-cluster configuration: {e} (is this running in a pod?)"))?;
+            let cfg = kube::Config::incluster().map_err(|e| {
+                format!("in-cluster configuration: {e} (is this running in a pod?)")
+            })?;
             return kube::Client::try_from(cfg).map_err(|e| format!("kube client: {e}"));
         }
         let kc = kube::config::Kubeconfig::read_from(path)
