@@ -228,6 +228,26 @@ pub struct ServeArgs {
     /// The key of --init-root-cert (PEM).
     #[arg(long, env = "MESHCA_INIT_ROOT_KEY", requires = "init_root_cert")]
     pub init_root_key: Option<PathBuf>,
+    /// Publish the trust bundle as ConfigMap meshca-trust-bundle (key ca.crt)
+    /// in every namespace; one replica at a time does it, elected by a Lease
+    /// (needs kubeconfig) [default: false].
+    #[arg(long, env = "MESHCA_PUBLISH_BUNDLE")]
+    pub publish_bundle: Option<bool>,
+    /// Publish only to namespaces with these labels (k=v,k2=v2) [default: all].
+    #[arg(long, env = "MESHCA_BUNDLE_NAMESPACE_SELECTOR")]
+    pub bundle_namespace_selector: Option<String>,
+    /// How often the published ConfigMaps are re-checked (recreated if deleted) [default: 30s].
+    #[arg(long, env = "MESHCA_BUNDLE_RESYNC_INTERVAL")]
+    pub bundle_resync_interval: Option<HumanDuration>,
+    /// Name of the leader-election Lease (in control_plane_namespace) [default: meshca-leader].
+    #[arg(long, env = "MESHCA_LEADER_ELECTION_LEASE")]
+    pub leader_election_lease: Option<String>,
+    /// How long a leader's Lease lasts without renewal [default: 15s].
+    #[arg(long, env = "MESHCA_LEADER_ELECTION_LEASE_DURATION")]
+    pub leader_election_lease_duration: Option<HumanDuration>,
+    /// This replica's identity in the Lease [default: $POD_NAME, else the host name].
+    #[arg(long, env = "POD_NAME")]
+    pub replica_name: Option<String>,
 }
 
 /// Parses a duration such as `90s`, `24h` or `7d`.
@@ -260,6 +280,8 @@ impl ServeArgs {
             rate_limit, rate_burst, audit_log, audit_checkpoint_interval, log_format,
             issuer_lifetime, root_lifetime, propagation_wait, auto_rotate_root_every,
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
+            publish_bundle, bundle_namespace_selector, bundle_resync_interval,
+            leader_election_lease, leader_election_lease_duration, replica_name,
         ))
     }
 
@@ -423,7 +445,53 @@ impl ServeArgs {
                 "must be at least 100ms".into(),
             ));
         }
+        let publish = match self.publish_bundle.unwrap_or(false) {
+            false => None,
+            true => {
+                if self.kubeconfig.is_none() {
+                    return Err(bad(
+                        "publish_bundle",
+                        "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
+                    ));
+                }
+                let lease_duration = self
+                    .leader_election_lease_duration
+                    .map_or(Duration::from_secs(15), |d| d.0);
+                if lease_duration < Duration::from_secs(1) {
+                    return Err(bad(
+                        "leader_election_lease_duration",
+                        "must be at least 1s".into(),
+                    ));
+                }
+                Some(PublishConfig {
+                    namespace_labels: crate::kubernetes::publish::parse_selector(
+                        self.bundle_namespace_selector.as_deref().unwrap_or(""),
+                    )
+                    .map_err(|e| bad("bundle_namespace_selector", e))?,
+                    resync: self
+                        .bundle_resync_interval
+                        .map_or(Duration::from_secs(30), |d| d.0)
+                        .max(Duration::from_millis(100)),
+                    lease: self
+                        .leader_election_lease
+                        .clone()
+                        .unwrap_or_else(|| "meshca-leader".into()),
+                    lease_duration,
+                    replica: self.replica_name.clone().unwrap_or_else(|| {
+                        let host = std::fs::read_to_string("/etc/hostname")
+                            .map(|h| h.trim().to_string())
+                            .unwrap_or_default();
+                        format!(
+                            "{}-{:08x}",
+                            if host.is_empty() { "meshca" } else { &host },
+                            rand::random::<u32>()
+                        )
+                    }),
+                })
+            }
+        };
         Ok(ServeConfig {
+            publish,
             issuer_lifetime,
             root_lifetime,
             propagation_wait,
@@ -554,6 +622,23 @@ pub struct ServeConfig {
     pub bundle_file: Option<PathBuf>,
     /// Root (certificate, key) to import when the data directory is empty.
     pub init_root: Option<(PathBuf, PathBuf)>,
+    /// Bundle ConfigMap publishing with leader election (None: off).
+    pub publish: Option<PublishConfig>,
+}
+
+/// `publish_bundle` and its leader election.
+#[derive(Debug, Clone)]
+pub struct PublishConfig {
+    /// Namespace label selector (empty: all).
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
+    /// Resync period.
+    pub resync: Duration,
+    /// Lease name (in the control-plane namespace).
+    pub lease: String,
+    /// Lease duration.
+    pub lease_duration: Duration,
+    /// This replica's identity.
+    pub replica: String,
 }
 
 impl ServeConfig {

@@ -35,6 +35,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod identity;
+pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;

@@ -47,6 +47,8 @@ pub struct Running {
     pub server_name: String,
     /// The audit log, when on.
     pub audit: Option<crate::audit::AuditLog>,
+    /// Whether this replica leads (with `publish_bundle`).
+    pub leading: Option<watch::Receiver<bool>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -411,9 +413,38 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let admin_addr = admin.local_addr().map_err(|e| e.to_string())?;
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let mut leading: Option<watch::Receiver<bool>> = None;
     let (stop_tx, stop_rx) = watch::channel(false);
 
     rotation.spawn(stop_rx.clone());
+
+    // In Kubernetes: the elected leader publishes the bundle ConfigMaps.
+    if let (Some(p), Some(kc)) = (cfg.publish.clone(), cfg.kubeconfig.clone()) {
+        let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
+            .await
+            .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+        let leader = crate::kubernetes::lease::run(
+            client.clone(),
+            crate::kubernetes::lease::Settings {
+                namespace: cfg.mesh.control_plane_ns.to_string(),
+                name: p.lease.clone(),
+                identity: p.replica.clone(),
+                lease_duration: p.lease_duration,
+                retry_period: (p.lease_duration / 5).max(Duration::from_millis(100)),
+            },
+            stop_rx.clone(),
+        );
+        tokio::spawn(crate::kubernetes::publish::run(
+            client,
+            crate::kubernetes::publish::Settings {
+                namespace_labels: p.namespace_labels.clone(),
+                resync: p.resync,
+            },
+            ca.watch_bundle(),
+            leader.clone(),
+        ));
+        leading = Some(leader);
+    }
 
     // File-based consumers: the bundle file follows every change.
     if let Some(path) = cfg.bundle_file.clone() {
@@ -623,6 +654,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let server_name = server_identity(&cfg);
     tracing::info!(%grpc_addr, %admin_addr, server_name = %server_name, trust_domain = %cfg.mesh.trust_domain, "meshca serving");
     Ok(Running {
+        leading,
         grpc_addr,
         admin_addr,
         ca,

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
+pub mod kubeapi;
+
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 
 /// A running CA and its data directory.
