@@ -122,6 +122,7 @@ pub struct Metrics {
     proxy_open: Family<DirectionLabel, Gauge>,
     proxy_bytes: Family<DirectionLabel, Counter>,
     proxy_peers: Family<PeerLabels, Counter>,
+    rbac_missing: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -269,7 +270,14 @@ impl Metrics {
             "Established proxy connections by direction and peer SPIFFE ID",
             proxy_peers.clone(),
         );
+        let rbac_missing = Gauge::default();
+        registry.register(
+            "kubernetes_permissions_missing",
+            "Kubernetes permissions the configuration needs but the service account lacks (checked at start-up)",
+            rbac_missing.clone(),
+        );
         Self {
+            rbac_missing,
             proxy_handshakes,
             proxy_open,
             proxy_bytes,
@@ -454,6 +462,11 @@ impl Metrics {
             .clone();
         g.inc();
         OpenGuard(g)
+    }
+
+    /// Missing Kubernetes permissions found at start-up.
+    pub fn set_rbac_missing(&self, n: usize) {
+        self.rbac_missing.set(n as i64);
     }
 
     pub fn set_issuer_expiry(&self, unix: u64) {

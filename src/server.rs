@@ -418,6 +418,37 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
 
     rotation.spawn(stop_rx.clone());
 
+    // In Kubernetes: say at start-up which permissions are missing.
+    if let Some(kc) = cfg.kubeconfig.clone() {
+        let needs = crate::kubernetes::rbac::needs(
+            cfg.authn_order.contains(&AuthnSource::Tokenreview),
+            cfg.publish.is_some(),
+            cfg.mesh.control_plane_ns.as_str(),
+        );
+        let check = async {
+            let client =
+                crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc).await?;
+            crate::kubernetes::rbac::missing(&client, &needs)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(10), check).await {
+            Ok(Ok(missing)) if missing.is_empty() => {
+                tracing::info!(checked = needs.len(), "Kubernetes permissions: all present")
+            }
+            Ok(Ok(missing)) => {
+                crate::metrics::global().set_rbac_missing(missing.len());
+                tracing::error!(missing = ?missing, "Kubernetes permissions missing: grant them (see deploy/rbac.yaml) or these features will fail");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not check Kubernetes permissions (SelfSubjectAccessReview)")
+            }
+            Err(_) => {
+                tracing::warn!("could not check Kubernetes permissions: no answer within 10s")
+            }
+        }
+    }
+
     // In Kubernetes: the elected leader publishes the bundle ConfigMaps.
     if let (Some(p), Some(kc)) = (cfg.publish.clone(), cfg.kubeconfig.clone()) {
         let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)

@@ -179,3 +179,39 @@ async fn one_leader_publishes_the_bundle_and_a_successor_takes_over() {
         "one leader: {leaders} then {leaders_now}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_permissions_are_named_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    api.denied
+        .lock()
+        .unwrap()
+        .extend(["list namespaces".to_string(), "update leases".to_string()]);
+    let client = meshca::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
+        .await
+        .unwrap();
+    let needs = meshca::kubernetes::rbac::needs(true, true, "meshca");
+    let missing = meshca::kubernetes::rbac::missing(&client, &needs)
+        .await
+        .unwrap();
+    assert_eq!(missing.len(), 2, "{missing:?}");
+    assert!(
+        missing[0].starts_with("list namespaces cluster-wide (publishing the trust bundle)"),
+        "{missing:?}"
+    );
+    assert!(
+        missing[1].contains("update leases.coordination.k8s.io/meshca-leader in namespace meshca"),
+        "{missing:?}"
+    );
+    assert!(missing[1].contains("RBAC: no rule grants it"));
+    // Only what the configuration uses is asked.
+    assert_eq!(
+        meshca::kubernetes::rbac::needs(true, false, "meshca").len(),
+        1
+    );
+    // A server started with those gaps says so in its metrics.
+    let _ca = replica(&kc, "replica-x").await;
+    let m = meshca::metrics::global().render();
+    assert!(m.contains("meshca_kubernetes_permissions_missing 2"), "{m}");
+}

@@ -9,3 +9,4 @@
 
 pub mod lease;
 pub mod publish;
+pub mod rbac;

@@ -16,6 +16,8 @@ pub struct Store {
     rv: Mutex<u64>,
     /// Writes (create/replace) seen, by collection.
     pub writes: Mutex<Vec<String>>,
+    /// SelfSubjectAccessReviews to deny, as "verb resource" (e.g. "list namespaces").
+    pub denied: Mutex<Vec<String>>,
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -71,6 +73,24 @@ impl Store {
 
     /// Handles one request.
     pub fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
+            let mut review: Value = serde_json::from_slice(body).unwrap_or_default();
+            let ra = &review["spec"]["resourceAttributes"];
+            let asked = format!(
+                "{} {}",
+                ra["verb"].as_str().unwrap_or(""),
+                ra["resource"].as_str().unwrap_or("")
+            );
+            let denied = self.denied.lock().unwrap().contains(&asked);
+            review["status"] = if denied {
+                json!({"allowed": false, "reason": "RBAC: no rule grants it"})
+            } else {
+                json!({"allowed": true})
+            };
+            review["apiVersion"] = json!("authorization.k8s.io/v1");
+            review["kind"] = json!("SelfSubjectAccessReview");
+            return (201, review);
+        }
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         // (collection path, optional name, kind)
         let (collection, name, kind, list_kind) = match segs.as_slice() {
