@@ -236,6 +236,11 @@ pub struct ServeArgs {
     /// Publish only to namespaces with these labels (k=v,k2=v2) [default: all].
     #[arg(long, env = "MESHCA_BUNDLE_NAMESPACE_SELECTOR")]
     pub bundle_namespace_selector: Option<String>,
+    /// Verify tokens against the API server's own JWKS (/openid/v1/jwks,
+    /// issuer from /.well-known/openid-configuration) through the Kubernetes
+    /// client of `kubeconfig` [default: false].
+    #[arg(long, env = "MESHCA_JWKS_KUBERNETES")]
+    pub jwks_kubernetes: Option<bool>,
     /// How often the published ConfigMaps are re-checked (recreated if deleted) [default: 30s].
     #[arg(long, env = "MESHCA_BUNDLE_RESYNC_INTERVAL")]
     pub bundle_resync_interval: Option<HumanDuration>,
@@ -280,7 +285,7 @@ impl ServeArgs {
             rate_limit, rate_burst, audit_log, audit_checkpoint_interval, log_format,
             issuer_lifetime, root_lifetime, propagation_wait, auto_rotate_root_every,
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
-            publish_bundle, bundle_namespace_selector, bundle_resync_interval,
+            publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
             leader_election_lease, leader_election_lease_duration, replica_name,
         ))
     }
@@ -490,7 +495,25 @@ impl ServeArgs {
                 })
             }
         };
+        let jwks_kubernetes = self.jwks_kubernetes.unwrap_or(false);
+        if jwks_kubernetes {
+            if self.kubeconfig.is_none() {
+                return Err(bad(
+                    "jwks_kubernetes",
+                    "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
+                ));
+            }
+            if self.jwks_file.is_some() || self.jwks_url.is_some() || self.oidc_issuer_url.is_some()
+            {
+                return Err(bad(
+                    "jwks_kubernetes",
+                    "set only one of jwks_file, jwks_url, oidc_issuer_url and jwks_kubernetes"
+                        .into(),
+                ));
+            }
+        }
         Ok(ServeConfig {
+            jwks_kubernetes,
             publish,
             issuer_lifetime,
             root_lifetime,
@@ -624,6 +647,8 @@ pub struct ServeConfig {
     pub init_root: Option<(PathBuf, PathBuf)>,
     /// Bundle ConfigMap publishing with leader election (None: off).
     pub publish: Option<PublishConfig>,
+    /// JWKS from the API server through the Kubernetes client.
+    pub jwks_kubernetes: bool,
 }
 
 /// `publish_bundle` and its leader election.

@@ -88,13 +88,38 @@ pub async fn build_authenticator(
 ) -> Result<Authenticator, String> {
     let mut sources = Vec::new();
     let dev_mode = cfg.jwks_file.is_none()
+        && !cfg.jwks_kubernetes
         && cfg.jwks_url.is_none()
         && cfg.oidc_issuer_url.is_none()
         && cfg.kubeconfig.is_none();
     for s in &cfg.authn_order {
         match s {
             AuthnSource::Jwks => {
-                let (source, setting) = if let Some(f) = &cfg.jwks_file {
+                let mut issuers = cfg.jwt_issuers.clone();
+                let (source, setting) = if cfg.jwks_kubernetes {
+                    let kc = cfg
+                        .kubeconfig
+                        .as_ref()
+                        .ok_or("invalid setting jwks_kubernetes: needs kubeconfig")?;
+                    let client = authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
+                        .await
+                        .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+                    // The API server names its service-account issuer; tokens
+                    // carry it as `iss`. Unreachable now: keep the configured
+                    // issuers and let the JWKS refresh catch up.
+                    match jwt::kube_issuer(&client).await {
+                        Ok(iss) => {
+                            tracing::info!(issuer = %iss, "Kubernetes service-account issuer (OIDC discovery)");
+                            if !issuers.contains(&iss) {
+                                issuers.push(iss);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "Kubernetes OIDC discovery failed; accepting the configured jwt_issuers")
+                        }
+                    }
+                    (jwt::JwksSource::Kubernetes(client), "jwks_kubernetes")
+                } else if let Some(f) = &cfg.jwks_file {
                     (jwt::JwksSource::File(f.clone()), "jwks_file")
                 } else if cfg.jwks_url.is_some() || cfg.oidc_issuer_url.is_some() {
                     let ca = match &cfg.jwks_ca_file {
@@ -133,7 +158,7 @@ pub async fn build_authenticator(
                 };
                 let v = jwt::JwksVerifier::new(
                     source,
-                    cfg.jwt_issuers.clone(),
+                    issuers,
                     clock.clone(),
                     cfg.allow_legacy_tokens,
                     Method::Jwks,
@@ -423,6 +448,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         let needs = crate::kubernetes::rbac::needs(
             cfg.authn_order.contains(&AuthnSource::Tokenreview),
             cfg.publish.is_some(),
+            cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
             cfg.mesh.control_plane_ns.as_str(),
         );
         let check = async {

@@ -191,7 +191,7 @@ async fn missing_permissions_are_named_at_start_up() {
     let client = meshca::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
         .await
         .unwrap();
-    let needs = meshca::kubernetes::rbac::needs(true, true, "meshca");
+    let needs = meshca::kubernetes::rbac::needs(true, true, false, "meshca");
     let missing = meshca::kubernetes::rbac::missing(&client, &needs)
         .await
         .unwrap();
@@ -205,13 +205,100 @@ async fn missing_permissions_are_named_at_start_up() {
         "{missing:?}"
     );
     assert!(missing[1].contains("RBAC: no rule grants it"));
+    let jw = meshca::kubernetes::rbac::needs(false, false, true, "meshca");
+    api.denied.lock().unwrap().push("get ".to_string());
+    let missing = meshca::kubernetes::rbac::missing(&client, &jw)
+        .await
+        .unwrap();
+    assert_eq!(
+        missing.len(),
+        2,
+        "non-resource URLs are checked too: {missing:?}"
+    );
+    assert!(missing[1].starts_with("get /openid/v1/jwks"), "{missing:?}");
+    api.denied.lock().unwrap().pop();
     // Only what the configuration uses is asked.
     assert_eq!(
-        meshca::kubernetes::rbac::needs(true, false, "meshca").len(),
+        meshca::kubernetes::rbac::needs(true, false, false, "meshca").len(),
         1
     );
     // A server started with those gaps says so in its metrics.
     let _ca = replica(&kc, "replica-x").await;
     let m = meshca::metrics::global().render();
     assert!(m.contains("meshca_kubernetes_permissions_missing 2"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_against_the_api_servers_own_jwks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    // The cluster's service-account signer, as the API server publishes it.
+    let key = meshca::ca::CaKey::generate_p256().unwrap();
+    let signer = meshca::authn::devtoken::DevSigner::from_pem(&key.to_pem()).unwrap();
+    let issuer = "https://oidc.example-cluster.internal";
+    {
+        let mut docs = api.documents.lock().unwrap();
+        docs.insert(
+            "/.well-known/openid-configuration".into(),
+            json!({"issuer": issuer, "jwks_uri": "https://10.0.0.1:6443/openid/v1/jwks"}),
+        );
+        docs.insert(
+            "/openid/v1/jwks".into(),
+            serde_json::from_str(signer.jwks()).unwrap(),
+        );
+    }
+    let kc2 = kc.clone();
+    let ca = Ca::start_with(move |c| {
+        c.kubeconfig = Some(kc2);
+        c.jwks_kubernetes = true;
+        c.authn_order = vec![meshca::config::AuthnSource::Jwks];
+    })
+    .await;
+    let mint = |iss: &str| {
+        signer
+            .mint(
+                &meshca::authn::devtoken::TokenSpec {
+                    workload: meshca::identity::Workload::new("shop", "web").unwrap(),
+                    audiences: vec!["meshca".into()],
+                    ttl: Duration::from_secs(600),
+                    issuer: iss.into(),
+                    pod: None,
+                },
+                std::time::SystemTime::now(),
+            )
+            .unwrap()
+    };
+    let ch = ca.channel().await;
+    let r = certify_native(&ch, mint(issuer)).await.unwrap();
+    assert_eq!(r.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    // The issuer comes from the API server's discovery document: another is refused.
+    let e = certify_native(&ch, mint("https://evil.example"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // A key the API server does not publish is refused.
+    let other = meshca::authn::devtoken::DevSigner::from_pem(
+        &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
+    )
+    .unwrap();
+    let forged = other
+        .mint(
+            &meshca::authn::devtoken::TokenSpec {
+                workload: meshca::identity::Workload::new("shop", "web").unwrap(),
+                audiences: vec!["meshca".into()],
+                ttl: Duration::from_secs(600),
+                issuer: issuer.into(),
+                pod: None,
+            },
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+    let e = certify_native(&ch, forged).await.unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::Unauthenticated | tonic::Code::Unavailable
+        ),
+        "{e:?}"
+    );
 }

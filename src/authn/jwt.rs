@@ -83,7 +83,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 }
 
 /// Where the keys come from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum JwksSource {
     /// A JWKS JSON file, re-read on refresh.
     File(PathBuf),
@@ -94,13 +94,30 @@ pub enum JwksSource {
         /// The HTTPS client.
         fetcher: Box<super::fetch::Fetcher>,
     },
+    /// The API server's own JWKS (`/openid/v1/jwks`), fetched through the
+    /// Kubernetes client with its credentials (in a pod: its service account).
+    Kubernetes(kube::Client),
     /// A fixed set (tests, the development signer).
     Static(String),
 }
 
+impl std::fmt::Debug for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JwksSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            JwksSource::Url { url, .. } => f
+                .debug_struct("Url")
+                .field("url", url)
+                .finish_non_exhaustive(),
+            JwksSource::Kubernetes(_) => f.write_str("Kubernetes(/openid/v1/jwks)"),
+            JwksSource::Static(_) => f.write_str("Static"),
+        }
+    }
+}
+
 impl JwksSource {
     fn is_remote(&self) -> bool {
-        matches!(self, JwksSource::Url { .. })
+        matches!(self, JwksSource::Url { .. } | JwksSource::Kubernetes(_))
     }
 }
 
@@ -349,8 +366,32 @@ async fn read_source(source: &JwksSource) -> Result<String, String> {
             .await
             .map_err(|e| format!("cannot read JWKS file {}: {e}", p.display())),
         JwksSource::Url { url, fetcher } => fetcher.get(url).await,
+        JwksSource::Kubernetes(client) => kube_get(client, "/openid/v1/jwks").await,
         JwksSource::Static(s) => Ok(s.clone()),
     }
+}
+
+/// GETs a non-resource path from the API server through `client`.
+pub async fn kube_get(client: &kube::Client, path: &str) -> Result<String, String> {
+    let req = http::Request::get(path)
+        .body(Vec::new())
+        .map_err(|e| format!("{path}: {e}"))?;
+    client
+        .request_text(req)
+        .await
+        .map_err(|e| format!("Kubernetes API {path}: {e}"))
+}
+
+/// The service-account issuer the API server announces
+/// (`/.well-known/openid-configuration`), fetched through `client`.
+pub async fn kube_issuer(client: &kube::Client) -> Result<String, String> {
+    let doc = kube_get(client, "/.well-known/openid-configuration").await?;
+    let v: serde_json::Value =
+        serde_json::from_str(&doc).map_err(|e| format!("OIDC discovery document: {e}"))?;
+    v["issuer"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "OIDC discovery document has no issuer".into())
 }
 
 /// The payload's `iss`, without verifying anything.

@@ -32,9 +32,10 @@ pub enum Action {
 }
 
 fn to_system(t: &MicroTime) -> SystemTime {
-    let ts = t.0.as_second();
-    if ts >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(ts as u64)
+    // Microsecond precision, as the API stores it.
+    let us = t.0.as_microsecond();
+    if us >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
     } else {
         SystemTime::UNIX_EPOCH
     }
@@ -43,7 +44,7 @@ fn to_system(t: &MicroTime) -> SystemTime {
 fn micro(t: SystemTime) -> MicroTime {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     MicroTime(
-        k8s_openapi::jiff::Timestamp::from_second(d.as_secs() as i64)
+        k8s_openapi::jiff::Timestamp::from_microsecond(d.as_micros() as i64)
             .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
     )
 }

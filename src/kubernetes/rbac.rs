@@ -7,7 +7,7 @@
 //! anything (the reviews are read-only questions).
 
 use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    NonResourceAttributes, ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
 
@@ -24,12 +24,17 @@ pub struct Need {
     pub namespace: Option<String>,
     /// The object name, when the rule can be narrowed to it.
     pub name: Option<&'static str>,
+    /// A non-resource URL (then `resource` is empty).
+    pub path: Option<&'static str>,
     /// Why meshca needs it.
     pub why: &'static str,
 }
 
 impl std::fmt::Display for Need {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(p) = self.path {
+            return write!(f, "{} {p} ({})", self.verb, self.why);
+        }
         let g = if self.group.is_empty() {
             String::new()
         } else {
@@ -48,8 +53,21 @@ impl std::fmt::Display for Need {
 }
 
 /// What a configuration needs.
-pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Need> {
+pub fn needs(tokenreview: bool, publish: bool, jwks: bool, control_plane_ns: &str) -> Vec<Need> {
     let mut v = Vec::new();
+    if jwks {
+        for p in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
+            v.push(Need {
+                verb: "get",
+                group: "",
+                resource: "",
+                namespace: None,
+                name: None,
+                path: Some(p),
+                why: "verifying workload tokens locally",
+            });
+        }
+    }
     if tokenreview {
         v.push(Need {
             verb: "create",
@@ -57,6 +75,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "tokenreviews",
             namespace: None,
             name: None,
+            path: None,
             why: "validating workload tokens",
         });
     }
@@ -68,6 +87,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "namespaces",
             namespace: None,
             name: None,
+            path: None,
             why: "publishing the trust bundle",
         });
         v.push(Need {
@@ -76,6 +96,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "configmaps",
             namespace: None,
             name: None,
+            path: None,
             why: "publishing the trust bundle",
         });
         v.push(Need {
@@ -84,6 +105,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "configmaps",
             namespace: None,
             name: Some("meshca-trust-bundle"),
+            path: None,
             why: "publishing the trust bundle",
         });
         v.push(Need {
@@ -92,6 +114,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "configmaps",
             namespace: None,
             name: Some("meshca-trust-bundle"),
+            path: None,
             why: "publishing the trust bundle",
         });
         v.push(Need {
@@ -100,6 +123,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "leases",
             namespace: ns.clone(),
             name: None,
+            path: None,
             why: "leader election",
         });
         v.push(Need {
@@ -108,6 +132,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "leases",
             namespace: ns.clone(),
             name: Some("meshca-leader"),
+            path: None,
             why: "leader election",
         });
         v.push(Need {
@@ -116,6 +141,7 @@ pub fn needs(tokenreview: bool, publish: bool, control_plane_ns: &str) -> Vec<Ne
             resource: "leases",
             namespace: ns,
             name: Some("meshca-leader"),
+            path: None,
             why: "leader election",
         });
     }
@@ -128,8 +154,15 @@ pub async fn missing(client: &kube::Client, needs: &[Need]) -> Result<Vec<String
     let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     let mut out = Vec::new();
     for n in needs {
-        let review = SelfSubjectAccessReview {
-            spec: SelfSubjectAccessReviewSpec {
+        let spec = match n.path {
+            Some(p) => SelfSubjectAccessReviewSpec {
+                non_resource_attributes: Some(NonResourceAttributes {
+                    path: Some(p.into()),
+                    verb: Some(n.verb.into()),
+                }),
+                ..Default::default()
+            },
+            None => SelfSubjectAccessReviewSpec {
                 resource_attributes: Some(ResourceAttributes {
                     verb: Some(n.verb.into()),
                     group: Some(n.group.into()),
@@ -140,6 +173,9 @@ pub async fn missing(client: &kube::Client, needs: &[Need]) -> Result<Vec<String
                 }),
                 ..Default::default()
             },
+        };
+        let review = SelfSubjectAccessReview {
+            spec,
             ..Default::default()
         };
         let r = api.create(&PostParams::default(), &review).await?;

@@ -18,6 +18,8 @@ pub struct Store {
     pub writes: Mutex<Vec<String>>,
     /// SelfSubjectAccessReviews to deny, as "verb resource" (e.g. "list namespaces").
     pub denied: Mutex<Vec<String>>,
+    /// Fixed JSON documents by path (OIDC discovery, JWKS).
+    pub documents: Mutex<BTreeMap<String, Value>>,
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -76,11 +78,16 @@ impl Store {
         if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
             let mut review: Value = serde_json::from_slice(body).unwrap_or_default();
             let ra = &review["spec"]["resourceAttributes"];
-            let asked = format!(
-                "{} {}",
-                ra["verb"].as_str().unwrap_or(""),
-                ra["resource"].as_str().unwrap_or("")
-            );
+            let nra = &review["spec"]["nonResourceAttributes"];
+            let asked = if nra.is_object() {
+                format!("{} ", nra["verb"].as_str().unwrap_or(""))
+            } else {
+                format!(
+                    "{} {}",
+                    ra["verb"].as_str().unwrap_or(""),
+                    ra["resource"].as_str().unwrap_or("")
+                )
+            };
             let denied = self.denied.lock().unwrap().contains(&asked);
             review["status"] = if denied {
                 json!({"allowed": false, "reason": "RBAC: no rule grants it"})
@@ -90,6 +97,11 @@ impl Store {
             review["apiVersion"] = json!("authorization.k8s.io/v1");
             review["kind"] = json!("SelfSubjectAccessReview");
             return (201, review);
+        }
+        if method == "GET" {
+            if let Some(doc) = self.documents.lock().unwrap().get(path) {
+                return (200, doc.clone());
+            }
         }
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         // (collection path, optional name, kind)
