@@ -253,6 +253,13 @@ pub struct ServeArgs {
     /// This replica's identity in the Lease [default: $POD_NAME, else the host name].
     #[arg(long, env = "POD_NAME")]
     pub replica_name: Option<String>,
+    /// Share the CA's state (roots, issuer, rotation journal) with other
+    /// replicas through this Secret in control_plane_namespace (needs kubeconfig).
+    #[arg(long, env = "MESHCA_STATE_SECRET")]
+    pub state_secret: Option<String>,
+    /// How often a replica checks the shared state for changes [default: 2s].
+    #[arg(long, env = "MESHCA_STATE_POLL_INTERVAL")]
+    pub state_poll_interval: Option<HumanDuration>,
 }
 
 /// Parses a duration such as `90s`, `24h` or `7d`.
@@ -286,7 +293,8 @@ impl ServeArgs {
             issuer_lifetime, root_lifetime, propagation_wait, auto_rotate_root_every,
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
-            leader_election_lease, leader_election_lease_duration, replica_name,
+            leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
+            state_poll_interval,
         ))
     }
 
@@ -450,6 +458,22 @@ impl ServeArgs {
                 "must be at least 100ms".into(),
             ));
         }
+        let replica = self.replica_name.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default();
+            format!(
+                "{}-{:08x}",
+                if host.is_empty() { "meshca" } else { &host },
+                rand::random::<u32>()
+            )
+        });
+        if self.state_secret.is_some() && self.kubeconfig.is_none() {
+            return Err(bad(
+                "state_secret",
+                "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
+            ));
+        }
         let publish = match self.publish_bundle.unwrap_or(false) {
             false => None,
             true => {
@@ -482,16 +506,7 @@ impl ServeArgs {
                         .clone()
                         .unwrap_or_else(|| "meshca-leader".into()),
                     lease_duration,
-                    replica: self.replica_name.clone().unwrap_or_else(|| {
-                        let host = std::fs::read_to_string("/etc/hostname")
-                            .map(|h| h.trim().to_string())
-                            .unwrap_or_default();
-                        format!(
-                            "{}-{:08x}",
-                            if host.is_empty() { "meshca" } else { &host },
-                            rand::random::<u32>()
-                        )
-                    }),
+                    replica: replica.clone(),
                 })
             }
         };
@@ -513,6 +528,12 @@ impl ServeArgs {
             }
         }
         Ok(ServeConfig {
+            replica,
+            state_secret: self.state_secret.clone(),
+            state_poll_interval: self
+                .state_poll_interval
+                .map_or(Duration::from_secs(2), |d| d.0)
+                .max(Duration::from_millis(100)),
             jwks_kubernetes,
             publish,
             issuer_lifetime,
@@ -649,6 +670,12 @@ pub struct ServeConfig {
     pub publish: Option<PublishConfig>,
     /// JWKS from the API server through the Kubernetes client.
     pub jwks_kubernetes: bool,
+    /// This replica's name.
+    pub replica: String,
+    /// The Secret holding the shared CA state (None: local only).
+    pub state_secret: Option<String>,
+    /// How often the shared state is checked.
+    pub state_poll_interval: Duration,
 }
 
 /// `publish_bundle` and its leader election.

@@ -310,6 +310,29 @@ pub fn server_identity(cfg: &ServeConfig) -> String {
 pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let data = DataDir::new(&cfg.data_dir);
+    // Replicated: the shared state (a Secret), when it exists, is the CA;
+    // this replica's data directory becomes a copy of it.
+    let shared = match (&cfg.state_secret, &cfg.kubeconfig) {
+        (Some(name), Some(kc)) => {
+            let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
+                .await
+                .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+            std::fs::create_dir_all(&cfg.data_dir)
+                .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
+            let ss = Arc::new(crate::kubernetes::state::SecretState::new(
+                client,
+                cfg.mesh.control_plane_ns.as_str(),
+                name,
+                &cfg.replica,
+                data.clone(),
+            ));
+            if ss.pull().await? {
+                tracing::info!(secret = %name, "loaded the CA state shared by the other replicas");
+            }
+            Some(ss)
+        }
+        _ => None,
+    };
     if !data.is_initialized() {
         let opts = InitOptions {
             issuer_lifetime: cfg.issuer_lifetime,
@@ -412,6 +435,20 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         cfg.rotation_settings(),
     );
     rotation.publish(&reconciled).await?;
+    if let Some(ss) = shared {
+        rotation.set_shared(ss.clone());
+        if !ss.is_shared() {
+            // First replica: this CA becomes the shared one, unless another
+            // replica created it meanwhile (then adopt theirs).
+            match crate::trust::service::SharedState::push(ss.as_ref()).await? {
+                true => tracing::info!("created the shared CA state"),
+                false => {
+                    rotation.pull_shared().await?;
+                    tracing::info!("another replica created the shared CA state first; adopted it");
+                }
+            }
+        }
+    }
     let admin_token = crate::trust::http::ensure_token(&cfg.data_dir)?;
 
     let (tls, refresh_at) = match server_tls(&ca, &cfg) {
@@ -442,6 +479,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     rotation.spawn(stop_rx.clone());
+    if cfg.state_secret.is_some() {
+        rotation.follow_shared(cfg.state_poll_interval, stop_rx.clone());
+    }
 
     // In Kubernetes: say at start-up which permissions are missing.
     if let Some(kc) = cfg.kubeconfig.clone() {

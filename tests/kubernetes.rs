@@ -302,3 +302,185 @@ async fn tokens_are_checked_against_the_api_servers_own_jwks() {
         "{e:?}"
     );
 }
+
+const SECRETS: &str = "/api/v1/namespaces/meshca/secrets";
+
+async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path) -> Ca {
+    let kc = kc.to_path_buf();
+    let name = name.to_string();
+    let jwks = jwks.to_path_buf();
+    Ca::start_with(move |c| {
+        c.kubeconfig = Some(kc);
+        c.jwks_file = Some(jwks);
+        c.authn_order = vec![meshca::config::AuthnSource::Jwks];
+        c.state_secret = Some("meshca-ca".into());
+        c.state_poll_interval = Duration::from_millis(200);
+        c.replica = name;
+        c.propagation_wait = Duration::from_secs(0);
+    })
+    .await
+}
+
+async fn admin(ca: &Ca, step: &str, body: &str) -> (u16, String) {
+    let token = std::fs::read_to_string(ca.dir.path().join("data/admin.token")).unwrap();
+    meshca::admin_client::request(
+        "POST",
+        &format!("http://{}/rotation/{step}", ca.running.admin_addr),
+        Some(token.trim()),
+        Some(body.into()),
+    )
+    .await
+    .unwrap()
+}
+
+fn roots_of(ca: &Ca) -> Vec<String> {
+    ca.running
+        .ca
+        .bundle()
+        .roots
+        .iter()
+        .map(|r| meshca::ca::fingerprint(r))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_ca_through_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    // The cluster's token signer, as a JWKS file both replicas trust.
+    let signer = meshca::authn::devtoken::DevSigner::from_pem(
+        &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
+    )
+    .unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let token = || {
+        signer
+            .mint(
+                &meshca::authn::devtoken::TokenSpec {
+                    workload: meshca::identity::Workload::new("shop", "web").unwrap(),
+                    audiences: vec!["meshca".into()],
+                    ttl: Duration::from_secs(600),
+                    issuer: support::ISSUER.into(),
+                    pod: None,
+                },
+                std::time::SystemTime::now(),
+            )
+            .unwrap()
+    };
+    let a = shared_replica(&kc, "a", &jwks).await;
+    assert!(
+        api.get(SECRETS, "meshca-ca").is_some(),
+        "the first replica shares its CA"
+    );
+    let b = shared_replica(&kc, "b", &jwks).await;
+    assert_eq!(roots_of(&a), roots_of(&b), "one root");
+    assert_eq!(
+        a.running.ca.issuer().fingerprint,
+        b.running.ca.issuer().fingerprint,
+        "one issuer"
+    );
+
+    // A rotation through a is seen and used by b.
+    assert_eq!(admin(&a, "prepare", "{}").await.0, 200);
+    let (code, body) = admin(&a, "activate", "{}").await;
+    assert_eq!(code, 200, "{body}");
+    let new_root = a.running.ca.issuer().root_fingerprint.clone().unwrap();
+    until("b follows the rotation", Duration::from_secs(5), || {
+        b.running.ca.issuer().root_fingerprint.as_deref() == Some(new_root.as_str())
+            && roots_of(&b).len() == 2
+    })
+    .await;
+    let ch = b.channel().await;
+    let r = certify_native(&ch, token()).await.unwrap();
+    let tb = r.trust_bundle.unwrap();
+    assert_eq!(tb.version, a.running.ca.bundle().version);
+    let new_der = a
+        .running
+        .ca
+        .bundle()
+        .roots
+        .iter()
+        .find(|x| meshca::ca::fingerprint(x) == new_root)
+        .unwrap()
+        .to_vec();
+    meshca::client::verify_chain(
+        &r.cert_chain[0],
+        &r.cert_chain[1..],
+        &[new_der],
+        std::time::SystemTime::now(),
+    )
+    .expect("b issues under the new root");
+
+    // And the other way round: a taint through b reaches a.
+    let old_root = roots_of(&a).into_iter().find(|x| *x != new_root).unwrap();
+    let (code, body) = admin(
+        &b,
+        "taint",
+        &format!("{{\"root\": \"{}\"}}", &old_root[..16]),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    until("a sees the taint", Duration::from_secs(5), || {
+        a.running.ca.bundle().tainted.len() == 1
+    })
+    .await;
+
+    // Both replicas prepare at once: one wins, the other retries on the
+    // winner's state and is refused (a root is already prepared), so the
+    // shared journal holds exactly one prepared root.
+    let (ra, rb) = tokio::join!(admin(&a, "prepare", "{}"), admin(&b, "prepare", "{}"));
+    let codes = [ra.0, rb.0];
+    assert!(
+        codes.contains(&200) && codes.contains(&409),
+        "{ra:?} {rb:?}"
+    );
+    let loser = if ra.0 == 409 { &ra.1 } else { &rb.1 };
+    assert!(loser.contains("already prepared"), "{loser}");
+    let secret = api.get(SECRETS, "meshca-ca").unwrap();
+    let journal: meshca::trust::rotation::RotationState = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"]["rotation.json"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        journal
+            .roots
+            .iter()
+            .filter(|r| r.phase == meshca::trust::rotation::Phase::Prepared)
+            .count(),
+        1
+    );
+    until("both replicas agree", Duration::from_secs(5), || {
+        roots_of(&a) == roots_of(&b)
+    })
+    .await;
+
+    // A Secret that fails validation is refused with an Event; both keep
+    // the last good state.
+    let before = roots_of(&a);
+    let mut bad = api.get(SECRETS, "meshca-ca").unwrap();
+    let other_key = meshca::ca::CaKey::generate_p256().unwrap().to_pem();
+    bad["data"]["issuer.key"] = json!(base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        other_key.expose()
+    ));
+    api.put(SECRETS, "meshca-ca", bad);
+    until("an Event says why", Duration::from_secs(5), || {
+        api.list("/api/v1/namespaces/meshca/events")
+            .iter()
+            .any(|e| {
+                e["reason"] == "InvalidCAState"
+                    && e["message"].as_str().unwrap_or("").contains("issuer")
+            })
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(roots_of(&a), before);
+    assert_eq!(roots_of(&b), before);
+    let r = certify_native(&b.channel().await, token()).await;
+    assert!(r.is_ok(), "b still issues with its last good state");
+}

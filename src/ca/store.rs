@@ -259,6 +259,15 @@ impl DataDir {
         })
     }
 
+    /// Installs an issuer made elsewhere (shared state from another
+    /// replica), with the same crash-safe pending-then-rename switch.
+    pub fn install_issuer(&self, cert_pem: &[u8], key_pem: &SecretBytes) -> Result<(), StoreError> {
+        self.finish_pending_issuer()?;
+        self.write_key("issuer.pending.key", key_pem)?;
+        self.write_pub("issuer.pending.crt", cert_pem)?;
+        self.finish_pending_issuer()
+    }
+
     /// Completes (or discards) an issuer switch a crash interrupted.
     fn finish_pending_issuer(&self) -> Result<(), StoreError> {
         let (pk, pc) = (

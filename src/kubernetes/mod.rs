@@ -10,3 +10,4 @@
 pub mod lease;
 pub mod publish;
 pub mod rbac;
+pub mod state;

@@ -47,6 +47,12 @@ impl Journal {
         self.write(state)
     }
 
+    /// Replaces the stored state with one adopted from the shared state of
+    /// a replicated CA (which orders steps itself, by resourceVersion).
+    pub fn adopt(&self, state: &RotationState) -> Result<(), String> {
+        self.write(state)
+    }
+
     /// Persists `next`, which must directly follow what is stored.
     pub fn commit(&self, next: &RotationState) -> Result<(), String> {
         let stored = self

@@ -172,6 +172,16 @@ impl TrustManager {
         Ok(state)
     }
 
+    /// Re-reads the journal (after the shared state replaced it).
+    pub fn reload(&self) -> Result<(), String> {
+        let s = self
+            .journal
+            .load()?
+            .ok_or("rotation.json disappeared from the data directory")?;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+        Ok(())
+    }
+
     /// The data directory.
     pub fn data(&self) -> &DataDir {
         &self.data

@@ -42,6 +42,21 @@ pub struct Settings {
     pub check_interval: Duration,
 }
 
+/// State shared with other replicas (Kubernetes: a Secret). Steps pull it
+/// first and push after; a push that loses a race is retried from the
+/// state that won.
+#[tonic::async_trait]
+pub trait SharedState: Send + Sync + std::fmt::Debug {
+    /// Brings the data directory to the shared state; true when it changed.
+    async fn pull(&self) -> Result<bool, String>;
+    /// Publishes the local state; `Ok(false)` when another replica wrote
+    /// first (the caller pulls and retries).
+    async fn push(&self) -> Result<bool, String>;
+}
+
+/// How many times a step is retried after losing a race to another replica.
+const SHARED_ATTEMPTS: usize = 3;
+
 /// A step an operator (or the automatic policy) asks for.
 #[derive(Debug, Clone)]
 pub enum Step {
@@ -79,6 +94,7 @@ pub struct RotationService {
     settings: Settings,
     steps: tokio::sync::Mutex<()>,
     issuer_changed: Notify,
+    shared: std::sync::OnceLock<Arc<dyn SharedState>>,
 }
 
 impl RotationService {
@@ -98,9 +114,76 @@ impl RotationService {
             settings,
             steps: tokio::sync::Mutex::new(()),
             issuer_changed: Notify::new(),
+            shared: std::sync::OnceLock::new(),
         });
         s.publish_metrics();
         s
+    }
+
+    /// Shares the state with other replicas from now on.
+    pub fn set_shared(&self, shared: Arc<dyn SharedState>) {
+        let _ = self.shared.set(shared);
+    }
+
+    /// Re-reads the state from the data directory (after the shared state
+    /// changed it) and publishes it to the running CA.
+    pub async fn reload(&self) -> Result<(), String> {
+        let mgr = self.mgr.clone();
+        let lifetime = self.settings.issuer_lifetime;
+        let now = self.ca.clock().now();
+        let rec = tokio::task::spawn_blocking(move || {
+            mgr.reload()?;
+            mgr.reconcile(lifetime, now)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.publish(&rec).await?;
+        self.load_issuer().await?;
+        tracing::info!(
+            bundle_version = self.mgr.state().bundle_version,
+            "CA state reloaded from the shared state"
+        );
+        Ok(())
+    }
+
+    /// Pulls the shared state (if any); reloads when it changed.
+    pub async fn pull_shared(&self) -> Result<(), String> {
+        if let Some(s) = self.shared.get() {
+            if s.pull().await? {
+                self.reload().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes after a local change. Ok(false): another replica won; its
+    /// state has been pulled and loaded.
+    async fn push_shared(&self) -> Result<bool, String> {
+        let Some(s) = self.shared.get() else {
+            return Ok(true);
+        };
+        if s.push().await? {
+            return Ok(true);
+        }
+        self.pull_shared().await?;
+        Ok(false)
+    }
+
+    /// Keeps this replica in line with the shared state until `stop` flips.
+    pub fn follow_shared(self: &Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.changed() => return,
+                }
+                let _one_at_a_time = me.steps.lock().await;
+                if let Err(e) = me.pull_shared().await {
+                    tracing::warn!(error = %e, "shared CA state: pull failed; keeping the current state");
+                }
+            }
+        });
     }
 
     /// The manager.
@@ -146,6 +229,31 @@ impl RotationService {
     /// Runs one step. `actor` says who asked (for the log and audit).
     pub async fn step(&self, step: Step, actor: &str) -> Result<Vec<Event>, TrustError> {
         let _one_at_a_time = self.steps.lock().await;
+        for attempt in 1..=SHARED_ATTEMPTS {
+            self.pull_shared().await.map_err(TrustError::Storage)?;
+            let (events, obs) = self.step_locally(step.clone()).await?;
+            match self.push_shared().await {
+                Ok(true) => {
+                    self.record(&events, actor, &obs).await;
+                    return Ok(events);
+                }
+                Ok(false) => tracing::info!(
+                    attempt,
+                    "rotation step lost a race with another replica; retrying on its state"
+                ),
+                Err(e) => {
+                    return Err(TrustError::Storage(format!(
+                        "the step was applied here but could not be shared: {e}"
+                    )))
+                }
+            }
+        }
+        Err(TrustError::Storage(format!(
+            "other replicas kept changing the CA state; the step did not happen after {SHARED_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn step_locally(&self, step: Step) -> Result<(Vec<Event>, Observations), TrustError> {
         let started = Instant::now();
         let now = self.ca.clock().now();
         let obs = self.observations(now);
@@ -170,8 +278,7 @@ impl RotationService {
         .map_err(|e| TrustError::Storage(format!("rotation step panicked: {e}")))??;
         self.publish(&rec).await.map_err(TrustError::Storage)?;
         crate::metrics::global().rotation_step(name, started.elapsed());
-        self.record(&events, actor, &obs).await;
-        Ok(events)
+        Ok((events, obs))
     }
 
     /// Applies the journal's state to the running CA after a step or at start.
@@ -368,6 +475,18 @@ impl RotationService {
                         tracing::error!(error = %e, "renewed issuer does not load");
                         continue;
                     }
+                    match self.push_shared().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(
+                                "another replica renewed the issuer first; using its issuer"
+                            );
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "the renewed issuer could not be shared with other replicas")
+                        }
+                    }
                     crate::metrics::global().rotation_step("issuer_renewal", started.elapsed());
                     crate::metrics::global().rotation_transition("issuer_renewed");
                     if report.clamped_to_root {
@@ -429,7 +548,13 @@ impl RotationService {
                     if let Err(e) = self.publish(&rec).await {
                         tracing::error!(error = %e, "rotation: publishing failed");
                     }
-                    self.record(&ev, "housekeeping", &obs).await;
+                    match self.push_shared().await {
+                        Ok(true) => self.record(&ev, "housekeeping", &obs).await,
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "housekeeping change could not be shared")
+                        }
+                    }
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "rotation housekeeping failed"),

@@ -56,6 +56,17 @@ impl Store {
             .cloned()
     }
 
+    /// Every object in a collection.
+    pub fn list(&self, collection: &str) -> Vec<Value> {
+        self.objects
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((c, _), _)| c == collection)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// Deletes an object directly (as another client would).
     pub fn remove(&self, collection: &str, name: &str) -> Option<Value> {
         self.objects
@@ -123,6 +134,24 @@ impl Store {
                 Some(*n),
                 "ConfigMap",
                 "",
+            ),
+            ["api", "v1", "namespaces", ns, "secrets"] => (
+                format!("/api/v1/namespaces/{ns}/secrets"),
+                None,
+                "Secret",
+                "SecretList",
+            ),
+            ["api", "v1", "namespaces", ns, "secrets", n] => (
+                format!("/api/v1/namespaces/{ns}/secrets"),
+                Some(*n),
+                "Secret",
+                "",
+            ),
+            ["api", "v1", "namespaces", ns, "events"] => (
+                format!("/api/v1/namespaces/{ns}/events"),
+                None,
+                "Event",
+                "EventList",
             ),
             ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"] => (
                 format!("/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"),

@@ -1,0 +1,329 @@
+//! The CA's state shared by replicas through a Kubernetes Secret.
+//!
+//! Owns: the mapping between the data directory and one Opaque Secret
+//! (`rotation.json`, every root in the bundle as `root.<sha256>.crt|key`,
+//! `issuer.crt`, `issuer.key`): reading it into the data directory after
+//! validating it (the journal parses, every root's fingerprint and key
+//! match, the issuer's key matches and it is signed by the active root — a
+//! Secret that fails is refused with a Kubernetes Event and the last good
+//! state is kept), and writing the local state back with a resourceVersion
+//! precondition, so a conflicting write fails (409) and the caller retries
+//! from fresh state instead of overwriting. Must not: decide rotation steps.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use k8s_openapi::api::core::v1::{Event, ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::{Api, PostParams};
+use x509_parser::prelude::*;
+
+use crate::ca::store::DataDir;
+use crate::ca::{fingerprint, pem_to_certs, CaKey};
+use crate::secret::SecretBytes;
+use crate::trust::journal::Journal;
+use crate::trust::rotation::RotationState;
+
+/// Why a push did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Another replica wrote first; pull and retry the step.
+    #[error("another replica changed the CA state first")]
+    Conflict,
+    /// The API or the files failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+type Snapshot = BTreeMap<String, Vec<u8>>;
+
+/// The Secret-backed state of one replica.
+pub struct SecretState {
+    api: Api<Secret>,
+    events: Api<Event>,
+    name: String,
+    namespace: String,
+    replica: String,
+    data: DataDir,
+    /// The resourceVersion our local files correspond to.
+    based_on: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for SecretState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretState")
+            .field("secret", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(data: &DataDir, name: &str) -> Result<Vec<u8>, String> {
+    let p = data.file(name);
+    std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+/// The local state as Secret data.
+pub fn snapshot(data: &DataDir) -> Result<Snapshot, String> {
+    let mut m = Snapshot::new();
+    let journal = read(data, crate::trust::journal::FILE)?;
+    let state: RotationState =
+        serde_json::from_slice(&journal).map_err(|e| format!("rotation.json: {e}"))?;
+    m.insert("rotation.json".into(), journal);
+    for r in state.in_bundle() {
+        let (crt, key) = data.root_paths(&r.id);
+        m.insert(
+            format!("root.{}.crt", r.id),
+            std::fs::read(&crt).map_err(|e| format!("{}: {e}", crt.display()))?,
+        );
+        m.insert(
+            format!("root.{}.key", r.id),
+            crate::secret::read_private(&key)
+                .map_err(|e| format!("{}: {e}", key.display()))?
+                .expose()
+                .to_vec(),
+        );
+    }
+    m.insert("issuer.crt".into(), read(data, "issuer.crt")?);
+    m.insert(
+        "issuer.key".into(),
+        data.read_key("issuer.key")
+            .map_err(|e| e.to_string())?
+            .expose()
+            .to_vec(),
+    );
+    Ok(m)
+}
+
+fn key_matches(cert_der: &[u8], key_pem: &[u8]) -> Result<CaKey, String> {
+    let key = CaKey::from_pem(&SecretBytes::new(key_pem.to_vec())).map_err(|e| e.to_string())?;
+    let (_, c) = X509Certificate::from_der(cert_der).map_err(|e| e.to_string())?;
+    if c.public_key().raw != key.spki_der().as_slice() {
+        return Err("the key does not belong to the certificate".into());
+    }
+    Ok(key)
+}
+
+/// Checks a snapshot and writes it into the data directory (roots, then
+/// the issuer, then the journal, so the journal never names files that are
+/// not there yet).
+pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
+    let get = |k: &str| m.get(k).ok_or_else(|| format!("the Secret lacks {k}"));
+    let state: RotationState =
+        serde_json::from_slice(get("rotation.json")?).map_err(|e| format!("rotation.json: {e}"))?;
+    let active = state
+        .active()
+        .ok_or("rotation.json names no active root")?
+        .id
+        .clone();
+    let mut roots = Vec::new();
+    for r in state.in_bundle() {
+        let der = pem_to_certs(get(&format!("root.{}.crt", r.id))?)
+            .map_err(|e| format!("root {}: {e}", r.id))?
+            .swap_remove(0);
+        if fingerprint(&der) != r.id {
+            return Err(format!("root.{}.crt holds another certificate", r.id));
+        }
+        let key = key_matches(&der, get(&format!("root.{}.key", r.id))?)
+            .map_err(|e| format!("root {}: {e}", r.id))?;
+        roots.push((r.id.clone(), der, key));
+    }
+    let issuer_pem = get("issuer.crt")?;
+    let issuer = pem_to_certs(issuer_pem).map_err(|e| format!("issuer.crt: {e}"))?;
+    let issuer_key = get("issuer.key")?;
+    key_matches(&issuer[0], issuer_key).map_err(|e| format!("issuer: {e}"))?;
+    let active_der = &roots
+        .iter()
+        .find(|(id, _, _)| *id == active)
+        .ok_or("the active root is missing")?
+        .1;
+    let (_, i) = X509Certificate::from_der(&issuer[0]).map_err(|e| e.to_string())?;
+    let (_, a) = X509Certificate::from_der(active_der).map_err(|e| e.to_string())?;
+    i.verify_signature(Some(a.public_key()))
+        .map_err(|_| "the issuer is not signed by the active root".to_string())?;
+    // Valid: write.
+    for (_, der, key) in &roots {
+        data.write_root(der, key).map_err(|e| e.to_string())?;
+    }
+    data.install_issuer(issuer_pem, &SecretBytes::new(issuer_key.clone()))
+        .map_err(|e| e.to_string())?;
+    Journal::new(data.path()).adopt(&state)
+}
+
+impl SecretState {
+    /// The Secret `name` in `namespace`, mirrored into `data`.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        replica: &str,
+        data: DataDir,
+    ) -> Self {
+        Self {
+            api: Api::namespaced(client.clone(), namespace),
+            events: Api::namespaced(client, namespace),
+            name: name.into(),
+            namespace: namespace.into(),
+            replica: replica.into(),
+            data,
+            based_on: Mutex::new(None),
+        }
+    }
+
+    fn based_on(&self) -> Option<String> {
+        self.based_on
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_based_on(&self, rv: Option<String>) {
+        *self.based_on.lock().unwrap_or_else(|e| e.into_inner()) = rv;
+    }
+
+    /// Brings the data directory to the Secret's state. Ok(true) when files
+    /// changed; Ok(false) when there is no Secret or nothing new. A Secret
+    /// that fails validation is reported (Event + error) and not applied.
+    pub async fn pull(&self) -> Result<bool, String> {
+        let Some(secret) = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(false);
+        };
+        let rv = secret.metadata.resource_version.clone();
+        if rv.is_some() && rv == self.based_on() {
+            return Ok(false);
+        }
+        let remote: Snapshot = secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, v.0))
+            .collect();
+        let data = self.data.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let local = snapshot(&data).ok();
+            if local.as_ref() == Some(&remote) {
+                return Ok(false);
+            }
+            apply(&data, &remote).map(|_| true)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match r {
+            Ok(changed) => {
+                self.set_based_on(rv);
+                Ok(changed)
+            }
+            Err(e) => {
+                let msg = format!(
+                    "refused the CA state in Secret {}: {e}; keeping the last good state",
+                    self.name
+                );
+                tracing::error!(secret = %self.name, error = %e, "shared CA state refused");
+                self.event("InvalidCAState", &msg).await;
+                Err(msg)
+            }
+        }
+    }
+
+    /// Writes the local state to the Secret, on top of the version it was
+    /// based on. A 409 is a [`SyncError::Conflict`].
+    pub async fn push(&self) -> Result<(), SyncError> {
+        let data = self.data.clone();
+        let snap = tokio::task::spawn_blocking(move || snapshot(&data))
+            .await
+            .map_err(|e| SyncError::Failed(e.to_string()))?
+            .map_err(SyncError::Failed)?;
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                resource_version: self.based_on(),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_string(),
+                        "meshca".to_string(),
+                    )]
+                    .into_iter()
+                    .collect(),
+                ),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(snap.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+            ..Default::default()
+        };
+        let r = match self.based_on() {
+            None => self.api.create(&PostParams::default(), &secret).await,
+            Some(_) => {
+                self.api
+                    .replace(&self.name, &PostParams::default(), &secret)
+                    .await
+            }
+        };
+        match r {
+            Ok(s) => {
+                self.set_based_on(s.metadata.resource_version);
+                Ok(())
+            }
+            Err(kube::Error::Api(st)) if st.code == 409 => Err(SyncError::Conflict),
+            Err(e) => Err(SyncError::Failed(e.to_string())),
+        }
+    }
+
+    async fn event(&self, reason: &str, message: &str) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let ev = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{}.", self.name)),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                kind: Some("Secret".into()),
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                api_version: Some("v1".into()),
+                ..Default::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.chars().take(1000).collect()),
+            type_: Some("Warning".into()),
+            reporting_component: Some("meshca".into()),
+            reporting_instance: Some(self.replica.clone()),
+            first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+            last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
+            count: Some(1),
+            ..Default::default()
+        };
+        if let Err(e) = self.events.create(&PostParams::default(), &ev).await {
+            tracing::warn!(error = %e, "could not record a Kubernetes Event");
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl crate::trust::service::SharedState for SecretState {
+    async fn pull(&self) -> Result<bool, String> {
+        SecretState::pull(self).await
+    }
+
+    async fn push(&self) -> Result<bool, String> {
+        match SecretState::push(self).await {
+            Ok(()) => Ok(true),
+            Err(SyncError::Conflict) => Ok(false),
+            Err(SyncError::Failed(e)) => Err(e),
+        }
+    }
+}
+
+impl SecretState {
+    /// True once this replica's files correspond to a version of the Secret.
+    pub fn is_shared(&self) -> bool {
+        self.based_on().is_some()
+    }
+}
