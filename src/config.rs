@@ -506,7 +506,6 @@ impl ServeArgs {
                         .clone()
                         .unwrap_or_else(|| "meshca-leader".into()),
                     lease_duration,
-                    replica: replica.clone(),
                 })
             }
         };
@@ -689,8 +688,6 @@ pub struct PublishConfig {
     pub lease: String,
     /// Lease duration.
     pub lease_duration: Duration,
-    /// This replica's identity.
-    pub replica: String,
 }
 
 impl ServeConfig {

@@ -47,7 +47,7 @@ pub struct Running {
     pub server_name: String,
     /// The audit log, when on.
     pub audit: Option<crate::audit::AuditLog>,
-    /// Whether this replica leads (with `publish_bundle`).
+    /// Whether this replica leads (with `publish_bundle` or `state_secret`).
     pub leading: Option<watch::Receiver<bool>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
@@ -489,6 +489,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             cfg.authn_order.contains(&AuthnSource::Tokenreview),
             cfg.publish.is_some(),
             cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
+            cfg.state_secret.as_deref(),
             cfg.mesh.control_plane_ns.as_str(),
         );
         let check = async {
@@ -515,8 +516,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         }
     }
 
-    // In Kubernetes: the elected leader publishes the bundle ConfigMaps.
-    if let (Some(p), Some(kc)) = (cfg.publish.clone(), cfg.kubeconfig.clone()) {
+    // In Kubernetes: one replica at a time (holding the Lease) does the
+    // singleton work — publishing the bundle ConfigMaps, and with shared
+    // state the issuer renewal, housekeeping and automatic rotation.
+    let election = match (&cfg.publish, &cfg.state_secret, &cfg.kubeconfig) {
+        (Some(p), _, Some(kc)) => Some((p.lease.clone(), p.lease_duration, kc.clone())),
+        (None, Some(_), Some(kc)) => Some((
+            "meshca-leader".to_string(),
+            Duration::from_secs(15),
+            kc.clone(),
+        )),
+        _ => None,
+    };
+    if let Some((lease, lease_duration, kc)) = election {
         let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
             .await
             .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
@@ -524,22 +536,27 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             client.clone(),
             crate::kubernetes::lease::Settings {
                 namespace: cfg.mesh.control_plane_ns.to_string(),
-                name: p.lease.clone(),
-                identity: p.replica.clone(),
-                lease_duration: p.lease_duration,
-                retry_period: (p.lease_duration / 5).max(Duration::from_millis(100)),
+                name: lease,
+                identity: cfg.replica.clone(),
+                lease_duration,
+                retry_period: (lease_duration / 5).max(Duration::from_millis(100)),
             },
             stop_rx.clone(),
         );
-        tokio::spawn(crate::kubernetes::publish::run(
-            client,
-            crate::kubernetes::publish::Settings {
-                namespace_labels: p.namespace_labels.clone(),
-                resync: p.resync,
-            },
-            ca.watch_bundle(),
-            leader.clone(),
-        ));
+        if cfg.state_secret.is_some() {
+            rotation.set_leader(leader.clone());
+        }
+        if let Some(p) = cfg.publish.clone() {
+            tokio::spawn(crate::kubernetes::publish::run(
+                client,
+                crate::kubernetes::publish::Settings {
+                    namespace_labels: p.namespace_labels.clone(),
+                    resync: p.resync,
+                },
+                ca.watch_bundle(),
+                leader.clone(),
+            ));
+        }
         leading = Some(leader);
     }
 

@@ -32,8 +32,8 @@ async fn replica(kc: &std::path::Path, name: &str) -> Ca {
             resync: Duration::from_millis(200),
             lease: "meshca-leader".into(),
             lease_duration: Duration::from_secs(2),
-            replica: name,
         });
+        c.replica = name;
         c.propagation_wait = Duration::from_secs(0);
     })
     .await
@@ -191,21 +191,27 @@ async fn missing_permissions_are_named_at_start_up() {
     let client = meshca::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
         .await
         .unwrap();
-    let needs = meshca::kubernetes::rbac::needs(true, true, false, "meshca");
+    let needs = meshca::kubernetes::rbac::needs(true, true, false, None, "meshca");
     let missing = meshca::kubernetes::rbac::missing(&client, &needs)
         .await
         .unwrap();
     assert_eq!(missing.len(), 2, "{missing:?}");
     assert!(
-        missing[0].starts_with("list namespaces cluster-wide (publishing the trust bundle)"),
+        missing
+            .iter()
+            .any(|m| m.starts_with("list namespaces cluster-wide (publishing the trust bundle)")),
         "{missing:?}"
     );
     assert!(
-        missing[1].contains("update leases.coordination.k8s.io/meshca-leader in namespace meshca"),
+        missing.iter().any(|m| m
+            .contains("update leases.coordination.k8s.io/meshca-leader in namespace meshca")
+            && m.contains("RBAC: no rule grants it")),
         "{missing:?}"
     );
-    assert!(missing[1].contains("RBAC: no rule grants it"));
-    let jw = meshca::kubernetes::rbac::needs(false, false, true, "meshca");
+    // Shared state needs the Secret, Events and the Lease.
+    let shared = meshca::kubernetes::rbac::needs(false, false, false, Some("meshca-ca"), "meshca");
+    assert_eq!(shared.len(), 7, "{shared:?}");
+    let jw = meshca::kubernetes::rbac::needs(false, false, true, None, "meshca");
     api.denied.lock().unwrap().push("get ".to_string());
     let missing = meshca::kubernetes::rbac::missing(&client, &jw)
         .await
@@ -219,7 +225,7 @@ async fn missing_permissions_are_named_at_start_up() {
     api.denied.lock().unwrap().pop();
     // Only what the configuration uses is asked.
     assert_eq!(
-        meshca::kubernetes::rbac::needs(true, false, false, "meshca").len(),
+        meshca::kubernetes::rbac::needs(true, false, false, None, "meshca").len(),
         1
     );
     // A server started with those gaps says so in its metrics.

@@ -53,8 +53,40 @@ impl std::fmt::Display for Need {
 }
 
 /// What a configuration needs.
-pub fn needs(tokenreview: bool, publish: bool, jwks: bool, control_plane_ns: &str) -> Vec<Need> {
+pub fn needs(
+    tokenreview: bool,
+    publish: bool,
+    jwks: bool,
+    state_secret: Option<&str>,
+    control_plane_ns: &str,
+) -> Vec<Need> {
     let mut v = Vec::new();
+    if let Some(secret) = state_secret {
+        let ns = Some(control_plane_ns.to_string());
+        // The Secret's name is configurable, so the rule cannot be narrowed
+        // by name in this check; deploy/rbac.yaml narrows it to meshca-ca.
+        let _ = secret;
+        for verb in ["get", "create", "update"] {
+            v.push(Need {
+                verb,
+                group: "",
+                resource: "secrets",
+                namespace: ns.clone(),
+                name: None,
+                path: None,
+                why: "sharing the CA state between replicas",
+            });
+        }
+        v.push(Need {
+            verb: "create",
+            group: "",
+            resource: "events",
+            namespace: ns,
+            name: None,
+            path: None,
+            why: "reporting a refused shared state",
+        });
+    }
     if jwks {
         for p in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
             v.push(Need {
@@ -79,8 +111,11 @@ pub fn needs(tokenreview: bool, publish: bool, jwks: bool, control_plane_ns: &st
             why: "validating workload tokens",
         });
     }
-    if publish {
+    if publish || state_secret.is_some() {
         let ns = Some(control_plane_ns.to_string());
+        v.extend(lease_needs(ns));
+    }
+    if publish {
         v.push(Need {
             verb: "list",
             group: "",
@@ -117,34 +152,39 @@ pub fn needs(tokenreview: bool, publish: bool, jwks: bool, control_plane_ns: &st
             path: None,
             why: "publishing the trust bundle",
         });
-        v.push(Need {
-            verb: "create",
-            group: "coordination.k8s.io",
-            resource: "leases",
-            namespace: ns.clone(),
-            name: None,
-            path: None,
-            why: "leader election",
-        });
-        v.push(Need {
-            verb: "get",
-            group: "coordination.k8s.io",
-            resource: "leases",
-            namespace: ns.clone(),
-            name: Some("meshca-leader"),
-            path: None,
-            why: "leader election",
-        });
-        v.push(Need {
-            verb: "update",
-            group: "coordination.k8s.io",
-            resource: "leases",
-            namespace: ns,
-            name: Some("meshca-leader"),
-            path: None,
-            why: "leader election",
-        });
     }
+    v
+}
+
+fn lease_needs(ns: Option<String>) -> Vec<Need> {
+    let mut v = Vec::new();
+    v.push(Need {
+        verb: "create",
+        group: "coordination.k8s.io",
+        resource: "leases",
+        namespace: ns.clone(),
+        name: None,
+        path: None,
+        why: "leader election",
+    });
+    v.push(Need {
+        verb: "get",
+        group: "coordination.k8s.io",
+        resource: "leases",
+        namespace: ns.clone(),
+        name: Some("meshca-leader"),
+        path: None,
+        why: "leader election",
+    });
+    v.push(Need {
+        verb: "update",
+        group: "coordination.k8s.io",
+        resource: "leases",
+        namespace: ns,
+        name: Some("meshca-leader"),
+        path: None,
+        why: "leader election",
+    });
     v
 }
 

@@ -95,6 +95,7 @@ pub struct RotationService {
     steps: tokio::sync::Mutex<()>,
     issuer_changed: Notify,
     shared: std::sync::OnceLock<Arc<dyn SharedState>>,
+    leader: std::sync::OnceLock<watch::Receiver<bool>>,
 }
 
 impl RotationService {
@@ -115,9 +116,21 @@ impl RotationService {
             steps: tokio::sync::Mutex::new(()),
             issuer_changed: Notify::new(),
             shared: std::sync::OnceLock::new(),
+            leader: std::sync::OnceLock::new(),
         });
         s.publish_metrics();
         s
+    }
+
+    /// From now on the background singleton work (issuer renewal,
+    /// housekeeping, automatic rotation) runs only while this replica leads.
+    /// Operator steps run on any replica.
+    pub fn set_leader(&self, leader: watch::Receiver<bool>) {
+        let _ = self.leader.set(leader);
+    }
+
+    fn leads(&self) -> bool {
+        self.leader.get().is_none_or(|l| *l.borrow())
     }
 
     /// Shares the state with other replicas from now on.
@@ -458,7 +471,17 @@ impl RotationService {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.issuer_changed() => continue,
             }
+            if !self.leads() {
+                // The leader renews; the new issuer arrives through the
+                // shared state. Look again in a second.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
             let _one_at_a_time = self.steps.lock().await;
+            // Another replica may have renewed it already.
+            if let Err(e) = self.pull_shared().await {
+                tracing::warn!(error = %e, "shared CA state: pull before renewal failed");
+            }
             if self.ca.issuer().fingerprint != iss.fingerprint {
                 continue; // a rotation step replaced it meanwhile
             }
@@ -528,7 +551,7 @@ impl RotationService {
     pub async fn housekeeping_once(&self, warned: &mut HashMap<String, SystemTime>) {
         let now = self.ca.clock().now();
         // Tainted roots leave the bundle once nothing depends on them.
-        {
+        if self.leads() {
             let _one_at_a_time = self.steps.lock().await;
             let obs = self.observations(now);
             let mgr = self.mgr.clone();
@@ -561,7 +584,7 @@ impl RotationService {
                 Err(e) => tracing::error!(error = %e, "rotation housekeeping panicked"),
             }
         }
-        if let Some(every) = self.settings.auto_rotate_every {
+        if let (Some(every), true) = (self.settings.auto_rotate_every, self.leads()) {
             self.auto_rotate(every, now).await;
         }
         self.warn_expiry(now, warned);
