@@ -157,35 +157,35 @@ pub fn needs(
 }
 
 fn lease_needs(ns: Option<String>) -> Vec<Need> {
-    let mut v = Vec::new();
-    v.push(Need {
-        verb: "create",
-        group: "coordination.k8s.io",
-        resource: "leases",
-        namespace: ns.clone(),
-        name: None,
-        path: None,
-        why: "leader election",
-    });
-    v.push(Need {
-        verb: "get",
-        group: "coordination.k8s.io",
-        resource: "leases",
-        namespace: ns.clone(),
-        name: Some("meshca-leader"),
-        path: None,
-        why: "leader election",
-    });
-    v.push(Need {
-        verb: "update",
-        group: "coordination.k8s.io",
-        resource: "leases",
-        namespace: ns,
-        name: Some("meshca-leader"),
-        path: None,
-        why: "leader election",
-    });
-    v
+    vec![
+        Need {
+            verb: "create",
+            group: "coordination.k8s.io",
+            resource: "leases",
+            namespace: ns.clone(),
+            name: None,
+            path: None,
+            why: "leader election",
+        },
+        Need {
+            verb: "get",
+            group: "coordination.k8s.io",
+            resource: "leases",
+            namespace: ns.clone(),
+            name: Some("meshca-leader"),
+            path: None,
+            why: "leader election",
+        },
+        Need {
+            verb: "update",
+            group: "coordination.k8s.io",
+            resource: "leases",
+            namespace: ns,
+            name: Some("meshca-leader"),
+            path: None,
+            why: "leader election",
+        },
+    ]
 }
 
 /// Asks about each need; returns those not allowed (with the API's reason
