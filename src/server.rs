@@ -405,11 +405,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let mut audit_guard = None;
     let mut audit_log = None;
     if cfg.audit_log {
-        let (log, guard) = crate::audit::AuditLog::open(
-            &cfg.data_dir,
-            cfg.mesh.trust_domain.as_str(),
-            clock.clone(),
-        )?;
+        // Replicas sharing one CA each keep their own log (their own tree
+        // and checkpoints), named by replica so auditors can tell them apart.
+        let log_name = match &cfg.state_secret {
+            Some(_) => format!("{}/{}", cfg.mesh.trust_domain, cfg.replica),
+            None => cfg.mesh.trust_domain.to_string(),
+        };
+        let (log, guard) =
+            crate::audit::AuditLog::open(&cfg.data_dir, &log_name, clock.clone())?;
         let every = cfg.audit_checkpoint_interval;
         let ticker = log.clone();
         tokio::spawn(async move {
