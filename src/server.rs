@@ -411,8 +411,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             Some(_) => format!("{}/{}", cfg.mesh.trust_domain, cfg.replica),
             None => cfg.mesh.trust_domain.to_string(),
         };
-        let (log, guard) =
-            crate::audit::AuditLog::open(&cfg.data_dir, &log_name, clock.clone())?;
+        let (log, guard) = crate::audit::AuditLog::open(&cfg.data_dir, &log_name, clock.clone())?;
         let every = cfg.audit_checkpoint_interval;
         let ticker = log.clone();
         tokio::spawn(async move {
