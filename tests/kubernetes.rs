@@ -234,13 +234,36 @@ async fn missing_permissions_are_named_at_start_up() {
     assert!(m.contains("meshca_kubernetes_permissions_missing 2"), "{m}");
 }
 
+/// A cluster token signer (its JWKS is what the API server would publish).
+fn cluster_signer() -> meshca::authn::devtoken::DevSigner {
+    meshca::authn::devtoken::DevSigner::from_pem(
+        &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
+    )
+    .unwrap()
+}
+
+/// A shop/web token for audience meshca from `signer` with issuer `iss`.
+fn mint(signer: &meshca::authn::devtoken::DevSigner, iss: &str) -> String {
+    signer
+        .mint(
+            &meshca::authn::devtoken::TokenSpec {
+                workload: meshca::identity::Workload::new("shop", "web").unwrap(),
+                audiences: vec!["meshca".into()],
+                ttl: Duration::from_secs(600),
+                issuer: iss.into(),
+                pod: None,
+            },
+            std::time::SystemTime::now(),
+        )
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked_against_the_api_servers_own_jwks() {
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = support::kubeapi::start(dir.path()).await;
     // The cluster's service-account signer, as the API server publishes it.
-    let key = meshca::ca::CaKey::generate_p256().unwrap();
-    let signer = meshca::authn::devtoken::DevSigner::from_pem(&key.to_pem()).unwrap();
+    let signer = cluster_signer();
     let issuer = "https://oidc.example-cluster.internal";
     {
         let mut docs = api.documents.lock().unwrap();
@@ -260,45 +283,16 @@ async fn tokens_are_checked_against_the_api_servers_own_jwks() {
         c.authn_order = vec![meshca::config::AuthnSource::Jwks];
     })
     .await;
-    let mint = |iss: &str| {
-        signer
-            .mint(
-                &meshca::authn::devtoken::TokenSpec {
-                    workload: meshca::identity::Workload::new("shop", "web").unwrap(),
-                    audiences: vec!["meshca".into()],
-                    ttl: Duration::from_secs(600),
-                    issuer: iss.into(),
-                    pod: None,
-                },
-                std::time::SystemTime::now(),
-            )
-            .unwrap()
-    };
     let ch = ca.channel().await;
-    let r = certify_native(&ch, mint(issuer)).await.unwrap();
+    let r = certify_native(&ch, mint(&signer, issuer)).await.unwrap();
     assert_eq!(r.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
     // The issuer comes from the API server's discovery document: another is refused.
-    let e = certify_native(&ch, mint("https://evil.example"))
+    let e = certify_native(&ch, mint(&signer, "https://evil.example"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     // A key the API server does not publish is refused.
-    let other = meshca::authn::devtoken::DevSigner::from_pem(
-        &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
-    )
-    .unwrap();
-    let forged = other
-        .mint(
-            &meshca::authn::devtoken::TokenSpec {
-                workload: meshca::identity::Workload::new("shop", "web").unwrap(),
-                audiences: vec!["meshca".into()],
-                ttl: Duration::from_secs(600),
-                issuer: issuer.into(),
-                pod: None,
-            },
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
+    let forged = mint(&cluster_signer(), issuer);
     let e = certify_native(&ch, forged).await.unwrap_err();
     assert!(
         matches!(
@@ -354,26 +348,10 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = support::kubeapi::start(dir.path()).await;
     // The cluster's token signer, as a JWKS file both replicas trust.
-    let signer = meshca::authn::devtoken::DevSigner::from_pem(
-        &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
-    )
-    .unwrap();
+    let signer = cluster_signer();
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, signer.jwks()).unwrap();
-    let token = || {
-        signer
-            .mint(
-                &meshca::authn::devtoken::TokenSpec {
-                    workload: meshca::identity::Workload::new("shop", "web").unwrap(),
-                    audiences: vec!["meshca".into()],
-                    ttl: Duration::from_secs(600),
-                    issuer: support::ISSUER.into(),
-                    pod: None,
-                },
-                std::time::SystemTime::now(),
-            )
-            .unwrap()
-    };
+    let token = || mint(&signer, support::ISSUER);
     let a = shared_replica(&kc, "a", &jwks).await;
     assert!(
         api.get(SECRETS, "meshca-ca").is_some(),

@@ -26,7 +26,6 @@ use meshca::proto::meshca as pb;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use x509_parser::prelude::*;
 
 use support::*;
 
@@ -73,28 +72,7 @@ fn root_store(roots: &[CertificateDer<'static>]) -> Arc<rustls::RootCertStore> {
     Arc::new(s)
 }
 
-fn uri_san(der: &[u8]) -> Option<String> {
-    let (_, x) = X509Certificate::from_der(der).ok()?;
-    x.subject_alternative_name()
-        .ok()??
-        .value
-        .general_names
-        .iter()
-        .find_map(|g| match g {
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-}
-
-fn signed_by(cert: &[u8], root: &[u8]) -> bool {
-    let (Ok((_, c)), Ok((_, r))) = (
-        X509Certificate::from_der(cert),
-        X509Certificate::from_der(root),
-    ) else {
-        return false;
-    };
-    c.verify_signature(Some(r.public_key())).is_ok()
-}
+use meshca::ca::{signed_by, uri_san};
 
 impl Workload {
     fn server_config(&self) -> Arc<rustls::ServerConfig> {

@@ -22,7 +22,6 @@ use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Notify};
-use x509_parser::prelude::*;
 
 use crate::ca::{der_to_pem, pem_to_certs};
 use crate::proto::meshca as pb;
@@ -219,19 +218,11 @@ pub fn start(cfg: AgentConfig) -> Result<Agent, String> {
     Ok(Agent { state: rx, stop })
 }
 
-/// Which root in `roots` signed the issuer of `chain`, if any.
+/// True when the top of `chain` (the issuer) is signed by one of `roots`.
 fn chains_to(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> bool {
-    let Some(top) = chain.last() else {
-        return false;
-    };
-    let Ok((_, c)) = X509Certificate::from_der(top) else {
-        return false;
-    };
-    roots.iter().any(|r| {
-        X509Certificate::from_der(r)
-            .map(|(_, r)| c.verify_signature(Some(r.public_key())).is_ok())
-            .unwrap_or(false)
-    })
+    chain
+        .last()
+        .is_some_and(|top| roots.iter().any(|r| crate::ca::signed_by(top, r)))
 }
 
 impl Inner {

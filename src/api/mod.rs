@@ -304,7 +304,7 @@ impl Core {
         if not_after <= now {
             return Err(AuthnError::Invalid("client certificate has expired".into()));
         }
-        let uri = first_uri_san(&x509)
+        let uri = crate::ca::uri_san(cert)
             .ok_or_else(|| AuthnError::Invalid("client certificate has no SPIFFE ID".into()))?;
         let id: crate::identity::SpiffeId = uri
             .parse()
@@ -337,24 +337,6 @@ impl Core {
 }
 
 /// Builds the audit record of one decision.
-fn first_uri_san(x509: &X509Certificate<'_>) -> Option<String> {
-    x509.subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|g| match g {
-                GeneralName::URI(u) => Some(u.to_string()),
-                _ => None,
-            })
-        })
-}
-
-/// The URI SAN (SPIFFE ID) of a DER certificate, if it parses and has one.
-pub(crate) fn spiffe_id_of(der: &[u8]) -> Option<String> {
-    let (_, x509) = X509Certificate::from_der(der).ok()?;
-    first_uri_san(&x509)
-}
-
 fn audit_entry(
     input: &CertifyInput<'_>,
     who: Option<&Authenticated>,

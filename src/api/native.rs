@@ -101,7 +101,7 @@ impl pb::identity_server::Identity for NativeService {
         let peer = request.remote_addr();
         let who = request
             .peer_certs()
-            .and_then(|c| c.first().and_then(|leaf| super::spiffe_id_of(leaf)));
+            .and_then(|c| c.first().and_then(|leaf| crate::ca::uri_san(leaf)));
         let key = match (who, peer) {
             (Some(id), p) => crate::trust::propagation::client_key(&id, p),
             (None, Some(p)) => format!("anonymous {p}"),

@@ -388,6 +388,32 @@ impl Authority {
     }
 }
 
+/// The first URI SAN (for meshca leaves: the SPIFFE ID) of a DER
+/// certificate, if it parses and has one.
+pub fn uri_san(der: &[u8]) -> Option<String> {
+    let (_, x) = X509Certificate::from_der(der).ok()?;
+    x.subject_alternative_name()
+        .ok()??
+        .value
+        .general_names
+        .iter()
+        .find_map(|g| match g {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+}
+
+/// True when `cert` (DER) carries a valid signature by `issuer`'s key.
+pub fn signed_by(cert: &[u8], issuer: &[u8]) -> bool {
+    let (Ok((_, c)), Ok((_, i))) = (
+        X509Certificate::from_der(cert),
+        X509Certificate::from_der(issuer),
+    ) else {
+        return false;
+    };
+    c.verify_signature(Some(i.public_key())).is_ok()
+}
+
 /// SHA-256 of DER bytes, lowercase hex.
 pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))

@@ -234,7 +234,7 @@ async fn inbound(tcp: TcpStream, peer: SocketAddr, configs: &Configs, allow: &[S
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| spiffe_tls::spiffe_id(c));
+        .and_then(|c| crate::ca::uri_san(c));
     let Some(id) = id.filter(|id| allowed(id, allow)) else {
         m.proxy_handshake("inbound", false, "identity_not_allowed");
         let shown = tls
@@ -242,7 +242,7 @@ async fn inbound(tcp: TcpStream, peer: SocketAddr, configs: &Configs, allow: &[S
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(|c| spiffe_tls::spiffe_id(c));
+            .and_then(|c| crate::ca::uri_san(c));
         tracing::info!(%peer, peer_identity = shown.as_deref().unwrap_or("-"), "inbound connection refused: identity not allowed");
         return;
     };
@@ -320,7 +320,7 @@ async fn outbound(mut app: TcpStream, configs: &Configs, balancer: &Balancer, ho
         .1
         .peer_certificates()
         .and_then(|c| c.first())
-        .and_then(|c| spiffe_tls::spiffe_id(c))
+        .and_then(|c| crate::ca::uri_san(c))
     {
         m.proxy_peer("outbound", &id);
     }

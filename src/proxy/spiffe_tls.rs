@@ -13,23 +13,8 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
-use x509_parser::prelude::*;
 
 use crate::agent::State;
-
-/// The URI SAN (SPIFFE ID) of a DER certificate.
-pub fn spiffe_id(der: &[u8]) -> Option<String> {
-    let (_, x) = X509Certificate::from_der(der).ok()?;
-    x.subject_alternative_name()
-        .ok()??
-        .value
-        .general_names
-        .iter()
-        .find_map(|g| match g {
-            GeneralName::URI(u) => Some(u.to_string()),
-            _ => None,
-        })
-}
 
 fn key_of(state: &State) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let svid = state.svid.as_ref().ok_or("no certificate yet")?;
@@ -133,7 +118,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             None,
         )
         .map_err(webpki_error)?;
-        match spiffe_id(end_entity) {
+        match crate::ca::uri_san(end_entity) {
             Some(id) if id == self.expected => Ok(ServerCertVerified::assertion()),
             Some(id) => Err(Error::General(format!(
                 "{IDENTITY_MISMATCH}: {id}, expected {}",

@@ -20,7 +20,7 @@ use x509_parser::prelude::*;
 use super::journal::Journal;
 use super::rotation::{Command, Event, Observations, RotationError, RotationState};
 use crate::ca::store::{DataDir, RenewReport};
-use crate::ca::{fingerprint, to_system_time, TrustBundle};
+use crate::ca::{fingerprint, signed_by, to_system_time, TrustBundle};
 
 /// Why a rotation command did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -88,16 +88,6 @@ fn step_name(cmd: &Command) -> &'static str {
         Command::Taint { .. } => "taint",
         Command::Tick => "tick",
     }
-}
-
-fn signed_by(cert: &[u8], root: &[u8]) -> bool {
-    let (Ok((_, c)), Ok((_, r))) = (
-        X509Certificate::from_der(cert),
-        X509Certificate::from_der(root),
-    ) else {
-        return false;
-    };
-    c.verify_signature(Some(r.public_key())).is_ok()
 }
 
 fn not_after(der: &[u8]) -> Result<SystemTime, String> {
