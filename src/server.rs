@@ -684,6 +684,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     });
 
     let ready_ca = ca.clone();
+    let ready_authn = core.authn.clone();
     let router = axum::Router::new()
         .route(
             "/metrics",
@@ -702,11 +703,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             "/ready",
             get(move || {
                 let ca = ready_ca.clone();
+                let authn = ready_authn.clone();
                 async move {
                     let now = ca.clock().now();
                     let iss = ca.issuer();
                     if iss.not_after > now {
-                        (axum::http::StatusCode::OK, "ready\n".to_string())
+                        // Keys are loaded; can a token be checked?
+                        match authn.readiness() {
+                            Ok(()) => (axum::http::StatusCode::OK, "ready\n".to_string()),
+                            Err(e) => (
+                                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                format!("not ready: {e}\n"),
+                            ),
+                        }
                     } else {
                         (
                             axum::http::StatusCode::SERVICE_UNAVAILABLE,

@@ -190,5 +190,19 @@ async fn unreachable_jwks_is_unavailable() {
     let e = certify_native(&ca.channel().await, t).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert!(e.message().contains("JWKS"), "{}", e.message());
+    // Readiness says the CA cannot check tokens, and why.
+    let (code, body) = meshca::admin_client::request(
+        "GET",
+        &format!("http://{}/ready", ca.running.admin_addr),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("token validation unavailable") && body.contains("no keys loaded"),
+        "{body}"
+    );
     drop(tmp);
 }

@@ -211,6 +211,11 @@ impl JwksVerifier {
     }
 
     /// True when the keys come from a URL (and so want periodic refresh).
+    /// How many keys are loaded.
+    pub fn key_count(&self) -> usize {
+        self.keys.load().len()
+    }
+
     pub fn is_remote(&self) -> bool {
         self.source.is_remote()
     }

@@ -145,6 +145,26 @@ impl Authenticator {
             .collect()
     }
 
+    /// Whether some source can decide on a token now: a JWKS with keys
+    /// loaded, or TokenReview (asked per request; an API-server outage shows
+    /// as UNAVAILABLE answers and in the metrics, not here, so that an outage
+    /// does not take every replica out of its Service at once). The error
+    /// says what is missing.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut why = Vec::new();
+        for s in &self.sources {
+            match s {
+                Source::TokenReview(_) => return Ok(()),
+                Source::Jwks(j) if j.key_count() > 0 => return Ok(()),
+                Source::Jwks(_) => why.push(format!(
+                    "{} has no keys loaded (fetch failing?)",
+                    s.describe()
+                )),
+            }
+        }
+        Err(format!("token validation unavailable: {}", why.join("; ")))
+    }
+
     /// Names of the sources, in order.
     pub fn describe(&self) -> Vec<String> {
         self.sources.iter().map(Source::describe).collect()
