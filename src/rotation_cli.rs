@@ -227,14 +227,11 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, Str
         check_interval: Duration::from_secs(30),
     };
     if let Request::Status(w) = req {
-        let obs = crate::trust::rotation::Observations {
+        let obs = crate::trust::rotation::Observations::no_clients(
             now,
-            watchers: 0,
-            watchers_acked: 0,
-            acked_version: 0,
-            propagation_wait: settings.propagation_wait,
-            max_leaf_ttl: settings.max_leaf_ttl,
-        };
+            settings.propagation_wait,
+            settings.max_leaf_ttl,
+        );
         let s = crate::trust::status::status(&data, &mgr.state(), &obs, None, w)?;
         drop(lock);
         return serde_json::to_value(s).map_err(|e| e.to_string());

@@ -100,14 +100,11 @@ async fn decisions_are_recorded_proved_and_tampering_is_caught() {
     let state = meshca::trust::manager::TrustManager::open(ca.data(), now)
         .unwrap()
         .state();
-    let obs = meshca::trust::rotation::Observations {
+    let obs = meshca::trust::rotation::Observations::no_clients(
         now,
-        watchers: 0,
-        watchers_acked: 0,
-        acked_version: 0,
-        propagation_wait: Duration::from_secs(86400),
-        max_leaf_ttl: Duration::from_secs(86400),
-    };
+        Duration::from_secs(86400),
+        Duration::from_secs(86400),
+    );
     let st = meshca::trust::status::status(&ca.data(), &state, &obs, None, Duration::ZERO).unwrap();
     assert_eq!(st.certificates[1].kind, "issuer");
     assert_eq!(

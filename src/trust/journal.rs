@@ -93,14 +93,7 @@ mod tests {
         let s0 = RotationState::new("aaaa".into(), now + Duration::from_secs(1 << 25), now);
         j.create(&s0).unwrap();
         assert!(j.create(&s0).is_err(), "never overwritten by create");
-        let obs = Observations {
-            now,
-            watchers: 0,
-            watchers_acked: 0,
-            acked_version: 0,
-            propagation_wait: Duration::ZERO,
-            max_leaf_ttl: Duration::ZERO,
-        };
+        let obs = Observations::no_clients(now, Duration::ZERO, Duration::ZERO);
         let (s1, _) = s0
             .apply(
                 &Command::Prepare {

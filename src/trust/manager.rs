@@ -322,14 +322,7 @@ mod tests {
     use crate::ca::store::InitOptions;
 
     fn obs(now: SystemTime) -> Observations {
-        Observations {
-            now,
-            watchers: 0,
-            watchers_acked: 0,
-            acked_version: 0,
-            propagation_wait: Duration::from_secs(3600),
-            max_leaf_ttl: Duration::from_secs(3600),
-        }
+        Observations::no_clients(now, Duration::from_secs(3600), Duration::from_secs(3600))
     }
 
     #[test]

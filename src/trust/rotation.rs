@@ -80,6 +80,19 @@ pub struct Observations {
 }
 
 impl Observations {
+    /// Observations with no client tracked (offline commands, tests): only
+    /// the time gates apply.
+    pub fn no_clients(now: SystemTime, propagation_wait: Duration, max_leaf_ttl: Duration) -> Self {
+        Self {
+            now,
+            watchers: 0,
+            watchers_acked: 0,
+            acked_version: 0,
+            propagation_wait,
+            max_leaf_ttl,
+        }
+    }
+
     /// True when every tracked client has seen bundle `version` (vacuously
     /// true with none).
     pub fn all_acked(&self, version: u64) -> bool {

@@ -279,14 +279,7 @@ mod tests {
     use crate::trust::manager::TrustManager;
 
     fn obs(now: SystemTime) -> Observations {
-        Observations {
-            now,
-            watchers: 0,
-            watchers_acked: 0,
-            acked_version: 0,
-            propagation_wait: Duration::from_secs(86400),
-            max_leaf_ttl: Duration::from_secs(86400),
-        }
+        Observations::no_clients(now, Duration::from_secs(86400), Duration::from_secs(86400))
     }
 
     #[test]
