@@ -257,7 +257,8 @@ pub struct ServeArgs {
     /// replicas through this Secret in control_plane_namespace (needs kubeconfig).
     #[arg(long, env = "MESHCA_STATE_SECRET")]
     pub state_secret: Option<String>,
-    /// How often a replica checks the shared state for changes [default: 2s].
+    /// How often a replica re-reads the shared state even without a watch
+    /// event (a safety net: changes arrive through a watch) [default: 60s].
     #[arg(long, env = "MESHCA_STATE_POLL_INTERVAL")]
     pub state_poll_interval: Option<HumanDuration>,
 }
@@ -531,7 +532,7 @@ impl ServeArgs {
             state_secret: self.state_secret.clone(),
             state_poll_interval: self
                 .state_poll_interval
-                .map_or(Duration::from_secs(2), |d| d.0)
+                .map_or(Duration::from_secs(60), |d| d.0)
                 .max(Duration::from_millis(100)),
             jwks_kubernetes,
             publish,

@@ -72,6 +72,12 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    resource: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StepLabel {
     step: &'static str,
 }
@@ -123,6 +129,7 @@ pub struct Metrics {
     proxy_bytes: Family<DirectionLabel, Counter>,
     proxy_peers: Family<PeerLabels, Counter>,
     rbac_missing: Gauge,
+    watch_restarts: Family<WatchLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -276,7 +283,14 @@ impl Metrics {
             "Kubernetes permissions the configuration needs but the service account lacks (checked at start-up)",
             rbac_missing.clone(),
         );
+        let watch_restarts = Family::<WatchLabels, Counter>::default();
+        registry.register(
+            "kubernetes_watch_restarts",
+            "Kubernetes watches restarted, by resource and reason (closed: resumed; gone: 410, listed again; error: backed off)",
+            watch_restarts.clone(),
+        );
         Self {
+            watch_restarts,
             rbac_missing,
             proxy_handshakes,
             proxy_open,
@@ -462,6 +476,13 @@ impl Metrics {
             .clone();
         g.inc();
         OpenGuard(g)
+    }
+
+    /// Counts a restarted Kubernetes watch.
+    pub fn kubernetes_watch_restart(&self, resource: &'static str, reason: &'static str) {
+        self.watch_restarts
+            .get_or_create(&WatchLabels { resource, reason })
+            .inc();
     }
 
     /// Missing Kubernetes permissions found at start-up.

@@ -481,19 +481,47 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     rotation.spawn(stop_rx.clone());
-    if cfg.state_secret.is_some() {
-        rotation.follow_shared(cfg.state_poll_interval, stop_rx.clone());
+    if let (Some(name), Some(kc)) = (&cfg.state_secret, &cfg.kubeconfig) {
+        let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
+            .await
+            .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(crate::kubernetes::watch::follow(
+            kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
+                client,
+                cfg.mesh.control_plane_ns.as_str(),
+            ),
+            crate::kubernetes::watch::Target {
+                resource: "secrets",
+                name: Some(name.clone()),
+            },
+            wake.clone(),
+            stop_rx.clone(),
+        ));
+        rotation.follow_shared(cfg.state_poll_interval, wake, stop_rx.clone());
     }
+
+    let election = match (&cfg.publish, &cfg.state_secret, &cfg.kubeconfig) {
+        (Some(p), _, Some(kc)) => Some((p.lease.clone(), p.lease_duration, kc.clone())),
+        (None, Some(_), Some(kc)) => Some((
+            "meshca-leader".to_string(),
+            Duration::from_secs(15),
+            kc.clone(),
+        )),
+        _ => None,
+    };
 
     // In Kubernetes: say at start-up which permissions are missing.
     if let Some(kc) = cfg.kubeconfig.clone() {
-        let needs = crate::kubernetes::rbac::needs(
-            cfg.authn_order.contains(&AuthnSource::Tokenreview),
-            cfg.publish.is_some(),
-            cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
-            cfg.state_secret.as_deref(),
-            cfg.mesh.control_plane_ns.as_str(),
-        );
+        let needs = crate::kubernetes::rbac::needs(&crate::kubernetes::rbac::Uses {
+            tokenreview: cfg.authn_order.contains(&AuthnSource::Tokenreview),
+            jwks: cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
+            publish: cfg.publish.is_some(),
+            state_secret: cfg.state_secret.as_deref(),
+            audit_key_secret: None,
+            lease: election.as_ref().map(|(l, _, _)| l.as_str()),
+            namespace: cfg.mesh.control_plane_ns.as_str(),
+        });
         let check = async {
             let client =
                 crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc).await?;
@@ -521,15 +549,6 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     // In Kubernetes: one replica at a time (holding the Lease) does the
     // singleton work — publishing the bundle ConfigMaps, and with shared
     // state the issuer renewal, housekeeping and automatic rotation.
-    let election = match (&cfg.publish, &cfg.state_secret, &cfg.kubeconfig) {
-        (Some(p), _, Some(kc)) => Some((p.lease.clone(), p.lease_duration, kc.clone())),
-        (None, Some(_), Some(kc)) => Some((
-            "meshca-leader".to_string(),
-            Duration::from_secs(15),
-            kc.clone(),
-        )),
-        _ => None,
-    };
     if let Some((lease, lease_duration, kc)) = election {
         let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
             .await
@@ -549,6 +568,27 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             rotation.set_leader(leader.clone());
         }
         if let Some(p) = cfg.publish.clone() {
+            // New namespaces and deleted or edited ConfigMaps wake the
+            // publisher at once; the resync period is the safety net.
+            let wake = Arc::new(tokio::sync::Notify::new());
+            tokio::spawn(crate::kubernetes::watch::follow(
+                kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+                crate::kubernetes::watch::Target {
+                    resource: "namespaces",
+                    name: None,
+                },
+                wake.clone(),
+                stop_rx.clone(),
+            ));
+            tokio::spawn(crate::kubernetes::watch::follow(
+                kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::all(client.clone()),
+                crate::kubernetes::watch::Target {
+                    resource: "configmaps",
+                    name: Some(crate::kubernetes::publish::CONFIGMAP.to_string()),
+                },
+                wake.clone(),
+                stop_rx.clone(),
+            ));
             tokio::spawn(crate::kubernetes::publish::run(
                 client,
                 crate::kubernetes::publish::Settings {
@@ -557,6 +597,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 },
                 ca.watch_bundle(),
                 leader.clone(),
+                wake,
             ));
         }
         leading = Some(leader);

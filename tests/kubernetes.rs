@@ -29,7 +29,8 @@ async fn replica(kc: &std::path::Path, name: &str) -> Ca {
             namespace_labels: [("mesh".to_string(), "on".to_string())]
                 .into_iter()
                 .collect(),
-            resync: Duration::from_millis(200),
+            // Long: changes must arrive through watches, not the resync.
+            resync: Duration::from_secs(3600),
             lease: "meshca-leader".into(),
             lease_duration: Duration::from_secs(2),
         });
@@ -191,7 +192,17 @@ async fn missing_permissions_are_named_at_start_up() {
     let client = meshca::authn::tokenreview::TokenReviewer::client_from_kubeconfig(&kc)
         .await
         .unwrap();
-    let needs = meshca::kubernetes::rbac::needs(true, true, false, None, "meshca");
+    let uses = |u: meshca::kubernetes::rbac::Uses<'static>| meshca::kubernetes::rbac::needs(&u);
+    let base = meshca::kubernetes::rbac::Uses {
+        namespace: "meshca",
+        ..Default::default()
+    };
+    let needs = uses(meshca::kubernetes::rbac::Uses {
+        tokenreview: true,
+        publish: true,
+        lease: Some("meshca-leader"),
+        ..base.clone()
+    });
     let missing = meshca::kubernetes::rbac::missing(&client, &needs)
         .await
         .unwrap();
@@ -209,9 +220,22 @@ async fn missing_permissions_are_named_at_start_up() {
         "{missing:?}"
     );
     // Shared state needs the Secret, Events and the Lease.
-    let shared = meshca::kubernetes::rbac::needs(false, false, false, Some("meshca-ca"), "meshca");
-    assert_eq!(shared.len(), 7, "{shared:?}");
-    let jw = meshca::kubernetes::rbac::needs(false, false, true, None, "meshca");
+    let shared = uses(meshca::kubernetes::rbac::Uses {
+        state_secret: Some("meshca-ca"),
+        lease: Some("meshca-leader"),
+        ..base.clone()
+    });
+    assert_eq!(shared.len(), 9, "{shared:?}");
+    assert!(
+        shared.iter().any(|n| n
+            .to_string()
+            .starts_with("watch secrets/meshca-ca in namespace meshca")),
+        "{shared:?}"
+    );
+    let jw = uses(meshca::kubernetes::rbac::Uses {
+        jwks: true,
+        ..base.clone()
+    });
     api.denied.lock().unwrap().push("get ".to_string());
     let missing = meshca::kubernetes::rbac::missing(&client, &jw)
         .await
@@ -225,7 +249,11 @@ async fn missing_permissions_are_named_at_start_up() {
     api.denied.lock().unwrap().pop();
     // Only what the configuration uses is asked.
     assert_eq!(
-        meshca::kubernetes::rbac::needs(true, false, false, None, "meshca").len(),
+        uses(meshca::kubernetes::rbac::Uses {
+            tokenreview: true,
+            ..base.clone()
+        })
+        .len(),
         1
     );
     // A server started with those gaps says so in its metrics.
@@ -314,7 +342,8 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
         c.jwks_file = Some(jwks);
         c.authn_order = vec![meshca::config::AuthnSource::Jwks];
         c.state_secret = Some("meshca-ca".into());
-        c.state_poll_interval = Duration::from_millis(200);
+        // Long: changes must arrive through the watch, not the safety-net poll.
+        c.state_poll_interval = Duration::from_secs(3600);
         c.replica = name;
         c.propagation_wait = Duration::from_secs(0);
     })
@@ -467,4 +496,78 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     assert_eq!(roots_of(&b), before);
     let r = certify_native(&b.channel().await, token()).await;
     assert!(r.is_ok(), "b still issues with its last good state");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_list_again_after_410_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    api.add_namespace("shop", json!({"mesh": "on"}));
+    let signer = cluster_signer();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let a = shared_replica(&kc, "a", &jwks).await;
+    let b = shared_replica(&kc, "b", &jwks).await;
+    // A separate (unshared) CA publishing its bundle, under its own Lease
+    // (a and b's shared CA holds "meshca-leader").
+    let kc2 = kc.clone();
+    let p = Ca::start_with(move |c| {
+        c.kubeconfig = Some(kc2);
+        c.publish = Some(PublishConfig {
+            namespace_labels: Default::default(),
+            resync: Duration::from_secs(3600),
+            lease: "meshca-publisher".into(),
+            lease_duration: Duration::from_secs(2),
+        });
+        c.replica = "p".into();
+    })
+    .await;
+    until("the bundle is published", Duration::from_secs(5), || {
+        api.get(&cm_path("shop"), CONFIGMAP).is_some()
+    })
+    .await;
+    until("every watch is open", Duration::from_secs(5), || {
+        // a and b: the state Secret; p: namespaces and ConfigMaps.
+        api.watches_opened.load(std::sync::atomic::Ordering::SeqCst) >= 4
+    })
+    .await;
+
+    // While the watches are cut off, a rotates and someone deletes a
+    // ConfigMap; then etcd compacts, so neither change can be replayed.
+    api.partition();
+    assert_eq!(admin(&a, "prepare", "{}").await.0, 200);
+    api.remove(&cm_path("shop"), CONFIGMAP);
+    api.add_namespace("billing", json!({"mesh": "on"}));
+    api.compact();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(roots_of(&b).len(), 1, "b cannot have seen the change yet");
+    api.heal();
+
+    // The resumed watches get 410 Gone, list again, and catch up.
+    until("b sees the prepared root", Duration::from_secs(5), || {
+        roots_of(&b).len() == 2
+    })
+    .await;
+    until(
+        "the deleted ConfigMap is back and the new namespace has one",
+        Duration::from_secs(5),
+        || {
+            api.get(&cm_path("shop"), CONFIGMAP).is_some()
+                && api.get(&cm_path("billing"), CONFIGMAP).is_some()
+        },
+    )
+    .await;
+    assert!(
+        api.gone_served.load(std::sync::atomic::Ordering::SeqCst) >= 3,
+        "the catch-up went through 410 Gone ({} served)",
+        api.gone_served.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let metrics = meshca::metrics::global().render();
+    assert!(
+        metrics.contains(
+            "meshca_kubernetes_watch_restarts_total{resource=\"secrets\",reason=\"gone\"}"
+        ),
+        "{metrics}"
+    );
+    drop(p);
 }

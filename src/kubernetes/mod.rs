@@ -1,13 +1,16 @@
-//! Running inside Kubernetes: the singleton work of a replicated CA.
+//! Running inside Kubernetes: what a replicated CA needs from the API server.
 //!
-//! Owns: leader election over a Lease (`lease`) and, on the leader,
-//! publishing the trust bundle as a ConfigMap in every (selected) namespace
-//! (`publish`). Talks to the API server through kube with the configured
-//! credentials (`--kubeconfig`, or `in-cluster`). Must not: issue
-//! certificates or change the CA's state. Shared CA state in Secrets (issue
-//! 6) is not here yet: each replica keeps its own data directory.
+//! Owns: leader election over a Lease (`lease`); on the leader, publishing
+//! the trust bundle as a ConfigMap in every (selected) namespace
+//! (`publish`); the CA state shared by replicas through Secrets (`state`);
+//! following collections with list + watch and 410 handling (`watch`); the
+//! start-up permission check (`rbac`); and in-cluster detection (`detect`).
+//! Talks to the API server through kube with the configured credentials
+//! (`--kubeconfig`, or `in-cluster`). Must not: issue certificates or decide
+//! rotation steps.
 
 pub mod lease;
 pub mod publish;
 pub mod rbac;
 pub mod state;
+pub mod watch;

@@ -5,8 +5,8 @@
 //! match a selector: created where missing (so a deleted one comes back),
 //! updated where stale, with resourceVersion preconditions (a 409 means
 //! someone else wrote meanwhile: read again and retry, never overwrite
-//! blindly). Runs on the leader only, at every bundle change and every
-//! resync period. Must not: decide leadership or change the bundle.
+//! blindly). Runs on the leader only, at every bundle change, whenever a
+//! watched namespace or ConfigMap changes, and every resync period. Must not: decide leadership or change the bundle.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -166,12 +166,14 @@ async fn sync_namespace(
 }
 
 /// Publishes while `leader` is true: at once on gaining leadership, on every
-/// bundle change, and every resync period.
+/// bundle change, when `wake` fires (a namespace or ConfigMap changed) and
+/// every resync period.
 pub async fn run(
     client: kube::Client,
     s: Settings,
     mut bundle: watch::Receiver<std::sync::Arc<TrustBundle>>,
     mut leader: watch::Receiver<bool>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
 ) {
     loop {
         if !*leader.borrow_and_update() {
@@ -190,6 +192,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(s.resync) => {}
+            _ = wake.notified() => {}
             r = bundle.changed() => if r.is_err() { return },
             r = leader.changed() => if r.is_err() { return },
         }

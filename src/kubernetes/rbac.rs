@@ -22,8 +22,10 @@ pub struct Need {
     pub resource: &'static str,
     /// The namespace, or None for every namespace.
     pub namespace: Option<String>,
-    /// The object name, when the rule can be narrowed to it.
-    pub name: Option<&'static str>,
+    /// The object name, when the rule can be narrowed to it (RBAC
+    /// `resourceNames`; list and watch are narrowed through the
+    /// `metadata.name` field selector meshca sends).
+    pub name: Option<String>,
     /// A non-resource URL (then `resource` is empty).
     pub path: Option<&'static str>,
     /// Why meshca needs it.
@@ -41,7 +43,7 @@ impl std::fmt::Display for Need {
             format!(".{}", self.group)
         };
         write!(f, "{} {}{}", self.verb, self.resource, g)?;
-        if let Some(n) = self.name {
+        if let Some(n) = &self.name {
             write!(f, "/{n}")?;
         }
         match &self.namespace {
@@ -52,42 +54,115 @@ impl std::fmt::Display for Need {
     }
 }
 
+/// What the configuration uses from the API server.
+#[derive(Debug, Clone, Default)]
+pub struct Uses<'a> {
+    /// TokenReview is a token source.
+    pub tokenreview: bool,
+    /// The API server's JWKS is a token source.
+    pub jwks: bool,
+    /// The trust bundle is published to namespaces.
+    pub publish: bool,
+    /// The Secret holding the shared CA state.
+    pub state_secret: Option<&'a str>,
+    /// The Secret holding the audit log's signing key.
+    pub audit_key_secret: Option<&'a str>,
+    /// The Lease for leader election.
+    pub lease: Option<&'a str>,
+    /// The CA's own namespace.
+    pub namespace: &'a str,
+}
+
 /// What a configuration needs.
-pub fn needs(
-    tokenreview: bool,
-    publish: bool,
-    jwks: bool,
-    state_secret: Option<&str>,
-    control_plane_ns: &str,
-) -> Vec<Need> {
+pub fn needs(u: &Uses<'_>) -> Vec<Need> {
     let mut v = Vec::new();
-    if let Some(secret) = state_secret {
-        let ns = Some(control_plane_ns.to_string());
-        // The Secret's name is configurable, so the rule cannot be narrowed
-        // by name in this check; deploy/rbac.yaml narrows it to meshca-ca.
-        let _ = secret;
-        for verb in ["get", "create", "update"] {
+    let mut add = |verbs: &[&'static str],
+                   group: &'static str,
+                   resource: &'static str,
+                   namespace: Option<&str>,
+                   name: Option<&str>,
+                   why: &'static str| {
+        for verb in verbs {
             v.push(Need {
                 verb,
-                group: "",
-                resource: "secrets",
-                namespace: ns.clone(),
-                name: None,
+                group,
+                resource,
+                namespace: namespace.map(str::to_string),
+                name: name.map(str::to_string),
                 path: None,
-                why: "sharing the CA state between replicas",
+                why,
             });
         }
-        v.push(Need {
-            verb: "create",
-            group: "",
-            resource: "events",
-            namespace: ns,
-            name: None,
-            path: None,
-            why: "reporting a refused shared state",
-        });
+    };
+    let ns = Some(u.namespace);
+    if let Some(secret) = u.state_secret {
+        let why = "sharing the CA state between replicas";
+        add(
+            &["get", "update", "list", "watch"],
+            "",
+            "secrets",
+            ns,
+            Some(secret),
+            why,
+        );
+        // Creation cannot be narrowed by name in RBAC.
+        add(&["create"], "", "secrets", ns, None, why);
+        add(
+            &["create"],
+            "",
+            "events",
+            ns,
+            None,
+            "reporting a refused shared state",
+        );
     }
-    if jwks {
+    if let Some(secret) = u.audit_key_secret {
+        let why = "sharing the audit log's signing key";
+        add(&["get"], "", "secrets", ns, Some(secret), why);
+        add(&["create"], "", "secrets", ns, None, why);
+    }
+    if u.tokenreview {
+        add(
+            &["create"],
+            "authentication.k8s.io",
+            "tokenreviews",
+            None,
+            None,
+            "validating workload tokens",
+        );
+    }
+    if let Some(lease) = u.lease {
+        add(
+            &["create"],
+            "coordination.k8s.io",
+            "leases",
+            ns,
+            None,
+            "leader election",
+        );
+        add(
+            &["get", "update"],
+            "coordination.k8s.io",
+            "leases",
+            ns,
+            Some(lease),
+            "leader election",
+        );
+    }
+    if u.publish {
+        let why = "publishing the trust bundle";
+        add(&["list", "watch"], "", "namespaces", None, None, why);
+        add(&["create"], "", "configmaps", None, None, why);
+        add(
+            &["get", "update", "list", "watch"],
+            "",
+            "configmaps",
+            None,
+            Some(super::publish::CONFIGMAP),
+            why,
+        );
+    }
+    if u.jwks {
         for p in ["/.well-known/openid-configuration", "/openid/v1/jwks"] {
             v.push(Need {
                 verb: "get",
@@ -100,92 +175,7 @@ pub fn needs(
             });
         }
     }
-    if tokenreview {
-        v.push(Need {
-            verb: "create",
-            group: "authentication.k8s.io",
-            resource: "tokenreviews",
-            namespace: None,
-            name: None,
-            path: None,
-            why: "validating workload tokens",
-        });
-    }
-    if publish || state_secret.is_some() {
-        let ns = Some(control_plane_ns.to_string());
-        v.extend(lease_needs(ns));
-    }
-    if publish {
-        v.push(Need {
-            verb: "list",
-            group: "",
-            resource: "namespaces",
-            namespace: None,
-            name: None,
-            path: None,
-            why: "publishing the trust bundle",
-        });
-        v.push(Need {
-            verb: "create",
-            group: "",
-            resource: "configmaps",
-            namespace: None,
-            name: None,
-            path: None,
-            why: "publishing the trust bundle",
-        });
-        v.push(Need {
-            verb: "get",
-            group: "",
-            resource: "configmaps",
-            namespace: None,
-            name: Some("meshca-trust-bundle"),
-            path: None,
-            why: "publishing the trust bundle",
-        });
-        v.push(Need {
-            verb: "update",
-            group: "",
-            resource: "configmaps",
-            namespace: None,
-            name: Some("meshca-trust-bundle"),
-            path: None,
-            why: "publishing the trust bundle",
-        });
-    }
     v
-}
-
-fn lease_needs(ns: Option<String>) -> Vec<Need> {
-    vec![
-        Need {
-            verb: "create",
-            group: "coordination.k8s.io",
-            resource: "leases",
-            namespace: ns.clone(),
-            name: None,
-            path: None,
-            why: "leader election",
-        },
-        Need {
-            verb: "get",
-            group: "coordination.k8s.io",
-            resource: "leases",
-            namespace: ns.clone(),
-            name: Some("meshca-leader"),
-            path: None,
-            why: "leader election",
-        },
-        Need {
-            verb: "update",
-            group: "coordination.k8s.io",
-            resource: "leases",
-            namespace: ns,
-            name: Some("meshca-leader"),
-            path: None,
-            why: "leader election",
-        },
-    ]
 }
 
 /// Asks about each need; returns those not allowed (with the API's reason
@@ -208,7 +198,7 @@ pub async fn missing(client: &kube::Client, needs: &[Need]) -> Result<Vec<String
                     group: Some(n.group.into()),
                     resource: Some(n.resource.into()),
                     namespace: n.namespace.clone(),
-                    name: n.name.map(str::to_string),
+                    name: n.name.clone(),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -182,13 +182,21 @@ impl RotationService {
         Ok(false)
     }
 
-    /// Keeps this replica in line with the shared state until `stop` flips.
-    pub fn follow_shared(self: &Arc<Self>, every: Duration, mut stop: watch::Receiver<bool>) {
+    /// Keeps this replica in line with the shared state until `stop` flips:
+    /// pulls when `wake` fires (a watch event on the shared state) and, as
+    /// a safety net for a watch that silently stalls, every `every`.
+    pub fn follow_shared(
+        self: &Arc<Self>,
+        every: Duration,
+        wake: Arc<tokio::sync::Notify>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
+                    _ = wake.notified() => {}
                     _ = stop.changed() => return,
                 }
                 let _one_at_a_time = me.steps.lock().await;

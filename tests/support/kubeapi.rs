@@ -1,19 +1,46 @@
 //! A fake Kubernetes API server: the subset meshca uses, with the real
-//! semantics — Namespaces (list), ConfigMaps and Leases (get, create,
-//! replace, delete) with resourceVersion preconditions (409 Conflict on a
-//! stale write, 409 AlreadyExists on a duplicate create, 404 NotFound), and
-//! Kubernetes `Status` bodies. Served over HTTPS by `https_json_server`.
+//! semantics — Namespaces (list, watch), Secrets, ConfigMaps and Leases
+//! (get, list, create, replace, delete, watch; ConfigMaps and Secrets also
+//! across namespaces) with resourceVersion preconditions (409 Conflict on a
+//! stale write, 409 AlreadyExists on a duplicate create, 404 NotFound),
+//! `metadata.name` field selectors, Kubernetes `Status` bodies, and watch
+//! streams (newline-delimited `ADDED`/`MODIFIED`/`DELETED` events from a
+//! resourceVersion; after [`Store::compact`], a watch from an older version
+//! gets the `ERROR` event with a 410 `Expired` Status, as etcd compaction
+//! causes). [`Store::partition`] drops every open watch and holds new ones
+//! until [`Store::heal`], so tests can make changes a client cannot see.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+/// One change, as a watch reports it.
+#[derive(Clone)]
+struct Change {
+    rv: u64,
+    collection: String,
+    name: String,
+    kind: &'static str,
+    object: Value,
+}
+
 /// The server's state: objects by (collection path, name).
-#[derive(Default)]
 pub struct Store {
     objects: Mutex<BTreeMap<(String, String), Value>>,
     rv: Mutex<u64>,
+    changes: Mutex<Vec<Change>>,
+    /// Bumped on every change (wakes watch streams).
+    tick: tokio::sync::watch::Sender<u64>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted: Mutex<u64>,
+    /// True while watches are cut off.
+    partitioned: tokio::sync::watch::Sender<bool>,
+    /// Watch requests answered with 410 Gone.
+    pub gone_served: AtomicUsize,
+    /// Watch streams opened.
+    pub watches_opened: AtomicUsize,
     /// Writes (create/replace) seen, by collection.
     pub writes: Mutex<Vec<String>>,
     /// SelfSubjectAccessReviews to deny, as "verb resource" (e.g. "list namespaces").
@@ -30,11 +57,98 @@ fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
     )
 }
 
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            objects: Default::default(),
+            rv: Default::default(),
+            changes: Default::default(),
+            tick: tokio::sync::watch::channel(0).0,
+            compacted: Default::default(),
+            partitioned: tokio::sync::watch::channel(false).0,
+            gone_served: Default::default(),
+            watches_opened: Default::default(),
+            writes: Default::default(),
+            denied: Default::default(),
+            documents: Default::default(),
+        }
+    }
+}
+
+/// Whether a watch on `watched` sees changes in `collection`: the same
+/// collection, or the cluster-wide form (`/api/v1/configmaps`) of a
+/// namespaced one.
+fn covers(watched: &str, collection: &str) -> bool {
+    if watched == collection {
+        return true;
+    }
+    match watched.strip_prefix("/api/v1/") {
+        Some(res) if !res.contains('/') && res != "namespaces" => {
+            collection.starts_with("/api/v1/namespaces/")
+                && collection.ends_with(&format!("/{res}"))
+        }
+        _ => false,
+    }
+}
+
+/// The name a `fieldSelector=metadata.name=X` asks for.
+fn name_selector(query: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        if k != "fieldSelector" {
+            return None;
+        }
+        let v = v.replace("%3D", "=").replace("%3d", "=");
+        v.strip_prefix("metadata.name=").map(str::to_string)
+    })
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').find_map(|kv| {
+        kv.split_once('=')
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    })
+}
+
 impl Store {
     fn next_rv(&self) -> String {
         let mut rv = self.rv.lock().unwrap();
         *rv += 1;
         rv.to_string()
+    }
+
+    /// Records a change for watchers (the object carries its new version).
+    fn record(&self, collection: &str, name: &str, kind: &'static str, object: &Value) {
+        let rv: u64 = object["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_default();
+        self.changes.lock().unwrap().push(Change {
+            rv,
+            collection: collection.into(),
+            name: name.into(),
+            kind,
+            object: object.clone(),
+        });
+        self.tick.send_replace(rv);
+    }
+
+    /// Forgets history: watches from any version before now get 410 Gone.
+    pub fn compact(&self) {
+        let now = *self.rv.lock().unwrap();
+        *self.compacted.lock().unwrap() = now;
+        self.changes.lock().unwrap().retain(|c| c.rv > now);
+    }
+
+    /// Drops every open watch and holds new ones until [`Store::heal`].
+    pub fn partition(&self) {
+        self.partitioned.send_replace(true);
+    }
+
+    /// Lets held watches proceed.
+    pub fn heal(&self) {
+        self.partitioned.send_replace(false);
     }
 
     /// Adds a namespace with labels.
@@ -44,7 +158,8 @@ impl Store {
         self.objects
             .lock()
             .unwrap()
-            .insert(("/api/v1/namespaces".into(), name.into()), obj);
+            .insert(("/api/v1/namespaces".into(), name.into()), obj.clone());
+        self.record("/api/v1/namespaces", name, "ADDED", &obj);
     }
 
     /// An object, if present.
@@ -69,23 +184,90 @@ impl Store {
 
     /// Deletes an object directly (as another client would).
     pub fn remove(&self, collection: &str, name: &str) -> Option<Value> {
-        self.objects
+        let mut v = self
+            .objects
             .lock()
             .unwrap()
-            .remove(&(collection.to_string(), name.to_string()))
+            .remove(&(collection.to_string(), name.to_string()))?;
+        v["metadata"]["resourceVersion"] = json!(self.next_rv());
+        self.record(collection, name, "DELETED", &v);
+        Some(v)
     }
 
     /// Overwrites an object directly, bumping its resourceVersion.
     pub fn put(&self, collection: &str, name: &str, mut obj: Value) {
         obj["metadata"]["resourceVersion"] = json!(self.next_rv());
-        self.objects
+        let old = self
+            .objects
             .lock()
             .unwrap()
-            .insert((collection.to_string(), name.to_string()), obj);
+            .insert((collection.to_string(), name.to_string()), obj.clone());
+        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        self.record(collection, name, kind, &obj);
+    }
+
+    /// Serves a watch on `collection` from resourceVersion `from` as
+    /// newline-delimited JSON events into `tx`, until the client goes away
+    /// or the store is partitioned.
+    async fn serve_watch(
+        self: Arc<Self>,
+        collection: String,
+        name: Option<String>,
+        from: Option<u64>,
+        tx: tokio::sync::mpsc::Sender<hyper::body::Bytes>,
+    ) {
+        let mut partitioned = self.partitioned.subscribe();
+        while *partitioned.borrow_and_update() {
+            if partitioned.changed().await.is_err() {
+                return;
+            }
+        }
+        self.watches_opened.fetch_add(1, Ordering::SeqCst);
+        let line = |kind: &str, object: &Value| {
+            hyper::body::Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
+        };
+        let now = *self.rv.lock().unwrap();
+        let mut last = from.filter(|v| *v != 0).unwrap_or(now);
+        if last < *self.compacted.lock().unwrap() {
+            self.gone_served.fetch_add(1, Ordering::SeqCst);
+            let (_, st) = status(
+                410,
+                "Expired",
+                format!("too old resource version: {last} ({now})"),
+            );
+            let _ = tx.send(line("ERROR", &st)).await;
+            return;
+        }
+        let mut tick = self.tick.subscribe();
+        loop {
+            tick.borrow_and_update();
+            let due: Vec<Change> = self
+                .changes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.rv > last && covers(&collection, &c.collection))
+                .filter(|c| name.as_ref().is_none_or(|n| *n == c.name))
+                .cloned()
+                .collect();
+            for c in due {
+                last = c.rv;
+                if tx.send(line(c.kind, &c.object)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                r = tick.changed() => if r.is_err() { return },
+                r = partitioned.changed() => if r.is_err() || *partitioned.borrow() { return },
+                _ = tx.closed() => return,
+            }
+        }
     }
 
     /// Handles one request.
-    pub fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    pub fn handle(&self, method: &str, uri: &str, body: &[u8]) -> (u16, Value) {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let name_filter = name_selector(query);
         if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
             let mut review: Value = serde_json::from_slice(body).unwrap_or_default();
             let ra = &review["spec"]["resourceAttributes"];
@@ -117,6 +299,20 @@ impl Store {
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         // (collection path, optional name, kind)
         let (collection, name, kind, list_kind) = match segs.as_slice() {
+            ["api", "v1", res @ ("configmaps" | "secrets")] => (
+                format!("/api/v1/{res}"),
+                None,
+                if *res == "secrets" {
+                    "Secret"
+                } else {
+                    "ConfigMap"
+                },
+                if *res == "secrets" {
+                    "SecretList"
+                } else {
+                    "ConfigMapList"
+                },
+            ),
             ["api", "v1", "namespaces"] => (
                 "/api/v1/namespaces".to_string(),
                 None,
@@ -183,7 +379,9 @@ impl Store {
             ("GET", None) => {
                 let items: Vec<Value> = objects
                     .iter()
-                    .filter(|((c, _), _)| *c == collection)
+                    .filter(|((c, n), _)| {
+                        covers(&collection, c) && name_filter.as_ref().is_none_or(|f| f == n)
+                    })
                     .map(|(_, v)| v.clone())
                     .collect();
                 (
@@ -216,7 +414,8 @@ impl Store {
                 obj["metadata"]["uid"] = json!(format!("uid-{n}"));
                 obj["apiVersion"] = json!(api_version);
                 obj["kind"] = json!(kind);
-                objects.insert((collection.clone(), n), obj.clone());
+                objects.insert((collection.clone(), n.clone()), obj.clone());
+                self.record(&collection, &n, "ADDED", &obj);
                 self.writes
                     .lock()
                     .unwrap()
@@ -244,6 +443,7 @@ impl Store {
                 obj["apiVersion"] = json!(api_version);
                 obj["kind"] = json!(kind);
                 objects.insert((collection.clone(), n.to_string()), obj.clone());
+                self.record(&collection, n, "MODIFIED", &obj);
                 self.writes
                     .lock()
                     .unwrap()
@@ -251,7 +451,11 @@ impl Store {
                 (200, obj)
             }
             ("DELETE", Some(n)) => match objects.remove(&(collection.clone(), n.to_string())) {
-                Some(v) => (200, v),
+                Some(mut v) => {
+                    v["metadata"]["resourceVersion"] = json!(self.next_rv());
+                    self.record(&collection, n, "DELETED", &v);
+                    (200, v)
+                }
                 None => status(404, "NotFound", format!("{kind} \"{n}\" not found")),
             },
             _ => status(405, "MethodNotAllowed", format!("{method} {path}")),
@@ -262,12 +466,74 @@ impl Store {
 /// Starts the fake API server; returns the store and a kubeconfig for it.
 pub async fn start(dir: &std::path::Path) -> (Arc<Store>, std::path::PathBuf) {
     use base64::Engine;
+    use http_body_util::{BodyExt, StreamBody};
     let store = Arc::new(Store::default());
+    let (acceptor, ca_pem) = super::tls_acceptor();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
     let s = store.clone();
-    let (addr, ca_pem) = super::https_json_server(Arc::new(move |m: &str, p: &str, b: &[u8]| {
-        s.handle(m, p, b)
-    }))
-    .await;
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let store = s.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let store = store.clone();
+                        async move {
+                            let uri = req.uri().to_string();
+                            let method = req.method().to_string();
+                            let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+                            let respond = hyper::Response::builder()
+                                .header("content-type", "application/json");
+                            if method == "GET" && query_param(query, "watch") == Some("true") {
+                                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                                let from = query_param(query, "resourceVersion")
+                                    .and_then(|v| v.parse().ok());
+                                tokio::spawn(store.clone().serve_watch(
+                                    path.to_string(),
+                                    name_selector(query),
+                                    from,
+                                    tx,
+                                ));
+                                let body = StreamBody::new(tokio_stream::StreamExt::map(
+                                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                                    |b| {
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            b,
+                                        ))
+                                    },
+                                ));
+                                return Ok::<_, std::convert::Infallible>(
+                                    respond.status(200).body(body.boxed()).unwrap(),
+                                );
+                            }
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let (status, out) = store.handle(&method, &uri, &body);
+                            Ok(respond
+                                .status(status)
+                                .body(
+                                    http_body_util::Full::new(hyper::body::Bytes::from(
+                                        out.to_string(),
+                                    ))
+                                    .boxed(),
+                                )
+                                .unwrap())
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
     let b64 = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {b64}\nusers:\n- name: meshca\n  user:\n    token: meshca-sa-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: meshca\ncurrent-context: test\n",

@@ -215,11 +215,8 @@ pub fn within(a: SystemTime, b: SystemTime, tolerance: Duration) -> bool {
 /// What a fake HTTPS endpoint answers: (status, JSON body).
 pub type Handler = std::sync::Arc<dyn Fn(&str, &str, &[u8]) -> (u16, Value) + Send + Sync>;
 
-/// A local HTTPS endpoint (HTTP/1.1, rustls) answering JSON through `handler`
-/// (method, path, body). Returns its address and the PEM CA that signed its
-/// certificate (for 127.0.0.1 and localhost).
-pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, String) {
-    use http_body_util::BodyExt;
+/// A TLS acceptor for 127.0.0.1/localhost with a fresh CA (returned as PEM).
+pub fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -241,6 +238,15 @@ pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, Strin
         .unwrap();
     sc.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(sc));
+    (acceptor, ca_cert.pem())
+}
+
+/// A local HTTPS endpoint (HTTP/1.1, rustls) answering JSON through `handler`
+/// (method, path, body). Returns its address and the PEM CA that signed its
+/// certificate (for 127.0.0.1 and localhost).
+pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, String) {
+    use http_body_util::BodyExt;
+    let (acceptor, ca_pem) = tls_acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -280,7 +286,7 @@ pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, Strin
             });
         }
     });
-    (addr, ca_cert.pem())
+    (addr, ca_pem)
 }
 
 /// A port nothing listens on.
