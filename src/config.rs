@@ -108,6 +108,21 @@ pub struct ServeArgs {
     #[arg(long, env = "MESHCA_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
+    /// In-cluster mode: kubeconfig `in-cluster`, the namespace from the pod's
+    /// service account, tokens checked against the API server's JWKS with
+    /// TokenReview as fallback, CA state shared through Secret `meshca-ca`,
+    /// the audit signing key in Secret `meshca-audit-key`, and the bundle
+    /// published to namespaces by an elected leader. Each can still be set
+    /// explicitly. [default: on when running in a pod (KUBERNETES_SERVICE_HOST
+    /// set and a service-account token mounted); `--kubernetes=false` turns it off]
+    #[arg(
+        long,
+        env = "MESHCA_KUBERNETES",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub kubernetes: Option<bool>,
     /// Data directory holding the CA's keys and certificates [default: ./meshca-data].
     #[arg(long, env = "MESHCA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -261,6 +276,11 @@ pub struct ServeArgs {
     /// event (a safety net: changes arrive through a watch) [default: 60s].
     #[arg(long, env = "MESHCA_STATE_POLL_INTERVAL")]
     pub state_poll_interval: Option<HumanDuration>,
+    /// Keep the audit log's signing key in this Secret (in
+    /// control_plane_namespace), so every replica signs its checkpoints with
+    /// one key auditors trust (needs kubeconfig).
+    #[arg(long, env = "MESHCA_AUDIT_KEY_SECRET")]
+    pub audit_key_secret: Option<String>,
 }
 
 /// Parses a duration such as `90s`, `24h` or `7d`.
@@ -295,12 +315,50 @@ impl ServeArgs {
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
             leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
-            state_poll_interval,
+            state_poll_interval, kubernetes, audit_key_secret,
         ))
+    }
+
+    /// Fills in the in-cluster defaults when `kubernetes` is on, or unset
+    /// and `pod` says this runs in a pod. Settings given explicitly win.
+    pub fn with_kubernetes(
+        mut self,
+        pod: Option<crate::kubernetes::detect::Pod>,
+    ) -> Result<Self, String> {
+        let on = self.kubernetes.unwrap_or(pod.is_some());
+        self.kubernetes = Some(on);
+        if !on {
+            return Ok(self);
+        }
+        if pod.is_none() && self.kubeconfig.is_none() {
+            return Err(format!(
+                "invalid setting kubernetes: this is not a pod (no KUBERNETES_SERVICE_HOST or no token in {}); set kubeconfig to run against a cluster from outside",
+                crate::kubernetes::detect::SERVICE_ACCOUNT_DIR
+            ));
+        }
+        self.kubeconfig
+            .get_or_insert_with(|| crate::authn::tokenreview::IN_CLUSTER.into());
+        if self.control_plane_namespace.is_none() {
+            self.control_plane_namespace = pod.and_then(|p| p.namespace);
+        }
+        self.state_secret.get_or_insert_with(|| "meshca-ca".into());
+        self.audit_key_secret
+            .get_or_insert_with(|| "meshca-audit-key".into());
+        self.publish_bundle.get_or_insert(true);
+        if self.jwks_file.is_none() && self.jwks_url.is_none() && self.oidc_issuer_url.is_none() {
+            self.jwks_kubernetes.get_or_insert(true);
+        }
+        Ok(self)
     }
 
     /// Applies defaults and validates.
     pub fn resolve(self) -> Result<ServeConfig, String> {
+        let this = self.with_kubernetes(crate::kubernetes::detect::pod())?;
+        this.resolve_detected()
+    }
+
+    /// [`ServeArgs::resolve`] after in-cluster detection.
+    pub fn resolve_detected(self) -> Result<ServeConfig, String> {
         let bad = |setting: &str, e: String| format!("invalid setting {setting}: {e}");
         let mesh = Mesh {
             trust_domain: self
@@ -469,6 +527,12 @@ impl ServeArgs {
                 rand::random::<u32>()
             )
         });
+        if self.audit_key_secret.is_some() && self.kubeconfig.is_none() {
+            return Err(bad(
+                "audit_key_secret",
+                "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
+            ));
+        }
         if self.state_secret.is_some() && self.kubeconfig.is_none() {
             return Err(bad(
                 "state_secret",
@@ -529,6 +593,8 @@ impl ServeArgs {
         }
         Ok(ServeConfig {
             replica,
+            kubernetes: self.kubernetes.unwrap_or(false),
+            audit_key_secret: self.audit_key_secret.clone(),
             state_secret: self.state_secret.clone(),
             state_poll_interval: self
                 .state_poll_interval
@@ -672,6 +738,10 @@ pub struct ServeConfig {
     pub jwks_kubernetes: bool,
     /// This replica's name.
     pub replica: String,
+    /// In-cluster mode is on (explicitly or detected).
+    pub kubernetes: bool,
+    /// The Secret holding the audit log's signing key (None: the data directory's).
+    pub audit_key_secret: Option<String>,
     /// The Secret holding the shared CA state (None: local only).
     pub state_secret: Option<String>,
     /// How often the shared state is checked.
@@ -707,7 +777,12 @@ impl ServeConfig {
 
     /// Defaults with a given data directory and ephemeral ports (tests, bench).
     pub fn for_tests(data_dir: PathBuf) -> Self {
-        let mut c = ServeArgs::default().resolve().expect("defaults are valid");
+        let mut c = ServeArgs {
+            kubernetes: Some(false),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("defaults are valid");
         c.data_dir = data_dir;
         c.listen = "127.0.0.1:0".parse().expect("valid");
         c.admin_listen = "127.0.0.1:0".parse().expect("valid");
@@ -718,6 +793,90 @@ impl ServeConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn pod(ns: &str) -> Option<crate::kubernetes::detect::Pod> {
+        Some(crate::kubernetes::detect::Pod {
+            namespace: Some(ns.into()),
+        })
+    }
+
+    #[test]
+    fn in_cluster_mode_fills_defaults_and_explicit_settings_win() {
+        use clap::Parser;
+        let detected = ServeArgs::default()
+            .with_kubernetes(pod("mesh-system"))
+            .unwrap()
+            .resolve_detected()
+            .unwrap();
+        assert!(detected.kubernetes);
+        assert_eq!(
+            detected.kubeconfig.as_deref(),
+            Some(std::path::Path::new("in-cluster"))
+        );
+        assert_eq!(detected.mesh.control_plane_ns.as_str(), "mesh-system");
+        assert_eq!(detected.state_secret.as_deref(), Some("meshca-ca"));
+        assert_eq!(
+            detected.audit_key_secret.as_deref(),
+            Some("meshca-audit-key")
+        );
+        assert!(detected.publish.is_some());
+        assert!(detected.jwks_kubernetes);
+        assert_eq!(
+            detected.authn_order,
+            vec![AuthnSource::Jwks, AuthnSource::Tokenreview]
+        );
+
+        let explicit = Cmd::try_parse_from([
+            "x",
+            "--kubernetes",
+            "--state-secret",
+            "ca-state",
+            "--publish-bundle",
+            "false",
+            "--control-plane-namespace",
+            "ops",
+        ])
+        .unwrap()
+        .serve
+        .with_kubernetes(pod("mesh-system"))
+        .unwrap()
+        .resolve_detected()
+        .unwrap();
+        assert_eq!(explicit.state_secret.as_deref(), Some("ca-state"));
+        assert!(explicit.publish.is_none());
+        assert_eq!(explicit.mesh.control_plane_ns.as_str(), "ops");
+
+        let off = Cmd::try_parse_from(["x", "--kubernetes=false"])
+            .unwrap()
+            .serve
+            .with_kubernetes(pod("mesh-system"))
+            .unwrap()
+            .resolve_detected()
+            .unwrap();
+        assert!(!off.kubernetes);
+        assert!(off.kubeconfig.is_none() && off.state_secret.is_none());
+
+        // Outside a pod, --kubernetes needs a kubeconfig.
+        let e = Cmd::try_parse_from(["x", "--kubernetes"])
+            .unwrap()
+            .serve
+            .with_kubernetes(None)
+            .unwrap_err();
+        assert!(e.contains("not a pod") && e.contains("kubeconfig"), "{e}");
+        // Not detected and not asked: nothing changes.
+        let plain = ServeArgs::default()
+            .with_kubernetes(None)
+            .unwrap()
+            .resolve_detected()
+            .unwrap();
+        assert!(!plain.kubernetes && plain.state_secret.is_none());
+    }
 
     #[test]
     fn durations_parse() {

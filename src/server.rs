@@ -308,6 +308,16 @@ pub fn server_identity(cfg: &ServeConfig) -> String {
 
 /// Starts the server: loads (or creates) the CA and binds both ports.
 pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
+    if cfg.kubernetes {
+        tracing::info!(
+            namespace = %cfg.mesh.control_plane_ns,
+            replica = %cfg.replica,
+            state_secret = ?cfg.state_secret,
+            audit_key_secret = ?cfg.audit_key_secret,
+            publish_bundle = cfg.publish.is_some(),
+            "in-cluster mode"
+        );
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let data = DataDir::new(&cfg.data_dir);
     // Replicated: the shared state (a Secret), when it exists, is the CA;
@@ -411,6 +421,20 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             Some(_) => format!("{}/{}", cfg.mesh.trust_domain, cfg.replica),
             None => cfg.mesh.trust_domain.to_string(),
         };
+        if let (Some(name), Some(kc)) = (&cfg.audit_key_secret, &cfg.kubeconfig) {
+            let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
+                .await
+                .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+            let outcome = crate::kubernetes::audit_key::sync(
+                client,
+                cfg.mesh.control_plane_ns.as_str(),
+                name,
+                &cfg.data_dir,
+            )
+            .await
+            .map_err(|e| format!("the audit signing key (setting audit_key_secret): {e}"))?;
+            tracing::info!(secret = %name, ?outcome, "audit signing key shared through a Secret");
+        }
         let (log, guard) = crate::audit::AuditLog::open(&cfg.data_dir, &log_name, clock.clone())?;
         let every = cfg.audit_checkpoint_interval;
         let ticker = log.clone();
@@ -518,7 +542,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             jwks: cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
             publish: cfg.publish.is_some(),
             state_secret: cfg.state_secret.as_deref(),
-            audit_key_secret: None,
+            audit_key_secret: cfg.audit_key_secret.as_deref().filter(|_| cfg.audit_log),
             lease: election.as_ref().map(|(l, _, _)| l.as_str()),
             namespace: cfg.mesh.control_plane_ns.as_str(),
         });

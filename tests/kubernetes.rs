@@ -342,6 +342,7 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
         c.jwks_file = Some(jwks);
         c.authn_order = vec![meshca::config::AuthnSource::Jwks];
         c.state_secret = Some("meshca-ca".into());
+        c.audit_key_secret = Some("meshca-audit-key".into());
         // Long: changes must arrive through the watch, not the safety-net poll.
         c.state_poll_interval = Duration::from_secs(3600);
         c.replica = name;
@@ -388,6 +389,36 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     );
     let b = shared_replica(&kc, "b", &jwks).await;
     assert_eq!(roots_of(&a), roots_of(&b), "one root");
+    // One audit signing key: a created the Secret, b adopted it.
+    let key_of = |ca: &Ca| meshca::audit::read_key(&ca.dir.path().join("data")).unwrap();
+    assert_eq!(key_of(&a).expose(), key_of(&b).expose());
+    let shared_key = api.get(SECRETS, "meshca-audit-key").unwrap();
+    assert_eq!(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            shared_key["data"]["audit-signer.key"].as_str().unwrap()
+        )
+        .unwrap(),
+        key_of(&a).expose()
+    );
+    // A Secret holding no usable key stops a replica at start-up, saying why.
+    api.put(
+        SECRETS,
+        "bad-audit-key",
+        json!({"metadata": {"name": "bad-audit-key", "namespace": "meshca"},
+               "type": "Opaque", "data": {"audit-signer.key": "bm90IGEga2V5"}}),
+    );
+    let bad_dir = tempfile::tempdir().unwrap();
+    let mut c = meshca::config::ServeConfig::for_tests(bad_dir.path().join("data"));
+    c.kubeconfig = Some(kc.clone());
+    c.audit_key_secret = Some("bad-audit-key".into());
+    let Err(e) = meshca::server::start(c).await else {
+        panic!("a replica started with an unusable audit key");
+    };
+    assert!(
+        e.contains("audit_key_secret") && e.contains("meshca/bad-audit-key"),
+        "{e}"
+    );
     assert_eq!(
         a.running.ca.issuer().fingerprint,
         b.running.ca.issuer().fingerprint,

@@ -9,6 +9,8 @@
 //! (`--kubeconfig`, or `in-cluster`). Must not: issue certificates or decide
 //! rotation steps.
 
+pub mod audit_key;
+pub mod detect;
 pub mod lease;
 pub mod publish;
 pub mod rbac;

@@ -297,7 +297,11 @@ pub fn closed_port() -> u16 {
 
 /// The `meshca` binary under test.
 pub fn meshca_bin() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_meshca"))
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_meshca"));
+    // Even when the tests themselves run in a pod, the CA under test must
+    // not take the pod's credentials (in-cluster mode is detected).
+    c.env("MESHCA_KUBERNETES", "false");
+    c
 }
 
 /// A `meshca serve` child process on ephemeral ports with JSON logs.
