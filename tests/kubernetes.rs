@@ -1,9 +1,11 @@
 //! Kubernetes coordination against a fake API server speaking the real
 //! JSON (tests/support/kubeapi.rs): leader election over a Lease (one
-//! leader; a crashed leader is replaced once its Lease expires; a stopping
-//! leader hands over at once) and the trust-bundle ConfigMaps (published to
-//! selected namespaces, recreated when deleted, updated on rotation, with
-//! resourceVersion conflicts retried).
+//! leader; a crashed leader — in-process, and a SIGKILLed `serve
+//! --kubernetes` process — is replaced once its Lease expires; a stopping
+//! leader hands over at once); the trust-bundle ConfigMaps (published to
+//! selected namespaces, recreated when deleted, updated on rotation); the CA
+//! state and audit signing key shared through Secrets; watches that resume,
+//! and list again after 410 Gone; and the start-up permission check.
 
 mod support;
 
@@ -601,4 +603,98 @@ async fn watches_list_again_after_410_gone() {
         "{metrics}"
     );
     drop(p);
+}
+
+/// Two `meshca serve --kubernetes` processes against the fake API server:
+/// SIGKILL the one holding the Lease; the other must take it over once it
+/// expires and carry on the singleton work (publishing the bundle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_process_hands_the_singleton_work_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    api.add_namespace("shop", json!({}));
+    let signer = cluster_signer();
+    {
+        let mut docs = api.documents.lock().unwrap();
+        docs.insert(
+            "/.well-known/openid-configuration".into(),
+            json!({"issuer": support::ISSUER, "jwks_uri": "https://10.0.0.1:6443/openid/v1/jwks"}),
+        );
+        docs.insert(
+            "/openid/v1/jwks".into(),
+            serde_json::from_str(signer.jwks()).unwrap(),
+        );
+    }
+    let start = |name: &'static str| {
+        let kc = kc.clone();
+        let data = dir.path().join(name);
+        tokio::task::spawn_blocking(move || {
+            support::spawn_serve(
+                &data,
+                &[
+                    "--kubernetes",
+                    "--kubeconfig",
+                    kc.to_str().unwrap(),
+                    "--replica-name",
+                    name,
+                    "--leader-election-lease-duration",
+                    "2s",
+                ],
+            )
+        })
+    };
+    let mut r1 = start("r1").await.unwrap();
+    let mut r2 = start("r2").await.unwrap();
+    for p in [&r1, &r2] {
+        assert!(
+            p.startup_log.iter().any(|l| l.contains("in-cluster mode")),
+            "{:?}",
+            p.startup_log
+        );
+    }
+    let holder = || {
+        api.get(LEASES, "meshca-leader")
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    };
+    until("a leader", Duration::from_secs(10), || holder().is_some()).await;
+    until("the bundle is published", Duration::from_secs(10), || {
+        api.get(&cm_path("shop"), CONFIGMAP).is_some()
+    })
+    .await;
+    let first = holder().unwrap();
+    let (leader, survivor, next) = if first == "r1" {
+        (&mut r1, &mut r2, "r2")
+    } else {
+        (&mut r2, &mut r1, "r1")
+    };
+    support::signal(&leader.child, "KILL");
+    leader.child.wait().unwrap();
+    let killed = Instant::now();
+    until(
+        "the survivor holds the Lease",
+        Duration::from_secs(15),
+        || holder().as_deref() == Some(next),
+    )
+    .await;
+    let took = killed.elapsed();
+    println!("lease taken over {took:?} after SIGKILL of the leader (2s lease)");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "not before the dead holder's Lease expired: {took:?}"
+    );
+
+    // The singleton work continues on the new leader.
+    api.add_namespace("billing", json!({}));
+    api.remove(&cm_path("shop"), CONFIGMAP);
+    until(
+        "the new leader publishes to the new namespace and restores the deleted ConfigMap",
+        Duration::from_secs(10),
+        || {
+            api.get(&cm_path("billing"), CONFIGMAP).is_some()
+                && api.get(&cm_path("shop"), CONFIGMAP).is_some()
+        },
+    )
+    .await;
+    support::signal(&survivor.child, "TERM");
+    assert!(survivor.child.wait().unwrap().success());
 }
