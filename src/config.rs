@@ -281,6 +281,12 @@ pub struct ServeArgs {
     /// one key auditors trust (needs kubeconfig).
     #[arg(long, env = "MESHCA_AUDIT_KEY_SECRET")]
     pub audit_key_secret: Option<String>,
+    /// Keep the issuer in this `kubernetes.io/tls` Secret (tls.crt, tls.key,
+    /// ca.crt) in control_plane_namespace: meshca writes its issuer there,
+    /// and installs a newer valid issuer someone else writes there (an
+    /// operator, cert-manager). Needs kubeconfig.
+    #[arg(long, env = "MESHCA_ISSUER_SECRET")]
+    pub issuer_secret: Option<String>,
 }
 
 /// Parses a duration such as `90s`, `24h` or `7d`.
@@ -315,7 +321,7 @@ impl ServeArgs {
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
             leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
-            state_poll_interval, kubernetes, audit_key_secret,
+            state_poll_interval, kubernetes, audit_key_secret, issuer_secret,
         ))
     }
 
@@ -344,6 +350,8 @@ impl ServeArgs {
         self.state_secret.get_or_insert_with(|| "meshca-ca".into());
         self.audit_key_secret
             .get_or_insert_with(|| "meshca-audit-key".into());
+        self.issuer_secret
+            .get_or_insert_with(|| "meshca-issuer".into());
         self.publish_bundle.get_or_insert(true);
         if self.jwks_file.is_none() && self.jwks_url.is_none() && self.oidc_issuer_url.is_none() {
             self.jwks_kubernetes.get_or_insert(true);
@@ -527,6 +535,12 @@ impl ServeArgs {
                 rand::random::<u32>()
             )
         });
+        if self.issuer_secret.is_some() && self.kubeconfig.is_none() {
+            return Err(bad(
+                "issuer_secret",
+                "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
+            ));
+        }
         if self.audit_key_secret.is_some() && self.kubeconfig.is_none() {
             return Err(bad(
                 "audit_key_secret",
@@ -595,6 +609,7 @@ impl ServeArgs {
             replica,
             kubernetes: self.kubernetes.unwrap_or(false),
             audit_key_secret: self.audit_key_secret.clone(),
+            issuer_secret: self.issuer_secret.clone(),
             state_secret: self.state_secret.clone(),
             state_poll_interval: self
                 .state_poll_interval
@@ -742,6 +757,8 @@ pub struct ServeConfig {
     pub kubernetes: bool,
     /// The Secret holding the audit log's signing key (None: the data directory's).
     pub audit_key_secret: Option<String>,
+    /// The `kubernetes.io/tls` Secret mirroring the issuer (None: none).
+    pub issuer_secret: Option<String>,
     /// The Secret holding the shared CA state (None: local only).
     pub state_secret: Option<String>,
     /// How often the shared state is checked.
@@ -825,6 +842,7 @@ mod tests {
             detected.audit_key_secret.as_deref(),
             Some("meshca-audit-key")
         );
+        assert_eq!(detected.issuer_secret.as_deref(), Some("meshca-issuer"));
         assert!(detected.publish.is_some());
         assert!(detected.jwks_kubernetes);
         assert_eq!(

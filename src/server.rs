@@ -525,9 +525,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         rotation.follow_shared(cfg.state_poll_interval, wake, stop_rx.clone());
     }
 
-    let election = match (&cfg.publish, &cfg.state_secret, &cfg.kubeconfig) {
+    let singleton = cfg.state_secret.is_some() || cfg.issuer_secret.is_some();
+    let election = match (&cfg.publish, singleton, &cfg.kubeconfig) {
         (Some(p), _, Some(kc)) => Some((p.lease.clone(), p.lease_duration, kc.clone())),
-        (None, Some(_), Some(kc)) => Some((
+        (None, true, Some(kc)) => Some((
             "meshca-leader".to_string(),
             Duration::from_secs(15),
             kc.clone(),
@@ -543,6 +544,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             publish: cfg.publish.is_some(),
             state_secret: cfg.state_secret.as_deref(),
             audit_key_secret: cfg.audit_key_secret.as_deref().filter(|_| cfg.audit_log),
+            issuer_secret: cfg.issuer_secret.as_deref(),
             lease: election.as_ref().map(|(l, _, _)| l.as_str()),
             namespace: cfg.mesh.control_plane_ns.as_str(),
         });
@@ -614,7 +616,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 stop_rx.clone(),
             ));
             tokio::spawn(crate::kubernetes::publish::run(
-                client,
+                client.clone(),
                 crate::kubernetes::publish::Settings {
                     namespace_labels: p.namespace_labels.clone(),
                     resync: p.resync,
@@ -622,6 +624,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 ca.watch_bundle(),
                 leader.clone(),
                 wake,
+            ));
+        }
+        if let Some(name) = cfg.issuer_secret.clone() {
+            tokio::spawn(crate::kubernetes::issuer_secret::run(
+                client.clone(),
+                crate::kubernetes::issuer_secret::Settings {
+                    namespace: cfg.mesh.control_plane_ns.to_string(),
+                    name,
+                    replica: cfg.replica.clone(),
+                },
+                rotation.clone(),
+                Some(leader.clone()),
+                stop_rx.clone(),
             ));
         }
         leading = Some(leader);

@@ -698,3 +698,201 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
     support::signal(&survivor.child, "TERM");
     assert!(survivor.child.wait().unwrap().success());
 }
+
+/// An intermediate CA certificate signed by root `root_id` of `ca`'s data
+/// directory, as cert-manager's CA Issuer would make it.
+fn intermediate(ca: &Ca, root_id: &str) -> (String, String) {
+    let (root_der, root_key) = ca.data().read_root(root_id).unwrap();
+    let root_kp =
+        rcgen::KeyPair::from_pem(std::str::from_utf8(root_key.to_pem().expose()).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&root_der, root_kp).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::seconds(10);
+    p.not_after = now + time::Duration::days(10);
+    p.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "cert-manager issued intermediate",
+    );
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn tls_secret(name: &str, crt: &str, key: &str, ca: &str) -> serde_json::Value {
+    use base64::Engine;
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": "meshca"},
+           "type": "kubernetes.io/tls",
+           "data": {"tls.crt": b(crt), "tls.key": b(key), "ca.crt": b(ca)}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let signer = cluster_signer();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let with_issuer_secret = |name: &'static str| {
+        let (kc, jwks) = (kc.clone(), jwks.clone());
+        Ca::start_with(move |c| {
+            c.kubeconfig = Some(kc);
+            c.jwks_file = Some(jwks);
+            c.authn_order = vec![meshca::config::AuthnSource::Jwks];
+            c.state_secret = Some("meshca-ca".into());
+            c.issuer_secret = Some("meshca-issuer".into());
+            c.state_poll_interval = Duration::from_secs(3600);
+            c.replica = name.into();
+        })
+    };
+    let a = with_issuer_secret("a").await;
+    let b = with_issuer_secret("b").await;
+
+    // meshca writes its issuer as a kubernetes.io/tls Secret.
+    let current = a.running.ca.issuer().fingerprint.clone();
+    let b64 = |v: &serde_json::Value| {
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            v.as_str().unwrap(),
+        )
+        .unwrap()
+    };
+    until(
+        "the issuer Secret is written",
+        Duration::from_secs(5),
+        || {
+            api.get(SECRETS, "meshca-issuer").is_some_and(|s| {
+                s["type"] == "kubernetes.io/tls"
+                    && s["metadata"]["annotations"]["meshca.io/issuer-fingerprint"]
+                        == current.as_str()
+            })
+        },
+    )
+    .await;
+    let s = api.get(SECRETS, "meshca-issuer").unwrap();
+    let crt = meshca::ca::pem_to_certs(&b64(&s["data"]["tls.crt"])).unwrap();
+    assert_eq!(meshca::ca::fingerprint(&crt[0]), current);
+    let root_id = a.running.ca.issuer().root_fingerprint.clone().unwrap();
+    let root_pem = String::from_utf8(b64(&s["data"]["ca.crt"])).unwrap();
+    assert_eq!(
+        meshca::ca::fingerprint(&meshca::ca::pem_to_certs(root_pem.as_bytes()).unwrap()[0]),
+        root_id
+    );
+
+    // An operator (or cert-manager) writes a newer intermediate under the
+    // active root: every replica issues under it.
+    let (crt, key) = intermediate(&a, &root_id);
+    let new_fp = meshca::ca::fingerprint(&meshca::ca::pem_to_certs(crt.as_bytes()).unwrap()[0]);
+    api.put(
+        SECRETS,
+        "meshca-issuer",
+        tls_secret("meshca-issuer", &crt, &key, &root_pem),
+    );
+    until(
+        "both replicas use the new issuer",
+        Duration::from_secs(5),
+        || {
+            a.running.ca.issuer().fingerprint == new_fp
+                && b.running.ca.issuer().fingerprint == new_fp
+        },
+    )
+    .await;
+    let r = certify_native(&b.channel().await, mint(&signer, support::ISSUER))
+        .await
+        .unwrap();
+    assert_eq!(meshca::ca::fingerprint(&r.cert_chain[1]), new_fp);
+    let root_der = meshca::ca::pem_to_certs(root_pem.as_bytes()).unwrap()[0].to_vec();
+    meshca::client::verify_chain(
+        &r.cert_chain[0],
+        &r.cert_chain[1..],
+        &[root_der],
+        std::time::SystemTime::now(),
+    )
+    .expect("a leaf under the installed issuer verifies");
+
+    // A newer certificate whose key does not match is refused with an
+    // Event; the replicas keep the last good issuer.
+    let (crt2, _) = intermediate(&a, &root_id);
+    let other_key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    api.put(
+        SECRETS,
+        "meshca-issuer",
+        tls_secret("meshca-issuer", &crt2, &other_key, &root_pem),
+    );
+    until("an Event says why", Duration::from_secs(5), || {
+        api.list("/api/v1/namespaces/meshca/events")
+            .iter()
+            .any(|e| {
+                e["reason"] == "InvalidIssuer"
+                    && e["message"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("tls.key does not belong to tls.crt")
+            })
+    })
+    .await;
+    // One signed by another CA is refused too.
+    let stranger = Ca::start().await;
+    let stranger_root = stranger
+        .running
+        .ca
+        .issuer()
+        .root_fingerprint
+        .clone()
+        .unwrap();
+    let (crt3, key3) = intermediate(&stranger, &stranger_root);
+    api.put(
+        SECRETS,
+        "meshca-issuer",
+        tls_secret("meshca-issuer", &crt3, &key3, &root_pem),
+    );
+    until(
+        "an Event about the foreign CA",
+        Duration::from_secs(5),
+        || {
+            api.list("/api/v1/namespaces/meshca/events")
+                .iter()
+                .any(|e| {
+                    e["reason"] == "InvalidIssuer"
+                        && e["message"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("not signed by the active root")
+                })
+        },
+    )
+    .await;
+    assert_eq!(a.running.ca.issuer().fingerprint, new_fp);
+    assert_eq!(b.running.ca.issuer().fingerprint, new_fp);
+    assert!(
+        certify_native(&a.channel().await, mint(&signer, support::ISSUER))
+            .await
+            .is_ok()
+    );
+
+    // A root rotation makes meshca's new issuer (under the new root) newer
+    // than anything in the Secret: meshca writes it there.
+    assert_eq!(admin(&a, "prepare", "{}").await.0, 200);
+    let (code, body) = admin(&a, "activate", "{\"force\": true}").await;
+    assert_eq!(code, 200, "{body}");
+    let rotated = a.running.ca.issuer().fingerprint.clone();
+    assert_ne!(rotated, new_fp);
+    until(
+        "the Secret holds the issuer under the new root",
+        Duration::from_secs(5),
+        || {
+            api.get(SECRETS, "meshca-issuer").is_some_and(|s| {
+                s["metadata"]["annotations"]["meshca.io/issuer-fingerprint"] == rotated.as_str()
+            })
+        },
+    )
+    .await;
+}

@@ -11,6 +11,8 @@
 
 pub mod audit_key;
 pub mod detect;
+pub mod event;
+pub mod issuer_secret;
 pub mod lease;
 pub mod publish;
 pub mod rbac;

@@ -67,6 +67,8 @@ pub struct Uses<'a> {
     pub state_secret: Option<&'a str>,
     /// The Secret holding the audit log's signing key.
     pub audit_key_secret: Option<&'a str>,
+    /// The `kubernetes.io/tls` Secret mirroring the issuer.
+    pub issuer_secret: Option<&'a str>,
     /// The Lease for leader election.
     pub lease: Option<&'a str>,
     /// The CA's own namespace.
@@ -120,6 +122,26 @@ pub fn needs(u: &Uses<'_>) -> Vec<Need> {
         let why = "sharing the audit log's signing key";
         add(&["get"], "", "secrets", ns, Some(secret), why);
         add(&["create"], "", "secrets", ns, None, why);
+    }
+    if let Some(secret) = u.issuer_secret {
+        let why = "keeping the issuer in its kubernetes.io/tls Secret";
+        add(
+            &["get", "update", "list", "watch"],
+            "",
+            "secrets",
+            ns,
+            Some(secret),
+            why,
+        );
+        add(&["create"], "", "secrets", ns, None, why);
+        add(
+            &["create"],
+            "",
+            "events",
+            ns,
+            None,
+            "reporting a refused issuer",
+        );
     }
     if u.tokenreview {
         add(

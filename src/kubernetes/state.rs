@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use k8s_openapi::api::core::v1::{Event, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
@@ -41,7 +41,7 @@ type Snapshot = BTreeMap<String, Vec<u8>>;
 /// The Secret-backed state of one replica.
 pub struct SecretState {
     api: Api<Secret>,
-    events: Api<Event>,
+    client: kube::Client,
     name: String,
     namespace: String,
     replica: String,
@@ -160,7 +160,7 @@ impl SecretState {
     ) -> Self {
         Self {
             api: Api::namespaced(client.clone(), namespace),
-            events: Api::namespaced(client, namespace),
+            client,
             name: name.into(),
             namespace: namespace.into(),
             replica: replica.into(),
@@ -275,33 +275,15 @@ impl SecretState {
     }
 
     async fn event(&self, reason: &str, message: &str) {
-        let now = k8s_openapi::jiff::Timestamp::now();
-        let ev = Event {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{}.", self.name)),
-                namespace: Some(self.namespace.clone()),
-                ..Default::default()
-            },
-            involved_object: ObjectReference {
-                kind: Some("Secret".into()),
-                name: Some(self.name.clone()),
-                namespace: Some(self.namespace.clone()),
-                api_version: Some("v1".into()),
-                ..Default::default()
-            },
-            reason: Some(reason.into()),
-            message: Some(message.chars().take(1000).collect()),
-            type_: Some("Warning".into()),
-            reporting_component: Some("meshca".into()),
-            reporting_instance: Some(self.replica.clone()),
-            first_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
-            last_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now)),
-            count: Some(1),
-            ..Default::default()
-        };
-        if let Err(e) = self.events.create(&PostParams::default(), &ev).await {
-            tracing::warn!(error = %e, "could not record a Kubernetes Event");
-        }
+        super::event::warn_secret(
+            self.client.clone(),
+            &self.namespace,
+            &self.name,
+            &self.replica,
+            reason,
+            message,
+        )
+        .await
     }
 }
 

@@ -56,6 +56,28 @@ pub struct Reconciled {
     pub problem: Option<String>,
 }
 
+/// The issuer's certificate and key, and the root that signed it.
+pub struct IssuerFiles {
+    /// SHA-256 of the issuer certificate.
+    pub fingerprint: String,
+    /// Its notBefore.
+    pub not_before: SystemTime,
+    /// The issuer certificate (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Its private key (PEM).
+    pub key_pem: crate::secret::SecretBytes,
+    /// The active root (PEM).
+    pub root_pem: String,
+}
+
+impl std::fmt::Debug for IssuerFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuerFiles")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The rotation state of one data directory.
 #[derive(Debug)]
 pub struct TrustManager {
@@ -250,6 +272,96 @@ impl TrustManager {
             }
         }
         Ok(out)
+    }
+
+    /// The current issuer as files: for mirroring it into a
+    /// `kubernetes.io/tls` Secret.
+    pub fn issuer_files(&self) -> Result<IssuerFiles, String> {
+        let state = self.state();
+        let active = state
+            .active()
+            .ok_or("the rotation state has no active root")?;
+        let cert_pem =
+            std::fs::read(self.data.file("issuer.crt")).map_err(|e| format!("issuer.crt: {e}"))?;
+        let der = crate::ca::pem_to_certs(&cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or("issuer.crt holds no certificate")?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| e.to_string())?;
+        let root = self
+            .data
+            .read_root_cert(&active.id)
+            .map_err(|e| e.to_string())?;
+        Ok(IssuerFiles {
+            fingerprint: fingerprint(&der),
+            not_before: to_system_time(cert.validity().not_before),
+            cert_pem,
+            key_pem: self
+                .data
+                .read_key("issuer.key")
+                .map_err(|e| e.to_string())?,
+            root_pem: crate::ca::der_to_pem(&root),
+        })
+    }
+
+    /// Checks an issuer made outside meshca (an operator's or cert-manager's
+    /// `kubernetes.io/tls` Secret) and makes it the issuer: the first
+    /// certificate of `chain_pem` must be a CA certificate allowed to sign
+    /// certificates, valid now, matching `key_pem`, and signed by the active
+    /// root. Returns the new issuer's fingerprint.
+    pub fn install_external_issuer(
+        &self,
+        chain_pem: &[u8],
+        key_pem: &crate::secret::SecretBytes,
+        now: SystemTime,
+    ) -> Result<String, String> {
+        let state = self.state();
+        let active = state
+            .active()
+            .ok_or("the rotation state has no active root")?;
+        let der = crate::ca::pem_to_certs(chain_pem)?
+            .into_iter()
+            .next()
+            .ok_or("no certificate in tls.crt")?;
+        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("tls.crt: {e}"))?;
+        if !cert.is_ca() {
+            return Err("tls.crt is not a CA certificate (basicConstraints cA is not set)".into());
+        }
+        if let Ok(Some(ku)) = cert.key_usage() {
+            if !ku.value.key_cert_sign() {
+                return Err("tls.crt's key usage does not allow signing certificates".into());
+            }
+        }
+        let nb = to_system_time(cert.validity().not_before);
+        let na = to_system_time(cert.validity().not_after);
+        if now < nb || now >= na {
+            return Err(format!(
+                "tls.crt is not valid now (valid {} to {})",
+                crate::clock::rfc3339(nb),
+                crate::clock::rfc3339(na)
+            ));
+        }
+        let key = crate::ca::CaKey::from_pem(key_pem).map_err(|e| format!("tls.key: {e}"))?;
+        if cert.public_key().raw != key.spki_der().as_slice() {
+            return Err("tls.key does not belong to tls.crt".into());
+        }
+        let root = self
+            .data
+            .read_root_cert(&active.id)
+            .map_err(|e| e.to_string())?;
+        if !signed_by(&der, &root) {
+            return Err(format!(
+                "tls.crt is not signed by the active root {}",
+                &active.id[..16]
+            ));
+        }
+        self.data
+            .install_issuer(
+                crate::ca::der_to_pem(&der).as_bytes(),
+                &crate::secret::SecretBytes::new(key_pem.expose().to_vec()),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(fingerprint(&der))
     }
 
     /// Makes a new issuer under the active root (scheduled renewal).

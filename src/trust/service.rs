@@ -96,6 +96,9 @@ pub struct RotationService {
     issuer_changed: Notify,
     shared: std::sync::OnceLock<Arc<dyn SharedState>>,
     leader: std::sync::OnceLock<watch::Receiver<bool>>,
+    /// The fingerprint of an issuer installed from outside meshca (its
+    /// owner renews it; meshca only steps in late, see the renewal loop).
+    external_issuer: std::sync::Mutex<Option<String>>,
 }
 
 impl RotationService {
@@ -117,6 +120,7 @@ impl RotationService {
             issuer_changed: Notify::new(),
             shared: std::sync::OnceLock::new(),
             leader: std::sync::OnceLock::new(),
+            external_issuer: std::sync::Mutex::new(None),
         });
         s.publish_metrics();
         s
@@ -127,6 +131,63 @@ impl RotationService {
     /// Operator steps run on any replica.
     pub fn set_leader(&self, leader: watch::Receiver<bool>) {
         let _ = self.leader.set(leader);
+    }
+
+    /// Makes an issuer made outside meshca (checked by
+    /// [`TrustManager::install_external_issuer`]) the issuer of every
+    /// replica, and records it in the audit log. `source` names where it
+    /// came from (e.g. `Secret meshca/meshca-issuer`).
+    pub async fn install_issuer(
+        &self,
+        chain_pem: Vec<u8>,
+        key_pem: crate::secret::SecretBytes,
+        source: &str,
+    ) -> Result<String, String> {
+        let _one_at_a_time = self.steps.lock().await;
+        if let Err(e) = self.pull_shared().await {
+            tracing::warn!(error = %e, "shared CA state: pull before installing an issuer failed");
+        }
+        let old = self.ca.issuer().fingerprint.clone();
+        let (mgr, now) = (self.mgr.clone(), self.ca.clock().now());
+        let fp = tokio::task::spawn_blocking(move || {
+            mgr.install_external_issuer(&chain_pem, &key_pem, now)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.load_issuer().await?;
+        if !self.push_shared().await? {
+            return Err(
+                "another replica changed the CA state meanwhile; its state is loaded, try again"
+                    .into(),
+            );
+        }
+        self.mark_external_issuer(&fp);
+        crate::metrics::global().rotation_transition("issuer_installed");
+        tracing::info!(old = %old, new = %fp, source, "issuer installed from outside meshca");
+        self.audit_entry(
+            "issuer_installed",
+            source,
+            format!("issuer {old} replaced by {fp} from {source}"),
+            Some(fp.clone()),
+        )
+        .await;
+        Ok(fp)
+    }
+
+    /// Notes that the issuer `fp` is renewed by someone else.
+    pub fn mark_external_issuer(&self, fp: &str) {
+        *self
+            .external_issuer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(fp.to_string());
+    }
+
+    fn is_external_issuer(&self, fp: &str) -> bool {
+        self.external_issuer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+            == Some(fp)
     }
 
     fn leads(&self) -> bool {
@@ -470,7 +531,15 @@ impl RotationService {
             // notBefore is backdated; the lifetime counts from creation.
             let created = iss.not_before + crate::ca::BACKDATE;
             let life = iss.not_after.duration_since(created).unwrap_or_default();
-            let due = created + life * 2 / 3;
+            // An issuer someone else renews (cert-manager renews at 2/3 by
+            // default) is left to them; meshca steps in only at 9/10, so a
+            // dead owner cannot let the CA run out of an issuer.
+            let external = self.is_external_issuer(&iss.fingerprint);
+            let due = if external {
+                created + life * 9 / 10
+            } else {
+                created + life * 2 / 3
+            };
             let wait = due
                 .duration_since(self.ca.clock().now())
                 .unwrap_or_default()
@@ -492,6 +561,9 @@ impl RotationService {
             }
             if self.ca.issuer().fingerprint != iss.fingerprint {
                 continue; // a rotation step replaced it meanwhile
+            }
+            if external {
+                tracing::warn!(issuer = %iss.fingerprint, "the issuer installed from outside meshca was not renewed by its owner by 9/10 of its lifetime: meshca renews it");
             }
             let started = Instant::now();
             let (mgr, now) = (self.mgr.clone(), self.ca.clock().now());

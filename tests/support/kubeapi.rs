@@ -399,10 +399,24 @@ impl Store {
                     Ok(v) => v,
                     Err(e) => return status(400, "BadRequest", e.to_string()),
                 };
-                let n = obj["metadata"]["name"]
+                let mut n = obj["metadata"]["name"]
                     .as_str()
                     .unwrap_or_default()
                     .to_string();
+                // generateName: the server picks a unique suffix.
+                if n.is_empty() {
+                    if let Some(prefix) = obj["metadata"]["generateName"].as_str() {
+                        n = format!("{prefix}{}", self.next_rv());
+                        obj["metadata"]["name"] = json!(n);
+                    }
+                }
+                if n.is_empty() {
+                    return status(
+                        422,
+                        "Invalid",
+                        format!("{kind} is invalid: metadata.name: Required value"),
+                    );
+                }
                 if objects.contains_key(&(collection.clone(), n.clone())) {
                     return status(
                         409,

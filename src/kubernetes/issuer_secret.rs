@@ -1,0 +1,275 @@
+//! The issuer as a `kubernetes.io/tls` Secret, both ways.
+//!
+//! Owns: keeping one Secret (`tls.crt` the issuer certificate, `tls.key`
+//! its key, `ca.crt` the active root — the layout cert-manager and Linkerd's
+//! `linkerd-identity-issuer` use) in step with the CA's issuer, on the
+//! leader. Out: when meshca's issuer changes (renewal, rotation) the Secret
+//! is rewritten, with a resourceVersion precondition. In: when someone else
+//! writes a newer issuer there (an operator's `kubectl apply`,
+//! cert-manager renewing a Certificate), it is checked (a CA certificate,
+//! valid now, the key matches, signed by the active root) and installed as
+//! every replica's issuer through the shared state; one that fails is
+//! refused with a Kubernetes Event and a log line, and the last good issuer
+//! stays. Which side wrote the Secret is told by the
+//! `meshca.io/issuer-fingerprint` annotation meshca sets on its own writes.
+//! Must not: decide rotation steps or renew the issuer itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::ByteString;
+use kube::api::{Api, PostParams};
+use tokio::sync::{watch, Notify};
+use x509_parser::prelude::*;
+
+use crate::secret::SecretBytes;
+use crate::trust::service::RotationService;
+
+/// The annotation naming the issuer meshca last wrote.
+pub const ANNOTATION: &str = "meshca.io/issuer-fingerprint";
+
+/// What one reconciliation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The Secret already holds the current issuer.
+    Unchanged,
+    /// The Secret was created or rewritten with meshca's issuer.
+    Written,
+    /// A newer issuer written by someone else was installed.
+    Installed(String),
+    /// A foreign issuer was refused (why).
+    Refused(String),
+}
+
+/// The Secret and where it lives.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The CA's namespace.
+    pub namespace: String,
+    /// The Secret's name.
+    pub name: String,
+    /// This replica (for Events).
+    pub replica: String,
+}
+
+fn desired(s: &Settings, files: &crate::trust::manager::IssuerFiles, rv: Option<String>) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(s.name.clone()),
+            namespace: Some(s.namespace.clone()),
+            resource_version: rv,
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".to_string(),
+                    "meshca".to_string(),
+                )]
+                .into_iter()
+                .collect(),
+            ),
+            annotations: Some(
+                [(ANNOTATION.to_string(), files.fingerprint.clone())]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(BTreeMap::from([
+            ("tls.crt".to_string(), ByteString(files.cert_pem.clone())),
+            (
+                "tls.key".to_string(),
+                ByteString(files.key_pem.expose().to_vec()),
+            ),
+            (
+                "ca.crt".to_string(),
+                ByteString(files.root_pem.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// The first certificate of `tls.crt`: fingerprint and notBefore.
+fn leaf(pem: &[u8]) -> Result<(String, std::time::SystemTime), String> {
+    let der = crate::ca::pem_to_certs(pem)?
+        .into_iter()
+        .next()
+        .ok_or("tls.crt holds no certificate")?;
+    let (_, c) = X509Certificate::from_der(&der).map_err(|e| format!("tls.crt: {e}"))?;
+    Ok((
+        crate::ca::fingerprint(&der),
+        crate::ca::to_system_time(c.validity().not_before),
+    ))
+}
+
+/// Foreign issuers already dealt with: their fingerprint → the issuer
+/// meshca had right after (the foreign one itself when installed; the
+/// unchanged current one when refused). Once meshca's issuer moves on from
+/// that, the Secret is stale and is rewritten; until then a refused
+/// certificate is left in place for its owner to see and fix.
+pub type Handled = std::collections::HashMap<String, String>;
+
+/// One reconciliation of the Secret with the CA's issuer.
+pub async fn reconcile(
+    api: &Api<Secret>,
+    s: &Settings,
+    rotation: &RotationService,
+    handled: &mut Handled,
+) -> Result<Outcome, String> {
+    let mgr = rotation.manager().clone();
+    let files = tokio::task::spawn_blocking(move || mgr.issuer_files())
+        .await
+        .map_err(|e| e.to_string())??;
+    let write = |rv: Option<String>| desired(s, &files, rv);
+    let Some(cur) = api.get_opt(&s.name).await.map_err(|e| e.to_string())? else {
+        return match api.create(&PostParams::default(), &write(None)).await {
+            Ok(_) => Ok(Outcome::Written),
+            // Someone created it meanwhile: the next event looks at theirs.
+            Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Unchanged),
+            Err(e) => Err(e.to_string()),
+        };
+    };
+    let data = cur.data.clone().unwrap_or_default();
+    let ours_written = cur
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION))
+        .cloned();
+    let rv = cur.metadata.resource_version.clone();
+    let theirs = data
+        .get("tls.crt")
+        .ok_or_else(|| "tls.crt is missing".to_string())
+        .and_then(|c| leaf(&c.0));
+    let overwrite = || async {
+        match api
+            .replace(&s.name, &PostParams::default(), &write(rv.clone()))
+            .await
+        {
+            Ok(_) => Ok(Outcome::Written),
+            // Changed meanwhile: the watch event brings the new content.
+            Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Unchanged),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let (fp, not_before) = match theirs {
+        Ok(x) => x,
+        Err(e) => return Ok(Outcome::Refused(e)),
+    };
+    let by_meshca = ours_written.as_deref() == Some(fp.as_str());
+    if fp == files.fingerprint {
+        if !by_meshca {
+            // The current issuer came from outside (installed by a previous
+            // leader): leave its renewal to its owner.
+            rotation.mark_external_issuer(&fp);
+        }
+        return Ok(Outcome::Unchanged);
+    }
+    if let Some(after) = handled.get(&fp) {
+        if *after == files.fingerprint {
+            return Ok(Outcome::Unchanged);
+        }
+        // Dealt with, and meshca's issuer has changed since: stale.
+        return overwrite().await;
+    }
+    if by_meshca || not_before < files.not_before {
+        // Our own older issuer, or an older foreign one: ours is current.
+        return overwrite().await;
+    }
+    let Some(key) = data.get("tls.key") else {
+        return Ok(Outcome::Refused("tls.key is missing".into()));
+    };
+    let source = format!("Secret {}/{}", s.namespace, s.name);
+    match rotation
+        .install_issuer(
+            data["tls.crt"].0.clone(),
+            SecretBytes::new(key.0.clone()),
+            &source,
+        )
+        .await
+    {
+        Ok(installed) => {
+            handled.insert(fp, installed.clone());
+            Ok(Outcome::Installed(installed))
+        }
+        Err(e) => {
+            handled.insert(fp, files.fingerprint.clone());
+            Ok(Outcome::Refused(e))
+        }
+    }
+}
+
+/// Keeps the Secret and the issuer in step while this replica leads (or
+/// always, without leader election), until `stop` flips.
+pub async fn run(
+    client: kube::Client,
+    s: Settings,
+    rotation: Arc<RotationService>,
+    mut leader: Option<watch::Receiver<bool>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &s.namespace);
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(super::watch::follow(
+        api.clone(),
+        super::watch::Target {
+            resource: "secrets",
+            name: Some(s.name.clone()),
+        },
+        wake.clone(),
+        stop.clone(),
+    ));
+    let mut handled = Handled::new();
+    // An unreadable Secret is reported once, not at every wake-up.
+    let mut reported: Option<String> = None;
+    loop {
+        let leads = leader.as_mut().is_none_or(|l| *l.borrow_and_update());
+        if leads {
+            match reconcile(&api, &s, &rotation, &mut handled).await {
+                Ok(Outcome::Refused(why)) if reported.as_deref() != Some(why.as_str()) => {
+                    let msg = format!(
+                        "refused the issuer in Secret {}/{}: {why}; keeping the current issuer",
+                        s.namespace, s.name
+                    );
+                    tracing::error!(secret = %s.name, error = %why, "issuer Secret refused");
+                    super::event::warn_secret(
+                        client.clone(),
+                        &s.namespace,
+                        &s.name,
+                        &s.replica,
+                        "InvalidIssuer",
+                        &msg,
+                    )
+                    .await;
+                    reported = Some(why);
+                }
+                Ok(Outcome::Written) => {
+                    tracing::info!(secret = %s.name, "issuer written to its kubernetes.io/tls Secret")
+                }
+                Ok(Outcome::Installed(fp)) => {
+                    tracing::info!(secret = %s.name, issuer = %fp, "issuer installed from its kubernetes.io/tls Secret");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(secret = %s.name, error = %e, "issuer Secret: reconcile failed")
+                }
+            }
+        }
+        let leader_changed = async {
+            match leader.as_mut() {
+                Some(l) => l.changed().await.is_err(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = rotation.issuer_changed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            gone = leader_changed => if gone { return },
+            _ = stop.changed() => return,
+        }
+    }
+}
