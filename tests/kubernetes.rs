@@ -106,15 +106,7 @@ async fn one_leader_publishes_the_bundle_and_a_successor_takes_over() {
     }
 
     // A rotation on the leader reaches every namespace.
-    let token = std::fs::read_to_string(a.dir.path().join("data/admin.token")).unwrap();
-    let (code, body) = meshca::admin_client::request(
-        "POST",
-        &format!("http://{}/rotation/prepare", a.running.admin_addr),
-        Some(token.trim()),
-        Some("{}".into()),
-    )
-    .await
-    .unwrap();
+    let (code, body) = a.rotation("prepare", "{}").await;
     assert_eq!(code, 200, "{body}");
     let two = a.running.ca.bundle().to_pem();
     assert_eq!(meshca::ca::pem_to_certs(two.as_bytes()).unwrap().len(), 2);
@@ -353,18 +345,6 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
     .await
 }
 
-async fn admin(ca: &Ca, step: &str, body: &str) -> (u16, String) {
-    let token = std::fs::read_to_string(ca.dir.path().join("data/admin.token")).unwrap();
-    meshca::admin_client::request(
-        "POST",
-        &format!("http://{}/rotation/{step}", ca.running.admin_addr),
-        Some(token.trim()),
-        Some(body.into()),
-    )
-    .await
-    .unwrap()
-}
-
 fn roots_of(ca: &Ca) -> Vec<String> {
     ca.running
         .ca
@@ -428,8 +408,8 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     );
 
     // A rotation through a is seen and used by b.
-    assert_eq!(admin(&a, "prepare", "{}").await.0, 200);
-    let (code, body) = admin(&a, "activate", "{}").await;
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    let (code, body) = a.rotation("activate", "{}").await;
     assert_eq!(code, 200, "{body}");
     let new_root = a.running.ca.issuer().root_fingerprint.clone().unwrap();
     until("b follows the rotation", Duration::from_secs(5), || {
@@ -460,12 +440,9 @@ async fn two_replicas_share_one_ca_through_a_secret() {
 
     // And the other way round: a taint through b reaches a.
     let old_root = roots_of(&a).into_iter().find(|x| *x != new_root).unwrap();
-    let (code, body) = admin(
-        &b,
-        "taint",
-        &format!("{{\"root\": \"{}\"}}", &old_root[..16]),
-    )
-    .await;
+    let (code, body) = b
+        .rotation("taint", &format!("{{\"root\": \"{}\"}}", &old_root[..16]))
+        .await;
     assert_eq!(code, 200, "{body}");
     until("a sees the taint", Duration::from_secs(5), || {
         a.running.ca.bundle().tainted.len() == 1
@@ -475,7 +452,7 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     // Both replicas prepare at once: one wins, the other retries on the
     // winner's state and is refused (a root is already prepared), so the
     // shared journal holds exactly one prepared root.
-    let (ra, rb) = tokio::join!(admin(&a, "prepare", "{}"), admin(&b, "prepare", "{}"));
+    let (ra, rb) = tokio::join!(a.rotation("prepare", "{}"), b.rotation("prepare", "{}"));
     let codes = [ra.0, rb.0];
     assert!(
         codes.contains(&200) && codes.contains(&409),
@@ -568,7 +545,7 @@ async fn watches_list_again_after_410_gone() {
     // While the watches are cut off, a rotates and someone deletes a
     // ConfigMap; then etcd compacts, so neither change can be replayed.
     api.partition();
-    assert_eq!(admin(&a, "prepare", "{}").await.0, 200);
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
     api.remove(&cm_path("shop"), CONFIGMAP);
     api.add_namespace("billing", json!({"mesh": "on"}));
     api.compact();
@@ -880,8 +857,8 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
 
     // A root rotation makes meshca's new issuer (under the new root) newer
     // than anything in the Secret: meshca writes it there.
-    assert_eq!(admin(&a, "prepare", "{}").await.0, 200);
-    let (code, body) = admin(&a, "activate", "{\"force\": true}").await;
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    let (code, body) = a.rotation("activate", "{\"force\": true}").await;
     assert_eq!(code, 200, "{body}");
     let rotated = a.running.ca.issuer().fingerprint.clone();
     assert_ne!(rotated, new_fp);

@@ -53,17 +53,6 @@ fn offline(data: &Path, args: &[&str]) {
     );
 }
 
-async fn post(admin: &str, data: &Path, step: &str, body: &str) -> Result<(u16, String), String> {
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
-    meshca::admin_client::request(
-        "POST",
-        &format!("http://{admin}/rotation/{step}"),
-        Some(token.trim()),
-        Some(body.to_string()),
-    )
-    .await
-}
-
 /// The invariants that must hold whenever a server is up.
 async fn check_invariants(data: &Path, srv: &ServeProcess) {
     let st = journal(data);
@@ -146,7 +135,7 @@ async fn crash_case(step: &'static str, stage: &'static str) {
 
     let failpoint = format!("{stage}:{step}");
     let mut srv = spawn_serve_env(&data, ARGS, &[("MESHCA_FAILPOINT", &failpoint)]);
-    let r = post(&srv.admin_addr, &data, step, &body).await;
+    let r = rotation_step(&srv.admin_addr, &data, step, &body).await;
     assert!(
         r.is_err(),
         "{failpoint}: the server died mid-request: {r:?}"
@@ -168,7 +157,9 @@ async fn crash_case(step: &'static str, stage: &'static str) {
     // Restart: the server finishes what the journal says, and serves.
     let srv = spawn_serve(&data, ARGS);
     check_invariants(&data, &srv).await;
-    let (code, text) = post(&srv.admin_addr, &data, step, &body).await.unwrap();
+    let (code, text) = rotation_step(&srv.admin_addr, &data, step, &body)
+        .await
+        .unwrap();
     if stage == "before-commit" {
         assert_eq!(code, 200, "{failpoint}: retrying the step works: {text}");
     } else {
@@ -180,7 +171,7 @@ async fn crash_case(step: &'static str, stage: &'static str) {
     // Complete the rotation from wherever this step left it.
     let s = journal(&data);
     if s.prepared().is_some() {
-        let (code, text) = post(&srv.admin_addr, &data, "activate", "{}")
+        let (code, text) = rotation_step(&srv.admin_addr, &data, "activate", "{}")
             .await
             .unwrap();
         assert_eq!(code, 200, "{text}");
@@ -192,7 +183,9 @@ async fn crash_case(step: &'static str, stage: &'static str) {
         .any(|r| r.phase == Phase::Retired)
     {
         tokio::time::sleep(Duration::from_millis(2100)).await;
-        let (code, text) = post(&srv.admin_addr, &data, "retire", "{}").await.unwrap();
+        let (code, text) = rotation_step(&srv.admin_addr, &data, "retire", "{}")
+            .await
+            .unwrap();
         assert_eq!(code, 200, "{text}");
     }
     check_invariants(&data, &srv).await;

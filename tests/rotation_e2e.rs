@@ -332,7 +332,6 @@ struct Scenario {
     ca: Ca,
     mesh: Arc<Mesh>,
     workloads: Vec<Arc<Workload>>,
-    token: String,
 }
 
 async fn scenario(
@@ -382,25 +381,16 @@ async fn scenario(
     while workloads.iter().any(|w| w.addr.lock().unwrap().is_none()) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
     Scenario {
         ca,
         mesh,
         workloads,
-        token: token.trim().to_string(),
     }
 }
 
 impl Scenario {
     async fn admin(&self, step: &str, body: &str) -> (u16, serde_json::Value) {
-        let (code, text) = meshca::admin_client::request(
-            "POST",
-            &format!("http://{}/rotation/{step}", self.ca.running.admin_addr),
-            Some(&self.token),
-            Some(body.into()),
-        )
-        .await
-        .unwrap();
+        let (code, text) = self.ca.rotation(step, body).await;
         (code, serde_json::from_str(&text).unwrap())
     }
 

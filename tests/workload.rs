@@ -345,16 +345,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     // A root rotation mid-traffic: the new bundle reaches both agents (and so
     // both proxies) before the new root signs; afterwards both sides hold
     // certificates under the new root, and nothing dropped.
-    let token = std::fs::read_to_string(ca.dir.path().join("data/admin.token")).unwrap();
-    let admin = |step: &'static str| {
-        let url = format!("http://{}/rotation/{step}", ca.running.admin_addr);
-        let token = token.trim().to_string();
-        async move {
-            meshca::admin_client::request("POST", &url, Some(&token), Some("{}".into()))
-                .await
-                .unwrap()
-        }
-    };
+    let admin = |step: &'static str| ca.rotation(step, "{}");
     assert_eq!(admin("prepare").await.0, 200);
     let new_root = ca.running.ca.bundle().roots[1].clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -470,15 +461,10 @@ async fn the_agent_recertifies_at_once_when_its_root_is_tainted() {
     let a = agent_for(&ca, dir.path(), "web").await;
     let mut rx = a.watch();
     let old_leaf = leaf_of(&rx);
-    let token = std::fs::read_to_string(ca.dir.path().join("data/admin.token")).unwrap();
-    let post = |step: &str, body: String| {
-        let url = format!("http://{}/rotation/{step}", ca.running.admin_addr);
-        let token = token.trim().to_string();
+    let post = |step: &'static str, body: String| {
+        let ca = &ca;
         async move {
-            let (code, text) =
-                meshca::admin_client::request("POST", &url, Some(&token), Some(body))
-                    .await
-                    .unwrap();
+            let (code, text) = ca.rotation(step, &body).await;
             assert_eq!(code, 200, "{text}");
         }
     };

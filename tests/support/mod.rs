@@ -37,6 +37,18 @@ impl Ca {
         Ca { running, dir }
     }
 
+    /// `POST /rotation/STEP` with `body` and the admin token.
+    pub async fn rotation(&self, step: &str, body: &str) -> (u16, String) {
+        rotation_step(
+            &self.running.admin_addr.to_string(),
+            &self.dir.path().join("data"),
+            step,
+            body,
+        )
+        .await
+        .unwrap()
+    }
+
     pub fn data(&self) -> DataDir {
         DataDir::new(self.dir.path().join("data"))
     }
@@ -287,6 +299,24 @@ pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, Strin
         }
     });
     (addr, ca_pem)
+}
+
+/// `POST /rotation/STEP` with `body` to the admin endpoint `admin`, with the
+/// admin token of the server whose data directory is `data_dir`.
+pub async fn rotation_step(
+    admin: &str,
+    data_dir: &Path,
+    step: &str,
+    body: &str,
+) -> Result<(u16, String), String> {
+    let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
+    meshca::admin_client::request(
+        "POST",
+        &format!("http://{admin}/rotation/{step}"),
+        Some(token.trim()),
+        Some(body.to_string()),
+    )
+    .await
 }
 
 /// A port nothing listens on.
