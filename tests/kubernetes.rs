@@ -11,6 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use meshca::ca::store::DataDir;
 use meshca::config::PublishConfig;
 use meshca::kubernetes::publish::{CONFIGMAP, KEY};
 use serde_json::json;
@@ -672,6 +673,26 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
         },
     )
     .await;
+    // And it issues: a token signed by a key the JWKS does not hold (say,
+    // one the API server just started using) goes to TokenReview, the
+    // in-cluster fallback, which accepts it.
+    let token = mint(&cluster_signer(), support::ISSUER);
+    api.tokens
+        .lock()
+        .unwrap()
+        .insert(token.clone(), ("shop".into(), "web".into()));
+    let survivor_data = dir.path().join(next);
+    let ch = meshca::client::connect(
+        &survivor.grpc_addr,
+        &DataDir::new(&survivor_data).bundle_pem().unwrap(),
+        "meshca.meshca.serviceaccount.identity.meshca.cluster.local",
+        None,
+    )
+    .await
+    .unwrap();
+    let r = certify_native(&ch, token).await.unwrap();
+    assert_eq!(r.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
+    assert!(api.token_reviews.load(std::sync::atomic::Ordering::SeqCst) >= 1);
     support::signal(&survivor.child, "TERM");
     assert!(survivor.child.wait().unwrap().success());
 }

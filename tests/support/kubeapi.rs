@@ -1,5 +1,7 @@
 //! A fake Kubernetes API server: the subset meshca uses, with the real
-//! semantics — Namespaces (list, watch), Secrets, ConfigMaps and Leases
+//! semantics — TokenReview (for tokens registered in [`Store::tokens`]),
+//! SelfSubjectAccessReview, fixed documents (OIDC discovery, JWKS),
+//! Namespaces (list, watch), Secrets, ConfigMaps and Leases
 //! (get, list, create, replace, delete, watch; ConfigMaps and Secrets also
 //! across namespaces) with resourceVersion preconditions (409 Conflict on a
 //! stale write, 409 AlreadyExists on a duplicate create, 404 NotFound),
@@ -45,6 +47,10 @@ pub struct Store {
     pub writes: Mutex<Vec<String>>,
     /// SelfSubjectAccessReviews to deny, as "verb resource" (e.g. "list namespaces").
     pub denied: Mutex<Vec<String>>,
+    /// Tokens TokenReview accepts: token → (namespace, service account).
+    pub tokens: Mutex<BTreeMap<String, (String, String)>>,
+    /// TokenReviews answered.
+    pub token_reviews: AtomicUsize,
     /// Fixed JSON documents by path (OIDC discovery, JWKS).
     pub documents: Mutex<BTreeMap<String, Value>>,
 }
@@ -69,6 +75,8 @@ impl Default for Store {
             gone_served: Default::default(),
             watches_opened: Default::default(),
             writes: Default::default(),
+            tokens: Default::default(),
+            token_reviews: Default::default(),
             denied: Default::default(),
             documents: Default::default(),
         }
@@ -290,6 +298,29 @@ impl Store {
             review["apiVersion"] = json!("authorization.k8s.io/v1");
             review["kind"] = json!("SelfSubjectAccessReview");
             return (201, review);
+        }
+        if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            self.token_reviews.fetch_add(1, Ordering::SeqCst);
+            let review: Value = serde_json::from_slice(body).unwrap_or_default();
+            let token = review["spec"]["token"].as_str().unwrap_or_default();
+            let auds = review["spec"]["audiences"].clone();
+            let status = match self.tokens.lock().unwrap().get(token) {
+                Some((ns, sa)) => json!({
+                    "authenticated": true,
+                    "audiences": auds,
+                    "user": {
+                        "username": format!("system:serviceaccount:{ns}:{sa}"),
+                        "uid": format!("uid-{ns}-{sa}"),
+                        "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                    }
+                }),
+                None => json!({"authenticated": false, "error": "[invalid bearer token]"}),
+            };
+            return (
+                201,
+                json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                       "metadata": {"creationTimestamp": null}, "spec": review["spec"], "status": status}),
+            );
         }
         if method == "GET" {
             if let Some(doc) = self.documents.lock().unwrap().get(path) {
