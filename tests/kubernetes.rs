@@ -894,3 +894,67 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writes_from_two_replicas_both_land() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let signer = cluster_signer();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let a = shared_replica(&kc, "a", &jwks).await;
+    let b = shared_replica(&kc, "b", &jwks).await;
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    assert_eq!(a.rotation("activate", "{}").await.0, 200);
+    let old_root = a.running.ca.bundle().roots[0].clone();
+    let old_id = meshca::ca::fingerprint(&old_root);
+    until("b follows", Duration::from_secs(5), || {
+        roots_of(&b) == roots_of(&a)
+    })
+    .await;
+
+    // a taints the old root while b prepares a third one. Whichever write
+    // reaches the API server first is held back, so the other lands first
+    // and the held one is stale: it must get 409, re-read, and redo its step
+    // on top — never overwrite the other's change.
+    *api.delay_next_put.lock().unwrap() =
+        Some((format!("{SECRETS}/meshca-ca"), Duration::from_millis(400)));
+    let taint = format!("{{\"root\": \"{}\"}}", &old_id[..16]);
+    let (ra, rb) = tokio::join!(a.rotation("taint", &taint), b.rotation("prepare", "{}"));
+    assert_eq!(ra.0, 200, "{ra:?}");
+    assert_eq!(rb.0, 200, "{rb:?}");
+    assert!(
+        api.conflicts.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the race happened"
+    );
+    let secret = api.get(SECRETS, "meshca-ca").unwrap();
+    let journal: meshca::trust::rotation::RotationState = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"]["rotation.json"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let old = journal.roots.iter().find(|r| r.id == old_id).unwrap();
+    assert!(old.tainted, "a's taint survived: {journal:?}");
+    assert_eq!(
+        journal
+            .roots
+            .iter()
+            .filter(|r| r.phase == meshca::trust::rotation::Phase::Prepared)
+            .count(),
+        1,
+        "b's prepare survived: {journal:?}"
+    );
+    until(
+        "both replicas hold the merged state",
+        Duration::from_secs(5),
+        || {
+            roots_of(&a) == roots_of(&b)
+                && a.running.ca.bundle().tainted.len() == 1
+                && b.running.ca.bundle().tainted.len() == 1
+        },
+    )
+    .await;
+}

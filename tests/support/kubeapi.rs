@@ -47,6 +47,12 @@ pub struct Store {
     pub writes: Mutex<Vec<String>>,
     /// SelfSubjectAccessReviews to deny, as "verb resource" (e.g. "list namespaces").
     pub denied: Mutex<Vec<String>>,
+    /// Stale writes refused with 409 Conflict.
+    pub conflicts: AtomicUsize,
+    /// Holds the next PUT to this path back for this long before it is
+    /// processed, so a write issued after it lands first (a deterministic
+    /// race between two writers).
+    pub delay_next_put: Mutex<Option<(String, std::time::Duration)>>,
     /// Tokens TokenReview accepts: token → (namespace, service account).
     pub tokens: Mutex<BTreeMap<String, (String, String)>>,
     /// TokenReviews answered.
@@ -76,6 +82,8 @@ impl Default for Store {
             watches_opened: Default::default(),
             writes: Default::default(),
             tokens: Default::default(),
+            conflicts: Default::default(),
+            delay_next_put: Default::default(),
             token_reviews: Default::default(),
             denied: Default::default(),
             documents: Default::default(),
@@ -480,6 +488,7 @@ impl Store {
                     .map(str::to_string);
                 if let Some(g) = given {
                     if Some(g.as_str()) != cur["metadata"]["resourceVersion"].as_str() {
+                        self.conflicts.fetch_add(1, Ordering::SeqCst);
                         return status(409, "Conflict", format!(
                             "Operation cannot be fulfilled on {kind} \"{n}\": the object has been modified; please apply your changes to the latest version and try again"));
                     }
@@ -560,6 +569,18 @@ pub async fn start(dir: &std::path::Path) -> (Arc<Store>, std::path::PathBuf) {
                                 );
                             }
                             let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let delay = {
+                                let mut d = store.delay_next_put.lock().unwrap();
+                                match d.as_ref() {
+                                    Some((p, _)) if method == "PUT" && p == path => {
+                                        d.take().map(|(_, t)| t)
+                                    }
+                                    _ => None,
+                                }
+                            };
+                            if let Some(t) = delay {
+                                tokio::time::sleep(t).await;
+                            }
                             let (status, out) = store.handle(&method, &uri, &body);
                             Ok(respond
                                 .status(status)
