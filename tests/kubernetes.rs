@@ -507,6 +507,41 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     assert_eq!(roots_of(&b), before);
     let r = certify_native(&b.channel().await, token()).await;
     assert!(r.is_ok(), "b still issues with its last good state");
+    let refusals = || {
+        api.list("/api/v1/namespaces/meshca/events")
+            .iter()
+            .filter(|e| e["reason"] == "InvalidCAState")
+            .count()
+    };
+    assert!(refusals() <= 2, "one Event per replica, not one per look");
+    // While the bad state stands, steps fail closed and say why.
+    let (code, body) = a.rotation("retire", "{}").await;
+    assert_ne!(code, 200, "{body}");
+    assert!(body.contains("refused"), "{body}");
+    assert!(
+        refusals() <= 2,
+        "still one Event per replica: {}",
+        refusals()
+    );
+    // The way back: delete the bad Secret; the replicas put their last good
+    // state back.
+    api.remove(SECRETS, "meshca-ca");
+    until("the good state is back", Duration::from_secs(5), || {
+        api.get(SECRETS, "meshca-ca").is_some_and(|s| {
+            let key = base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                s["data"]["issuer.key"].as_str().unwrap_or(""),
+            )
+            .unwrap_or_default();
+            key != other_key.expose()
+        })
+    })
+    .await;
+    let (code, body) = a.rotation("retire", "{}").await;
+    // The step now runs against the good state, and the state machine
+    // answers (the retired root is not due yet): 409, not a storage error.
+    assert_eq!(code, 409, "steps work again: {body}");
+    assert!(!body.contains("refused"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,9 @@
 //! Secret that fails is refused with a Kubernetes Event and the last good
 //! state is kept), and writing the local state back with a resourceVersion
 //! precondition, so a conflicting write fails (409) and the caller retries
-//! from fresh state instead of overwriting. Must not: decide rotation steps.
+//! from fresh state instead of overwriting. A deleted Secret is recreated
+//! from the last good local state (deleting a bad edit is the way back).
+//! Must not: decide rotation steps.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -48,6 +50,9 @@ pub struct SecretState {
     data: DataDir,
     /// The resourceVersion our local files correspond to.
     based_on: Mutex<Option<String>>,
+    /// The last resourceVersion refused, so one bad write is reported once
+    /// (one Event), not at every watch event or poll.
+    refused: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for SecretState {
@@ -166,6 +171,7 @@ impl SecretState {
             replica: replica.into(),
             data,
             based_on: Mutex::new(None),
+            refused: Mutex::new(None),
         }
     }
 
@@ -190,11 +196,35 @@ impl SecretState {
             .await
             .map_err(|e| e.to_string())?
         else {
+            if self.is_shared() {
+                // It was deleted (e.g. by an operator removing a bad edit):
+                // put this replica's last good state back. If another
+                // replica does so first, the create fails (409) and the
+                // next event brings theirs.
+                self.set_based_on(None);
+                *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                match self.push().await {
+                    Ok(()) => {
+                        tracing::warn!(secret = %self.name, "the shared CA state Secret was deleted; recreated it from this replica's last good state")
+                    }
+                    Err(SyncError::Conflict) => {}
+                    Err(SyncError::Failed(e)) => {
+                        return Err(format!("recreating Secret {}: {e}", self.name))
+                    }
+                }
+            }
             return Ok(false);
         };
         let rv = secret.metadata.resource_version.clone();
         if rv.is_some() && rv == self.based_on() {
             return Ok(false);
+        }
+        if rv.is_some() && *self.refused.lock().unwrap_or_else(|e| e.into_inner()) == rv {
+            return Err(format!(
+                "the CA state in Secret {} (resourceVersion {}) was refused; keeping the last good state",
+                self.name,
+                rv.unwrap_or_default()
+            ));
         }
         let remote: Snapshot = secret
             .data
@@ -224,6 +254,7 @@ impl SecretState {
                 );
                 tracing::error!(secret = %self.name, error = %e, "shared CA state refused");
                 self.event("InvalidCAState", &msg).await;
+                *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = rv;
                 Err(msg)
             }
         }
