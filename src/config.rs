@@ -287,6 +287,11 @@ pub struct ServeArgs {
     /// operator, cert-manager). Needs kubeconfig.
     #[arg(long, env = "MESHCA_ISSUER_SECRET")]
     pub issuer_secret: Option<String>,
+    /// With a shared state: how often each replica publishes which bundle
+    /// version its clients have (ConfigMap meshca-propagation-<replica>)
+    /// and reads the others', for the activation gate [default: 5s].
+    #[arg(long, env = "MESHCA_PROPAGATION_REPORT_INTERVAL")]
+    pub propagation_report_interval: Option<HumanDuration>,
 }
 
 /// Parses a duration such as `90s`, `24h` or `7d`.
@@ -322,6 +327,7 @@ impl ServeArgs {
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
             leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
             state_poll_interval, kubernetes, audit_key_secret, issuer_secret,
+            propagation_report_interval,
         ))
     }
 
@@ -610,6 +616,10 @@ impl ServeArgs {
             kubernetes: self.kubernetes.unwrap_or(false),
             audit_key_secret: self.audit_key_secret.clone(),
             issuer_secret: self.issuer_secret.clone(),
+            propagation_report_interval: self
+                .propagation_report_interval
+                .map_or(Duration::from_secs(5), |d| d.0)
+                .max(Duration::from_millis(100)),
             state_secret: self.state_secret.clone(),
             state_poll_interval: self
                 .state_poll_interval
@@ -759,6 +769,8 @@ pub struct ServeConfig {
     pub audit_key_secret: Option<String>,
     /// The `kubernetes.io/tls` Secret mirroring the issuer (None: none).
     pub issuer_secret: Option<String>,
+    /// How often replicas exchange propagation reports.
+    pub propagation_report_interval: Duration,
     /// The Secret holding the shared CA state (None: local only).
     pub state_secret: Option<String>,
     /// How often the shared state is checked.

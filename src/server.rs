@@ -456,7 +456,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let rotation = crate::trust::service::RotationService::new(
         mgr,
         ca.clone(),
-        tracker,
+        tracker.clone(),
         audit_log.clone(),
         cfg.rotation_settings(),
     );
@@ -518,6 +518,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             crate::kubernetes::watch::Target {
                 resource: "secrets",
                 name: Some(name.clone()),
+                labels: None,
             },
             wake.clone(),
             stop_rx.clone(),
@@ -545,6 +546,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             state_secret: cfg.state_secret.as_deref(),
             audit_key_secret: cfg.audit_key_secret.as_deref().filter(|_| cfg.audit_log),
             issuer_secret: cfg.issuer_secret.as_deref(),
+            propagation_reports: cfg.state_secret.is_some(),
             lease: election.as_ref().map(|(l, _, _)| l.as_str()),
             namespace: cfg.mesh.control_plane_ns.as_str(),
         });
@@ -602,6 +604,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 crate::kubernetes::watch::Target {
                     resource: "namespaces",
                     name: None,
+                    labels: None,
                 },
                 wake.clone(),
                 stop_rx.clone(),
@@ -611,6 +614,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 crate::kubernetes::watch::Target {
                     resource: "configmaps",
                     name: Some(crate::kubernetes::publish::CONFIGMAP.to_string()),
+                    labels: None,
                 },
                 wake.clone(),
                 stop_rx.clone(),
@@ -624,6 +628,21 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 ca.watch_bundle(),
                 leader.clone(),
                 wake,
+            ));
+        }
+        if cfg.state_secret.is_some() {
+            // Replicas share one CA: the activation gate must count every
+            // replica's clients.
+            tokio::spawn(crate::kubernetes::reports::run(
+                client.clone(),
+                crate::kubernetes::reports::Settings {
+                    namespace: cfg.mesh.control_plane_ns.to_string(),
+                    replica: cfg.replica.clone(),
+                    interval: cfg.propagation_report_interval,
+                },
+                tracker.clone(),
+                Some(leader.clone()),
+                stop_rx.clone(),
             ));
         }
         if let Some(name) = cfg.issuer_secret.clone() {

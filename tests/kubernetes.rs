@@ -338,6 +338,7 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
         c.authn_order = vec![meshca::config::AuthnSource::Jwks];
         c.state_secret = Some("meshca-ca".into());
         c.audit_key_secret = Some("meshca-audit-key".into());
+        c.propagation_report_interval = Duration::from_millis(200);
         // Long: changes must arrive through the watch, not the safety-net poll.
         c.state_poll_interval = Duration::from_secs(3600);
         c.replica = name;
@@ -991,5 +992,99 @@ async fn racing_writes_from_two_replicas_both_land() {
                 && b.running.ca.bundle().tainted.len() == 1
         },
     )
+    .await;
+}
+
+async fn status(ca: &Ca) -> serde_json::Value {
+    let (_, text) = meshca::admin_client::request(
+        "GET",
+        &format!("http://{}/rotation/status", ca.running.admin_addr),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_activation_gate_counts_the_clients_of_every_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let signer = cluster_signer();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let a = shared_replica(&kc, "a", &jwks).await;
+    let b = shared_replica(&kc, "b", &jwks).await;
+
+    // A workload renews through b only, and does not watch the bundle.
+    let ch = b.channel().await;
+    certify_native(&ch, mint(&signer, support::ISSUER))
+        .await
+        .unwrap();
+    until("b's report reaches a", Duration::from_secs(5), || {
+        api.get(
+            "/api/v1/namespaces/meshca/configmaps",
+            "meshca-propagation-b",
+        )
+        .is_some()
+    })
+    .await;
+    let t = Instant::now();
+    loop {
+        if status(&a).await["propagation"]["clients"] == 1 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "a never counted b's client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A new root through a: a must not activate while b's client has not
+    // seen the bundle carrying it.
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = a.rotation("activate", "{}").await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("0/1 live clients"), "{body}");
+    let st = status(&a).await;
+    assert!(
+        st["propagation"]["lagging"]
+            .to_string()
+            .contains("spiffe://cluster.local/ns/shop/sa/web"),
+        "a's status names b's lagging client: {st}"
+    );
+    // It renews through b and gets the new bundle; then a may activate.
+    let r = certify_native(&ch, mint(&signer, support::ISSUER))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.trust_bundle.unwrap().version,
+        a.running.ca.bundle().version
+    );
+    let t = Instant::now();
+    loop {
+        let (code, body) = a.rotation("activate", "{}").await;
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 409, "{body}");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "never allowed: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A replica that stops takes its report with it.
+    drop(b);
+    until("b's report is gone", Duration::from_secs(5), || {
+        api.get(
+            "/api/v1/namespaces/meshca/configmaps",
+            "meshca-propagation-b",
+        )
+        .is_none()
+    })
     .await;
 }

@@ -218,6 +218,7 @@ pub async fn run(
         super::watch::Target {
             resource: "secrets",
             name: Some(s.name.clone()),
+            labels: None,
         },
         wake.clone(),
         stop.clone(),

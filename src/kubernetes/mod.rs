@@ -4,7 +4,10 @@
 //! the trust bundle as a ConfigMap in every (selected) namespace
 //! (`publish`); the CA state shared by replicas through Secrets (`state`);
 //! following collections with list + watch and 410 handling (`watch`); the
-//! start-up permission check (`rbac`); and in-cluster detection (`detect`).
+//! start-up permission check (`rbac`); in-cluster detection (`detect`); the
+//! issuer's `kubernetes.io/tls` Secret (`issuer_secret`); the shared audit
+//! key (`audit_key`); propagation reports between replicas (`reports`); and
+//! Events (`event`).
 //! Talks to the API server through kube with the configured credentials
 //! (`--kubeconfig`, or `in-cluster`). Must not: issue certificates or decide
 //! rotation steps.
@@ -16,5 +19,6 @@ pub mod issuer_secret;
 pub mod lease;
 pub mod publish;
 pub mod rbac;
+pub mod reports;
 pub mod state;
 pub mod watch;

@@ -69,6 +69,8 @@ pub struct Uses<'a> {
     pub audit_key_secret: Option<&'a str>,
     /// The `kubernetes.io/tls` Secret mirroring the issuer.
     pub issuer_secret: Option<&'a str>,
+    /// Replicas exchange propagation reports (ConfigMaps in `namespace`).
+    pub propagation_reports: bool,
     /// The Lease for leader election.
     pub lease: Option<&'a str>,
     /// The CA's own namespace.
@@ -141,6 +143,16 @@ pub fn needs(u: &Uses<'_>) -> Vec<Need> {
             ns,
             None,
             "reporting a refused issuer",
+        );
+    }
+    if u.propagation_reports {
+        add(
+            &["get", "list", "watch", "create", "update", "delete"],
+            "",
+            "configmaps",
+            ns,
+            None,
+            "exchanging bundle-propagation reports between replicas",
         );
     }
     if u.tokenreview {

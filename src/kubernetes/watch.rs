@@ -29,6 +29,8 @@ pub struct Target {
     /// Only the object with this name (a `metadata.name` field selector,
     /// which also lets RBAC restrict the watch by `resourceNames`).
     pub name: Option<String>,
+    /// Only objects with these labels (a label selector, `k=v,k2=v2`).
+    pub labels: Option<String>,
 }
 
 impl Target {
@@ -62,6 +64,7 @@ pub async fn follow<K>(
     'list: loop {
         let lp = ListParams {
             field_selector: target.field_selector(),
+            label_selector: target.labels.clone(),
             ..Default::default()
         };
         let mut rv = match api.list_metadata(&lp).await {
@@ -128,6 +131,7 @@ where
 {
     let wp = WatchParams {
         field_selector: target.field_selector(),
+        label_selector: target.labels.clone(),
         // Servers end watches after at most this; we then resume.
         timeout: Some(290),
         bookmarks: true,

@@ -41,12 +41,43 @@ impl Client {
 #[derive(Debug)]
 pub struct Tracker {
     shards: Vec<Mutex<HashMap<String, Client>>>,
+    /// What other replicas reported, by replica: their clients count too,
+    /// since a client may renew through one replica and watch another.
+    remote: Mutex<BTreeMap<String, Vec<ClientView>>>,
 }
 
 impl Default for Tracker {
     fn default() -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            remote: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+/// One tracked client, as replicas exchange them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientView {
+    /// SPIFFE ID and peer IP.
+    pub key: String,
+    /// Highest bundle version delivered.
+    pub version: u64,
+    /// Unix seconds until which its latest certificate keeps it relevant.
+    pub live_until: u64,
+    /// Watching the bundle right now.
+    pub watching: bool,
+    /// The root that signed its latest certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+}
+
+impl ClientView {
+    fn client(&self) -> Client {
+        Client {
+            version: self.version,
+            live_until: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.live_until),
+            watching: u32::from(self.watching),
+            root: self.root.clone(),
         }
     }
 }
@@ -133,15 +164,91 @@ impl Tracker {
         }
     }
 
-    /// Summarizes live clients against `version`, forgetting dead ones.
+    /// This replica's live clients, for other replicas.
+    pub fn export(&self, now: SystemTime) -> Vec<ClientView> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let m = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(
+                m.iter()
+                    .filter(|(_, c)| c.live(now))
+                    .map(|(k, c)| ClientView {
+                        key: k.clone(),
+                        version: c.version,
+                        live_until: crate::clock::unix_secs(c.live_until),
+                        watching: c.watching > 0,
+                        root: c.root.clone(),
+                    }),
+            );
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// Replaces what `replica` reported (an empty list forgets it).
+    pub fn set_remote(&self, replica: &str, clients: Vec<ClientView>) {
+        let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        if clients.is_empty() {
+            r.remove(replica);
+        } else {
+            r.insert(replica.to_string(), clients);
+        }
+    }
+
+    /// Forgets every replica not in `keep`.
+    pub fn retain_remote(&self, keep: &std::collections::BTreeSet<String>) {
+        self.remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| keep.contains(k));
+    }
+
+    /// Summarizes live clients against `version`, forgetting dead ones. A
+    /// client known to several replicas counts once, with the highest
+    /// version any of them delivered.
     pub fn summary(&self, now: SystemTime, version: u64) -> Propagation {
         let mut p = Propagation {
             version,
             ..Default::default()
         };
+        let mut merged: HashMap<String, Client> = HashMap::new();
+        let mut merge = |k: &str, c: Client| match merged.get_mut(k) {
+            Some(m) => {
+                m.version = m.version.max(c.version);
+                if c.live_until > m.live_until {
+                    m.live_until = c.live_until;
+                    if c.root.is_some() {
+                        m.root = c.root;
+                    }
+                }
+                m.watching += c.watching;
+            }
+            None => {
+                merged.insert(k.to_string(), c);
+            }
+        };
         for shard in &self.shards {
             let mut m = shard.lock().unwrap_or_else(|e| e.into_inner());
             m.retain(|_, c| c.live(now));
+            for (k, c) in m.iter() {
+                merge(k, c.clone());
+            }
+        }
+        for views in self
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            for v in views {
+                let c = v.client();
+                if c.live(now) {
+                    merge(&v.key, c);
+                }
+            }
+        }
+        {
+            let m = merged;
             for (k, c) in m.iter() {
                 p.clients += 1;
                 *p.by_version.entry(c.version).or_insert(0) += 1;
@@ -209,5 +316,45 @@ mod tests {
         let p = t.summary(later, 2);
         assert_eq!((p.clients, p.watchers), (1, 0));
         assert_eq!(t.summary(now + 4 * hour, 2).clients, 0);
+    }
+
+    #[test]
+    fn a_client_known_to_several_replicas_counts_once_with_its_newest_version() {
+        let t = Tracker::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        // Here: renewed long ago (version 1).
+        t.certified("web 10.0.0.1", 1, now + hour, Some("r1"));
+        // Replica b: the same client renewed there with version 2, and a
+        // watcher only b knows, still on version 1.
+        let unix = |d: Duration| crate::clock::unix_secs(now + d);
+        t.set_remote(
+            "b",
+            vec![
+                ClientView {
+                    key: "web 10.0.0.1".into(),
+                    version: 2,
+                    live_until: unix(2 * hour),
+                    watching: false,
+                    root: Some("r2".into()),
+                },
+                ClientView {
+                    key: "db 10.0.0.2".into(),
+                    version: 1,
+                    live_until: 0,
+                    watching: true,
+                    root: None,
+                },
+            ],
+        );
+        let p = t.summary(now, 2);
+        assert_eq!((p.clients, p.acked, p.watchers), (2, 1, 1));
+        assert_eq!(p.lagging, vec!["db 10.0.0.2 (has version 1)".to_string()]);
+        assert_eq!(p.leaves_by_root.get("r2"), Some(&1));
+        // b goes away: only what this replica knows is left.
+        t.retain_remote(&Default::default());
+        let p = t.summary(now, 2);
+        assert_eq!((p.clients, p.acked), (1, 0));
+        assert_eq!(t.export(now).len(), 1);
     }
 }

@@ -119,6 +119,51 @@ fn name_selector(query: &str) -> Option<String> {
     })
 }
 
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match std::str::from_utf8(&b[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Equality-based `labelSelector` (`k=v,k2=v2`).
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    query_param(query, "labelSelector")
+        .map(percent_decode)
+        .map(|sel| {
+            sel.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn labels_match(obj: &Value, sel: &[(String, String)]) -> bool {
+    sel.iter()
+        .all(|(k, v)| obj["metadata"]["labels"][k].as_str() == Some(v.as_str()))
+}
+
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| {
         kv.split_once('=')
@@ -229,6 +274,7 @@ impl Store {
         self: Arc<Self>,
         collection: String,
         name: Option<String>,
+        labels: Vec<(String, String)>,
         from: Option<u64>,
         tx: tokio::sync::mpsc::Sender<hyper::body::Bytes>,
     ) {
@@ -264,6 +310,7 @@ impl Store {
                 .iter()
                 .filter(|c| c.rv > last && covers(&collection, &c.collection))
                 .filter(|c| name.as_ref().is_none_or(|n| *n == c.name))
+                .filter(|c| labels_match(&c.object, &labels))
                 .cloned()
                 .collect();
             for c in due {
@@ -284,6 +331,7 @@ impl Store {
     pub fn handle(&self, method: &str, uri: &str, body: &[u8]) -> (u16, Value) {
         let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
         let name_filter = name_selector(query);
+        let labels = label_selector(query);
         if method == "POST" && path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
             let mut review: Value = serde_json::from_slice(body).unwrap_or_default();
             let ra = &review["spec"]["resourceAttributes"];
@@ -418,8 +466,10 @@ impl Store {
             ("GET", None) => {
                 let items: Vec<Value> = objects
                     .iter()
-                    .filter(|((c, n), _)| {
-                        covers(&collection, c) && name_filter.as_ref().is_none_or(|f| f == n)
+                    .filter(|((c, n), v)| {
+                        covers(&collection, c)
+                            && name_filter.as_ref().is_none_or(|f| f == n)
+                            && labels_match(v, &labels)
                     })
                     .map(|(_, v)| v.clone())
                     .collect();
@@ -553,6 +603,7 @@ pub async fn start(dir: &std::path::Path) -> (Arc<Store>, std::path::PathBuf) {
                                 tokio::spawn(store.clone().serve_watch(
                                     path.to_string(),
                                     name_selector(query),
+                                    label_selector(query),
                                     from,
                                     tx,
                                 ));
