@@ -91,6 +91,15 @@ pub async fn sync_once(
 ) -> Result<Synced, kube::Error> {
     let pem = bundle.to_pem();
     let namespaces: Api<Namespace> = Api::all(client.clone());
+    // One list of the existing ConfigMaps (by name, across namespaces), so
+    // an idle resync costs two calls, not one per namespace.
+    let existing: BTreeMap<String, ConfigMap> = Api::<ConfigMap>::all(client.clone())
+        .list(&ListParams::default().fields(&format!("metadata.name={CONFIGMAP}")))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|cm| Some((cm.metadata.namespace.clone()?, cm)))
+        .collect();
     let mut out = Synced::default();
     for ns in namespaces.list(&ListParams::default()).await?.items {
         let labels = ns.metadata.labels.clone().unwrap_or_default();
@@ -104,7 +113,7 @@ pub async fn sync_once(
         let Some(name) = ns.metadata.name.clone() else {
             continue;
         };
-        match sync_namespace(client, &name, &pem, bundle.version).await {
+        match sync_namespace(client, &name, &pem, bundle.version, existing.get(&name)).await {
             Ok(Change::Created) => out.created += 1,
             Ok(Change::Updated) => out.updated += 1,
             Ok(Change::Unchanged) => out.unchanged += 1,
@@ -125,13 +134,19 @@ async fn sync_namespace(
     ns: &str,
     pem: &str,
     version: u64,
+    listed: Option<&ConfigMap>,
 ) -> Result<Change, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     // A conflict means another writer got in between: re-read and retry.
     let mut attempts = 0;
+    let mut known = Some(listed.cloned());
     loop {
         attempts += 1;
-        let r = match api.get_opt(CONFIGMAP).await? {
+        let current = match known.take() {
+            Some(c) => c,
+            None => api.get_opt(CONFIGMAP).await?,
+        };
+        let r = match current {
             None => api
                 .create(&PostParams::default(), &desired(ns, pem, version))
                 .await
