@@ -72,6 +72,11 @@ struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SecretLabel {
+    secret: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WatchLabels {
     resource: &'static str,
     reason: &'static str,
@@ -130,6 +135,9 @@ pub struct Metrics {
     proxy_peers: Family<PeerLabels, Counter>,
     rbac_missing: Gauge,
     watch_restarts: Family<WatchLabels, Counter>,
+    leader: Gauge,
+    bundle_configmaps: Family<ResultLabel, Counter>,
+    secrets_refused: Family<SecretLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -289,7 +297,28 @@ impl Metrics {
             "Kubernetes watches restarted, by resource and reason (closed: resumed; gone: 410, listed again; error: backed off)",
             watch_restarts.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "kubernetes_leader",
+            "1 while this replica holds the leader-election Lease (does the singleton work), else 0",
+            leader.clone(),
+        );
+        let bundle_configmaps = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "bundle_configmap_writes",
+            "Trust-bundle ConfigMap writes by result (created, updated, failed)",
+            bundle_configmaps.clone(),
+        );
+        let secrets_refused = Family::<SecretLabel, Counter>::default();
+        registry.register(
+            "kubernetes_secrets_refused",
+            "Secret versions refused after validation, by Secret role (state, issuer)",
+            secrets_refused.clone(),
+        );
         Self {
+            leader,
+            bundle_configmaps,
+            secrets_refused,
             watch_restarts,
             rbac_missing,
             proxy_handshakes,
@@ -476,6 +505,25 @@ impl Metrics {
             .clone();
         g.inc();
         OpenGuard(g)
+    }
+
+    /// Whether this replica leads.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    /// Counts bundle ConfigMap writes.
+    pub fn bundle_configmap_writes(&self, result: &'static str, n: usize) {
+        self.bundle_configmaps
+            .get_or_create(&ResultLabel { result })
+            .inc_by(n as u64);
+    }
+
+    /// Counts a refused Secret version.
+    pub fn secret_refused(&self, secret: &'static str) {
+        self.secrets_refused
+            .get_or_create(&SecretLabel { secret })
+            .inc();
     }
 
     /// Counts a restarted Kubernetes watch.

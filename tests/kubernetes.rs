@@ -709,6 +709,21 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
         },
     )
     .await;
+    // Its metrics say it leads and has written ConfigMaps.
+    let (_, metrics) = meshca::admin_client::request(
+        "GET",
+        &format!("http://{}/metrics", survivor.admin_addr),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(metrics.contains("meshca_kubernetes_leader 1"), "{metrics}");
+    assert!(
+        metrics.contains("meshca_bundle_configmap_writes_total{result=\"created\"}"),
+        "{metrics}"
+    );
+
     // And it issues: a token signed by a key the JWKS does not hold (say,
     // one the API server just started using) goes to TokenReview, the
     // in-cluster fallback, which accepts it.
@@ -906,6 +921,11 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
     .await;
     assert_eq!(a.running.ca.issuer().fingerprint, new_fp);
     assert_eq!(b.running.ca.issuer().fingerprint, new_fp);
+    let m = meshca::metrics::global().render();
+    assert!(
+        m.contains("meshca_kubernetes_secrets_refused_total{secret=\"issuer\"}"),
+        "{m}"
+    );
     assert!(
         certify_native(&a.channel().await, mint(&signer, support::ISSUER))
             .await

@@ -236,6 +236,7 @@ pub async fn run(
                         s.namespace, s.name
                     );
                     tracing::error!(secret = %s.name, error = %why, "issuer Secret refused");
+                    crate::metrics::global().secret_refused("issuer");
                     super::event::warn_secret(
                         client.clone(),
                         &s.namespace,

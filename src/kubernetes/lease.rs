@@ -112,6 +112,7 @@ pub fn run(
             let was = *tx.borrow();
             if was != leading {
                 tracing::info!(identity = %s.identity, leading, "leader election: leadership changed");
+                crate::metrics::global().set_leader(leading);
                 let _ = tx.send(leading);
             }
             tokio::select! {
@@ -124,6 +125,7 @@ pub fn run(
                         } else {
                             tracing::info!(identity = %s.identity, "leader election: Lease released");
                         }
+                        crate::metrics::global().set_leader(false);
                         let _ = tx.send(false);
                     }
                     return;

@@ -198,7 +198,14 @@ pub async fn run(
             continue;
         }
         let b = bundle.borrow_and_update().clone();
-        match sync_once(&client, &s, &b).await {
+        let r = sync_once(&client, &s, &b).await;
+        if let Ok(r) = &r {
+            let m = crate::metrics::global();
+            m.bundle_configmap_writes("created", r.created);
+            m.bundle_configmap_writes("updated", r.updated);
+            m.bundle_configmap_writes("failed", r.failed.len());
+        }
+        match r {
             Ok(r) if r.created + r.updated > 0 || !r.failed.is_empty() => {
                 tracing::info!(version = b.version, created = r.created, updated = r.updated, unchanged = r.unchanged, failed = ?r.failed, "trust bundle ConfigMaps synced")
             }

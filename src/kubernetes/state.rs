@@ -254,6 +254,7 @@ impl SecretState {
                 );
                 tracing::error!(secret = %self.name, error = %e, "shared CA state refused");
                 self.event("InvalidCAState", &msg).await;
+                crate::metrics::global().secret_refused("state");
                 *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = rv;
                 Err(msg)
             }
