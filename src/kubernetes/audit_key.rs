@@ -71,10 +71,12 @@ pub async fn sync(
     let api: Api<Secret> = Api::namespaced(client, namespace);
     let now = crate::clock::unix_secs(std::time::SystemTime::now());
     let from_secret = |s: Secret| -> Result<SecretBytes, String> {
-        let data = s.data.unwrap_or_default();
-        let bytes = data
-            .get(DATA_KEY)
-            .ok_or_else(|| format!("Secret {namespace}/{name} has no {DATA_KEY}"))?;
+        let s = super::KeySecret(s);
+        let bytes =
+            s.0.data
+                .as_ref()
+                .and_then(|d| d.get(DATA_KEY))
+                .ok_or_else(|| format!("Secret {namespace}/{name} has no {DATA_KEY}"))?;
         check(&bytes.0).map_err(|e| format!("Secret {namespace}/{name}: {e}"))
     };
     let get = |e: kube::Error| format!("reading Secret {namespace}/{name}: {e}");
@@ -89,7 +91,7 @@ pub async fn sync(
         }
         Err(_) => NoteSigner::generate_pkcs8()?,
     };
-    let secret = Secret {
+    let secret = super::KeySecret(Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
@@ -110,9 +112,10 @@ pub async fn sync(
                 .collect(),
         ),
         ..Default::default()
-    };
-    match api.create(&PostParams::default(), &secret).await {
-        Ok(_) => {
+    });
+    match api.create(&PostParams::default(), &secret.0).await {
+        Ok(created) => {
+            drop(super::KeySecret(created));
             install(data_dir, &local, now)?;
             Ok(Outcome::Created)
         }

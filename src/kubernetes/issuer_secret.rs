@@ -123,33 +123,47 @@ pub async fn reconcile(
     let files = tokio::task::spawn_blocking(move || mgr.issuer_files())
         .await
         .map_err(|e| e.to_string())??;
-    let write = |rv: Option<String>| desired(s, &files, rv);
+    let write = |rv: Option<String>| super::KeySecret(desired(s, &files, rv));
     let Some(cur) = api.get_opt(&s.name).await.map_err(|e| e.to_string())? else {
-        return match api.create(&PostParams::default(), &write(None)).await {
-            Ok(_) => Ok(Outcome::Written),
+        return match api.create(&PostParams::default(), &write(None).0).await {
+            Ok(created) => {
+                drop(super::KeySecret(created));
+                Ok(Outcome::Written)
+            }
             // Someone created it meanwhile: the next event looks at theirs.
             Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Unchanged),
             Err(e) => Err(e.to_string()),
         };
     };
-    let data = cur.data.clone().unwrap_or_default();
+    // Wiped on every return path.
+    let cur = super::KeySecret(cur);
+    let data = cur.0.data.as_ref().cloned().unwrap_or_default();
+    let data = super::KeySecret(Secret {
+        data: Some(data),
+        ..Default::default()
+    });
+    let data = data.0.data.as_ref().expect("set above");
     let ours_written = cur
+        .0
         .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(ANNOTATION))
         .cloned();
-    let rv = cur.metadata.resource_version.clone();
+    let rv = cur.0.metadata.resource_version.clone();
     let theirs = data
         .get("tls.crt")
         .ok_or_else(|| "tls.crt is missing".to_string())
         .and_then(|c| leaf(&c.0));
     let overwrite = || async {
         match api
-            .replace(&s.name, &PostParams::default(), &write(rv.clone()))
+            .replace(&s.name, &PostParams::default(), &write(rv.clone()).0)
             .await
         {
-            Ok(_) => Ok(Outcome::Written),
+            Ok(written) => {
+                drop(super::KeySecret(written));
+                Ok(Outcome::Written)
+            }
             // Changed meanwhile: the watch event brings the new content.
             Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Unchanged),
             Err(e) => Err(e.to_string()),

@@ -22,3 +22,16 @@ pub mod rbac;
 pub mod reports;
 pub mod state;
 pub mod watch;
+
+/// A Secret object carrying key material: its data is zeroized when it is
+/// dropped, so copies made for a request or read from a response do not
+/// linger in freed memory.
+pub(crate) struct KeySecret(pub k8s_openapi::api::core::v1::Secret);
+
+impl Drop for KeySecret {
+    fn drop(&mut self) {
+        for v in self.0.data.iter_mut().flat_map(|d| d.values_mut()) {
+            zeroize::Zeroize::zeroize(&mut v.0);
+        }
+    }
+}

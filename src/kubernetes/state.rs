@@ -38,7 +38,42 @@ pub enum SyncError {
     Failed(String),
 }
 
-type Snapshot = BTreeMap<String, Vec<u8>>;
+/// Secret data, private keys included: zeroized when dropped.
+#[derive(Default, PartialEq, Eq)]
+pub struct Snapshot(BTreeMap<String, Vec<u8>>);
+
+impl Snapshot {
+    fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        for v in self.0.values_mut() {
+            zeroize::Zeroize::zeroize(v);
+        }
+    }
+}
+
+impl std::ops::Deref for Snapshot {
+    type Target = BTreeMap<String, Vec<u8>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Snapshot {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
 
 /// The Secret-backed state of one replica.
 pub struct SecretState {
@@ -226,12 +261,12 @@ impl SecretState {
                 rv.unwrap_or_default()
             ));
         }
-        let remote: Snapshot = secret
-            .data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0))
-            .collect();
+        let secret = super::KeySecret(secret);
+        let mut remote = Snapshot::new();
+        for (k, v) in secret.0.data.iter().flatten() {
+            remote.insert(k.clone(), v.0.clone());
+        }
+        drop(secret);
         let data = self.data.clone();
         let r = tokio::task::spawn_blocking(move || {
             let local = snapshot(&data).ok();
@@ -269,7 +304,7 @@ impl SecretState {
             .await
             .map_err(|e| SyncError::Failed(e.to_string()))?
             .map_err(SyncError::Failed)?;
-        let secret = Secret {
+        let secret = super::KeySecret(Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
@@ -285,20 +320,24 @@ impl SecretState {
                 ..Default::default()
             },
             type_: Some("Opaque".into()),
-            data: Some(snap.into_iter().map(|(k, v)| (k, ByteString(v))).collect()),
+            data: Some(
+                snap.iter()
+                    .map(|(k, v)| (k.clone(), ByteString(v.clone())))
+                    .collect(),
+            ),
             ..Default::default()
-        };
+        });
         let r = match self.based_on() {
-            None => self.api.create(&PostParams::default(), &secret).await,
+            None => self.api.create(&PostParams::default(), &secret.0).await,
             Some(_) => {
                 self.api
-                    .replace(&self.name, &PostParams::default(), &secret)
+                    .replace(&self.name, &PostParams::default(), &secret.0)
                     .await
             }
         };
-        match r {
+        match r.map(super::KeySecret) {
             Ok(s) => {
-                self.set_based_on(s.metadata.resource_version);
+                self.set_based_on(s.0.metadata.resource_version.clone());
                 Ok(())
             }
             Err(kube::Error::Api(st)) if st.code == 409 => Err(SyncError::Conflict),
