@@ -774,6 +774,27 @@ fn intermediate(ca: &Ca, root_id: &str) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
+/// The same key in SEC1 form, as `openssl ec` writes it.
+fn to_sec1(pkcs8_pem: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["ec", "-inform", "PEM", "-outform", "PEM"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pkcs8_pem.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn tls_secret(name: &str, crt: &str, key: &str, ca: &str) -> serde_json::Value {
     use base64::Engine;
     let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
@@ -839,6 +860,9 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
     // An operator (or cert-manager) writes a newer intermediate under the
     // active root: every replica issues under it.
     let (crt, key) = intermediate(&a, &root_id);
+    // cert-manager writes ECDSA keys in SEC1 ("EC PRIVATE KEY") by default.
+    let key = to_sec1(&key);
+    assert!(key.starts_with("-----BEGIN EC PRIVATE KEY-----"), "{key}");
     let new_fp = meshca::ca::fingerprint(&meshca::ca::pem_to_certs(crt.as_bytes()).unwrap()[0]);
     api.put(
         SECRETS,

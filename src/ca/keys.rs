@@ -8,7 +8,7 @@
 use std::fmt;
 
 use rcgen::{KeyPair, PublicKeyData, SigningKey, PKCS_ECDSA_P256_SHA256};
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::SecretBytes;
 
@@ -25,6 +25,19 @@ impl CaKey {
     pub fn from_pem(pem: &SecretBytes) -> Result<Self, rcgen::Error> {
         let s = std::str::from_utf8(pem.expose())
             .map_err(|_| rcgen::Error::PemError("key file is not UTF-8 PEM".into()))?;
+        if s.contains("-----BEGIN EC PRIVATE KEY-----") {
+            // SEC1, the form cert-manager and `openssl ecparam` write by
+            // default; ring reads only PKCS#8.
+            let mut rd = pem.expose();
+            let der = match rustls_pemfile::private_key(&mut rd) {
+                Ok(Some(rustls::pki_types::PrivateKeyDer::Sec1(k))) => {
+                    Zeroizing::new(k.secret_sec1_der().to_vec())
+                }
+                _ => return Err(rcgen::Error::CouldNotParseKeyPair),
+            };
+            let pkcs8 = sec1_to_pkcs8(&der).ok_or(rcgen::Error::CouldNotParseKeyPair)?;
+            return KeyPair::try_from(pkcs8.as_slice()).map(Self);
+        }
         KeyPair::from_pem(s).map(Self)
     }
 
@@ -68,5 +81,151 @@ impl PublicKeyData for CaKey {
 impl SigningKey for CaKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
         self.0.sign(msg)
+    }
+}
+
+/// One DER TLV: (tag, value, rest).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, b) = b.split_first()?;
+    let (&first, mut b) = b.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 2 || b.len() < n {
+            return None;
+        }
+        let len = b[..n]
+            .iter()
+            .fold(0usize, |a, x| (a << 8) | usize::from(*x));
+        b = &b[n..];
+        len
+    };
+    (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+}
+
+fn der(tag: u8, value: &[u8], out: &mut Vec<u8>) {
+    out.push(tag);
+    match value.len() {
+        n @ 0..=0x7f => out.push(n as u8),
+        n @ 0x80..=0xff => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(value);
+}
+
+/// RFC 5915 `ECPrivateKey` (SEC1) to RFC 5958 PKCS#8 `PrivateKeyInfo`, as
+/// `openssl pkcs8 -topk8` writes it: the curve moves into the algorithm
+/// identifier, the public key stays. P-256 and P-384 only; the public key
+/// must be present (cert-manager and OpenSSL always write it).
+fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+    const EC_PUBLIC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    let (0x30, mut body, []) = tlv(sec1)? else {
+        return None;
+    };
+    let (mut private, mut curve, mut public) = (None, None, None);
+    while !body.is_empty() {
+        let (tag, value, rest) = tlv(body)?;
+        match tag {
+            0x02 if value != [1] => return None,
+            0x04 => private = Some(value),
+            0xa0 => match tlv(value)? {
+                (0x06, oid, []) => curve = Some(oid),
+                _ => return None,
+            },
+            0xa1 => public = Some(value),
+            _ => {}
+        }
+        body = rest;
+    }
+    let private = private?;
+    let curve = match curve {
+        Some(c) => c,
+        None if private.len() == 32 => P256,
+        None if private.len() == 48 => P384,
+        None => return None,
+    };
+    if curve != P256 && curve != P384 {
+        return None;
+    }
+    let mut ec = Zeroizing::new(Vec::new());
+    der(0x02, &[1], &mut ec);
+    der(0x04, private, &mut ec);
+    der(0xa1, public?, &mut ec);
+    let mut ec_seq = Zeroizing::new(Vec::new());
+    der(0x30, &ec, &mut ec_seq);
+    let mut alg_body = Vec::new();
+    der(0x06, EC_PUBLIC_KEY, &mut alg_body);
+    der(0x06, curve, &mut alg_body);
+    let mut info = Zeroizing::new(Vec::new());
+    der(0x02, &[0], &mut info);
+    der(0x30, &alg_body, &mut info);
+    der(0x04, &ec_seq, &mut info);
+    let mut out = Zeroizing::new(Vec::new());
+    der(0x30, &info, &mut out);
+    Some(out)
+}
+
+#[cfg(test)]
+mod sec1_tests {
+    use super::*;
+
+    // Throwaway test keys made with `openssl ecparam -genkey -noout`, and the
+    // same keys after `openssl pkcs8 -topk8 -nocrypt`.
+    const SEC1_P256: &str = "-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIEkZF+D1rjaGOoab7Vd08Wv0oWerY338uez4qUNgb4R5oAoGCCqGSM49
+AwEHoUQDQgAEOpe9oCd01WPdG+TLNELpNKMRIcqaS0Mz9Qi7oROBM6oeQwJxu+9D
+cxh8HfMTSNEY7IVur4SQsm0N/VHZ4Llvjw==
+-----END EC PRIVATE KEY-----
+";
+    const PKCS8_P256: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgSRkX4PWuNoY6hpvt
+V3Txa/ShZ6tjffy57PipQ2BvhHmhRANCAAQ6l72gJ3TVY90b5Ms0Quk0oxEhyppL
+QzP1CLuhE4Ezqh5DAnG770NzGHwd8xNI0RjshW6vhJCybQ39UdnguW+P
+-----END PRIVATE KEY-----
+";
+    const SEC1_P384: &str = "-----BEGIN EC PRIVATE KEY-----
+MIGkAgEBBDBkfpm0SLMPNcqb7Kk2pd1GZN9E9HuhPz55gkwaZ5Hdax8jptzRsSym
+7kyeF6J9FfigBwYFK4EEACKhZANiAASzVvQfs003WS79UnqhEWscf7XW64oS96gt
+xnInaP+xTfPydNHdjn3i7FL8TY6D6tvm0pMZzDcSk4CNW3HXV2m731Csl70P94gv
+DkteDK///m5lpB25JeYx8dFY3BfcZPU=
+-----END EC PRIVATE KEY-----
+";
+    const PKCS8_P384: &str = "-----BEGIN PRIVATE KEY-----
+MIG2AgEAMBAGByqGSM49AgEGBSuBBAAiBIGeMIGbAgEBBDBkfpm0SLMPNcqb7Kk2
+pd1GZN9E9HuhPz55gkwaZ5Hdax8jptzRsSym7kyeF6J9FfihZANiAASzVvQfs003
+WS79UnqhEWscf7XW64oS96gtxnInaP+xTfPydNHdjn3i7FL8TY6D6tvm0pMZzDcS
+k4CNW3HXV2m731Csl70P94gvDkteDK///m5lpB25JeYx8dFY3BfcZPU=
+-----END PRIVATE KEY-----
+";
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        let mut rd = pem.as_bytes();
+        match rustls_pemfile::private_key(&mut rd).unwrap().unwrap() {
+            rustls::pki_types::PrivateKeyDer::Sec1(k) => k.secret_sec1_der().to_vec(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+            _ => panic!("unexpected key type"),
+        }
+    }
+
+    #[test]
+    fn sec1_keys_convert_to_the_pkcs8_openssl_writes_and_load() {
+        for (sec1, pkcs8) in [(SEC1_P256, PKCS8_P256), (SEC1_P384, PKCS8_P384)] {
+            assert_eq!(
+                sec1_to_pkcs8(&der_of(sec1)).unwrap().as_slice(),
+                der_of(pkcs8).as_slice()
+            );
+            let a = CaKey::from_pem(&SecretBytes::new(sec1.as_bytes().to_vec())).unwrap();
+            let b = CaKey::from_pem(&SecretBytes::new(pkcs8.as_bytes().to_vec())).unwrap();
+            assert_eq!(a.spki_der(), b.spki_der());
+        }
+        // Truncated or foreign input is refused, not a panic.
+        let d = der_of(SEC1_P256);
+        for n in 0..d.len() {
+            assert!(sec1_to_pkcs8(&d[..n]).is_none());
+        }
+        assert!(sec1_to_pkcs8(b"\x30\x03\x02\x01\x02").is_none());
     }
 }
