@@ -254,3 +254,77 @@ fn serve_imports_a_mounted_root_into_an_empty_data_directory() {
     signal(&srv.child, "TERM");
     assert!(srv.child.wait().unwrap().success());
 }
+
+/// Offline roots come with keys in their traditional PEM forms: PKCS#1
+/// (`RSA PRIVATE KEY`) and SEC1 (`EC PRIVATE KEY`, also cert-manager's
+/// ECDSA default). Both import, and leaves under them verify with OpenSSL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_with_pkcs1_and_sec1_keys_import_and_issue() {
+    for (newkey, to_traditional) in [
+        ("rsa:2048", vec!["rsa", "-traditional"]),
+        ("ec", vec!["ec"]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (crt, k8, key) = (
+            dir.path().join("root.crt"),
+            dir.path().join("root.pkcs8"),
+            dir.path().join("root.key"),
+        );
+        let mut req = vec!["req", "-x509", "-newkey", newkey];
+        if newkey == "ec" {
+            req.extend(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+        }
+        req.extend([
+            "-nodes",
+            "-days",
+            "365",
+            "-subj",
+            "/CN=offline root",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            k8.to_str().unwrap(),
+            "-out",
+            crt.to_str().unwrap(),
+        ]);
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&req);
+        let mut conv = to_traditional.clone();
+        conv.extend(["-in", k8.to_str().unwrap(), "-out", key.to_str().unwrap()]);
+        openssl(&conv);
+        let pem = std::fs::read_to_string(&key).unwrap();
+        assert!(
+            pem.starts_with("-----BEGIN RSA PRIVATE KEY-----")
+                || pem.starts_with("-----BEGIN EC PRIVATE KEY-----"),
+            "{pem}"
+        );
+        let (c2, k2) = (crt.clone(), key.clone());
+        let ca = Ca::start_with(move |c| c.init_root = Some((c2, k2))).await;
+        let root = meshca::ca::pem_to_certs(&std::fs::read(&crt).unwrap()).unwrap();
+        assert_eq!(
+            meshca::ca::fingerprint(&ca.running.ca.bundle().roots[0]),
+            meshca::ca::fingerprint(&root[0])
+        );
+        let r = certify_native(&ca.channel().await, ca.token("shop", "web", "meshca"))
+            .await
+            .unwrap();
+        openssl_verify(
+            dir.path(),
+            &r.cert_chain[0],
+            &r.cert_chain[1..],
+            &[root[0].to_vec()],
+        );
+    }
+}

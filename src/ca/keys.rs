@@ -38,6 +38,19 @@ impl CaKey {
             let pkcs8 = sec1_to_pkcs8(&der).ok_or(rcgen::Error::CouldNotParseKeyPair)?;
             return KeyPair::try_from(pkcs8.as_slice()).map(Self);
         }
+        if s.contains("-----BEGIN RSA PRIVATE KEY-----") {
+            // PKCS#1, the traditional RSA form (offline roots, cert-manager's
+            // RSA default); ring reads only PKCS#8.
+            let mut rd = pem.expose();
+            let der = match rustls_pemfile::private_key(&mut rd) {
+                Ok(Some(rustls::pki_types::PrivateKeyDer::Pkcs1(k))) => {
+                    Zeroizing::new(k.secret_pkcs1_der().to_vec())
+                }
+                _ => return Err(rcgen::Error::CouldNotParseKeyPair),
+            };
+            let pkcs8 = pkcs1_to_pkcs8(&der).ok_or(rcgen::Error::CouldNotParseKeyPair)?;
+            return KeyPair::try_from(pkcs8.as_slice()).map(Self);
+        }
         KeyPair::from_pem(s).map(Self)
     }
 
@@ -168,6 +181,26 @@ fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
     Some(out)
 }
 
+/// RFC 8017 `RSAPrivateKey` (PKCS#1) to RFC 5958 PKCS#8, as
+/// `openssl pkcs8 -topk8` writes it.
+fn pkcs1_to_pkcs8(pkcs1: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    const RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    // Only wrap what parses as one SEQUENCE; ring checks the rest.
+    let (0x30, _, []) = tlv(pkcs1)? else {
+        return None;
+    };
+    let mut alg_body = Vec::new();
+    der(0x06, RSA_ENCRYPTION, &mut alg_body);
+    der(0x05, &[], &mut alg_body);
+    let mut info = Zeroizing::new(Vec::new());
+    der(0x02, &[0], &mut info);
+    der(0x30, &alg_body, &mut info);
+    der(0x04, pkcs1, &mut info);
+    let mut out = Zeroizing::new(Vec::new());
+    der(0x30, &info, &mut out);
+    Some(out)
+}
+
 #[cfg(test)]
 mod sec1_tests {
     use super::*;
@@ -227,5 +260,27 @@ k4CNW3HXV2m731Csl70P94gvDkteDK///m5lpB25JeYx8dFY3BfcZPU=
             assert!(sec1_to_pkcs8(&d[..n]).is_none());
         }
         assert!(sec1_to_pkcs8(b"\x30\x03\x02\x01\x02").is_none());
+    }
+
+    #[test]
+    fn pkcs1_rsa_keys_convert_to_the_pkcs8_openssl_writes_and_load() {
+        // A throwaway key from `openssl genrsa -traditional 2048`, and the
+        // same after `openssl pkcs8 -topk8 -nocrypt`.
+        let pkcs1 = include_str!("testdata/rsa2048-pkcs1.pem");
+        let pkcs8 = include_str!("testdata/rsa2048-pkcs8.pem");
+        let mut rd = pkcs1.as_bytes();
+        let rustls::pki_types::PrivateKeyDer::Pkcs1(k) =
+            rustls_pemfile::private_key(&mut rd).unwrap().unwrap()
+        else {
+            panic!("not PKCS#1");
+        };
+        assert_eq!(
+            pkcs1_to_pkcs8(k.secret_pkcs1_der()).unwrap().as_slice(),
+            der_of(pkcs8).as_slice()
+        );
+        let a = CaKey::from_pem(&SecretBytes::new(pkcs1.as_bytes().to_vec())).unwrap();
+        let b = CaKey::from_pem(&SecretBytes::new(pkcs8.as_bytes().to_vec())).unwrap();
+        assert_eq!(a.spki_der(), b.spki_der());
+        assert!(pkcs1_to_pkcs8(&k.secret_pkcs1_der()[..10]).is_none());
     }
 }
