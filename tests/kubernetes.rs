@@ -1076,7 +1076,9 @@ async fn the_activation_gate_counts_the_clients_of_every_replica() {
     .await;
     let t = Instant::now();
     loop {
-        if status(&a).await["propagation"]["clients"] == 1 {
+        let st = status(&a).await;
+        if st["propagation"]["clients"] == 1 {
+            assert_eq!(st["propagation"]["other_replicas"], json!(["b"]), "{st}");
             break;
         }
         assert!(

@@ -102,6 +102,9 @@ pub struct Propagation {
     pub leaves_by_root: BTreeMap<String, usize>,
     /// Some clients that have not seen `version` (for the operator).
     pub lagging: Vec<String>,
+    /// Other replicas whose reports are counted (empty: this one only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_replicas: Vec<String>,
 }
 
 /// A connected watcher; dropping it ends the watch.
@@ -234,12 +237,9 @@ impl Tracker {
                 merge(k, c.clone());
             }
         }
-        for views in self
-            .remote
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+        p.other_replicas = remote.keys().cloned().collect();
+        for views in remote.values() {
             for v in views {
                 let c = v.client();
                 if c.live(now) {
@@ -349,6 +349,7 @@ mod tests {
         );
         let p = t.summary(now, 2);
         assert_eq!((p.clients, p.acked, p.watchers), (2, 1, 1));
+        assert_eq!(p.other_replicas, vec!["b".to_string()]);
         assert_eq!(p.lagging, vec!["db 10.0.0.2 (has version 1)".to_string()]);
         assert_eq!(p.leaves_by_root.get("r2"), Some(&1));
         // b goes away: only what this replica knows is left.

@@ -262,6 +262,12 @@ pub fn print_table(s: &Status) {
             "clients: {} live, {} watching; {} have seen bundle version {}",
             p.clients, p.watchers, p.acked, p.version
         );
+        if !p.other_replicas.is_empty() {
+            println!(
+                "counted with the reports of replicas: {}",
+                p.other_replicas.join(", ")
+            );
+        }
     }
     for w in &s.warnings {
         println!("WARNING: {w}");
