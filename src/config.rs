@@ -294,6 +294,9 @@ pub struct ServeArgs {
     pub propagation_report_interval: Option<HumanDuration>,
 }
 
+/// The error for a Kubernetes feature set without credentials.
+const NEEDS_KUBECONFIG: &str = "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")";
+
 /// Parses a duration such as `90s`, `24h` or `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<HumanDuration>().map(|h| h.0)
@@ -542,31 +545,19 @@ impl ServeArgs {
             )
         });
         if self.issuer_secret.is_some() && self.kubeconfig.is_none() {
-            return Err(bad(
-                "issuer_secret",
-                "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
-            ));
+            return Err(bad("issuer_secret", NEEDS_KUBECONFIG.into()));
         }
         if self.audit_key_secret.is_some() && self.kubeconfig.is_none() {
-            return Err(bad(
-                "audit_key_secret",
-                "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
-            ));
+            return Err(bad("audit_key_secret", NEEDS_KUBECONFIG.into()));
         }
         if self.state_secret.is_some() && self.kubeconfig.is_none() {
-            return Err(bad(
-                "state_secret",
-                "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
-            ));
+            return Err(bad("state_secret", NEEDS_KUBECONFIG.into()));
         }
         let publish = match self.publish_bundle.unwrap_or(false) {
             false => None,
             true => {
                 if self.kubeconfig.is_none() {
-                    return Err(bad(
-                        "publish_bundle",
-                        "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
-                    ));
+                    return Err(bad("publish_bundle", NEEDS_KUBECONFIG.into()));
                 }
                 let lease_duration = self
                     .leader_election_lease_duration
@@ -597,10 +588,7 @@ impl ServeArgs {
         let jwks_kubernetes = self.jwks_kubernetes.unwrap_or(false);
         if jwks_kubernetes {
             if self.kubeconfig.is_none() {
-                return Err(bad(
-                    "jwks_kubernetes",
-                    "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")".into(),
-                ));
+                return Err(bad("jwks_kubernetes", NEEDS_KUBECONFIG.into()));
             }
             if self.jwks_file.is_some() || self.jwks_url.is_some() || self.oidc_issuer_url.is_some()
             {

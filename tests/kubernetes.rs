@@ -258,6 +258,32 @@ async fn missing_permissions_are_named_at_start_up() {
 }
 
 /// A cluster token signer (its JWKS is what the API server would publish).
+/// A fake cluster: the API server, a kubeconfig for it, and the cluster's
+/// service-account token signer, whose JWKS is also written to a file
+/// replicas can trust.
+struct Cluster {
+    dir: tempfile::TempDir,
+    api: std::sync::Arc<support::kubeapi::Store>,
+    kc: std::path::PathBuf,
+    signer: meshca::authn::devtoken::DevSigner,
+    jwks: std::path::PathBuf,
+}
+
+async fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let signer = cluster_signer();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    Cluster {
+        dir,
+        api,
+        kc,
+        signer,
+        jwks,
+    }
+}
+
 fn cluster_signer() -> meshca::authn::devtoken::DevSigner {
     meshca::authn::devtoken::DevSigner::from_pem(
         &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
@@ -288,17 +314,7 @@ async fn tokens_are_checked_against_the_api_servers_own_jwks() {
     // The cluster's service-account signer, as the API server publishes it.
     let signer = cluster_signer();
     let issuer = "https://oidc.example-cluster.internal";
-    {
-        let mut docs = api.documents.lock().unwrap();
-        docs.insert(
-            "/.well-known/openid-configuration".into(),
-            json!({"issuer": issuer, "jwks_uri": "https://10.0.0.1:6443/openid/v1/jwks"}),
-        );
-        docs.insert(
-            "/openid/v1/jwks".into(),
-            serde_json::from_str(signer.jwks()).unwrap(),
-        );
-    }
+    api.publish_oidc(issuer, signer.jwks());
     let kc2 = kc.clone();
     let ca = Ca::start_with(move |c| {
         c.kubeconfig = Some(kc2);
@@ -359,12 +375,13 @@ fn roots_of(ca: &Ca) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_ca_through_a_secret() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, kc) = support::kubeapi::start(dir.path()).await;
-    // The cluster's token signer, as a JWKS file both replicas trust.
-    let signer = cluster_signer();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let Cluster {
+        dir: _dir,
+        api,
+        kc,
+        signer,
+        jwks,
+    } = cluster().await;
     let token = || mint(&signer, support::ISSUER);
     let a = shared_replica(&kc, "a", &jwks).await;
     assert!(
@@ -628,17 +645,7 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
     let (api, kc) = support::kubeapi::start(dir.path()).await;
     api.add_namespace("shop", json!({}));
     let signer = cluster_signer();
-    {
-        let mut docs = api.documents.lock().unwrap();
-        docs.insert(
-            "/.well-known/openid-configuration".into(),
-            json!({"issuer": support::ISSUER, "jwks_uri": "https://10.0.0.1:6443/openid/v1/jwks"}),
-        );
-        docs.insert(
-            "/openid/v1/jwks".into(),
-            serde_json::from_str(signer.jwks()).unwrap(),
-        );
-    }
+    api.publish_oidc(support::ISSUER, signer.jwks());
     let start = |name: &'static str| {
         let kc = kc.clone();
         let data = dir.path().join(name);
@@ -806,11 +813,13 @@ fn tls_secret(name: &str, crt: &str, key: &str, ca: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, kc) = support::kubeapi::start(dir.path()).await;
-    let signer = cluster_signer();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let Cluster {
+        dir: _dir,
+        api,
+        kc,
+        signer,
+        jwks,
+    } = cluster().await;
     let with_issuer_secret = |name: &'static str| {
         let (kc, jwks) = (kc.clone(), jwks.clone());
         Ca::start_with(move |c| {
@@ -977,11 +986,13 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_writes_from_two_replicas_both_land() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, kc) = support::kubeapi::start(dir.path()).await;
-    let signer = cluster_signer();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let Cluster {
+        dir: _dir,
+        api,
+        kc,
+        signer: _,
+        jwks,
+    } = cluster().await;
     let a = shared_replica(&kc, "a", &jwks).await;
     let b = shared_replica(&kc, "b", &jwks).await;
     assert_eq!(a.rotation("prepare", "{}").await.0, 200);
@@ -1039,25 +1050,15 @@ async fn racing_writes_from_two_replicas_both_land() {
     .await;
 }
 
-async fn status(ca: &Ca) -> serde_json::Value {
-    let (_, text) = meshca::admin_client::request(
-        "GET",
-        &format!("http://{}/rotation/status", ca.running.admin_addr),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_activation_gate_counts_the_clients_of_every_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let (api, kc) = support::kubeapi::start(dir.path()).await;
-    let signer = cluster_signer();
-    let jwks = dir.path().join("jwks.json");
-    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let Cluster {
+        dir: _dir,
+        api,
+        kc,
+        signer,
+        jwks,
+    } = cluster().await;
     let a = shared_replica(&kc, "a", &jwks).await;
     let b = shared_replica(&kc, "b", &jwks).await;
 
@@ -1076,7 +1077,7 @@ async fn the_activation_gate_counts_the_clients_of_every_replica() {
     .await;
     let t = Instant::now();
     loop {
-        let st = status(&a).await;
+        let st = a.rotation_status().await;
         if st["propagation"]["clients"] == 1 {
             assert_eq!(st["propagation"]["other_replicas"], json!(["b"]), "{st}");
             break;
@@ -1095,7 +1096,7 @@ async fn the_activation_gate_counts_the_clients_of_every_replica() {
     let (code, body) = a.rotation("activate", "{}").await;
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("0/1 live clients"), "{body}");
-    let st = status(&a).await;
+    let st = a.rotation_status().await;
     assert!(
         st["propagation"]["lagging"]
             .to_string()

@@ -289,17 +289,6 @@ async fn roots_with_pkcs1_and_sec1_keys_import_and_issue() {
             "-out",
             crt.to_str().unwrap(),
         ]);
-        let openssl = |args: &[&str]| {
-            let out = std::process::Command::new("openssl")
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         openssl(&req);
         let mut conv = to_traditional.clone();
         conv.extend(["-in", k8.to_str().unwrap(), "-out", key.to_str().unwrap()]);

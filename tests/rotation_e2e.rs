@@ -395,15 +395,7 @@ impl Scenario {
     }
 
     async fn status(&self) -> serde_json::Value {
-        let (_, text) = meshca::admin_client::request(
-            "GET",
-            &format!("http://{}/rotation/status", self.ca.running.admin_addr),
-            None,
-            None,
-        )
-        .await
-        .unwrap();
-        serde_json::from_str(&text).unwrap()
+        self.ca.rotation_status().await
     }
 
     /// Retries a gated step until it is allowed; returns how often it was refused.

@@ -95,14 +95,7 @@ pub async fn sync(
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "meshca".to_string(),
-                )]
-                .into_iter()
-                .collect(),
-            ),
+            labels: Some(super::managed_by()),
             ..Default::default()
         },
         type_: Some("Opaque".into()),

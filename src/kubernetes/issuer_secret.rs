@@ -61,14 +61,7 @@ fn desired(s: &Settings, files: &crate::trust::manager::IssuerFiles, rv: Option<
             name: Some(s.name.clone()),
             namespace: Some(s.namespace.clone()),
             resource_version: rv,
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "meshca".to_string(),
-                )]
-                .into_iter()
-                .collect(),
-            ),
+            labels: Some(super::managed_by()),
             annotations: Some(
                 [(ANNOTATION.to_string(), files.fingerprint.clone())]
                     .into_iter()

@@ -23,6 +23,14 @@ pub mod reports;
 pub mod state;
 pub mod watch;
 
+/// The label every object meshca writes carries.
+pub(crate) fn managed_by() -> std::collections::BTreeMap<String, String> {
+    std::collections::BTreeMap::from([(
+        "app.kubernetes.io/managed-by".to_string(),
+        "meshca".to_string(),
+    )])
+}
+
 /// A Secret object carrying key material: its data is zeroized when it is
 /// dropped, so copies made for a request or read from a response do not
 /// linger in freed memory.

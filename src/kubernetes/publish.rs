@@ -63,14 +63,7 @@ fn desired(ns: &str, pem: &str, version: u64) -> ConfigMap {
         metadata: ObjectMeta {
             name: Some(CONFIGMAP.into()),
             namespace: Some(ns.into()),
-            labels: Some(
-                [(
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "meshca".to_string(),
-                )]
-                .into_iter()
-                .collect(),
-            ),
+            labels: Some(super::managed_by()),
             annotations: Some(
                 [("meshca.io/bundle-version".to_string(), version.to_string())]
                     .into_iter()

@@ -99,51 +99,39 @@ pub fn needs(u: &Uses<'_>) -> Vec<Need> {
         }
     };
     let ns = Some(u.namespace);
-    if let Some(secret) = u.state_secret {
-        let why = "sharing the CA state between replicas";
+    // A Secret meshca follows and writes: read, followed with a watch,
+    // updated with a precondition, created (which RBAC cannot narrow by
+    // name), and reported on with Events when refused.
+    let mut followed_secret = |name: &str, why: &'static str, refused: &'static str| {
         add(
             &["get", "update", "list", "watch"],
             "",
             "secrets",
             ns,
-            Some(secret),
+            Some(name),
             why,
         );
-        // Creation cannot be narrowed by name in RBAC.
         add(&["create"], "", "secrets", ns, None, why);
-        add(
-            &["create"],
-            "",
-            "events",
-            ns,
-            None,
+        add(&["create"], "", "events", ns, None, refused);
+    };
+    if let Some(secret) = u.state_secret {
+        followed_secret(
+            secret,
+            "sharing the CA state between replicas",
             "reporting a refused shared state",
+        );
+    }
+    if let Some(secret) = u.issuer_secret {
+        followed_secret(
+            secret,
+            "keeping the issuer in its kubernetes.io/tls Secret",
+            "reporting a refused issuer",
         );
     }
     if let Some(secret) = u.audit_key_secret {
         let why = "sharing the audit log's signing key";
         add(&["get"], "", "secrets", ns, Some(secret), why);
         add(&["create"], "", "secrets", ns, None, why);
-    }
-    if let Some(secret) = u.issuer_secret {
-        let why = "keeping the issuer in its kubernetes.io/tls Secret";
-        add(
-            &["get", "update", "list", "watch"],
-            "",
-            "secrets",
-            ns,
-            Some(secret),
-            why,
-        );
-        add(&["create"], "", "secrets", ns, None, why);
-        add(
-            &["create"],
-            "",
-            "events",
-            ns,
-            None,
-            "reporting a refused issuer",
-        );
     }
     if u.propagation_reports {
         add(
@@ -209,6 +197,18 @@ pub fn needs(u: &Uses<'_>) -> Vec<Need> {
             });
         }
     }
+    // One question per permission, even when two features need it.
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|n| {
+        seen.insert((
+            n.verb,
+            n.group,
+            n.resource,
+            n.namespace.clone(),
+            n.name.clone(),
+            n.path,
+        ))
+    });
     v
 }
 

@@ -75,13 +75,11 @@ fn report_cm(s: &Settings, r: &Report, rv: Option<String>) -> Result<ConfigMap, 
             name: Some(configmap_name(&s.replica)),
             namespace: Some(s.namespace.clone()),
             resource_version: rv,
-            labels: Some(BTreeMap::from([
-                (LABEL.to_string(), "true".to_string()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "meshca".to_string(),
-                ),
-            ])),
+            labels: Some({
+                let mut l = super::managed_by();
+                l.insert(LABEL.to_string(), "true".to_string());
+                l
+            }),
             ..Default::default()
         },
         data: Some(BTreeMap::from([(

@@ -309,14 +309,7 @@ impl SecretState {
                 name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
                 resource_version: self.based_on(),
-                labels: Some(
-                    [(
-                        "app.kubernetes.io/managed-by".to_string(),
-                        "meshca".to_string(),
-                    )]
-                    .into_iter()
-                    .collect(),
-                ),
+                labels: Some(super::managed_by()),
                 ..Default::default()
             },
             type_: Some("Opaque".into()),

@@ -212,6 +212,21 @@ impl Store {
         self.partitioned.send_replace(false);
     }
 
+    /// Serves the API server's service-account issuer discovery:
+    /// `/.well-known/openid-configuration` naming `issuer`, and `jwks` at
+    /// `/openid/v1/jwks`.
+    pub fn publish_oidc(&self, issuer: &str, jwks: &str) {
+        let mut docs = self.documents.lock().unwrap();
+        docs.insert(
+            "/.well-known/openid-configuration".into(),
+            json!({"issuer": issuer, "jwks_uri": "https://10.0.0.1:6443/openid/v1/jwks"}),
+        );
+        docs.insert(
+            "/openid/v1/jwks".into(),
+            serde_json::from_str(jwks).unwrap(),
+        );
+    }
+
     /// Adds a namespace with labels.
     pub fn add_namespace(&self, name: &str, labels: Value) {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace",

@@ -49,6 +49,19 @@ impl Ca {
         .unwrap()
     }
 
+    /// `GET /rotation/status` as JSON.
+    pub async fn rotation_status(&self) -> Value {
+        let (_, text) = meshca::admin_client::request(
+            "GET",
+            &format!("http://{}/rotation/status", self.running.admin_addr),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
     pub fn data(&self) -> DataDir {
         DataDir::new(self.dir.path().join("data"))
     }
@@ -178,6 +191,19 @@ pub fn openssl_csr(dir: &Path, newkey: &[&str]) -> Vec<u8> {
 
 fn rand_suffix() -> u64 {
     rand::random()
+}
+
+/// Runs `openssl ARGS…` and fails the test, with its stderr, if it fails.
+pub fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Verifies a chain with `openssl verify` for both TLS client and server use.
