@@ -364,13 +364,20 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
 }
 
 fn roots_of(ca: &Ca) -> Vec<String> {
-    ca.running
-        .ca
-        .bundle()
-        .roots
-        .iter()
-        .map(|r| meshca::ca::fingerprint(r))
-        .collect()
+    ca.root_ids()
+}
+
+/// The rotation journal in the shared state Secret.
+fn shared_journal(api: &support::kubeapi::Store) -> meshca::trust::rotation::RotationState {
+    let secret = api.get(SECRETS, "meshca-ca").unwrap();
+    serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            secret["data"]["rotation.json"].as_str().unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,15 +486,7 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     );
     let loser = if ra.0 == 409 { &ra.1 } else { &rb.1 };
     assert!(loser.contains("already prepared"), "{loser}");
-    let secret = api.get(SECRETS, "meshca-ca").unwrap();
-    let journal: meshca::trust::rotation::RotationState = serde_json::from_slice(
-        &base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            secret["data"]["rotation.json"].as_str().unwrap(),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let journal = shared_journal(&api);
     assert_eq!(
         journal
             .roots
@@ -1018,15 +1017,7 @@ async fn racing_writes_from_two_replicas_both_land() {
         api.conflicts.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the race happened"
     );
-    let secret = api.get(SECRETS, "meshca-ca").unwrap();
-    let journal: meshca::trust::rotation::RotationState = serde_json::from_slice(
-        &base64::Engine::decode(
-            &base64::engine::general_purpose::STANDARD,
-            secret["data"]["rotation.json"].as_str().unwrap(),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let journal = shared_journal(&api);
     let old = journal.roots.iter().find(|r| r.id == old_id).unwrap();
     assert!(old.tainted, "a's taint survived: {journal:?}");
     assert_eq!(

@@ -416,14 +416,7 @@ impl Scenario {
     }
 
     fn bundle_ids(&self) -> Vec<String> {
-        self.ca
-            .running
-            .ca
-            .bundle()
-            .roots
-            .iter()
-            .map(|r| meshca::ca::fingerprint(r))
-            .collect()
+        self.ca.root_ids()
     }
 }
 

@@ -49,6 +49,17 @@ impl Ca {
         .unwrap()
     }
 
+    /// The fingerprints of the roots in the current bundle.
+    pub fn root_ids(&self) -> Vec<String> {
+        self.running
+            .ca
+            .bundle()
+            .roots
+            .iter()
+            .map(|r| meshca::ca::fingerprint(r))
+            .collect()
+    }
+
     /// `GET /rotation/status` as JSON.
     pub async fn rotation_status(&self) -> Value {
         let (_, text) = meshca::admin_client::request(
