@@ -363,10 +363,6 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
     .await
 }
 
-fn roots_of(ca: &Ca) -> Vec<String> {
-    ca.root_ids()
-}
-
 /// The rotation journal in the shared state Secret.
 fn shared_journal(api: &support::kubeapi::Store) -> meshca::trust::rotation::RotationState {
     let secret = api.get(SECRETS, "meshca-ca").unwrap();
@@ -396,7 +392,7 @@ async fn two_replicas_share_one_ca_through_a_secret() {
         "the first replica shares its CA"
     );
     let b = shared_replica(&kc, "b", &jwks).await;
-    assert_eq!(roots_of(&a), roots_of(&b), "one root");
+    assert_eq!(a.root_ids(), b.root_ids(), "one root");
     // One audit signing key: a created the Secret, b adopted it.
     let key_of = |ca: &Ca| meshca::audit::read_key(&ca.dir.path().join("data")).unwrap();
     assert_eq!(key_of(&a).expose(), key_of(&b).expose());
@@ -440,7 +436,7 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     let new_root = a.running.ca.issuer().root_fingerprint.clone().unwrap();
     until("b follows the rotation", Duration::from_secs(5), || {
         b.running.ca.issuer().root_fingerprint.as_deref() == Some(new_root.as_str())
-            && roots_of(&b).len() == 2
+            && b.root_ids().len() == 2
     })
     .await;
     let ch = b.channel().await;
@@ -465,7 +461,7 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     .expect("b issues under the new root");
 
     // And the other way round: a taint through b reaches a.
-    let old_root = roots_of(&a).into_iter().find(|x| *x != new_root).unwrap();
+    let old_root = a.root_ids().into_iter().find(|x| *x != new_root).unwrap();
     let (code, body) = b
         .rotation("taint", &format!("{{\"root\": \"{}\"}}", &old_root[..16]))
         .await;
@@ -496,13 +492,13 @@ async fn two_replicas_share_one_ca_through_a_secret() {
         1
     );
     until("both replicas agree", Duration::from_secs(5), || {
-        roots_of(&a) == roots_of(&b)
+        a.root_ids() == b.root_ids()
     })
     .await;
 
     // A Secret that fails validation is refused with an Event; both keep
     // the last good state.
-    let before = roots_of(&a);
+    let before = a.root_ids();
     let mut bad = api.get(SECRETS, "meshca-ca").unwrap();
     let other_key = meshca::ca::CaKey::generate_p256().unwrap().to_pem();
     bad["data"]["issuer.key"] = json!(base64::Engine::encode(
@@ -520,8 +516,8 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(roots_of(&a), before);
-    assert_eq!(roots_of(&b), before);
+    assert_eq!(a.root_ids(), before);
+    assert_eq!(b.root_ids(), before);
     let r = certify_native(&b.channel().await, token()).await;
     assert!(r.is_ok(), "b still issues with its last good state");
     let refusals = || {
@@ -603,12 +599,12 @@ async fn watches_list_again_after_410_gone() {
     api.add_namespace("billing", json!({"mesh": "on"}));
     api.compact();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(roots_of(&b).len(), 1, "b cannot have seen the change yet");
+    assert_eq!(b.root_ids().len(), 1, "b cannot have seen the change yet");
     api.heal();
 
     // The resumed watches get 410 Gone, list again, and catch up.
     until("b sees the prepared root", Duration::from_secs(5), || {
-        roots_of(&b).len() == 2
+        b.root_ids().len() == 2
     })
     .await;
     until(
@@ -999,7 +995,7 @@ async fn racing_writes_from_two_replicas_both_land() {
     let old_root = a.running.ca.bundle().roots[0].clone();
     let old_id = meshca::ca::fingerprint(&old_root);
     until("b follows", Duration::from_secs(5), || {
-        roots_of(&b) == roots_of(&a)
+        b.root_ids() == a.root_ids()
     })
     .await;
 
@@ -1033,7 +1029,7 @@ async fn racing_writes_from_two_replicas_both_land() {
         "both replicas hold the merged state",
         Duration::from_secs(5),
         || {
-            roots_of(&a) == roots_of(&b)
+            a.root_ids() == b.root_ids()
                 && a.running.ca.bundle().tainted.len() == 1
                 && b.running.ca.bundle().tainted.len() == 1
         },
