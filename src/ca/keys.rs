@@ -21,37 +21,22 @@ impl CaKey {
         KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map(Self)
     }
 
-    /// Loads a PEM private key (PKCS#8, or SEC1/PKCS#1 where rcgen accepts it).
+    /// Loads a PEM private key: PKCS#8, or the traditional SEC1 (`EC PRIVATE
+    /// KEY`, the form cert-manager and `openssl ecparam` write by default)
+    /// and PKCS#1 (`RSA PRIVATE KEY`) forms, which are re-wrapped as PKCS#8
+    /// because ring reads only that.
     pub fn from_pem(pem: &SecretBytes) -> Result<Self, rcgen::Error> {
+        use rustls::pki_types::PrivateKeyDer;
         let s = std::str::from_utf8(pem.expose())
             .map_err(|_| rcgen::Error::PemError("key file is not UTF-8 PEM".into()))?;
-        if s.contains("-----BEGIN EC PRIVATE KEY-----") {
-            // SEC1, the form cert-manager and `openssl ecparam` write by
-            // default; ring reads only PKCS#8.
-            let mut rd = pem.expose();
-            let der = match rustls_pemfile::private_key(&mut rd) {
-                Ok(Some(rustls::pki_types::PrivateKeyDer::Sec1(k))) => {
-                    Zeroizing::new(k.secret_sec1_der().to_vec())
-                }
-                _ => return Err(rcgen::Error::CouldNotParseKeyPair),
-            };
-            let pkcs8 = sec1_to_pkcs8(&der).ok_or(rcgen::Error::CouldNotParseKeyPair)?;
-            return KeyPair::try_from(pkcs8.as_slice()).map(Self);
-        }
-        if s.contains("-----BEGIN RSA PRIVATE KEY-----") {
-            // PKCS#1, the traditional RSA form (offline roots, cert-manager's
-            // RSA default); ring reads only PKCS#8.
-            let mut rd = pem.expose();
-            let der = match rustls_pemfile::private_key(&mut rd) {
-                Ok(Some(rustls::pki_types::PrivateKeyDer::Pkcs1(k))) => {
-                    Zeroizing::new(k.secret_pkcs1_der().to_vec())
-                }
-                _ => return Err(rcgen::Error::CouldNotParseKeyPair),
-            };
-            let pkcs8 = pkcs1_to_pkcs8(&der).ok_or(rcgen::Error::CouldNotParseKeyPair)?;
-            return KeyPair::try_from(pkcs8.as_slice()).map(Self);
-        }
-        KeyPair::from_pem(s).map(Self)
+        let mut rd = pem.expose();
+        let pkcs8 = match rustls_pemfile::private_key(&mut rd) {
+            Ok(Some(PrivateKeyDer::Sec1(k))) => sec1_to_pkcs8(k.secret_sec1_der()),
+            Ok(Some(PrivateKeyDer::Pkcs1(k))) => pkcs1_to_pkcs8(k.secret_pkcs1_der()),
+            _ => return KeyPair::from_pem(s).map(Self),
+        };
+        let pkcs8 = pkcs8.ok_or(rcgen::Error::CouldNotParseKeyPair)?;
+        KeyPair::try_from(pkcs8.as_slice()).map(Self)
     }
 
     /// The PKCS#8 PEM encoding, in zeroizing memory.

@@ -342,6 +342,50 @@ impl Store {
         }
     }
 
+    /// Answers one HTTP request: a watch stream, or [`Store::handle`].
+    async fn respond(
+        self: Arc<Self>,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<super::Body> {
+        use http_body_util::{BodyExt, StreamBody};
+        let uri = req.uri().to_string();
+        let method = req.method().to_string();
+        let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+        if method == "GET" && query_param(query, "watch") == Some("true") {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            let from = query_param(query, "resourceVersion").and_then(|v| v.parse().ok());
+            tokio::spawn(self.clone().serve_watch(
+                path.to_string(),
+                name_selector(query),
+                label_selector(query),
+                from,
+                tx,
+            ));
+            let body = StreamBody::new(tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+                |b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
+            ));
+            return hyper::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(body.boxed())
+                .unwrap();
+        }
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let delay = {
+            let mut d = self.delay_next_put.lock().unwrap();
+            match d.as_ref() {
+                Some((p, _)) if method == "PUT" && p == path => d.take().map(|(_, t)| t),
+                _ => None,
+            }
+        };
+        if let Some(t) = delay {
+            tokio::time::sleep(t).await;
+        }
+        let (status, out) = self.handle(&method, &uri, &body);
+        super::json_response(status, &out)
+    }
+
     /// Handles one request.
     pub fn handle(&self, method: &str, uri: &str, body: &[u8]) -> (u16, Value) {
         let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
@@ -585,87 +629,10 @@ impl Store {
 /// Starts the fake API server; returns the store and a kubeconfig for it.
 pub async fn start(dir: &std::path::Path) -> (Arc<Store>, std::path::PathBuf) {
     use base64::Engine;
-    use http_body_util::{BodyExt, StreamBody};
     let store = Arc::new(Store::default());
-    let (acceptor, ca_pem) = super::tls_acceptor();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let s = store.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            let store = s.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let store = store.clone();
-                        async move {
-                            let uri = req.uri().to_string();
-                            let method = req.method().to_string();
-                            let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
-                            let respond = hyper::Response::builder()
-                                .header("content-type", "application/json");
-                            if method == "GET" && query_param(query, "watch") == Some("true") {
-                                let (tx, rx) = tokio::sync::mpsc::channel(64);
-                                let from = query_param(query, "resourceVersion")
-                                    .and_then(|v| v.parse().ok());
-                                tokio::spawn(store.clone().serve_watch(
-                                    path.to_string(),
-                                    name_selector(query),
-                                    label_selector(query),
-                                    from,
-                                    tx,
-                                ));
-                                let body = StreamBody::new(tokio_stream::StreamExt::map(
-                                    tokio_stream::wrappers::ReceiverStream::new(rx),
-                                    |b| {
-                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                                            b,
-                                        ))
-                                    },
-                                ));
-                                return Ok::<_, std::convert::Infallible>(
-                                    respond.status(200).body(body.boxed()).unwrap(),
-                                );
-                            }
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let delay = {
-                                let mut d = store.delay_next_put.lock().unwrap();
-                                match d.as_ref() {
-                                    Some((p, _)) if method == "PUT" && p == path => {
-                                        d.take().map(|(_, t)| t)
-                                    }
-                                    _ => None,
-                                }
-                            };
-                            if let Some(t) = delay {
-                                tokio::time::sleep(t).await;
-                            }
-                            let (status, out) = store.handle(&method, &uri, &body);
-                            Ok(respond
-                                .status(status)
-                                .body(
-                                    http_body_util::Full::new(hyper::body::Bytes::from(
-                                        out.to_string(),
-                                    ))
-                                    .boxed(),
-                                )
-                                .unwrap())
-                        }
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
+    let (addr, ca_pem) =
+        super::https_server(Arc::new(move |req| Box::pin(s.clone().respond(req)))).await;
     let b64 = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let text = format!(
         "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: https://127.0.0.1:{}\n    certificate-authority-data: {b64}\nusers:\n- name: meshca\n  user:\n    token: meshca-sa-token\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: meshca\ncurrent-context: test\n",

@@ -290,11 +290,23 @@ pub fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
     (acceptor, ca_cert.pem())
 }
 
-/// A local HTTPS endpoint (HTTP/1.1, rustls) answering JSON through `handler`
-/// (method, path, body). Returns its address and the PEM CA that signed its
-/// certificate (for 127.0.0.1 and localhost).
-pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, String) {
-    use http_body_util::BodyExt;
+/// A response body: whole, or streamed.
+pub type Body = http_body_util::combinators::BoxBody<hyper::body::Bytes, std::convert::Infallible>;
+
+/// Answers one request.
+pub type Respond = std::sync::Arc<
+    dyn Fn(
+            hyper::Request<hyper::body::Incoming>,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Response<Body>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A local HTTPS endpoint (HTTP/1.1, rustls) answering through `respond`.
+/// Returns its address and the PEM CA that signed its certificate (for
+/// 127.0.0.1 and localhost).
+pub async fn https_server(respond: Respond) -> (std::net::SocketAddr, String) {
     let (acceptor, ca_pem) = tls_acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -304,31 +316,15 @@ pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, Strin
                 return;
             };
             let acceptor = acceptor.clone();
-            let handler = handler.clone();
+            let respond = respond.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let handler = handler.clone();
-                        async move {
-                            let path = req.uri().path().to_string();
-                            let method = req.method().to_string();
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let (status, out) = handler(&method, &path, &body);
-                            Ok::<_, std::convert::Infallible>(
-                                hyper::Response::builder()
-                                    .status(status)
-                                    .header("content-type", "application/json")
-                                    .body(http_body_util::Full::new(hyper::body::Bytes::from(
-                                        out.to_string(),
-                                    )))
-                                    .unwrap(),
-                            )
-                        }
-                    },
-                );
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = respond(req);
+                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await;
@@ -336,6 +332,35 @@ pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, Strin
         }
     });
     (addr, ca_pem)
+}
+
+/// A whole JSON response.
+pub fn json_response(status: u16, out: &Value) -> hyper::Response<Body> {
+    use http_body_util::BodyExt;
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(out.to_string())).boxed())
+        .unwrap()
+}
+
+/// A local HTTPS endpoint answering JSON through `handler` (method, path,
+/// body). Returns its address and the PEM CA that signed its certificate.
+pub async fn https_json_server(handler: Handler) -> (std::net::SocketAddr, String) {
+    use http_body_util::BodyExt;
+    https_server(std::sync::Arc::new(
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let path = req.uri().path().to_string();
+                let method = req.method().to_string();
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let (status, out) = handler(&method, &path, &body);
+                json_response(status, &out)
+            })
+        },
+    ))
+    .await
 }
 
 /// `POST /rotation/STEP` with `body` to the admin endpoint `admin`, with the
