@@ -23,6 +23,12 @@ fn cm_path(ns: &str) -> String {
     format!("/api/v1/namespaces/{ns}/configmaps")
 }
 
+/// Whether every namespace in `nss` holds the bundle ConfigMap.
+fn published_in(api: &support::kubeapi::Store, nss: &[&str]) -> bool {
+    nss.iter()
+        .all(|ns| api.get(&cm_path(ns), CONFIGMAP).is_some())
+}
+
 async fn replica(kc: &std::path::Path, name: &str) -> Ca {
     let kc = kc.to_path_buf();
     let name = name.to_string();
@@ -582,7 +588,7 @@ async fn watches_list_again_after_410_gone() {
     })
     .await;
     until("the bundle is published", Duration::from_secs(5), || {
-        api.get(&cm_path("shop"), CONFIGMAP).is_some()
+        published_in(&api, &["shop"])
     })
     .await;
     until("every watch is open", Duration::from_secs(5), || {
@@ -610,10 +616,7 @@ async fn watches_list_again_after_410_gone() {
     until(
         "the deleted ConfigMap is back and the new namespace has one",
         Duration::from_secs(5),
-        || {
-            api.get(&cm_path("shop"), CONFIGMAP).is_some()
-                && api.get(&cm_path("billing"), CONFIGMAP).is_some()
-        },
+        || published_in(&api, &["shop", "billing"]),
     )
     .await;
     assert!(
@@ -674,7 +677,7 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
     };
     until("a leader", Duration::from_secs(10), || holder().is_some()).await;
     until("the bundle is published", Duration::from_secs(10), || {
-        api.get(&cm_path("shop"), CONFIGMAP).is_some()
+        published_in(&api, &["shop"])
     })
     .await;
     let first = holder().unwrap();
@@ -705,10 +708,7 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
     until(
         "the new leader publishes to the new namespace and restores the deleted ConfigMap",
         Duration::from_secs(10),
-        || {
-            api.get(&cm_path("billing"), CONFIGMAP).is_some()
-                && api.get(&cm_path("shop"), CONFIGMAP).is_some()
-        },
+        || published_in(&api, &["shop", "billing"]),
     )
     .await;
     // Its metrics say it leads and has written ConfigMaps.
