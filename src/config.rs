@@ -544,21 +544,23 @@ impl ServeArgs {
                 rand::random::<u32>()
             )
         });
-        if self.issuer_secret.is_some() && self.kubeconfig.is_none() {
-            return Err(bad("issuer_secret", NEEDS_KUBECONFIG.into()));
-        }
-        if self.audit_key_secret.is_some() && self.kubeconfig.is_none() {
-            return Err(bad("audit_key_secret", NEEDS_KUBECONFIG.into()));
-        }
-        if self.state_secret.is_some() && self.kubeconfig.is_none() {
-            return Err(bad("state_secret", NEEDS_KUBECONFIG.into()));
+        // Settings that talk to the API server need credentials.
+        if self.kubeconfig.is_none() {
+            for (setting, set) in [
+                ("issuer_secret", self.issuer_secret.is_some()),
+                ("audit_key_secret", self.audit_key_secret.is_some()),
+                ("state_secret", self.state_secret.is_some()),
+                ("publish_bundle", self.publish_bundle == Some(true)),
+                ("jwks_kubernetes", self.jwks_kubernetes == Some(true)),
+            ] {
+                if set {
+                    return Err(bad(setting, NEEDS_KUBECONFIG.into()));
+                }
+            }
         }
         let publish = match self.publish_bundle.unwrap_or(false) {
             false => None,
             true => {
-                if self.kubeconfig.is_none() {
-                    return Err(bad("publish_bundle", NEEDS_KUBECONFIG.into()));
-                }
                 let lease_duration = self
                     .leader_election_lease_duration
                     .map_or(Duration::from_secs(15), |d| d.0);
@@ -586,18 +588,15 @@ impl ServeArgs {
             }
         };
         let jwks_kubernetes = self.jwks_kubernetes.unwrap_or(false);
-        if jwks_kubernetes {
-            if self.kubeconfig.is_none() {
-                return Err(bad("jwks_kubernetes", NEEDS_KUBECONFIG.into()));
-            }
-            if self.jwks_file.is_some() || self.jwks_url.is_some() || self.oidc_issuer_url.is_some()
-            {
-                return Err(bad(
-                    "jwks_kubernetes",
-                    "set only one of jwks_file, jwks_url, oidc_issuer_url and jwks_kubernetes"
-                        .into(),
-                ));
-            }
+        if jwks_kubernetes
+            && (self.jwks_file.is_some()
+                || self.jwks_url.is_some()
+                || self.oidc_issuer_url.is_some())
+        {
+            return Err(bad(
+                "jwks_kubernetes",
+                "set only one of jwks_file, jwks_url, oidc_issuer_url and jwks_kubernetes".into(),
+            ));
         }
         Ok(ServeConfig {
             replica,
