@@ -150,6 +150,7 @@ pub fn run(cmd: AuditCommand) -> Result<(), String> {
                     .map(|s| query::parse_time(s, now))
                     .transpose()?,
                 limit,
+                before_index: None,
             };
             let rows = query::list(&open(&data_dir)?, &f)?;
             match output {

@@ -212,6 +212,31 @@ pub struct ServeArgs {
     /// How often the audit log signs a checkpoint when it has grown [default: 10s].
     #[arg(long, env = "MESHCA_AUDIT_CHECKPOINT_INTERVAL")]
     pub audit_checkpoint_interval: Option<HumanDuration>,
+    /// Refusal entries per second one peer address may add to the audit log;
+    /// refusals beyond it are counted into one summary entry [default: 2].
+    #[arg(long, env = "MESHCA_AUDIT_REFUSAL_RATE")]
+    pub audit_refusal_rate: Option<f64>,
+    /// Largest size of the audit log's files (bytes, or with a K/M/G/Ki/Mi/Gi
+    /// suffix); past it, issuance fails closed as on a full disk. Set it below
+    /// the data volume's sizeLimit [default: none].
+    #[arg(long, env = "MESHCA_AUDIT_MAX_BYTES")]
+    pub audit_max_bytes: Option<String>,
+    /// Burst of refusal entries per peer address [default: 20].
+    #[arg(long, env = "MESHCA_AUDIT_REFUSAL_BURST")]
+    pub audit_refusal_burst: Option<u32>,
+    /// Identical refusals (same peer, API, reason, detail) within this window
+    /// become one entry with a count [default: 60s].
+    #[arg(long, env = "MESHCA_AUDIT_REFUSAL_WINDOW")]
+    pub audit_refusal_window: Option<HumanDuration>,
+    /// Extra names (or addresses) the admin endpoint answers to in `Host`,
+    /// besides its listen address (and `localhost` on loopback); anything else
+    /// is refused with 421 as a DNS-rebinding guard [default: none].
+    #[arg(
+        long = "admin-allowed-host",
+        env = "MESHCA_ADMIN_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub admin_allowed_hosts: Option<Vec<String>>,
     /// Log format [default: text].
     #[arg(long, env = "MESHCA_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -297,6 +322,26 @@ pub struct ServeArgs {
 /// The error for a Kubernetes feature set without credentials.
 const NEEDS_KUBECONFIG: &str = "needs kubeconfig (in a pod: kubeconfig = \"in-cluster\")";
 
+/// Parses a size: bytes, or with a K, M, G (powers of 1000) or Ki, Mi, Gi
+/// (powers of 1024) suffix.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" => 1,
+        "K" | "k" => 1000,
+        "M" => 1000 * 1000,
+        "G" => 1000 * 1000 * 1000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 /// Parses a duration such as `90s`, `24h` or `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     s.parse::<HumanDuration>().map(|h| h.0)
@@ -325,6 +370,8 @@ impl ServeArgs {
             jwks_ca_file, jwks_refresh_interval, jwt_issuers, kubeconfig,
             tokenreview_qps, tokenreview_burst, authn_order, allow_legacy_tokens,
             rate_limit, rate_burst, audit_log, audit_checkpoint_interval, log_format,
+            audit_refusal_rate, audit_refusal_burst, audit_refusal_window, admin_allowed_hosts,
+            audit_max_bytes,
             issuer_lifetime, root_lifetime, propagation_wait, auto_rotate_root_every,
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
@@ -476,6 +523,41 @@ impl ServeArgs {
                 "audit_checkpoint_interval",
                 "must be at least 100ms".into(),
             ));
+        }
+        let audit_refusal_rate = self.audit_refusal_rate.unwrap_or(2.0);
+        if !(audit_refusal_rate > 0.0 && audit_refusal_rate.is_finite()) {
+            return Err(bad(
+                "audit_refusal_rate",
+                "must be a positive number".into(),
+            ));
+        }
+        let audit_refusal_window = self
+            .audit_refusal_window
+            .map_or(Duration::from_secs(60), |d| d.0);
+        if audit_refusal_window < Duration::from_millis(10) {
+            return Err(bad("audit_refusal_window", "must be at least 10ms".into()));
+        }
+        let audit_max_bytes = match self.audit_max_bytes.as_deref() {
+            None => None,
+            Some(v) => match parse_bytes(v) {
+                Some(n) if n >= 64 * 1024 => Some(n),
+                Some(_) => return Err(bad("audit_max_bytes", "must be at least 64Ki".into())),
+                None => {
+                    return Err(bad(
+                        "audit_max_bytes",
+                        format!("{v:?} is not a size (write bytes, or 500Mi, 2Gi, 1G)"),
+                    ))
+                }
+            },
+        };
+        let admin_allowed_hosts = self.admin_allowed_hosts.clone().unwrap_or_default();
+        for h in &admin_allowed_hosts {
+            if h.trim().is_empty() || h.contains(['/', ' ', '@']) {
+                return Err(bad(
+                    "admin_allowed_hosts",
+                    format!("{h:?} is not a host name or address"),
+                ));
+            }
         }
         let jwks_refresh_interval = self
             .jwks_refresh_interval
@@ -670,6 +752,13 @@ impl ServeArgs {
             rate_burst: self.rate_burst.unwrap_or(20),
             audit_log: self.audit_log.unwrap_or(true),
             audit_checkpoint_interval,
+            audit_refusal: crate::audit::intake::Limits {
+                rate: audit_refusal_rate,
+                burst: self.audit_refusal_burst.unwrap_or(20).max(1),
+                window: audit_refusal_window,
+            },
+            admin_allowed_hosts,
+            audit_max_bytes,
             log_format: self.log_format.unwrap_or_default(),
         })
     }
@@ -726,6 +815,13 @@ pub struct ServeConfig {
     pub audit_log: bool,
     /// Checkpoint signing interval.
     pub audit_checkpoint_interval: Duration,
+    /// How many refusals per peer reach the audit log, and the window in
+    /// which identical ones are folded into one entry.
+    pub audit_refusal: crate::audit::intake::Limits,
+    /// Extra `Host` names the admin endpoint answers to.
+    pub admin_allowed_hosts: Vec<String>,
+    /// Size limit of the audit log's files (None: the volume's).
+    pub audit_max_bytes: Option<u64>,
     /// Log format.
     pub log_format: LogFormat,
     /// Issuer lifetime.

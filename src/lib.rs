@@ -23,6 +23,7 @@ pub mod proto {
 }
 
 pub mod admin_client;
+pub mod admin_guard;
 pub mod agent;
 pub mod api;
 pub mod audit;

@@ -134,6 +134,9 @@ pub struct Metrics {
     proxy_bytes: Family<DirectionLabel, Counter>,
     proxy_peers: Family<PeerLabels, Counter>,
     rbac_missing: Gauge,
+    audit_write_failures: Counter,
+    audit_storage_ok: Gauge,
+    audit_refusals_folded: Counter,
     watch_restarts: Family<WatchLabels, Counter>,
     leader: Gauge,
     bundle_configmaps: Family<ResultLabel, Counter>,
@@ -291,6 +294,24 @@ impl Metrics {
             "Kubernetes permissions the configuration needs but the service account lacks (checked at start-up)",
             rbac_missing.clone(),
         );
+        let audit_write_failures = Counter::default();
+        registry.register(
+            "audit_write_failures",
+            "Audit log commits that failed (disk full, I/O error); issuance is refused with UNAVAILABLE meanwhile",
+            audit_write_failures.clone(),
+        );
+        let audit_storage_ok = Gauge::default();
+        registry.register(
+            "audit_storage_ok",
+            "1 when the audit log's last write (or recovery probe) succeeded, 0 while it cannot write",
+            audit_storage_ok.clone(),
+        );
+        let audit_refusals_folded = Counter::default();
+        registry.register(
+            "audit_refusals_folded",
+            "Refusals not written as entries of their own (identical repeats, or past the per-peer intake limit); each is counted in a summary entry",
+            audit_refusals_folded.clone(),
+        );
         let watch_restarts = Family::<WatchLabels, Counter>::default();
         registry.register(
             "kubernetes_watch_restarts",
@@ -321,6 +342,9 @@ impl Metrics {
             secrets_refused,
             watch_restarts,
             rbac_missing,
+            audit_write_failures,
+            audit_storage_ok,
+            audit_refusals_folded,
             proxy_handshakes,
             proxy_open,
             proxy_bytes,
@@ -536,6 +560,19 @@ impl Metrics {
     /// Missing Kubernetes permissions found at start-up.
     pub fn set_rbac_missing(&self, n: usize) {
         self.rbac_missing.set(n as i64);
+    }
+
+    /// Records the outcome of an audit log write.
+    pub fn audit_write(&self, ok: bool) {
+        if !ok {
+            self.audit_write_failures.inc();
+        }
+        self.audit_storage_ok.set(i64::from(ok));
+    }
+
+    /// Counts a refusal folded into a summary entry.
+    pub fn audit_refusal_folded(&self) {
+        self.audit_refusals_folded.inc();
     }
 
     pub fn set_issuer_expiry(&self, unix: u64) {

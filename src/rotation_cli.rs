@@ -153,8 +153,12 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
     let base = url.trim_end_matches('/');
     let (path, body) = match &req {
         Request::Status(w) => {
+            // Reading the status needs the admin token too (it names roots,
+            // issuers and clients).
+            let token = admin_token(target)?;
             let url = format!("{base}/rotation/status?warn_within={}", HumanDuration(*w));
-            let (code, text) = crate::admin_client::request("GET", &url, None, None).await?;
+            let (code, text) =
+                crate::admin_client::request("GET", &url, Some(&token), None).await?;
             return reply_json(code, &text);
         }
         Request::Step(Step::Prepare(RootSource::Generate(l))) => (
@@ -171,17 +175,7 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
         Request::Step(Step::Retire) => ("retire", serde_json::json!({})),
         Request::Step(Step::Taint(r)) => ("taint", serde_json::json!({ "root": r })),
     };
-    let token_file = target
-        .admin_token_file
-        .clone()
-        .unwrap_or_else(|| target.data_dir.join(crate::trust::http::TOKEN_FILE));
-    let token = crate::secret::read_private(&token_file).map_err(|e| {
-        format!(
-            "admin token {}: {e} (use --admin-token-file)",
-            token_file.display()
-        )
-    })?;
-    let token = String::from_utf8_lossy(token.expose()).trim().to_string();
+    let token = admin_token(target)?;
     let (code, text) = crate::admin_client::request(
         "POST",
         &format!("{base}/rotation/{path}"),
@@ -192,7 +186,39 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
     reply_json(code, &text)
 }
 
+/// The admin token: --admin-token-file, else DATA_DIR/admin.token.
+fn admin_token(target: &Target) -> Result<String, String> {
+    let token_file = target
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| target.data_dir.join(crate::trust::http::TOKEN_FILE));
+    let token = crate::secret::read_private(&token_file).map_err(|e| {
+        format!(
+            "cannot read the admin token {}: {e}; give the server's token file with --admin-token-file (it is admin.token in the server's data directory)",
+            token_file.display()
+        )
+    })?;
+    Ok(String::from_utf8_lossy(token.expose()).trim().to_string())
+}
+
 fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, String> {
+    let said = || {
+        serde_json::from_str::<serde_json::Value>(text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| text.trim().to_string())
+    };
+    match code {
+        401 => return Err(format!(
+            "the admin endpoint refused the admin token ({}); hint: pass the server's own token with --admin-token-file (admin.token in its data directory) or run this where --data-dir is the server's",
+            said()
+        )),
+        421 => return Err(format!(
+            "the admin endpoint does not answer to this address ({}); hint: use the address it listens on, or add this name to the server's admin_allowed_hosts",
+            said()
+        )),
+        _ => {}
+    }
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
         format!("the server answered HTTP {code} with something that is not JSON ({e}): {text}")
     })?;

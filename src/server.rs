@@ -414,6 +414,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     .with_tracker(tracker.clone());
     let mut audit_guard = None;
     let mut audit_log = None;
+    let mut refusal_gate = None;
     if cfg.audit_log {
         // Replicas sharing one CA each keep their own log (their own tree
         // and checkpoints), named by replica so auditors can tell them apart.
@@ -435,7 +436,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             .map_err(|e| format!("the audit signing key (setting audit_key_secret): {e}"))?;
             tracing::info!(secret = %name, ?outcome, "audit signing key shared through a Secret");
         }
-        let (log, guard) = crate::audit::AuditLog::open(&cfg.data_dir, &log_name, clock.clone())?;
+        let (log, guard) = crate::audit::AuditLog::open_limited(
+            &cfg.data_dir,
+            &log_name,
+            clock.clone(),
+            cfg.audit_max_bytes,
+        )?;
         let every = cfg.audit_checkpoint_interval;
         let ticker = log.clone();
         tokio::spawn(async move {
@@ -444,7 +450,22 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 ticker.request_checkpoint();
             }
         });
-        core = core.with_audit(log.clone());
+        let gate = Arc::new(crate::audit::intake::RefusalGate::new(
+            cfg.audit_refusal,
+            clock.clone(),
+        ));
+        // Summaries of folded refusals are appended once their window ends.
+        let (drainer, g) = (log.clone(), gate.clone());
+        let every =
+            (cfg.audit_refusal.window / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                append_summaries(&drainer, &g, false).await;
+            }
+        });
+        core = core.with_audit(log.clone()).with_refusal_gate(gate.clone());
+        refusal_gate = Some(gate);
         audit_log = Some(log);
         audit_guard = Some(guard);
     } else {
@@ -784,7 +805,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
 
     let ready_ca = ca.clone();
     let ready_authn = core.authn.clone();
-    let router = axum::Router::new()
+    let ready_audit = audit_log.clone();
+    // Open to probes and Prometheus: nothing here changes or reveals the CA.
+    let open = axum::Router::new()
         .route(
             "/metrics",
             get(|| async {
@@ -803,7 +826,16 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             get(move || {
                 let ca = ready_ca.clone();
                 let authn = ready_authn.clone();
+                let audit = ready_audit.clone();
                 async move {
+                    // Without a writable audit log every certificate is
+                    // withheld: take this replica out of rotation, say why.
+                    if let Some(p) = audit.as_ref().and_then(|l| l.storage_problem()) {
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: the audit log cannot write ({p}); certificates are refused with UNAVAILABLE until it can: free space on the data volume (docs/audit.md, \"Sizing\")\n"),
+                        );
+                    }
                     let now = ca.clock().now();
                     let iss = ca.issuer();
                     if iss.not_after > now {
@@ -828,11 +860,17 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 }
             }),
         );
-    let router = router.merge(crate::trust::http::routes(rotation.clone(), &admin_token));
-    let router = match &audit_log {
-        Some(log) => router.merge(crate::audit::http::routes(log.clone())),
-        None => router,
+    // For operators and auditors: the admin token on every method.
+    let protected = crate::trust::http::routes(rotation.clone(), &admin_token);
+    let protected = match &audit_log {
+        Some(log) => protected.merge(crate::audit::http::routes(log.clone())),
+        None => protected,
     };
+    let router = open.merge(crate::admin_guard::protect(protected, &admin_token));
+    let router = crate::admin_guard::check_hosts(
+        router,
+        crate::admin_guard::HostRule::new(admin_addr, &cfg.admin_allowed_hosts),
+    );
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(async move {
         let r = axum::serve(admin, router)
@@ -845,6 +883,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         }
     });
 
+    let final_log = audit_log.clone();
     let task = tokio::spawn(async move {
         let _ = shutdown_rx.await;
         let _ = stop_tx.send(true);
@@ -868,7 +907,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         {
             admin_task.abort();
         }
-        // In-flight requests are done: sign the final checkpoint.
+        // In-flight requests are done: record the folded refusals, then
+        // sign the final checkpoint.
+        if let (Some(log), Some(gate)) = (&final_log, &refusal_gate) {
+            append_summaries(log, gate, true).await;
+        }
         if let Some(g) = audit_guard {
             let _ = tokio::task::spawn_blocking(move || g.stop()).await;
         }
@@ -887,6 +930,19 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         shutdown: Some(shutdown_tx),
         task,
     })
+}
+
+/// Appends the summary entries of folded refusals that are due.
+async fn append_summaries(
+    log: &crate::audit::AuditLog,
+    gate: &crate::audit::intake::RefusalGate,
+    all: bool,
+) {
+    for e in gate.drain(all) {
+        if let Err(err) = log.append(e).await {
+            tracing::error!(error = %err, "could not record a summary of folded refusals in the audit log");
+        }
+    }
 }
 
 /// The trust bundle of a running server, as rustls roots (for clients).

@@ -165,19 +165,15 @@ async fn decisions_are_recorded_proved_and_tampering_is_caught() {
     }
 
     // The admin endpoint answers the same queries.
-    let body = http_get(
-        ca.running.admin_addr,
-        &format!("/audit/entries/{}", serials[0]),
-    )
-    .await;
+    let body = http_get(&ca, &format!("/audit/entries/{}", serials[0])).await;
     assert!(body.contains("\"proof_verified\": true"), "{body}");
-    let body = http_get(ca.running.admin_addr, "/audit/entries?result=refused").await;
+    let body = http_get(&ca, "/audit/entries?result=refused").await;
     assert_eq!(
         body.lines().filter(|l| l.starts_with('{')).count(),
         2,
         "{body}"
     );
-    let body = http_get(ca.running.admin_addr, "/audit/checkpoint").await;
+    let body = http_get(&ca, "/audit/checkpoint").await;
     assert!(body.contains("meshca/cluster.local\n8\n"), "{body}");
 
     // CLI: list, show (by certificate file too), prove, verify, export + offline verify.
@@ -247,10 +243,12 @@ async fn decisions_are_recorded_proved_and_tampering_is_caught() {
     tamper_cases(&data, tmp.path());
 }
 
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+async fn http_get(ca: &Ca, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = ca.running.admin_addr;
+    let token = ca.admin_token();
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
@@ -320,6 +318,27 @@ fn tamper_cases(data: &Path, tmp: &Path) {
                 rusqlite::params![body, &leaf[..]],
             )
             .unwrap();
+            }),
+        ),
+        (
+            // Issue 11: the row's time moved a day back hides it from
+            // `audit list --since`, and the tree alone cannot see that.
+            "edit a query column",
+            "entry 2: its time_ms column",
+            Box::new(|c: &rusqlite::Connection| {
+                c.execute(
+                    "UPDATE entries SET time_ms = time_ms - 86400000 WHERE idx = 2",
+                    [],
+                )
+                .unwrap();
+            }),
+        ),
+        (
+            "edit the serial column",
+            "entry 3: its serial column",
+            Box::new(|c: &rusqlite::Connection| {
+                c.execute("UPDATE entries SET serial = 'ab' WHERE idx = 3", [])
+                    .unwrap();
             }),
         ),
         (

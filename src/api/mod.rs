@@ -108,6 +108,7 @@ pub struct Core {
     pub audiences: Audiences,
     limiter: KeyedLimiter<Workload>,
     audit: Option<crate::audit::AuditLog>,
+    refusals: Option<Arc<crate::audit::intake::RefusalGate>>,
     tracker: Arc<crate::trust::propagation::Tracker>,
 }
 
@@ -135,6 +136,7 @@ impl Core {
             audiences,
             limiter,
             audit: None,
+            refusals: None,
             tracker: Arc::default(),
         }
     }
@@ -157,6 +159,13 @@ impl Core {
         self
     }
 
+    /// Passes refusals through `gate` before they reach the audit log (a
+    /// per-peer budget, identical repeats folded into one counted entry).
+    pub fn with_refusal_gate(mut self, gate: Arc<crate::audit::intake::RefusalGate>) -> Self {
+        self.refusals = Some(gate);
+        self
+    }
+
     fn audience(&self, api: WireApi) -> &str {
         match api {
             WireApi::Native => &self.audiences.native,
@@ -175,11 +184,21 @@ impl Core {
         let mut result = self.certify_inner(&input, &mut who).await;
         if let Some(log) = &self.audit {
             let entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
-            match (log.append(entry).await, &result) {
-                (Ok(_), _) => {}
-                (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e)),
-                (Err(e), Err(_)) => {
-                    tracing::error!(error = %e, "could not record a refusal in the audit log")
+            // Refusals cost an attacker nothing: each peer gets a bounded
+            // share of the log. Grants always get their own entry.
+            let folded = match (&result, &self.refusals) {
+                (Err(_), Some(gate)) => gate.admit(&entry) == crate::audit::intake::Admit::Folded,
+                _ => false,
+            };
+            if folded {
+                metrics.audit_refusal_folded();
+            } else {
+                match (log.append(entry).await, &result) {
+                    (Ok(_), _) => {}
+                    (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e)),
+                    (Err(e), Err(_)) => {
+                        tracing::error!(error = %e, "could not record a refusal in the audit log")
+                    }
                 }
             }
         }
@@ -233,7 +252,7 @@ impl Core {
                     peer = %peer,
                     result = "refused",
                     reason = e.reason(),
-                    detail = %e,
+                    detail = %crate::audit::intake::bound_detail(&e.to_string()),
                     "certificate refused"
                 );
             }
@@ -355,9 +374,10 @@ fn audit_entry(
         pod_name: who.and_then(|a| a.pod_name.clone()),
         pod_uid: who.and_then(|a| a.pod_uid.clone()),
         peer: input.peer.map(|p| p.to_string()),
+        // Untrusted: a DNS name is at most 253 bytes, so real ones are whole.
         requested_identity: input
             .claimed_dns_identity
-            .map(|s| s.chars().take(253).collect()),
+            .map(|s| crate::audit::intake::truncate(s, 253)),
         requested_ttl_s: input.ttl.map(|d| d.as_secs()),
         csr_sha256: (!input.csr_der.is_empty()).then(|| crate::ca::fingerprint(input.csr_der)),
         ..Default::default()
@@ -379,7 +399,8 @@ fn audit_entry(
         Err(err) => {
             e.result = "refused".into();
             e.reason = err.reason().into();
-            e.detail = Some(err.to_string());
+            // The detail may echo what the caller sent (an `iss`, a `kid`).
+            e.detail = Some(crate::audit::intake::bound_detail(&err.to_string()));
         }
     }
     e

@@ -82,6 +82,12 @@ pub struct Entry {
     /// entries: the bundle version after the transition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_version: Option<u64>,
+    /// How many refusals this entry stands for, when more than one: identical
+    /// refusals (same peer address, API, reason and detail) within
+    /// `audit_refusal_window` after a recorded one, or refusals past the
+    /// per-peer intake limit (`reason: refusals_over_audit_limit`). Absent: one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl Entry {

@@ -2,11 +2,16 @@
 //!
 //! Routes (all GET, read-only, each on its own read-only SQLite connection so
 //! queries never hold up the writer):
-//! - `/audit/entries?identity=NS/SA&namespace=&result=&since=&until=&limit=` — JSON lines
+//! - `/audit/entries?identity=NS/SA&namespace=&result=&since=&until=&limit=&before=` —
+//!   JSON lines, the newest `limit` matches (default [`DEFAULT_LIMIT`], at
+//!   most [`MAX_LIMIT`]) below index `before`; when more may match, the
+//!   `meshca-next-cursor` header holds the `before` value of the next page
 //! - `/audit/entries/{serial}` — the entry and its inclusion proof
 //! - `/audit/checkpoint` — the newest signed checkpoint (note text)
 //! - `/audit/consistency?from=A&to=B` — a consistency proof
 //! - `/audit/key` — the log's verifier key
+//!
+//! Every route needs the admin token (see `admin_guard`).
 
 use axum::extract::{Path, Query};
 use axum::http::StatusCode;
@@ -18,6 +23,13 @@ use serde::Deserialize;
 use super::store::{AuditStore, Filter, SqliteStore};
 use super::{query, AuditLog};
 
+/// Entries per page of `/audit/entries` when the request names no `limit`.
+pub const DEFAULT_LIMIT: u64 = 100;
+/// The largest page `/audit/entries` serves.
+pub const MAX_LIMIT: u64 = 1000;
+/// The response header naming the next page's `before` cursor.
+pub const NEXT_CURSOR: &str = "meshca-next-cursor";
+
 /// Query parameters of `/audit/entries`.
 #[derive(Debug, Default, Deserialize)]
 pub struct ListParams {
@@ -27,6 +39,7 @@ pub struct ListParams {
     since: Option<String>,
     until: Option<String>,
     limit: Option<u64>,
+    before: Option<u64>,
 }
 
 /// Query parameters of `/audit/consistency`.
@@ -77,7 +90,17 @@ pub fn filter(p: ListParams, now: std::time::SystemTime) -> Result<Filter, Strin
             .as_deref()
             .map(|s| query::parse_time(s, now))
             .transpose()?,
-        limit: p.limit,
+        limit: Some(match p.limit {
+            None => DEFAULT_LIMIT,
+            Some(0) => return Err("limit must be at least 1".into()),
+            Some(n) if n > MAX_LIMIT => {
+                return Err(format!(
+                    "limit {n} is over the maximum of {MAX_LIMIT}; page with the {NEXT_CURSOR} header's value as `before`"
+                ))
+            }
+            Some(n) => n,
+        }),
+        before_index: p.before,
     })
 }
 
@@ -97,13 +120,25 @@ pub fn routes(log: AuditLog) -> Router {
                         Ok(f) => f,
                         Err(e) => return err(StatusCode::BAD_REQUEST, e),
                     };
+                    let limit = f.limit.unwrap_or(DEFAULT_LIMIT);
                     match with_store(&log, move |s| query::list(s, &f)).await {
                         Ok(rows) => {
                             let body: String = rows
                                 .iter()
                                 .map(|r| serde_json::to_string(r).unwrap_or_default() + "\n")
                                 .collect();
-                            ([("content-type", "application/x-ndjson")], body).into_response()
+                            let mut resp =
+                                ([("content-type", "application/x-ndjson")], body).into_response();
+                            // A full page may have more behind it (oldest first).
+                            if rows.len() as u64 == limit {
+                                if let Some(first) = rows.first().filter(|r| r.index > 0) {
+                                    resp.headers_mut().insert(
+                                        NEXT_CURSOR,
+                                        axum::http::HeaderValue::from(first.index),
+                                    );
+                                }
+                            }
+                            resp
                         }
                         Err(r) => r,
                     }
@@ -115,7 +150,12 @@ pub fn routes(log: AuditLog) -> Router {
             get(move |Path(serial): Path<String>| {
                 let log = l2.clone();
                 async move {
-                    match with_store(&log, move |s| query::show(s, &serial)).await {
+                    let tiles = log.tiles().clone();
+                    let show = move |s: &dyn AuditStore| {
+                        let t = tiles.read().unwrap_or_else(|p| p.into_inner());
+                        query::show_tiled(s, &t, &serial)
+                    };
+                    match with_store(&log, show).await {
                         Ok(shown) => json(&shown),
                         Err(r) => r,
                     }
@@ -127,8 +167,8 @@ pub fn routes(log: AuditLog) -> Router {
             get(move || {
                 let log = l3.clone();
                 async move {
-                    match with_store(&log, |s| s.checkpoints()).await {
-                        Ok(cps) => match cps.last() {
+                    match with_store(&log, |s| s.latest_checkpoint()).await {
+                        Ok(cp) => match cp {
                             Some(c) => c.note.clone().into_response(),
                             None => err(StatusCode::NOT_FOUND, "no checkpoint yet".into()),
                         },
@@ -142,7 +182,12 @@ pub fn routes(log: AuditLog) -> Router {
             get(move |Query(p): Query<ProveParams>| {
                 let log = l4.clone();
                 async move {
-                    match with_store(&log, move |s| query::prove(s, p.from, p.to)).await {
+                    let tiles = log.tiles().clone();
+                    let prove = move |s: &dyn AuditStore| {
+                        let t = tiles.read().unwrap_or_else(|p| p.into_inner());
+                        query::prove_tiled(s, &t, p.from, p.to)
+                    };
+                    match with_store(&log, prove).await {
                         Ok(proved) => json(&proved),
                         Err(r) => r,
                     }

@@ -8,10 +8,12 @@
 
 pub mod entry;
 pub mod http;
+pub mod intake;
 pub mod merkle;
 pub mod note;
 pub mod query;
 pub mod store;
+pub mod tiles;
 pub mod verify;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,43 @@ const MAX_BATCH: usize = 4096;
 /// the latency they add (measured with `meshca bench --audit both`). A lone
 /// request (the previous batch held one entry) is committed at once.
 const LINGER: std::time::Duration = std::time::Duration::from_micros(500);
+/// The WAL is folded into the database after this many commits (or
+/// [`FOLD_ENTRIES`] entries) as well as on every checkpoint tick, so it stays
+/// a few MiB under any load instead of growing until the next tick.
+const FOLD_COMMITS: u64 = 256;
+const FOLD_ENTRIES: u64 = 4096;
+/// While the store cannot write, how often the writer probes it, so the
+/// server becomes ready again by itself when space returns.
+const PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Whether the log can write: read by `/ready`, set by the writer thread.
+#[derive(Debug, Default)]
+pub struct Health {
+    problem: std::sync::RwLock<Option<String>>,
+}
+
+impl Health {
+    /// Why the log cannot write (None: it can).
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, problem: Option<String>) {
+        let mut g = self.problem.write().unwrap_or_else(|p| p.into_inner());
+        match (&*g, &problem) {
+            (None, Some(e)) => {
+                tracing::error!(error = %e, "the audit log cannot write: certificates are refused with UNAVAILABLE until it can (is the data volume full?)")
+            }
+            (Some(_), None) => tracing::info!("the audit log can write again: issuance resumes"),
+            _ => {}
+        }
+        crate::metrics::global().audit_write(problem.is_none());
+        *g = problem;
+    }
+}
 
 enum Msg {
     Append(Box<Entry>, oneshot::Sender<Result<u64, String>>),
@@ -53,7 +92,12 @@ pub struct AuditLog {
     tx: mpsc::Sender<Msg>,
     db_path: PathBuf,
     verifier_key: String,
+    health: std::sync::Arc<Health>,
+    tiles: SharedTiles,
 }
+
+/// The writer's subtree hashes, read by the proof routes.
+pub type SharedTiles = std::sync::Arc<std::sync::RwLock<tiles::Tiles>>;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +168,19 @@ impl AuditLog {
         trust_domain: &str,
         clock: std::sync::Arc<dyn Clock>,
     ) -> Result<(AuditLog, WriterGuard), String> {
+        Self::open_limited(data_dir, trust_domain, clock, None)
+    }
+
+    /// [`AuditLog::open`], refusing to grow the log's files past `max_bytes`
+    /// (setting `audit_max_bytes`): appends then fail as on a full disk, so a
+    /// size-limited volume makes meshca fail closed before the kubelet
+    /// evicts the pod (and its log) for exceeding the limit.
+    pub fn open_limited(
+        data_dir: &Path,
+        trust_domain: &str,
+        clock: std::sync::Arc<dyn Clock>,
+        max_bytes: Option<u64>,
+    ) -> Result<(AuditLog, WriterGuard), String> {
         let origin = origin(trust_domain);
         let signer = load_or_create_key(data_dir, &origin)?;
         let verifier_key = signer.verifier_key();
@@ -135,17 +192,28 @@ impl AuditLog {
             return Err("audit log is inconsistent (entry count differs from leaves); run `meshca audit verify`".into());
         }
         let frontier = Frontier::from_leaves(&leaves);
+        let tiles: SharedTiles =
+            std::sync::Arc::new(std::sync::RwLock::new(tiles::Tiles::from_leaves(&leaves)));
+        drop(leaves);
         tracing::info!(entries = frontier.size(), db = %db_path.display(), "audit log opened");
         let (tx, rx) = mpsc::channel();
+        let health = std::sync::Arc::new(Health::default());
+        crate::metrics::global().audit_write(true);
+        let (h, t, db) = (health.clone(), tiles.clone(), db_path.clone());
         let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
-            .spawn(move || writer(store, frontier, signer, origin, clock, rx))
+            .spawn(move || {
+                let limit = Limit::new(&db, max_bytes);
+                writer(store, frontier, signer, origin, clock, rx, &h, &t, &limit)
+            })
             .map_err(|e| format!("cannot start the audit writer: {e}"))?;
         Ok((
             AuditLog {
                 tx: tx.clone(),
                 db_path,
                 verifier_key,
+                health,
+                tiles,
             },
             WriterGuard {
                 tx,
@@ -184,12 +252,67 @@ impl AuditLog {
         &self.db_path
     }
 
+    /// The subtree hashes proofs are computed from (`tiles`).
+    pub fn tiles(&self) -> &SharedTiles {
+        &self.tiles
+    }
+
+    /// Why the log cannot write right now (None: it can); `/ready` reports it.
+    pub fn storage_problem(&self) -> Option<String> {
+        self.health.problem()
+    }
+
     /// The verifier key of the log's signer.
     pub fn verifier_key(&self) -> &str {
         &self.verifier_key
     }
 }
 
+/// `audit_max_bytes`: the database and its WAL together.
+struct Limit {
+    files: [PathBuf; 2],
+    max: Option<u64>,
+}
+
+impl Limit {
+    /// [`Limit::check`]; when over, first folds the WAL into the database
+    /// and truncates it (the WAL alone can hold a few MiB), then checks again.
+    fn check_or_shrink(&self, more: u64, store: &mut SqliteStore) -> Result<(), String> {
+        self.check(more).or_else(|_| {
+            let _ = store.truncate_wal();
+            self.check(more)
+        })
+    }
+
+    fn new(db: &Path, max: Option<u64>) -> Self {
+        let mut wal = db.as_os_str().to_owned();
+        wal.push("-wal");
+        Self {
+            files: [db.to_path_buf(), PathBuf::from(wal)],
+            max,
+        }
+    }
+
+    /// Whether `more` bytes of entries may be added (pages and index cost
+    /// about twice the body size, hence the margin).
+    fn check(&self, more: u64) -> Result<(), String> {
+        let Some(max) = self.max else { return Ok(()) };
+        let used: u64 = self
+            .files
+            .iter()
+            .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+            .sum();
+        if used + 2 * more > max {
+            // The DB-or-disk wording is SQLite's own for a full disk.
+            return Err(format!(
+                "the audit log reached its size limit (audit_max_bytes = {max} bytes, {used} used): database or disk is full"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn writer(
     mut store: SqliteStore,
     mut frontier: Frontier,
@@ -197,7 +320,26 @@ fn writer(
     origin: String,
     clock: std::sync::Arc<dyn Clock>,
     rx: mpsc::Receiver<Msg>,
+    health: &Health,
+    tiles: &SharedTiles,
+    limit: &Limit,
 ) {
+    // Leaves committed but not yet in `tiles` (a proof held the lock): the
+    // writer never waits for a reader, except on the checkpoint tick.
+    let mut untiled: Vec<merkle::Hash> = Vec::new();
+    let mut add_tiles = |leaves: &mut dyn Iterator<Item = merkle::Hash>, wait: bool| {
+        untiled.extend(leaves);
+        let guard = if wait {
+            Some(tiles.write().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            tiles.try_write().ok()
+        };
+        if let Some(mut t) = guard {
+            for l in untiled.drain(..) {
+                t.push(l);
+            }
+        }
+    };
     let mut last_checkpoint = store
         .checkpoints()
         .ok()
@@ -224,7 +366,27 @@ fn writer(
     };
     let (mut batches, mut appended, mut commit_time) = (0u64, 0u64, std::time::Duration::ZERO);
     let mut last_batch = 0usize;
-    while let Ok(first) = rx.recv() {
+    let (mut commits_since_fold, mut entries_since_fold) = (0u64, 0u64);
+    let mut failing = false;
+    loop {
+        let first = if failing {
+            match rx.recv_timeout(PROBE_EVERY) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if limit.check_or_shrink(0, &mut store).is_ok() && store.probe().is_ok() {
+                        failing = false;
+                        health.set(None);
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else {
+            match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            }
+        };
         let mut msgs = vec![first];
         if last_batch > 1 {
             std::thread::sleep(LINGER);
@@ -266,19 +428,36 @@ fn writer(
             let first_index = frontier.size();
             // One transaction, one fsync, for the whole batch.
             let t = std::time::Instant::now();
-            let r = store.append(first_index, &rows);
+            let bytes: u64 = rows.iter().map(|(b, _, _)| b.len() as u64).sum();
+            let r = limit
+                .check_or_shrink(bytes, &mut store)
+                .and_then(|()| store.append(first_index, &rows));
             commit_time += t.elapsed();
             batches += 1;
             appended += rows.len() as u64;
             match r {
                 Ok(()) => {
+                    if failing {
+                        failing = false;
+                        health.set(None);
+                    }
+                    commits_since_fold += 1;
+                    entries_since_fold += rows.len() as u64;
+                    add_tiles(&mut rows.iter().map(|(_, leaf, _)| *leaf), false);
                     for (i, ((_, leaf, _), reply)) in rows.iter().zip(appends).enumerate() {
                         frontier.push(*leaf);
                         let _ = reply.send(Ok(first_index + i as u64));
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "audit append failed");
+                    // The transaction rolled back: nothing of this batch is
+                    // in the tree, and no caller was told it is.
+                    tracing::error!(error = %e, entries = rows.len(), "audit append failed");
+                    crate::metrics::global().audit_write(false);
+                    if !failing {
+                        failing = true;
+                        health.set(Some(e.clone()));
+                    }
                     for reply in appends {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -286,6 +465,13 @@ fn writer(
             }
         }
         if !checkpoints.is_empty() {
+            add_tiles(&mut std::iter::empty(), true);
+        }
+        if !checkpoints.is_empty()
+            || commits_since_fold >= FOLD_COMMITS
+            || entries_since_fold >= FOLD_ENTRIES
+        {
+            (commits_since_fold, entries_since_fold) = (0, 0);
             // The periodic checkpoint tick is also when the WAL is folded in.
             if let Err(e) = store.fold_wal() {
                 tracing::warn!(error = %e, "folding the audit WAL failed");

@@ -15,6 +15,7 @@ use super::entry::Entry;
 use super::merkle::{self, Hash};
 use super::note::NoteVerifier;
 use super::store::{AuditStore, Filter};
+use super::tiles::Tiles;
 use super::verify::{self, CheckpointInput, Problem, Report};
 
 /// An entry with its index.
@@ -99,6 +100,69 @@ pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
     })
 }
 
+/// [`show`] for a running server: the proof comes from the writer's
+/// in-memory subtree hashes and at most a tile of leaves read from `store`,
+/// not from every leaf (`audit/tiles.rs`).
+pub fn show_tiled(store: &dyn AuditStore, tiles: &Tiles, serial: &str) -> Result<Shown, String> {
+    let serial = serial.replace(':', "").to_lowercase();
+    let s = store
+        .by_serial(&serial)?
+        .ok_or_else(|| format!("no entry for serial {serial}"))?;
+    let entry: Entry =
+        serde_json::from_slice(&s.body).map_err(|e| format!("entry {}: {e}", s.index))?;
+    let leaf = merkle::leaf_hash(&s.body);
+    let mut read = |a, b| store.leaf_range(a, b);
+    let (checkpoint, tree_size, proof, verified) = match store
+        .checkpoint_between(s.index, tiles.size())?
+    {
+        Some(cp) => {
+            let proof = tiles.inclusion_proof(s.index, cp.size, &mut read)?;
+            let ok = merkle::verify_inclusion(s.index, cp.size, &leaf, &proof, &cp.root).is_ok();
+            (Some(cp.note), Some(cp.size), proof, ok)
+        }
+        None => (None, None, Vec::new(), false),
+    };
+    Ok(Shown {
+        index: s.index,
+        entry,
+        leaf_hash: B64.encode(leaf),
+        checkpoint,
+        tree_size,
+        inclusion_proof: b64s(&proof),
+        proof_verified: verified,
+    })
+}
+
+/// [`prove`] for a running server, from the in-memory subtree hashes.
+pub fn prove_tiled(
+    store: &dyn AuditStore,
+    tiles: &Tiles,
+    from: u64,
+    to: u64,
+) -> Result<Proved, String> {
+    if from == 0 || from > to || to > tiles.size() {
+        return Err(format!(
+            "need 0 < from <= to <= {} (the log's size)",
+            tiles.size()
+        ));
+    }
+    let mut read = |a, b| store.leaf_range(a, b);
+    let a = tiles.root(from, &mut read)?;
+    let b = tiles.root(to, &mut read)?;
+    let proof = tiles.consistency_proof(from, to, &mut read)?;
+    let ok = merkle::verify_consistency(from, to, &a, &b, &proof).is_ok();
+    Ok(Proved {
+        from,
+        to,
+        from_root: B64.encode(a),
+        to_root: B64.encode(b),
+        from_checkpoint: store.checkpoint_of_size(from)?.map(|c| c.note),
+        to_checkpoint: store.checkpoint_of_size(to)?.map(|c| c.note),
+        proof: b64s(&proof),
+        proof_verified: ok,
+    })
+}
+
 /// A consistency proof between two tree sizes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Proved {
@@ -179,7 +243,7 @@ pub fn verify_store(
                 from = v.last().map_or(from, |e| e.index + 1);
                 page = v
                     .into_iter()
-                    .map(|e| (e.index, e.body, Some(e.leaf_hash)))
+                    .map(|e| (e.index, e.body, Some(e.leaf_hash), e.columns))
                     .collect::<Vec<_>>()
                     .into_iter();
             }
@@ -261,7 +325,7 @@ pub fn verify_export(
             let body = B64
                 .decode(b)
                 .map_err(|_| format!("export line {}: bad base64 body", n + 1))?;
-            entries.push((i, body, None));
+            entries.push((i, body, None, None));
         }
     }
     verify::verify(entries, cps, verifier, progress).map_err(|p| p.to_string())

@@ -20,6 +20,9 @@ pub struct StoredEntry {
     pub body: Vec<u8>,
     /// The leaf hash recorded when the entry was appended.
     pub leaf_hash: Hash,
+    /// The query columns stored beside the body (read by [`AuditStore::entries`],
+    /// which `verify` uses to check them against the body).
+    pub columns: Option<Indexed>,
 }
 
 /// A stored checkpoint.
@@ -50,6 +53,8 @@ pub struct Filter {
     pub until_ms: Option<u64>,
     /// At most this many (newest last).
     pub limit: Option<u64>,
+    /// Only entries with an index below this (the paging cursor).
+    pub before_index: Option<u64>,
 }
 
 /// Fields indexed for queries, besides the body.
@@ -89,6 +94,15 @@ pub trait AuditStore: Send {
     fn add_checkpoint(&mut self, cp: &StoredCheckpoint) -> StoreResult<()>;
     /// Every checkpoint, by size.
     fn checkpoints(&self) -> StoreResult<Vec<StoredCheckpoint>>;
+    /// The leaf hashes of entries `from..to` (a proof reads at most a tile).
+    fn leaf_range(&self, from: u64, to: u64) -> StoreResult<Vec<Hash>>;
+    /// The smallest checkpoint with `above < size <= at_most`.
+    fn checkpoint_between(&self, above: u64, at_most: u64)
+        -> StoreResult<Option<StoredCheckpoint>>;
+    /// The checkpoint of exactly `size`.
+    fn checkpoint_of_size(&self, size: u64) -> StoreResult<Option<StoredCheckpoint>>;
+    /// The newest checkpoint.
+    fn latest_checkpoint(&self) -> StoreResult<Option<StoredCheckpoint>>;
 }
 
 /// SQLite in WAL mode with `synchronous=FULL`: a commit is on disk when it returns.
@@ -146,7 +160,7 @@ impl SqliteStore {
         // The WAL is folded into the database off the commit path
         // (`fold_wal`), not by SQLite's automatic checkpoint inside a commit.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA cache_size=-16384;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=4194304; PRAGMA cache_size=-16384;",
         )
         .map_err(e)?;
         conn.execute_batch(SCHEMA).map_err(e)?;
@@ -186,13 +200,57 @@ impl SqliteStore {
             .map_err(e)
     }
 
+    /// Copies the whole WAL into the database and truncates it to nothing
+    /// (waits for readers; used only near `audit_max_bytes`).
+    pub fn truncate_wal(&mut self) -> StoreResult<()> {
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(e)
+    }
+
+    /// A small durable write, to learn whether the store can write again
+    /// after a failure (disk full) without waiting for a request.
+    pub fn probe(&mut self) -> StoreResult<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta (k, v) VALUES ('write_probe', ?1)",
+                [std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64)],
+            )
+            .map(|_| ())
+            .map_err(e)
+    }
+
     fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
         Ok(StoredEntry {
             index: r.get::<_, i64>(0)? as u64,
             body: r.get(1)?,
             leaf_hash: hash_of(r.get(2)?),
+            columns: None,
         })
     }
+
+    fn row_with_columns(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEntry> {
+        let mut s = Self::row(r)?;
+        s.columns = Some(Indexed {
+            time_ms: r.get::<_, i64>(3)? as u64,
+            namespace: r.get(4)?,
+            service_account: r.get(5)?,
+            result: r.get(6)?,
+            serial: r.get(7)?,
+        });
+        Ok(s)
+    }
+}
+
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
+    Ok(StoredCheckpoint {
+        size: r.get::<_, i64>(0)? as u64,
+        root: hash_of(r.get(1)?),
+        note: r.get(2)?,
+        time_unix_ms: r.get::<_, i64>(3)? as u64,
+    })
 }
 
 fn indexed_upto(conn: &Connection) -> StoreResult<u64> {
@@ -251,11 +309,12 @@ impl AuditStore for SqliteStore {
         let mut st = self
             .conn
             .prepare_cached(
-                "SELECT idx, body, leaf_hash FROM entries WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
+                "SELECT idx, body, leaf_hash, time_ms, namespace, service_account, result, serial
+                 FROM entries WHERE idx >= ?1 ORDER BY idx LIMIT ?2",
             )
             .map_err(e)?;
         let rows = st
-            .query_map(params![from as i64, limit as i64], Self::row)
+            .query_map(params![from as i64, limit as i64], Self::row_with_columns)
             .map_err(e)?;
         rows.map(|r| r.map_err(e)).collect()
     }
@@ -284,6 +343,10 @@ impl AuditStore for SqliteStore {
         if let Some(t) = f.until_ms {
             sql.push_str(" AND time_ms < ?");
             args.push((t as i64).into());
+        }
+        if let Some(b) = f.before_index {
+            sql.push_str(" AND idx < ?");
+            args.push((b.min(i64::MAX as u64) as i64).into());
         }
         sql.push_str(" ORDER BY idx DESC");
         if let Some(l) = f.limit {
@@ -346,16 +409,57 @@ impl AuditStore for SqliteStore {
             .conn
             .prepare("SELECT size, root, note, time_ms FROM checkpoints ORDER BY size")
             .map_err(e)?;
-        let rows = st
-            .query_map([], |r| {
-                Ok(StoredCheckpoint {
-                    size: r.get::<_, i64>(0)? as u64,
-                    root: hash_of(r.get(1)?),
-                    note: r.get(2)?,
-                    time_unix_ms: r.get::<_, i64>(3)? as u64,
-                })
-            })
-            .map_err(e)?;
+        let rows = st.query_map([], checkpoint_row).map_err(e)?;
         rows.map(|r| r.map_err(e)).collect()
+    }
+
+    fn leaf_range(&self, from: u64, to: u64) -> StoreResult<Vec<Hash>> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT leaf_hash FROM entries WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
+            )
+            .map_err(e)?;
+        let rows = st
+            .query_map(params![from as i64, to as i64], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(e)?;
+        rows.map(|r| r.map(hash_of).map_err(e)).collect()
+    }
+
+    fn checkpoint_between(
+        &self,
+        above: u64,
+        at_most: u64,
+    ) -> StoreResult<Option<StoredCheckpoint>> {
+        self.conn
+            .query_row(
+                "SELECT size, root, note, time_ms FROM checkpoints WHERE size > ?1 AND size <= ?2 ORDER BY size LIMIT 1",
+                params![above as i64, at_most.min(i64::MAX as u64) as i64],
+                checkpoint_row,
+            )
+            .optional()
+            .map_err(e)
+    }
+
+    fn checkpoint_of_size(&self, size: u64) -> StoreResult<Option<StoredCheckpoint>> {
+        self.conn
+            .query_row(
+                "SELECT size, root, note, time_ms FROM checkpoints WHERE size = ?1",
+                params![size.min(i64::MAX as u64) as i64],
+                checkpoint_row,
+            )
+            .optional()
+            .map_err(e)
+    }
+
+    fn latest_checkpoint(&self) -> StoreResult<Option<StoredCheckpoint>> {
+        self.conn
+            .query_row(
+                "SELECT size, root, note, time_ms FROM checkpoints ORDER BY size DESC LIMIT 1",
+                [],
+                checkpoint_row,
+            )
+            .optional()
+            .map_err(e)
     }
 }

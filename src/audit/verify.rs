@@ -9,6 +9,12 @@
 use super::entry::Entry;
 use super::merkle::{leaf_hash, Frontier, Hash};
 use super::note::NoteVerifier;
+use super::store::Indexed;
+
+/// One entry to check: its index, exact bytes, the leaf hash recorded when
+/// it was appended, and the query columns stored beside it (None in an
+/// export, where only the bytes exist).
+pub type Input = (u64, Vec<u8>, Option<Hash>, Option<Indexed>);
 
 /// A checkpoint to check: its signed note and the (size, root) stored beside it.
 #[derive(Debug, Clone)]
@@ -69,6 +75,19 @@ pub enum Problem {
         /// Size of the previous matching checkpoint.
         prev: u64,
     },
+    /// A query column disagrees with the hashed body: the row was edited
+    /// outside the log (it would be found, or hidden, by the wrong queries).
+    #[error("entry {index}: its {column} column ({stored}) disagrees with its signed content ({signed}): the row was edited, so queries on {column} would find or hide it wrongly")]
+    ColumnMismatch {
+        /// Entry index.
+        index: u64,
+        /// The column (`time_ms`, `namespace`, `service_account`, `result`, `serial`).
+        column: &'static str,
+        /// What the column holds.
+        stored: String,
+        /// What the hashed entry says.
+        signed: String,
+    },
     /// A checkpoint covers more entries than exist.
     #[error(
         "checkpoint at size {0} covers more entries than the log holds ({1}): entries were removed"
@@ -85,7 +104,7 @@ pub fn verify<I>(
     mut progress: impl FnMut(u64),
 ) -> Result<Report, Problem>
 where
-    I: IntoIterator<Item = (u64, Vec<u8>, Option<Hash>)>,
+    I: IntoIterator<Item = Input>,
 {
     // Check every checkpoint's signature first, and order them by size.
     let mut cps = Vec::new();
@@ -122,7 +141,10 @@ where
         Ok(())
     };
     check_cps(&frontier, &mut prev_ok, &mut next_cp)?;
-    for (pos, (index, body, recorded)) in entries.into_iter().enumerate() {
+    // A column edit is reported only once the tree itself checks out: a
+    // damaged tree is the graver finding, and names the damage better.
+    let mut column_problem = None;
+    for (pos, (index, body, recorded, columns)) in entries.into_iter().enumerate() {
         let pos = pos as u64;
         if index > pos {
             return Err(Problem::Missing(pos));
@@ -137,8 +159,12 @@ where
         if recorded.is_some_and(|r| r != leaf) {
             return Err(Problem::Modified(index));
         }
-        if let Err(e) = serde_json::from_slice::<Entry>(&body) {
-            return Err(Problem::Unparseable(index, e.to_string()));
+        let entry = match serde_json::from_slice::<Entry>(&body) {
+            Ok(e) => e,
+            Err(e) => return Err(Problem::Unparseable(index, e.to_string())),
+        };
+        if column_problem.is_none() {
+            column_problem = columns.and_then(|c| column_mismatch(index, &entry, &c));
         }
         frontier.push(leaf);
         check_cps(&frontier, &mut prev_ok, &mut next_cp)?;
@@ -150,6 +176,9 @@ where
     if let Some(cp) = cps.get(next_cp) {
         return Err(Problem::Truncated(cp.size, frontier.size()));
     }
+    if let Some(p) = column_problem {
+        return Err(p);
+    }
     let latest = cps.last().map_or(0, |c| c.size);
     use base64::Engine;
     Ok(Report {
@@ -159,4 +188,29 @@ where
         unsigned_tail: frontier.size() - latest,
         root: base64::engine::general_purpose::STANDARD.encode(frontier.root()),
     })
+}
+
+/// The first query column of a row that disagrees with its hashed entry.
+fn column_mismatch(index: u64, e: &Entry, c: &Indexed) -> Option<Problem> {
+    let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "NULL".into());
+    let pairs: [(&'static str, String, String); 5] = [
+        ("time_ms", c.time_ms.to_string(), e.time_unix_ms.to_string()),
+        ("namespace", show(&c.namespace), show(&e.namespace)),
+        (
+            "service_account",
+            show(&c.service_account),
+            show(&e.service_account),
+        ),
+        ("result", c.result.clone(), e.result.clone()),
+        ("serial", show(&c.serial), show(&e.serial)),
+    ];
+    pairs
+        .into_iter()
+        .find(|(_, stored, signed)| stored != signed)
+        .map(|(column, stored, signed)| Problem::ColumnMismatch {
+            index,
+            column,
+            stored,
+            signed,
+        })
 }

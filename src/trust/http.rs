@@ -8,10 +8,11 @@
 //! - `POST /rotation/retire`
 //! - `POST /rotation/taint` — body `{"root": FINGERPRINT-OR-PREFIX}`
 //!
-//! The POST routes change the CA, so they require
-//! `Authorization: Bearer <admin token>`; the token is the content of
-//! `admin.token` in the data directory (0600, made at first start), and only
-//! its SHA-256 is kept in memory. Replies: 200 with
+//! Every route (GET too) sits behind `admin_guard::protect`, which requires
+//! `Authorization: Bearer <admin token>`; the POST routes also check it
+//! here, as a second lock on the routes that change the CA. The token is the
+//! content of `admin.token` in the data directory (0600, made at first
+//! start), and only its SHA-256 is kept in memory. Replies: 200 with
 //! `{"events": [...], "status": {...}}`; 409 when a safety gate or the state
 //! machine refuses (`{"error": ...}`), 400 for unusable input, 401 without
 //! the token, 500 when storage fails. Must not: decide anything itself.

@@ -62,15 +62,24 @@ impl Ca {
 
     /// `GET /rotation/status` as JSON.
     pub async fn rotation_status(&self) -> Value {
+        let token = self.admin_token();
         let (_, text) = meshca::admin_client::request(
             "GET",
             &format!("http://{}/rotation/status", self.running.admin_addr),
-            None,
+            Some(&token),
             None,
         )
         .await
         .unwrap();
         serde_json::from_str(&text).unwrap()
+    }
+
+    /// The admin token (admin.token in the data directory).
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("data").join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
     }
 
     pub fn data(&self) -> DataDir {

@@ -1,0 +1,231 @@
+//! Who may use the admin endpoint.
+//!
+//! Owns: the split between the open routes that probes and Prometheus need
+//! (`/metrics`, `/live`, `/ready`) and the operator/auditor routes
+//! (`/rotation/*`, `/audit/*`, revocation), which need the bearer admin token
+//! for every method, GET included; and the `Host` check that defeats DNS
+//! rebinding (a web page on an attacker's name that resolves to the admin
+//! address must not be able to talk to it). Must not: know what the routes
+//! do, or keep the token itself (only its SHA-256).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+
+fn sha256(b: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, b);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+fn error(code: StatusCode, msg: &str) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", serde_json::json!({ "error": msg })),
+    )
+        .into_response()
+}
+
+/// The digest of the admin token, checked on every protected request.
+#[derive(Clone)]
+pub struct TokenCheck {
+    sha256: [u8; 32],
+}
+
+impl std::fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenCheck(..)")
+    }
+}
+
+impl TokenCheck {
+    /// Keeps only the digest of `token`.
+    pub fn new(token: &str) -> Self {
+        Self {
+            sha256: sha256(token.trim().as_bytes()),
+        }
+    }
+
+    /// Why `headers` do not carry the admin token (None: they do).
+    pub fn refuse(&self, headers: &HeaderMap) -> Option<&'static str> {
+        let Some(given) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        else {
+            return Some("missing `Authorization: Bearer <admin token>`: the token is in admin.token in the server's data directory (the CLI reads it there, or from --admin-token-file)");
+        };
+        // Digests have a fixed length, and the comparison visits every byte
+        // whatever differs, so timing says nothing about the token.
+        let got = sha256(given.trim().as_bytes());
+        let diff = got
+            .iter()
+            .zip(self.sha256.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        (diff != 0).then_some(
+            "wrong admin token: use the content of admin.token in the server's data directory",
+        )
+    }
+}
+
+async fn require_token(State(check): State<Arc<TokenCheck>>, req: Request, next: Next) -> Response {
+    match check.refuse(req.headers()) {
+        None => next.run(req).await,
+        Some(why) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"meshca-admin\""),
+            );
+            r
+        }
+    }
+}
+
+/// Puts every route of `router` behind the admin token (all methods).
+pub fn protect(router: Router, token: &str) -> Router {
+    router.layer(middleware::from_fn_with_state(
+        Arc::new(TokenCheck::new(token)),
+        require_token,
+    ))
+}
+
+/// Which `Host` headers the admin endpoint answers.
+///
+/// DNS rebinding always presents the attacker's *name* in `Host` (the
+/// browser thinks it talks to the attacker's site), so: IP literals are
+/// accepted when they are the listen address (any address when bound to all
+/// interfaces: kubelet probes and Prometheus use the pod IP), `localhost`
+/// when the listener is on loopback or all interfaces, and names only when
+/// configured (`admin_allowed_hosts`).
+#[derive(Debug, Clone)]
+pub struct HostRule {
+    listen: SocketAddr,
+    names: Vec<String>,
+}
+
+/// Splits `host[:port]` (or `[v6][:port]`) into the host part.
+fn host_part(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+impl HostRule {
+    /// The rule for a listener bound to `listen`, plus extra `names`.
+    pub fn new(listen: SocketAddr, names: &[String]) -> Self {
+        Self {
+            listen,
+            names: names
+                .iter()
+                .map(|n| {
+                    host_part(n.trim())
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase()
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether a request with this `Host` header value is for us.
+    pub fn allows(&self, host: &str) -> bool {
+        let h = host_part(host.trim())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let bound = self.listen.ip();
+        if let Ok(ip) = h.parse::<IpAddr>() {
+            return bound.is_unspecified()
+                || ip == bound
+                || (bound.is_loopback() && ip.is_loopback());
+        }
+        if h == "localhost" && (bound.is_loopback() || bound.is_unspecified()) {
+            return true;
+        }
+        !h.is_empty() && self.names.contains(&h)
+    }
+}
+
+async fn check_host(State(rule): State<Arc<HostRule>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        // HTTP/2 and absolute-form requests carry it in the URI instead.
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    match host {
+        Some(h) if rule.allows(&h) => next.run(req).await,
+        Some(h) => {
+            let shown: String = h.chars().take(64).collect();
+            error(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!("Host {shown:?} is not an address or name this admin endpoint serves (a guard against DNS rebinding); if it is yours, add it to admin_allowed_hosts (--admin-allowed-hosts)"),
+            )
+        }
+        None => error(
+            StatusCode::BAD_REQUEST,
+            "the request has no Host header; send the address you connect to",
+        ),
+    }
+}
+
+/// Answers only requests whose `Host` the rule allows (421 otherwise).
+pub fn check_hosts(router: Router, rule: HostRule) -> Router {
+    router.layer(middleware::from_fn_with_state(Arc::new(rule), check_host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_rule_accepts_our_addresses_and_refuses_rebound_names() {
+        let lo = HostRule::new("127.0.0.1:9990".parse().unwrap(), &[]);
+        assert!(lo.allows("127.0.0.1:9990"));
+        assert!(lo.allows("localhost:9990"));
+        assert!(lo.allows("LOCALHOST."));
+        assert!(lo.allows("[::1]:9990"));
+        assert!(!lo.allows("attacker.example:9990"));
+        assert!(!lo.allows("10.0.0.5:9990"));
+        assert!(!lo.allows(""));
+        assert!(!lo.allows("127.0.0.1.attacker.example"));
+
+        let any = HostRule::new(
+            "0.0.0.0:9990".parse().unwrap(),
+            &["meshca-admin.meshca.svc".into()],
+        );
+        assert!(any.allows("10.1.2.3:9990"), "probes use the pod IP");
+        assert!(any.allows("meshca-admin.meshca.svc:9990"));
+        assert!(!any.allows("meshca-admin.meshca.svc.attacker.example"));
+        assert!(!any.allows("rebind.attacker.example"));
+
+        let pod = HostRule::new("10.1.2.3:9990".parse().unwrap(), &[]);
+        assert!(pod.allows("10.1.2.3"));
+        assert!(!pod.allows("localhost"), "not bound to loopback");
+        assert!(!pod.allows("10.1.2.4"));
+    }
+
+    #[test]
+    fn token_check_needs_the_exact_token() {
+        let c = TokenCheck::new("s3cret\n");
+        let mut h = HeaderMap::new();
+        assert!(c.refuse(&h).unwrap().contains("missing"));
+        h.insert(header::AUTHORIZATION, "Bearer s3cre".parse().unwrap());
+        assert!(c.refuse(&h).unwrap().contains("wrong"));
+        h.insert(header::AUTHORIZATION, "Basic s3cret".parse().unwrap());
+        assert!(c.refuse(&h).unwrap().contains("missing"));
+        h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert_eq!(c.refuse(&h), None);
+    }
+}
