@@ -56,9 +56,46 @@ pub fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-/// RFC 3339 rendering in UTC, for humans and JSON.
+/// The latest instant meshca represents: 9999-12-31T23:59:59Z, the end of
+/// both RFC 5280 GeneralizedTime and RFC 3339.
+pub const MAX_UNIX_SECS: u64 = 253_402_300_799;
+
+/// `secs` after the Unix epoch, clamped to [`MAX_UNIX_SECS`]. For numbers
+/// that come from outside (a token's `exp`, another replica's report):
+/// `UNIX_EPOCH + Duration::from_secs(u64::MAX)` panics, and a time past the
+/// year 9999 cannot be printed, so the clamp keeps both total.
+pub fn from_unix_secs(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECS))
+}
+
+/// RFC 3339 rendering in UTC, for humans and JSON. Total: a time the
+/// format cannot express (before year 0, after 9999) prints as Unix seconds
+/// instead of panicking, as `OffsetDateTime::from(SystemTime)` would.
 pub fn rfc3339(t: SystemTime) -> String {
-    let odt = time::OffsetDateTime::from(t);
-    odt.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| format!("{}s", unix_secs(t)))
+    let nanos = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i128::try_from(d.as_nanos()).unwrap_or(i128::MAX),
+        Err(e) => -i128::try_from(e.duration().as_nanos()).unwrap_or(i128::MAX),
+    };
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|odt| {
+            odt.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{}s", unix_secs(t)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Times from outside (token `exp`, replica reports) are clamped, and
+    /// printing never panics, even for a time the format cannot express.
+    #[test]
+    fn untrusted_times_are_clamped_and_always_print() {
+        assert_eq!(rfc3339(from_unix_secs(u64::MAX)), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339(from_unix_secs(0)), "1970-01-01T00:00:00Z");
+        let far = UNIX_EPOCH + Duration::from_secs(10u64.pow(13));
+        assert_eq!(rfc3339(far), "10000000000000s");
+    }
 }

@@ -410,20 +410,22 @@ fn peek_issuer(token: &str) -> Option<String> {
 fn check_claims(c: &K8sClaims, now: SystemTime) -> Result<Authenticated, String> {
     let now_s = unix_secs(now);
     let leeway = LEEWAY.as_secs();
-    if c.exp + leeway <= now_s {
+    // Saturating: exp, nbf and iat are signed but still untrusted numbers,
+    // and u64::MAX must not wrap around into "expired long ago" (or panic).
+    if c.exp.saturating_add(leeway) <= now_s {
         return Err(format!(
             "the token expired at {} (now {})",
-            crate::clock::rfc3339(SystemTime::UNIX_EPOCH + Duration::from_secs(c.exp)),
+            crate::clock::rfc3339(crate::clock::from_unix_secs(c.exp)),
             crate::clock::rfc3339(now)
         ));
     }
     if let Some(nbf) = c.nbf {
-        if nbf > now_s + leeway {
+        if nbf > now_s.saturating_add(leeway) {
             return Err("the token is not valid yet (nbf is in the future)".into());
         }
     }
     if let Some(iat) = c.iat {
-        if iat > now_s + leeway {
+        if iat > now_s.saturating_add(leeway) {
             return Err("the token was issued in the future (iat); check clocks".into());
         }
     }
@@ -441,6 +443,6 @@ fn check_claims(c: &K8sClaims, now: SystemTime) -> Result<Authenticated, String>
         pod_name: k8s.pod.as_ref().map(|p| p.name.clone()),
         pod_uid: k8s.pod.as_ref().map(|p| p.uid.clone()),
         method: Method::Jwks,
-        expires: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(c.exp)),
+        expires: Some(crate::clock::from_unix_secs(c.exp)),
     })
 }

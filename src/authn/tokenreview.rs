@@ -143,7 +143,7 @@ impl TokenReviewer {
 /// The `exp` claim of a JWT, unverified (None for opaque tokens).
 fn unverified_exp(token: &str) -> Option<SystemTime> {
     let exp = super::unverified_claims(token)?["exp"].as_u64()?;
-    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+    Some(crate::clock::from_unix_secs(exp))
 }
 
 /// Decides from a TokenReview answer.
@@ -272,5 +272,77 @@ mod tests {
             panic!("no in-cluster configuration outside a pod");
         };
         assert!(e.contains("in-cluster configuration"), "{e}");
+    }
+}
+
+/// Property tests of what meshca reads from a TokenReview answer and from
+/// the token itself on this path (issue 11, part 8).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        ProptestConfig::with_cases(cases)
+    }
+
+    fn jwt_with_exp(exp: &serde_json::Value) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims = serde_json::json!({ "exp": exp });
+        format!("e30.{}.sig", b64.encode(claims.to_string()))
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// The unverified `exp` only ever shortens the cache life; whatever
+        /// it says (u64::MAX, far past the year 9999) it must not panic.
+        #[test]
+        fn unverified_exp_is_total(exp in prop_oneof![any::<u64>(), Just(u64::MAX), Just(1u64 << 63)]) {
+            let t = jwt_with_exp(&serde_json::json!(exp));
+            let got = unverified_exp(&t);
+            prop_assert!(got.is_some());
+            prop_assert!(got <= Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp.min(253_402_300_799))));
+        }
+
+        /// Arbitrary TokenReview answers (as JSON from the API server):
+        /// authenticated only when the answer says so, for the audience,
+        /// with a service-account user.
+        #[test]
+        fn tokenreview_answers(
+            authenticated in prop::option::of(any::<bool>()),
+            audiences in prop::option::of(prop::collection::vec(prop_oneof![Just("meshca".to_string()), ".{0,12}"], 0..3)),
+            username in prop_oneof![
+                Just("system:serviceaccount:shop:web".to_string()),
+                "system:serviceaccount:.{0,20}",
+                ".{0,40}",
+            ],
+            extra in prop::collection::btree_map(".{0,40}", prop::collection::vec(".{0,20}", 0..3), 0..3),
+            error in prop::option::of(".{0,40}"),
+        ) {
+            let answer = serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "spec": {},
+                "status": {
+                    "authenticated": authenticated, "audiences": audiences, "error": error,
+                    "user": { "username": username, "extra": extra },
+                }
+            });
+            let review: TokenReview = serde_json::from_value(answer).expect("shape");
+            match interpret(&review, "meshca") {
+                Verdict::Authenticated(a) => {
+                    prop_assert_eq!(authenticated, Some(true));
+                    prop_assert!(audiences.unwrap_or_default().iter().any(|a| a == "meshca"));
+                    prop_assert_eq!(a.workload.username(), username);
+                }
+                Verdict::Rejected(why) => prop_assert!(!why.is_empty()),
+                other => prop_assert!(false, "{other:?}"),
+            }
+        }
     }
 }

@@ -33,10 +33,24 @@ impl CaKey {
         let pkcs8 = match rustls_pemfile::private_key(&mut rd) {
             Ok(Some(PrivateKeyDer::Sec1(k))) => sec1_to_pkcs8(k.secret_sec1_der()),
             Ok(Some(PrivateKeyDer::Pkcs1(k))) => pkcs1_to_pkcs8(k.secret_pkcs1_der()),
-            _ => return KeyPair::from_pem(s).map(Self),
+            _ => return KeyPair::from_pem(s).map(Self)?.signs(),
         };
         let pkcs8 = pkcs8.ok_or(rcgen::Error::CouldNotParseKeyPair)?;
-        KeyPair::try_from(pkcs8.as_slice()).map(Self)
+        KeyPair::try_from(pkcs8.as_slice()).map(Self)?.signs()
+    }
+
+    /// Refuses a key that parses but cannot sign. ring accepts an RSA key
+    /// whose CRT values (dP, dQ, qInv) were corrupted, and then fails every
+    /// signature (it checks each one before returning it); the public half
+    /// still matches the certificate, so without this a damaged issuer key
+    /// in a Secret or file would be installed and stop all issuance.
+    fn signs(self) -> Result<Self, rcgen::Error> {
+        match self.0.sign(b"meshca: key check") {
+            Ok(_) => Ok(self),
+            Err(_) => Err(rcgen::Error::RingKeyRejected(
+                "the private key is damaged: it parses but a test signature fails".into(),
+            )),
+        }
     }
 
     /// The PKCS#8 PEM encoding, in zeroizing memory.
@@ -90,7 +104,7 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
         usize::from(first)
     } else {
         let n = usize::from(first & 0x7f);
-        if n == 0 || n > 2 || b.len() < n {
+        if n == 0 || n > 4 || b.len() < n {
             return None;
         }
         let len = b[..n]
@@ -104,10 +118,16 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
 
 fn der(tag: u8, value: &[u8], out: &mut Vec<u8>) {
     out.push(tag);
-    match value.len() {
-        n @ 0..=0x7f => out.push(n as u8),
-        n @ 0x80..=0xff => out.extend([0x81, n as u8]),
-        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    let n = value.len();
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        // Long form with the fewest length bytes. (This used to stop at two
+        // bytes and silently truncate lengths above 0xffff.)
+        let be = n.to_be_bytes();
+        let skip = be.iter().take_while(|b| **b == 0).count();
+        out.push(0x80 | (be.len() - skip) as u8);
+        out.extend_from_slice(&be[skip..]);
     }
     out.extend_from_slice(value);
 }
@@ -267,5 +287,89 @@ k4CNW3HXV2m731Csl70P94gvDkteDK///m5lpB25JeYx8dFY3BfcZPU=
         let b = CaKey::from_pem(&SecretBytes::new(pkcs8.as_bytes().to_vec())).unwrap();
         assert_eq!(a.spki_der(), b.spki_der());
         assert!(pkcs1_to_pkcs8(&k.secret_pkcs1_der()[..10]).is_none());
+    }
+}
+
+/// Property tests of the DER reader and the SEC1/PKCS#1 → PKCS#8 re-wrapping
+/// that sees imported (untrusted) key files (issue 11, part 8).
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        ProptestConfig::with_cases(cases)
+    }
+
+    /// A value of `len` bytes, cheap to build even when long.
+    fn value() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            4 => vec(any::<u8>(), 0..300),
+            1 => (0usize..200_000, any::<u8>()).prop_map(|(n, b)| vec![b; n]),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// What `der` writes, `tlv` reads back unchanged, at every length
+        /// (short form, 0x81, 0x82 and beyond: a key file's SEC1 body can be
+        /// up to 64 KiB, so its PKCS#8 wrapping can pass 0xffff).
+        #[test]
+        fn der_then_tlv_round_trips(tag in any::<u8>(), v in value(), tail in vec(any::<u8>(), 0..8)) {
+            let mut out = Vec::new();
+            der(tag, &v, &mut out);
+            out.extend_from_slice(&tail);
+            prop_assert_eq!(tlv(&out), Some((tag, v.as_slice(), tail.as_slice())));
+        }
+
+        #[test]
+        fn tlv_never_reads_past_its_input(b in vec(any::<u8>(), 0..600)) {
+            if let Some((_, v, rest)) = tlv(&b) {
+                prop_assert!(v.len() + rest.len() + 2 <= b.len());
+            }
+        }
+
+        /// Arbitrary and mutated SEC1 / PKCS#1 bodies: no panic, and what
+        /// comes out is one well-formed DER SEQUENCE (ring decides the rest).
+        #[test]
+        fn rewrapping_arbitrary_bytes_is_total(b in vec(any::<u8>(), 0..2000), big in 0usize..70_000) {
+            for input in [b.clone(), {
+                // A SEC1 shell whose private key is `big` bytes long.
+                let mut ec = Vec::new();
+                der(0x02, &[1], &mut ec);
+                der(0x04, &vec![7u8; big.min(0xff00)], &mut ec);
+                der(0xa1, &b, &mut ec);
+                let mut seq = Vec::new();
+                der(0x30, &ec, &mut seq);
+                seq
+            }] {
+                for out in [sec1_to_pkcs8(&input), pkcs1_to_pkcs8(&input)].into_iter().flatten() {
+                    let parsed = tlv(&out);
+                    prop_assert!(matches!(parsed, Some((0x30, _, []))), "not one SEQUENCE");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod regressions {
+    use super::*;
+
+    /// Found by `der_then_tlv_round_trips`: `der` wrote lengths above
+    /// 0xffff with two length bytes, silently dropping the high ones.
+    #[test]
+    fn der_lengths_above_0xffff_round_trip() {
+        let v = vec![0u8; 0x1_0005];
+        let mut out = Vec::new();
+        der(0x04, &v, &mut out);
+        assert_eq!(&out[..5], &[0x04, 0x83, 0x01, 0x00, 0x05]);
+        assert_eq!(tlv(&out), Some((0x04, v.as_slice(), &[][..])));
     }
 }

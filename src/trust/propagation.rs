@@ -75,7 +75,8 @@ impl ClientView {
     fn client(&self) -> Client {
         Client {
             version: self.version,
-            live_until: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.live_until),
+            // Read from another replica's ConfigMap: clamp, never overflow.
+            live_until: crate::clock::from_unix_secs(self.live_until),
             watching: u32::from(self.watching),
             root: self.root.clone(),
         }
