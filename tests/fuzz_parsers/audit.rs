@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use meshca::audit::merkle::{self, Hash};
 use meshca::audit::note::{Checkpoint, NoteSigner, NoteVerifier};
 use meshca::audit::query::verify_export;
+use meshca::audit::store::Indexed;
 use meshca::audit::verify::{verify, CheckpointInput};
 use meshca::audit::Entry;
 use proptest::collection::vec;
@@ -107,9 +108,22 @@ fn export_text() -> String {
     out
 }
 
+/// The query columns a live store keeps beside an entry.
+fn columns(body: &[u8]) -> Indexed {
+    let e: Entry = serde_json::from_slice(body).expect("entry");
+    Indexed {
+        time_ms: e.time_unix_ms,
+        namespace: e.namespace,
+        service_account: e.service_account,
+        result: e.result,
+        serial: e.serial,
+    }
+}
+
 /// Which entry to tamper with and how.
 #[derive(Debug, Clone)]
 enum Tamper {
+    Column(usize, u8, u64),
     Body(usize, Vec<Mutation>),
     Reindex(usize, u64),
     Drop(usize),
@@ -124,6 +138,7 @@ fn tamper() -> impl Strategy<Value = Tamper> {
         1 => (0..9usize).prop_map(Tamper::Drop),
         1 => (0..9usize, 0..9usize).prop_map(|(a, b)| Tamper::Swap(a, b)),
         2 => (0..3usize, mutations()).prop_map(|(i, m)| Tamper::Note(i, m)),
+        2 => (0..9usize, 0..5u8, any::<u64>()).prop_map(|(i, c, v)| Tamper::Column(i, c, v)),
     ]
 }
 
@@ -166,15 +181,31 @@ proptest! {
     #[test]
     fn tampered_log_never_verifies(t in tamper(), stored in any::<bool>()) {
         let l = log();
-        let mut entries: Vec<(u64, Vec<u8>, Option<Hash>)> = l
+        let mut entries: Vec<(u64, Vec<u8>, Option<Hash>, Option<Indexed>)> = l
             .bodies
             .iter()
             .zip(&l.leaves)
             .enumerate()
-            .map(|(i, (b, h))| (i as u64, b.clone(), stored.then_some(*h)))
+            .map(|(i, (b, h))| (i as u64, b.clone(), stored.then_some(*h), stored.then(|| columns(b))))
             .collect();
         let mut notes: Vec<String> = l.notes.iter().map(|(_, n)| n.clone()).collect();
         let changed = match &t {
+            // Columns exist only in a live store; an edited one changes
+            // what `audit list` finds, so it must be caught.
+            Tamper::Column(i, c, v) => match entries[*i].3.as_mut() {
+                None => false,
+                Some(col) => {
+                    let text = format!("x{v}");
+                    match c {
+                        0 => col.time_ms = col.time_ms.wrapping_add(v | 1),
+                        1 => col.namespace = Some(text),
+                        2 => col.service_account = Some(text),
+                        3 => col.result = text,
+                        _ => col.serial = Some(text),
+                    }
+                    true
+                }
+            },
             Tamper::Body(i, m) => {
                 entries[*i].1 = apply(entries[*i].1.clone(), m);
                 entries[*i].1 != l.bodies[*i]
@@ -277,7 +308,7 @@ fn the_genuine_log_and_export_verify() {
         .iter()
         .zip(&l.leaves)
         .enumerate()
-        .map(|(i, (b, h))| (i as u64, b.clone(), Some(*h)))
+        .map(|(i, (b, h))| (i as u64, b.clone(), Some(*h), Some(columns(b))))
         .collect();
     let notes: Vec<String> = l.notes.iter().map(|(_, n)| n.clone()).collect();
     let r = verify(entries, inputs(&notes, true), &l.verifier, |_| {}).expect("verifies");
