@@ -11,7 +11,7 @@ use meshca::audit::merkle::{self, Hash};
 use meshca::audit::note::{Checkpoint, NoteSigner, NoteVerifier};
 use meshca::audit::query::verify_export;
 use meshca::audit::store::Indexed;
-use meshca::audit::verify::{verify, CheckpointInput};
+use meshca::audit::verify::{verify, CheckpointInput, Input};
 use meshca::audit::Entry;
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -181,7 +181,7 @@ proptest! {
     #[test]
     fn tampered_log_never_verifies(t in tamper(), stored in any::<bool>()) {
         let l = log();
-        let mut entries: Vec<(u64, Vec<u8>, Option<Hash>, Option<Indexed>)> = l
+        let mut entries: Vec<Input> = l
             .bodies
             .iter()
             .zip(&l.leaves)
