@@ -397,3 +397,101 @@ fn regression_a_report_with_an_absurd_live_until_is_summarized() {
     let p = tracker.summary(SystemTime::now(), 2);
     assert_eq!((p.clients, p.acked), (1, 0));
 }
+
+// ---- an issuer from outside (the issuer Secret's tls.crt / tls.key) -------
+
+/// A genuine new issuer under the template's active root, as cert-manager
+/// would put it in the issuer Secret: (tls.crt, tls.key).
+fn foreign_issuer() -> &'static (Vec<u8>, Vec<u8>) {
+    static I: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+    I.get_or_init(|| {
+        let d = tempfile::tempdir().expect("tempdir");
+        copy_tree(target_template(), d.path());
+        let data = DataDir::new(d.path());
+        let mgr = meshca::trust::manager::TrustManager::open(data.clone(), SystemTime::now())
+            .expect("open");
+        mgr.renew_issuer(Duration::from_secs(7 * 86400), SystemTime::now())
+            .expect("renew");
+        (
+            std::fs::read(data.file("issuer.crt")).expect("crt"),
+            data.read_key("issuer.key").expect("key").expose().to_vec(),
+        )
+    })
+}
+
+fn install_foreign(crt: &[u8], key: &[u8]) -> Result<(), TestCaseError> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    copy_tree(target_template(), dir.path());
+    let data = DataDir::new(dir.path());
+    let mgr =
+        meshca::trust::manager::TrustManager::open(data.clone(), SystemTime::now()).expect("open");
+    let before = tree(dir.path());
+    let key = meshca::secret::SecretBytes::new(key.to_vec());
+    let (r, cost) = measure(|| mgr.install_external_issuer(crt, &key, SystemTime::now()));
+    cost.check(
+        "install_external_issuer",
+        crt.len() + key.expose().len(),
+        FIXED,
+    )?;
+    match r {
+        Err(why) => {
+            prop_assert!(!why.is_empty());
+            prop_assert!(
+                tree(dir.path()) == before,
+                "a refused issuer changed the data directory: {why}"
+            );
+        }
+        Ok(fp) => {
+            // What was installed is a CA that loads, under the active root.
+            let loaded = data.load();
+            prop_assert!(
+                loaded.is_ok(),
+                "installed issuer does not load: {:?}",
+                loaded.err()
+            );
+            let issuer = loaded.expect("loaded").issuer;
+            prop_assert_eq!(&issuer.fingerprint, &fp);
+            let root = &DataDir::new(target_template())
+                .load()
+                .expect("template")
+                .roots[0];
+            prop_assert!(meshca::ca::signed_by(&issuer.chain[0], root));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    // Each case copies a data directory and may write it.
+    #![proptest_config(cases(300))]
+
+    #[test]
+    fn issuer_secret_mutated(
+        crt in mutated(vec![foreign_issuer().0.clone()]),
+        key in mutated(vec![foreign_issuer().1.clone()]),
+        which in 0..3u8,
+    ) {
+        let (good_crt, good_key) = foreign_issuer();
+        match which {
+            0 => install_foreign(&crt.1, good_key)?,
+            1 => install_foreign(good_crt, &key.1)?,
+            _ => install_foreign(&crt.1, &key.1)?,
+        }
+    }
+}
+
+#[test]
+fn the_genuine_foreign_issuer_installs() {
+    let (crt, key) = foreign_issuer();
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(target_template(), dir.path());
+    let mgr =
+        meshca::trust::manager::TrustManager::open(DataDir::new(dir.path()), SystemTime::now())
+            .unwrap();
+    mgr.install_external_issuer(
+        crt,
+        &meshca::secret::SecretBytes::new(key.clone()),
+        SystemTime::now(),
+    )
+    .unwrap();
+}
