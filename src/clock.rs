@@ -68,6 +68,15 @@ pub fn from_unix_secs(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs.min(MAX_UNIX_SECS))
 }
 
+/// `t + d`, ending at the latest representable instant instead of
+/// panicking: for lifetimes an operator (or an admin request) chose, such as
+/// a root lifetime of 10^17 days. 9999-12-31T23:59:59Z is what RFC 5280
+/// (4.1.2.5) prescribes for a certificate with no well-defined expiry.
+pub fn add_clamped(t: SystemTime, d: Duration) -> SystemTime {
+    let max = from_unix_secs(MAX_UNIX_SECS);
+    t.checked_add(d).map_or(max, |end| end.min(max))
+}
+
 /// RFC 3339 rendering in UTC, for humans and JSON. Total: a time the
 /// format cannot express (before year 0, after 9999) prints as Unix seconds
 /// instead of panicking, as `OffsetDateTime::from(SystemTime)` would.
@@ -97,5 +106,19 @@ mod tests {
         assert_eq!(rfc3339(from_unix_secs(0)), "1970-01-01T00:00:00Z");
         let far = UNIX_EPOCH + Duration::from_secs(10u64.pow(13));
         assert_eq!(rfc3339(far), "10000000000000s");
+    }
+
+    /// Found by `admin::rotation_bodies_get_client_errors`: a root lifetime
+    /// of 18446744073709552d panicked `prepare` (HTTP 500).
+    #[test]
+    fn lifetimes_end_at_the_last_representable_instant() {
+        let now = SystemTime::now();
+        let max = from_unix_secs(MAX_UNIX_SECS);
+        assert_eq!(add_clamped(now, Duration::from_secs(u64::MAX)), max);
+        assert_eq!(add_clamped(now, Duration::from_secs(1 << 40)), max);
+        assert_eq!(
+            add_clamped(now, Duration::from_secs(60)),
+            now + Duration::from_secs(60)
+        );
     }
 }

@@ -181,7 +181,7 @@ impl DataDir {
         let root_not_after = to_system_time(root.validity().not_after);
 
         let issuer_key = CaKey::generate_p256()?;
-        let wanted = now + opts.issuer_lifetime;
+        let wanted = crate::clock::add_clamped(now, opts.issuer_lifetime);
         let issuer_clamped = wanted > root_not_after;
         let issuer_not_after = wanted.min(root_not_after);
         let params = profile::issuer(
@@ -238,7 +238,7 @@ impl DataDir {
                 ),
             });
         }
-        let wanted = now + lifetime;
+        let wanted = crate::clock::add_clamped(now, lifetime);
         let clamped = wanted > root_not_after;
         let not_after = wanted.min(root_not_after);
         let key = CaKey::generate_p256()?;

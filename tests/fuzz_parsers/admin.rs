@@ -228,3 +228,79 @@ fn regression_a_huge_duration_ago_is_the_epoch_not_a_moment_ago() {
     let hour_ago = parse_time("1h", now).unwrap();
     assert_eq!(meshca::clock::unix_millis(now) - hour_ago, 3_600_000);
 }
+
+// ---- rotation request bodies ----------------------------------------------
+
+/// A server of its own: these requests carry the admin token and may really
+/// prepare, activate or taint roots.
+fn rotation_server() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let ca = rt.block_on(Ca::start());
+        let token = std::fs::read_to_string(ca.dir.path().join("data/admin.token"))
+            .expect("admin token")
+            .trim()
+            .to_string();
+        Server { rt, ca, token }
+    })
+}
+
+/// A JSON body built from the fields the rotation routes know, with odd
+/// values, plus unknown fields and non-JSON.
+fn rotation_body() -> impl Strategy<Value = String> {
+    let lifetime = prop_oneof![
+        Just("3650d".to_string()),
+        magnitude().prop_map(|n| format!("{n}d")),
+        magnitude().prop_map(|n| format!("{n}s")),
+        value(),
+    ];
+    prop_oneof![
+        3 => lifetime.prop_map(|l| serde_json::json!({ "root_lifetime": l }).to_string()),
+        1 => (value(), value()).prop_map(|(c, k)| serde_json::json!({ "root_cert": c, "root_key": k }).to_string()),
+        1 => any::<bool>().prop_map(|f| serde_json::json!({ "force": f }).to_string()),
+        1 => value().prop_map(|r| serde_json::json!({ "root": r }).to_string()),
+        1 => value(),
+        1 => Just(String::new()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    #[test]
+    fn rotation_bodies_get_client_errors(
+        step in prop::sample::select(&["prepare", "activate", "retire", "taint"][..]),
+        body in rotation_body(),
+    ) {
+        let s = rotation_server();
+        let url = format!("http://{}/rotation/{step}", s.ca.running.admin_addr);
+        let (code, text) = s
+            .rt
+            .block_on(meshca::admin_client::request("POST", &url, Some(&s.token), Some(body.clone())))
+            .expect("the admin endpoint answers");
+        prop_assert!(code < 500, "POST /rotation/{step} {body}: HTTP {code}: {text}");
+    }
+}
+
+/// Found by `rotation_bodies_get_client_errors`: `root_lifetime` of
+/// 18446744073709552d overflowed `now + lifetime` inside `prepare` (HTTP
+/// 500, "rotation step panicked"). A lifetime past the last date a
+/// certificate can carry now ends the root at 9999-12-31T23:59:59Z.
+#[test]
+fn regression_an_endless_root_lifetime_is_clamped_not_a_panic() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ca = Ca::start().await;
+        let (code, text) = ca
+            .rotation("prepare", r#"{"root_lifetime":"18446744073709552d"}"#)
+            .await;
+        assert_eq!(code, 200, "{text}");
+        let status = ca.rotation_status().await.to_string();
+        assert!(status.contains("9999-12-31T23:59:59Z"), "{status}");
+    });
+}
