@@ -317,6 +317,13 @@ pub struct ServeArgs {
     /// and reads the others', for the activation gate [default: 5s].
     #[arg(long, env = "MESHCA_PROPAGATION_REPORT_INTERVAL")]
     pub propagation_report_interval: Option<HumanDuration>,
+    /// Keep a metadata-only watch of pods and service accounts (needs
+    /// kubeconfig, and list/watch on both) and refuse a token whose bound
+    /// pod or service account no longer exists, or was recreated under a new
+    /// UID, within seconds of the deletion, even when the token was verified
+    /// locally [default: on in in-cluster mode, else off].
+    #[arg(long, env = "MESHCA_WATCH_TOKEN_BINDINGS")]
+    pub watch_token_bindings: Option<bool>,
 }
 
 /// The error for a Kubernetes feature set without credentials.
@@ -377,7 +384,7 @@ impl ServeArgs {
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
             leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
             state_poll_interval, kubernetes, audit_key_secret, issuer_secret,
-            propagation_report_interval,
+            propagation_report_interval, watch_token_bindings,
         ))
     }
 
@@ -409,6 +416,7 @@ impl ServeArgs {
         self.issuer_secret
             .get_or_insert_with(|| "meshca-issuer".into());
         self.publish_bundle.get_or_insert(true);
+        self.watch_token_bindings.get_or_insert(true);
         if self.jwks_file.is_none() && self.jwks_url.is_none() && self.oidc_issuer_url.is_none() {
             self.jwks_kubernetes.get_or_insert(true);
         }
@@ -634,6 +642,10 @@ impl ServeArgs {
                 ("state_secret", self.state_secret.is_some()),
                 ("publish_bundle", self.publish_bundle == Some(true)),
                 ("jwks_kubernetes", self.jwks_kubernetes == Some(true)),
+                (
+                    "watch_token_bindings",
+                    self.watch_token_bindings == Some(true),
+                ),
             ] {
                 if set {
                     return Err(bad(setting, NEEDS_KUBECONFIG.into()));
@@ -695,6 +707,7 @@ impl ServeArgs {
                 .map_or(Duration::from_secs(60), |d| d.0)
                 .max(Duration::from_millis(100)),
             jwks_kubernetes,
+            watch_token_bindings: self.watch_token_bindings.unwrap_or(false),
             publish,
             issuer_lifetime,
             root_lifetime,
@@ -858,6 +871,8 @@ pub struct ServeConfig {
     pub state_secret: Option<String>,
     /// How often the shared state is checked.
     pub state_poll_interval: Duration,
+    /// Refuse tokens whose pod or service account is gone (a metadata-only watch).
+    pub watch_token_bindings: bool,
 }
 
 /// `publish_bundle` and its leader election.

@@ -141,6 +141,7 @@ pub struct Metrics {
     leader: Gauge,
     bundle_configmaps: Family<ResultLabel, Counter>,
     secrets_refused: Family<SecretLabel, Counter>,
+    authn_edges: AuthnEdgeMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -336,7 +337,9 @@ impl Metrics {
             "Secret versions refused after validation, by Secret role (state, issuer)",
             secrets_refused.clone(),
         );
+        let authn_edges = AuthnEdgeMetrics::register(&mut registry);
         Self {
+            authn_edges,
             leader,
             bundle_configmaps,
             secrets_refused,
@@ -617,4 +620,90 @@ impl Drop for InFlight<'_> {
 pub fn global() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(Metrics::new)
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabel {
+    scope: &'static str,
+}
+
+/// Token-authentication edges (issue 11 §6): the token-binding cache and
+/// what never reaches TokenReview.
+#[derive(Default)]
+struct AuthnEdgeMetrics {
+    binding_objects: Family<KindLabel, Gauge>,
+    binding_refusals: Family<KindLabel, Counter>,
+    tokenreview_local_refusals: Family<ReasonLabel, Counter>,
+    tokenreview_throttled: Family<ScopeLabel, Counter>,
+}
+
+impl AuthnEdgeMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "token_binding_objects",
+            "Pods and service accounts known to the token-binding cache, by kind",
+            m.binding_objects.clone(),
+        );
+        registry.register(
+            "token_binding_refusals",
+            "Verified tokens refused because the pod or service account they are bound to no longer exists, by kind",
+            m.binding_refusals.clone(),
+        );
+        registry.register(
+            "tokenreview_local_refusals",
+            "Tokens refused without asking TokenReview, by reason (not_jwt, issuer, legacy)",
+            m.tokenreview_local_refusals.clone(),
+        );
+        registry.register(
+            "tokenreview_throttled",
+            "TokenReviews not sent because a budget was spent, by scope (peer: the caller's fair share; global: the QPS/burst toward the API server)",
+            m.tokenreview_throttled.clone(),
+        );
+        m
+    }
+}
+
+impl Metrics {
+    /// How many objects of `kind` the token-binding cache knows.
+    pub fn set_binding_objects(&self, kind: &'static str, n: usize) {
+        self.authn_edges
+            .binding_objects
+            .get_or_create(&KindLabel { kind })
+            .set(n as i64);
+    }
+
+    /// A verified token refused because its bound `kind` object is gone.
+    pub fn binding_refused(&self, kind: &'static str) {
+        self.authn_edges
+            .binding_refusals
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    /// A token refused before TokenReview.
+    pub fn tokenreview_refused_locally(&self, reason: &'static str) {
+        self.authn_edges
+            .tokenreview_local_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A TokenReview not sent because the `scope` budget was spent.
+    pub fn tokenreview_throttled(&self, scope: &'static str) {
+        self.authn_edges
+            .tokenreview_throttled
+            .get_or_create(&ScopeLabel { scope })
+            .inc();
+    }
 }

@@ -172,11 +172,20 @@ pub async fn build_authenticator(
                     let client = authn::tokenreview::TokenReviewer::client_from_kubeconfig(k)
                         .await
                         .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
-                    sources.push(Source::TokenReview(authn::tokenreview::TokenReviewer::new(
-                        client,
-                        clock.clone(),
-                        cfg.tokenreview_qps,
-                        cfg.tokenreview_burst,
+                    let issuers = review_issuers(cfg, &client).await;
+                    tracing::info!(
+                        ?issuers,
+                        "TokenReview: tokens from other issuers are refused without a review"
+                    );
+                    sources.push(Source::TokenReview(Box::new(
+                        authn::tokenreview::TokenReviewer::new(
+                            client,
+                            clock.clone(),
+                            cfg.tokenreview_qps,
+                            cfg.tokenreview_burst,
+                            issuers,
+                            cfg.allow_legacy_tokens,
+                        ),
                     )));
                 }
             }
@@ -208,6 +217,22 @@ pub async fn build_authenticator(
         );
     }
     Ok(Authenticator::new(sources))
+}
+
+/// The issuers whose tokens TokenReview may be asked about: `jwt_issuers`
+/// (default: the OIDC issuer URL, else the Kubernetes default
+/// `https://kubernetes.default.svc.cluster.local`) plus the issuer the API
+/// server announces (`/.well-known/openid-configuration`) when it answers
+/// within 5 s at start-up.
+async fn review_issuers(cfg: &ServeConfig, client: &kube::Client) -> Vec<String> {
+    let mut issuers = cfg.jwt_issuers.clone();
+    match tokio::time::timeout(Duration::from_secs(5), jwt::kube_issuer(client)).await {
+        Ok(Ok(iss)) if !issuers.contains(&iss) => issuers.push(iss),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::info!(error = %e, "the API server does not announce its service-account issuer; TokenReview accepts the jwt_issuers only"),
+        Err(_) => tracing::warn!("the API server did not announce its service-account issuer within 5s; TokenReview accepts the jwt_issuers only"),
+    }
+    issuers
 }
 
 /// Issues the CA's own serving certificate and builds a rustls config.
@@ -392,7 +417,22 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     ));
     ca.set_bundle(mgr.bundle()?);
     crate::metrics::global().set_issuer_expiry(crate::clock::unix_secs(ca.issuer().not_after));
-    let authn = Arc::new(build_authenticator(&cfg, &data, clock.clone()).await?);
+    let mut authn = build_authenticator(&cfg, &data, clock.clone()).await?;
+    // A token whose pod or service account is gone must stop working
+    // within seconds, even when verified locally: keep a metadata-only
+    // watch of both (started below, once there is a stop signal).
+    let bindings = match (&cfg.kubeconfig, cfg.watch_token_bindings) {
+        (Some(kc), true) => {
+            let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
+                .await
+                .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
+            let objects = Arc::new(crate::kubernetes::bindings::BoundObjects::default());
+            authn = authn.with_bindings(objects.clone());
+            Some((client, objects))
+        }
+        _ => None,
+    };
+    let authn = Arc::new(authn);
     tracing::info!(sources = ?authn.describe(), "token sources");
     for j in authn.remote_jwks() {
         let every = cfg.jwks_refresh_interval;
@@ -526,6 +566,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     rotation.spawn(stop_rx.clone());
+    if let Some((client, objects)) = bindings {
+        crate::kubernetes::bindings::follow(client, objects, stop_rx.clone());
+    }
     if let (Some(name), Some(kc)) = (&cfg.state_secret, &cfg.kubeconfig) {
         let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
             .await
@@ -562,6 +605,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     if let Some(kc) = cfg.kubeconfig.clone() {
         let needs = crate::kubernetes::rbac::needs(&crate::kubernetes::rbac::Uses {
             tokenreview: cfg.authn_order.contains(&AuthnSource::Tokenreview),
+            token_bindings: cfg.watch_token_bindings,
             jwks: cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
             publish: cfg.publish.is_some(),
             state_secret: cfg.state_secret.as_deref(),

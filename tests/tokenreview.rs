@@ -13,7 +13,23 @@ use serde_json::{json, Value};
 use support::*;
 use tonic::Code;
 
-const GOOD: &str = "opaque-token-for-shop-web";
+/// A token shaped like a projected service-account token (a JWT from the
+/// default issuer, with an expiry): meshca refuses anything else before
+/// asking TokenReview. This fake API server does not check signatures.
+fn jwt_like(jti: &str) -> String {
+    let b = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.c2ln",
+        b.encode(br#"{"alg":"RS256","kid":"k1"}"#),
+        b.encode(
+            json!({"iss": ISSUER, "sub": "system:serviceaccount:shop:web", "aud": ["meshca"],
+                   "exp": 4102444800u64, "jti": jti})
+            .to_string()
+        )
+    )
+}
+
+static GOOD: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| jwt_like("good"));
 
 /// A minimal API server: POST /apis/authentication.k8s.io/v1/tokenreviews.
 struct FakeApiServer {
@@ -48,7 +64,7 @@ async fn fake_api_server(fail_with: Option<u16>) -> FakeApiServer {
         let auds: Vec<String> =
             serde_json::from_value(review["spec"]["audiences"].clone()).unwrap_or_default();
         *a2.lock().unwrap() = auds.clone();
-        let status = if token == GOOD {
+        let status = if token == GOOD.as_str() {
             json!({
                 "authenticated": true,
                 "audiences": auds,
@@ -108,7 +124,7 @@ async fn tokenreview_authenticates_and_caches() {
 
     let ch = ca.channel().await;
     for _ in 0..3 {
-        let r = certify_native(&ch, GOOD).await.unwrap();
+        let r = certify_native(&ch, GOOD.as_str()).await.unwrap();
         assert_eq!(r.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
     }
     assert_eq!(
@@ -136,14 +152,15 @@ async fn tokenreview_authenticates_and_caches() {
     );
 
     // A token the API server does not authenticate.
-    let e = certify_native(&ch, "some-other-token").await.unwrap_err();
+    let other = jwt_like("some-other-token");
+    let e = certify_native(&ch, other.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     assert!(
         e.message().contains("did not authenticate"),
         "{}",
         e.message()
     );
-    assert!(!e.message().contains("some-other-token"));
+    assert!(!e.message().contains(&other));
 }
 
 #[tokio::test]
@@ -158,7 +175,9 @@ async fn api_server_outage_is_unavailable_not_unauthenticated() {
         &api.ca_pem,
     );
     let ca = Ca::start_with(|c| c.kubeconfig = Some(kc)).await;
-    let e = certify_native(&ca.channel().await, GOOD).await.unwrap_err();
+    let e = certify_native(&ca.channel().await, GOOD.as_str())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
 
     // An API server answering 500 is also an outage.
@@ -170,7 +189,7 @@ async fn api_server_outage_is_unavailable_not_unauthenticated() {
         &failing.ca_pem,
     );
     let ca2 = Ca::start_with(|c| c.kubeconfig = Some(kc2)).await;
-    let e = certify_native(&ca2.channel().await, GOOD)
+    let e = certify_native(&ca2.channel().await, GOOD.as_str())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());

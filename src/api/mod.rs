@@ -270,7 +270,7 @@ impl Core {
             Credential::Token(token) => {
                 let r = self
                     .authn
-                    .authenticate(token, self.audience(input.api))
+                    .authenticate_from(token, self.audience(input.api), input.peer.map(|p| p.ip()))
                     .await;
                 let (method, result) = match &r {
                     Ok(a) => (a.method.as_str(), "ok"),

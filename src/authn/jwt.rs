@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -16,6 +16,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
+use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
 use super::{Authenticated, Method, Verdict, LEGACY_ISSUER};
 use crate::clock::{unix_secs, Clock};
 use crate::identity::Workload;
@@ -137,6 +138,9 @@ pub struct JwksVerifier {
     clock: Arc<dyn Clock>,
     allow_legacy: bool,
     method: Method,
+    /// When set, a verified token whose pod or service account is gone is
+    /// refused (see `authn::binding`).
+    bindings: OnceLock<Arc<dyn BindingCheck>>,
 }
 
 impl std::fmt::Debug for JwksVerifier {
@@ -202,7 +206,19 @@ impl JwksVerifier {
             clock,
             allow_legacy,
             method,
+            bindings: OnceLock::new(),
         })
+    }
+
+    /// Refuse verified tokens whose bound pod or service account is gone,
+    /// as `bindings` says. Set once, before serving.
+    pub fn set_bindings(&self, bindings: Arc<dyn BindingCheck>) {
+        let _ = self.bindings.set(bindings);
+    }
+
+    /// What a token it accepts counts as.
+    pub fn method(&self) -> Method {
+        self.method
     }
 
     /// The accepted issuers.
@@ -357,6 +373,13 @@ impl JwksVerifier {
         };
         match check_claims(&claims, self.clock.now()) {
             Ok(mut a) => {
+                if let Some(v) = self
+                    .bindings
+                    .get()
+                    .and_then(|b| binding_verdict(&**b, &claims))
+                {
+                    return v;
+                }
                 a.method = self.method;
                 Verdict::Authenticated(a)
             }
@@ -404,6 +427,33 @@ fn peek_issuer(token: &str) -> Option<String> {
     super::unverified_claims(token)?["iss"]
         .as_str()
         .map(str::to_string)
+}
+
+/// What the binding cache says about a verified token, when it refuses
+/// or cannot tell (None: its objects exist).
+fn binding_verdict(bindings: &dyn BindingCheck, c: &K8sClaims) -> Option<Verdict> {
+    let k8s = c.kubernetes.as_ref()?;
+    fn r(n: &NameUid) -> Option<ObjectRef<'_>> {
+        (!n.uid.is_empty()).then_some(ObjectRef {
+            name: n.name.as_str(),
+            uid: n.uid.as_str(),
+        })
+    }
+    let binding = Binding {
+        namespace: &k8s.namespace,
+        service_account: r(&k8s.serviceaccount),
+        pod: k8s.pod.as_ref().and_then(r),
+    };
+    match bindings.check(&binding) {
+        Presence::Present => None,
+        Presence::Gone { kind, why } => {
+            crate::metrics::global().binding_refused(kind);
+            Some(Verdict::Rejected(why))
+        }
+        // Another source (TokenReview, which asks the API server) may
+        // still decide; alone, this is UNAVAILABLE, never a pass.
+        Presence::Unknown(why) => Some(Verdict::Unavailable(why)),
+    }
 }
 
 /// Checks time claims and that `sub` matches the `kubernetes.io` claim.

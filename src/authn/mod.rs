@@ -7,6 +7,7 @@
 //! (clients retry), never a pass and never a false "bad token". Must not:
 //! build gRPC statuses (see `api::status`) or store tokens (only hashes).
 
+pub mod binding;
 pub mod devtoken;
 pub mod fetch;
 pub mod jwt;
@@ -95,8 +96,8 @@ pub enum AuthnError {
 pub enum Source {
     /// Local verification.
     Jwks(std::sync::Arc<jwt::JwksVerifier>),
-    /// Kubernetes TokenReview.
-    TokenReview(tokenreview::TokenReviewer),
+    /// Kubernetes TokenReview (boxed: it carries its caches and limiters).
+    TokenReview(Box<tokenreview::TokenReviewer>),
 }
 
 impl Source {
@@ -112,6 +113,7 @@ impl Source {
 /// The ordered chain of token sources.
 pub struct Authenticator {
     sources: Vec<Source>,
+    bindings: Option<std::sync::Arc<dyn binding::BindingCheck>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -126,7 +128,26 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// A chain tried in the given order.
     pub fn new(sources: Vec<Source>) -> Self {
-        Self { sources }
+        Self {
+            sources,
+            bindings: None,
+        }
+    }
+
+    /// Makes every Kubernetes token source refuse tokens whose pod or
+    /// service account no longer exists, as `bindings` (an in-memory cache)
+    /// says. The development signer is left alone: its tokens name no
+    /// real objects.
+    pub fn with_bindings(mut self, bindings: std::sync::Arc<dyn binding::BindingCheck>) -> Self {
+        for s in &mut self.sources {
+            match s {
+                Source::Jwks(j) if j.method() == Method::Jwks => j.set_bindings(bindings.clone()),
+                Source::Jwks(_) => {}
+                Source::TokenReview(t) => t.set_bindings(bindings.clone()),
+            }
+        }
+        self.bindings = Some(bindings);
+        self
     }
 
     /// True when at least one source is configured.
@@ -152,6 +173,17 @@ impl Authenticator {
     /// says what is missing.
     pub fn readiness(&self) -> Result<(), String> {
         let mut why = Vec::new();
+        let has_review = self
+            .sources
+            .iter()
+            .any(|s| matches!(s, Source::TokenReview(_)));
+        if let Some(b) = &self.bindings {
+            // Without TokenReview to fall back on, a token cannot pass until
+            // the pod/service-account watch has synced.
+            if !has_review && !b.is_synced() {
+                return Err("token validation unavailable: the pod and service-account watch (watch_token_bindings) has not synced with the Kubernetes API server".into());
+            }
+        }
         for s in &self.sources {
             match s {
                 Source::TokenReview(_) => return Ok(()),
@@ -170,11 +202,23 @@ impl Authenticator {
         self.sources.iter().map(Source::describe).collect()
     }
 
-    /// Authenticates `token` for `audience`.
+    /// Authenticates `token` for `audience` (caller unknown: it shares one
+    /// TokenReview budget with every other unknown caller).
     pub async fn authenticate(
         &self,
         token: &str,
         audience: &str,
+    ) -> Result<Authenticated, AuthnError> {
+        self.authenticate_from(token, audience, None).await
+    }
+
+    /// Authenticates `token` for `audience` for the caller at `peer` (whose
+    /// fair share of the TokenReview budget it uses).
+    pub async fn authenticate_from(
+        &self,
+        token: &str,
+        audience: &str,
+        peer: Option<std::net::IpAddr>,
     ) -> Result<Authenticated, AuthnError> {
         let token = token.trim();
         if token.is_empty() {
@@ -188,7 +232,7 @@ impl Authenticator {
         for source in &self.sources {
             let verdict = match source {
                 Source::Jwks(j) => j.verify(token, audience).await,
-                Source::TokenReview(t) => t.review(token, audience).await,
+                Source::TokenReview(t) => t.review(token, audience, peer).await,
             };
             match verdict {
                 Verdict::Authenticated(a) => return Ok(a),
@@ -217,6 +261,19 @@ pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
         .decode(payload.trim_end_matches('='))
         .ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// At most 128 bytes of an untrusted string (cut at a character boundary),
+/// marked when cut, for error messages that echo it.
+pub fn clip(s: &str) -> String {
+    if s.len() <= 128 {
+        return s.to_string();
+    }
+    let mut end = 128;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…(truncated)", &s[..end])
 }
 
 /// SHA-256 of a token, hex: the only form in which a token is ever kept.

@@ -3,28 +3,39 @@
 //! Owns: POSTing `authentication.k8s.io/v1` TokenReviews through kube, the
 //! checks on the answer (authenticated, audience echoed, a service-account
 //! username), a positive-result cache keyed by token hash, and the client-side
-//! QPS/burst limit toward the API server. Must not: keep tokens (only their
-//! SHA-256), or turn an unreachable API server into a rejection.
+//! QPS/burst limit toward the API server, shared fairly between callers. What
+//! the API server would refuse anyway, or what meshca must refuse whatever it
+//! says, never costs a review: a token that is not a JWT, whose unverified
+//! `iss` is not an accepted issuer, or that never expires (a legacy
+//! secret-based token, unless `allow_legacy_tokens`). Must not: keep tokens
+//! (only their SHA-256), or turn an unreachable API server into a rejection.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
-use super::{token_hash, Authenticated, Method, Verdict};
+use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
+use super::{token_hash, Authenticated, Method, Verdict, LEGACY_ISSUER};
 use crate::clock::Clock;
 use crate::identity::Workload;
-use crate::ratelimit::TokenBucket;
+use crate::ratelimit::{KeyedLimiter, TokenBucket};
 
 /// How long a positive review is reused at most.
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
 /// How long one review may take before the API server counts as unavailable.
 pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 const SHARDS: usize = 16;
+/// One caller (peer IP) may use at most 1/PEER_SHARE of the QPS and burst
+/// toward the API server, so a caller sending junk cannot starve the rest.
+pub const PEER_SHARE: u32 = 4;
 
-type Shard = Mutex<HashMap<String, (Authenticated, SystemTime)>>;
+/// A cached positive review: who, until when, and the service account's UID.
+type Entry = (Authenticated, SystemTime, Option<String>);
+type Shard = Mutex<HashMap<String, Entry>>;
 
 /// The `kubeconfig` value that means: use the pod's own service account.
 pub const IN_CLUSTER: &str = "in-cluster";
@@ -35,17 +46,126 @@ pub struct TokenReviewer {
     clock: Arc<dyn Clock>,
     cache: Vec<Shard>,
     limiter: TokenBucket,
+    peer_limiter: KeyedLimiter<Option<IpAddr>>,
+    issuers: Vec<String>,
+    allow_legacy: bool,
+    bindings: Option<Arc<dyn BindingCheck>>,
 }
 
 impl TokenReviewer {
-    /// A reviewer allowing `qps` reviews per second with bursts of `burst`.
-    pub fn new(client: kube::Client, clock: Arc<dyn Clock>, qps: f64, burst: u32) -> Self {
+    /// A reviewer allowing `qps` reviews per second with bursts of `burst`
+    /// (each caller at most 1/[`PEER_SHARE`] of both), for tokens issued by
+    /// one of `issuers` (plus legacy tokens when `allow_legacy`).
+    pub fn new(
+        client: kube::Client,
+        clock: Arc<dyn Clock>,
+        qps: f64,
+        burst: u32,
+        issuers: Vec<String>,
+        allow_legacy: bool,
+    ) -> Self {
         Self {
             client,
             limiter: TokenBucket::new(qps, burst, clock.clone()),
+            peer_limiter: KeyedLimiter::new(
+                qps / f64::from(PEER_SHARE),
+                (burst / PEER_SHARE).max(1),
+                clock.clone(),
+            ),
             clock,
             cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            issuers,
+            allow_legacy,
+            bindings: None,
         }
+    }
+
+    /// Re-checks cached answers against the binding cache: a positive
+    /// review is not reused once the token's pod or service account is gone.
+    pub fn set_bindings(&mut self, bindings: Arc<dyn BindingCheck>) {
+        self.bindings = Some(bindings);
+    }
+
+    /// The issuers whose tokens may be reviewed.
+    pub fn issuers(&self) -> &[String] {
+        &self.issuers
+    }
+
+    /// Refuses, without a review, what must not reach the API server.
+    /// Reading the payload unverified is safe: this can only refuse.
+    fn precheck(&self, token: &str) -> Result<(), (&'static str, String)> {
+        let Some(claims) = super::unverified_claims(token) else {
+            return Err((
+                "not_jwt",
+                "the token is not a JWT; Kubernetes service-account tokens are JWTs".into(),
+            ));
+        };
+        let iss = claims["iss"].as_str().unwrap_or_default();
+        if iss == LEGACY_ISSUER {
+            if self.allow_legacy {
+                return Ok(());
+            }
+            return Err(("legacy", "legacy secret-based service-account tokens are refused; use a projected token (or enable --allow-legacy-tokens)".into()));
+        }
+        if !self.issuers.iter().any(|i| i == iss) {
+            return Err((
+                "issuer",
+                format!(
+                    "the token's issuer {:?} is not one this CA accepts (setting jwt_issuers, or the API server's own issuer)",
+                    super::clip(iss)
+                ),
+            ));
+        }
+        if claims["exp"].as_u64().is_none() && !self.allow_legacy {
+            return Err((
+                "legacy",
+                "the token never expires (no exp claim); use a projected service-account token"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes one review from the caller's share, then from the global budget.
+    fn take_budget(&self, peer: Option<IpAddr>) -> Result<(), Verdict> {
+        if !self.peer_limiter.try_take(&peer) {
+            crate::metrics::global().tokenreview_throttled("peer");
+            return Err(Verdict::Unavailable(
+                "this caller's share of the TokenReview budget is spent; retry shortly".into(),
+            ));
+        }
+        if !self.limiter.try_take() {
+            crate::metrics::global().tokenreview_throttled("global");
+            return Err(Verdict::Unavailable(
+                "the TokenReview rate limit toward the API server is reached; retry shortly".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A cached positive answer, unless its pod or service account is gone
+    /// (when the binding cache is synced; otherwise the answer stands, as
+    /// the API server checked them when it reviewed).
+    fn cached_verdict(&self, entry: &Entry) -> Verdict {
+        let (a, _, sa_uid) = entry;
+        if let Some(b) = &self.bindings {
+            let binding = Binding {
+                namespace: a.workload.namespace.as_str(),
+                service_account: sa_uid.as_deref().map(|uid| ObjectRef {
+                    name: a.workload.service_account.as_str(),
+                    uid,
+                }),
+                pod: match (&a.pod_name, &a.pod_uid) {
+                    (Some(name), Some(uid)) => Some(ObjectRef { name, uid }),
+                    _ => None,
+                },
+            };
+            if let Presence::Gone { kind, why } = b.check(&binding) {
+                crate::metrics::global().binding_refused(kind);
+                return Verdict::Rejected(why);
+            }
+        }
+        Verdict::Authenticated(a.clone())
     }
 
     /// Builds a kube client from a kubeconfig file.
@@ -71,24 +191,26 @@ impl TokenReviewer {
         &self.cache[i]
     }
 
-    /// Reviews `token` for `audience`.
-    pub async fn review(&self, token: &str, audience: &str) -> Verdict {
+    /// Reviews `token` for `audience`, on behalf of the caller at `peer`.
+    pub async fn review(&self, token: &str, audience: &str, peer: Option<IpAddr>) -> Verdict {
+        if let Err((reason, why)) = self.precheck(token) {
+            crate::metrics::global().tokenreview_refused_locally(reason);
+            return Verdict::Rejected(why);
+        }
         let now = self.clock.now();
         let key = format!("{}:{}", token_hash(token), audience);
         {
             let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
             match shard.get(&key) {
-                Some((a, until)) if *until > now => return Verdict::Authenticated(a.clone()),
+                Some(e) if e.1 > now => return self.cached_verdict(e),
                 Some(_) => {
                     shard.remove(&key);
                 }
                 None => {}
             }
         }
-        if !self.limiter.try_take() {
-            return Verdict::Unavailable(
-                "the TokenReview rate limit toward the API server is reached; retry shortly".into(),
-            );
+        if let Err(v) = self.take_budget(peer) {
+            return v;
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -124,6 +246,11 @@ impl TokenReviewer {
             Ok(Ok(r)) => r,
         };
         let mut verdict = interpret(&answer, audience);
+        let sa_uid = answer
+            .status
+            .as_ref()
+            .and_then(|s| s.user.as_ref())
+            .and_then(|u| u.uid.clone());
         if let Verdict::Authenticated(a) = &mut verdict {
             // Never cache past the token's own expiry. Reading `exp` without
             // verification is safe here: it can only shorten the cache life.
@@ -132,9 +259,9 @@ impl TokenReviewer {
             let until = a.expires.map_or(until, |e| e.min(until));
             let mut shard = self.shard(&key).lock().unwrap_or_else(|e| e.into_inner());
             if shard.len() > 10_000 {
-                shard.retain(|_, (_, u)| *u > now);
+                shard.retain(|_, (_, u, _)| *u > now);
             }
-            shard.insert(key, (a.clone(), until));
+            shard.insert(key, (a.clone(), until, sa_uid));
         }
         verdict
     }

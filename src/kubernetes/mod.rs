@@ -6,13 +6,15 @@
 //! following collections with list + watch and 410 handling (`watch`); the
 //! start-up permission check (`rbac`); in-cluster detection (`detect`); the
 //! issuer's `kubernetes.io/tls` Secret (`issuer_secret`); the shared audit
-//! key (`audit_key`); propagation reports between replicas (`reports`); and
-//! Events (`event`).
+//! key (`audit_key`); propagation reports between replicas (`reports`);
+//! Events (`event`); and the pods and service accounts that exist, for
+//! token bindings (`bindings`).
 //! Talks to the API server through kube with the configured credentials
 //! (`--kubeconfig`, or `in-cluster`). Must not: issue certificates or decide
 //! rotation steps.
 
 pub mod audit_key;
+pub mod bindings;
 pub mod detect;
 pub mod event;
 pub mod issuer_secret;

@@ -61,6 +61,9 @@ pub struct Uses<'a> {
     pub tokenreview: bool,
     /// The API server's JWKS is a token source.
     pub jwks: bool,
+    /// Pods and service accounts are watched (metadata only) so that tokens
+    /// bound to deleted ones stop working (`watch_token_bindings`).
+    pub token_bindings: bool,
     /// The trust bundle is published to namespaces.
     pub publish: bool,
     /// The Secret holding the shared CA state.
@@ -152,6 +155,11 @@ pub fn needs(u: &Uses<'_>) -> Vec<Need> {
             None,
             "validating workload tokens",
         );
+    }
+    if u.token_bindings {
+        let why = "refusing tokens whose pod or service account was deleted";
+        add(&["list", "watch"], "", "pods", None, None, why);
+        add(&["list", "watch"], "", "serviceaccounts", None, None, why);
     }
     if let Some(lease) = u.lease {
         add(

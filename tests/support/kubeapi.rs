@@ -11,6 +11,10 @@
 //! gets the `ERROR` event with a 410 `Expired` Status, as etcd compaction
 //! causes). [`Store::partition`] drops every open watch and holds new ones
 //! until [`Store::heal`], so tests can make changes a client cannot see.
+//! Pods and ServiceAccounts (list, watch, get, delete) answer in the
+//! metadata-only form (`PartialObjectMetadata[List]`, `meta.k8s.io/v1`) when
+//! the client asks for it in `Accept`, as kube's `list_metadata` and
+//! `watch_metadata` do; [`Store::forbidden`] answers 403 on chosen paths.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,6 +63,15 @@ pub struct Store {
     pub token_reviews: AtomicUsize,
     /// Fixed JSON documents by path (OIDC discovery, JWKS).
     pub documents: Mutex<BTreeMap<String, Value>>,
+    /// Tokens TokenReview accepts that are bound to a pod: token → (pod
+    /// name, pod uid), returned in `status.user.extra`.
+    pub token_pods: Mutex<BTreeMap<String, (String, String)>>,
+    /// Requests (lists and watches) answered in metadata-only form.
+    pub metadata_requests: AtomicUsize,
+    /// Requests for pods or service accounts answered with whole objects.
+    pub full_pod_or_sa_requests: AtomicUsize,
+    /// Paths (prefixes) answered `403 Forbidden`, as without RBAC.
+    pub forbidden: Mutex<Vec<String>>,
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -87,6 +100,10 @@ impl Default for Store {
             token_reviews: Default::default(),
             denied: Default::default(),
             documents: Default::default(),
+            token_pods: Default::default(),
+            metadata_requests: Default::default(),
+            full_pod_or_sa_requests: Default::default(),
+            forbidden: Default::default(),
         }
     }
 }
@@ -164,6 +181,13 @@ fn labels_match(obj: &Value, sel: &[(String, String)]) -> bool {
         .all(|(k, v)| obj["metadata"]["labels"][k].as_str() == Some(v.as_str()))
 }
 
+/// The metadata-only form of an object, as the API server sends it for
+/// `Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`.
+fn partial(object: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+           "metadata": object["metadata"].clone()})
+}
+
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query.split('&').find_map(|kv| {
         kv.split_once('=')
@@ -205,6 +229,27 @@ impl Store {
     /// Drops every open watch and holds new ones until [`Store::heal`].
     pub fn partition(&self) {
         self.partitioned.send_replace(true);
+    }
+
+    /// Adds (or replaces) a pod with a spec, bumping its resourceVersion.
+    pub fn add_pod(&self, ns: &str, name: &str, uid: &str) {
+        self.put(
+            &format!("/api/v1/namespaces/{ns}/pods"),
+            name,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": name, "namespace": ns, "uid": uid},
+                   "spec": {"serviceAccountName": "web", "containers": [{"name": "app", "image": "example/app:1", "env": [{"name": "BIG", "value": "x".repeat(2048)}]}]}}),
+        );
+    }
+
+    /// Adds (or replaces) a service account.
+    pub fn add_service_account(&self, ns: &str, name: &str, uid: &str) {
+        self.put(
+            &format!("/api/v1/namespaces/{ns}/serviceaccounts"),
+            name,
+            json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                   "metadata": {"name": name, "namespace": ns, "uid": uid}}),
+        );
     }
 
     /// Lets held watches proceed.
@@ -291,6 +336,7 @@ impl Store {
         name: Option<String>,
         labels: Vec<(String, String)>,
         from: Option<u64>,
+        metadata_only: bool,
         tx: tokio::sync::mpsc::Sender<hyper::body::Bytes>,
     ) {
         let mut partitioned = self.partitioned.subscribe();
@@ -301,6 +347,11 @@ impl Store {
         }
         self.watches_opened.fetch_add(1, Ordering::SeqCst);
         let line = |kind: &str, object: &Value| {
+            let object = if metadata_only && kind != "ERROR" {
+                partial(object)
+            } else {
+                object.clone()
+            };
             hyper::body::Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
         };
         let now = *self.rv.lock().unwrap();
@@ -351,6 +402,33 @@ impl Store {
         let uri = req.uri().to_string();
         let method = req.method().to_string();
         let (path, query) = uri.split_once('?').unwrap_or((&uri, ""));
+        let metadata_only = req
+            .headers()
+            .get("accept")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+        if self
+            .forbidden
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| path.starts_with(p.as_str()))
+        {
+            let (code, st) = status(
+                403,
+                "Forbidden",
+                format!("forbidden: User \"system:serviceaccount:meshca:meshca\" cannot {method} {path}"),
+            );
+            return super::json_response(code, &st);
+        }
+        if path.ends_with("/pods") || path.ends_with("/serviceaccounts") {
+            let counter = if metadata_only {
+                &self.metadata_requests
+            } else {
+                &self.full_pod_or_sa_requests
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
         if method == "GET" && query_param(query, "watch") == Some("true") {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             let from = query_param(query, "resourceVersion").and_then(|v| v.parse().ok());
@@ -359,6 +437,7 @@ impl Store {
                 name_selector(query),
                 label_selector(query),
                 from,
+                metadata_only,
                 tx,
             ));
             let body = StreamBody::new(tokio_stream::StreamExt::map(
@@ -382,7 +461,17 @@ impl Store {
         if let Some(t) = delay {
             tokio::time::sleep(t).await;
         }
-        let (status, out) = self.handle(&method, &uri, &body);
+        let (status, mut out) = self.handle(&method, &uri, &body);
+        if metadata_only && status == 200 {
+            out = match out["items"].as_array() {
+                Some(items) => {
+                    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+                    "metadata": out["metadata"].clone(),
+                    "items": items.iter().map(partial).collect::<Vec<_>>()})
+                }
+                None => partial(&out),
+            };
+        }
         super::json_response(status, &out)
     }
 
@@ -419,6 +508,7 @@ impl Store {
             let review: Value = serde_json::from_slice(body).unwrap_or_default();
             let token = review["spec"]["token"].as_str().unwrap_or_default();
             let auds = review["spec"]["audiences"].clone();
+            let pod = self.token_pods.lock().unwrap().get(token).cloned();
             let status = match self.tokens.lock().unwrap().get(token) {
                 Some((ns, sa)) => json!({
                     "authenticated": true,
@@ -427,6 +517,13 @@ impl Store {
                         "username": format!("system:serviceaccount:{ns}:{sa}"),
                         "uid": format!("uid-{ns}-{sa}"),
                         "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                        "extra": match pod {
+                            Some((name, uid)) => json!({
+                                "authentication.kubernetes.io/pod-name": [name],
+                                "authentication.kubernetes.io/pod-uid": [uid],
+                            }),
+                            None => json!({}),
+                        },
                     }
                 }),
                 None => json!({"authenticated": false, "error": "[invalid bearer token]"}),
@@ -458,6 +555,44 @@ impl Store {
                 } else {
                     "ConfigMapList"
                 },
+            ),
+            ["api", "v1", res @ ("pods" | "serviceaccounts")] => (
+                format!("/api/v1/{res}"),
+                None,
+                if *res == "pods" {
+                    "Pod"
+                } else {
+                    "ServiceAccount"
+                },
+                if *res == "pods" {
+                    "PodList"
+                } else {
+                    "ServiceAccountList"
+                },
+            ),
+            ["api", "v1", "namespaces", ns, res @ ("pods" | "serviceaccounts")] => (
+                format!("/api/v1/namespaces/{ns}/{res}"),
+                None,
+                if *res == "pods" {
+                    "Pod"
+                } else {
+                    "ServiceAccount"
+                },
+                if *res == "pods" {
+                    "PodList"
+                } else {
+                    "ServiceAccountList"
+                },
+            ),
+            ["api", "v1", "namespaces", ns, res @ ("pods" | "serviceaccounts"), n] => (
+                format!("/api/v1/namespaces/{ns}/{res}"),
+                Some(*n),
+                if *res == "pods" {
+                    "Pod"
+                } else {
+                    "ServiceAccount"
+                },
+                "",
             ),
             ["api", "v1", "namespaces"] => (
                 "/api/v1/namespaces".to_string(),
