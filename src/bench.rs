@@ -103,6 +103,10 @@ pub struct BenchReport {
     /// Entries in the audit log after the run (on runs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_entries: Option<u64>,
+    /// Bytes of `audit.db` per entry after the run (WAL folded in at
+    /// shutdown): the figure for sizing the data volume (docs/audit.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit_bytes_per_entry: Option<f64>,
 }
 
 /// Runs the benchmark and prints the report.
@@ -176,6 +180,9 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
             );
             if let Some(n) = report.audit_entries {
                 println!("  audit entries         {n:>10}");
+            }
+            if let Some(b) = report.audit_bytes_per_entry {
+                println!("  audit bytes/entry     {b:>10.0}");
             }
             if let (Some(off), Some(r)) = (
                 report.audit_off_certificates_per_second,
@@ -326,12 +333,25 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
     let elapsed = started.elapsed().as_secs_f64();
     let audit_log = running.audit.clone();
     running.shutdown().await;
-    let audit_entries = match audit_log {
+    let audit_entries = match &audit_log {
         Some(log) => Some(
             crate::audit::store::SqliteStore::open_read_only(log.db_path())
                 .and_then(|s| crate::audit::store::AuditStore::count(&s))?,
         ),
         None => None,
+    };
+    // Database plus whatever is still in the WAL: what the volume holds.
+    let audit_bytes_per_entry = match (&audit_log, audit_entries) {
+        (Some(log), Some(n)) if n > 0 => {
+            let mut wal = log.db_path().as_os_str().to_owned();
+            wal.push("-wal");
+            let bytes: u64 = [log.db_path().to_path_buf(), std::path::PathBuf::from(wal)]
+                .iter()
+                .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                .sum();
+            Some(bytes as f64 / n as f64)
+        }
+        _ => None,
     };
     all.sort();
     let rate = all.len() as f64 / elapsed;
@@ -353,6 +373,7 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
         audit_off_certificates_per_second: None,
         audit_throughput_ratio: None,
         audit_entries,
+        audit_bytes_per_entry,
         audit_round_ratios: Vec::new(),
     })
 }
