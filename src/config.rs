@@ -955,6 +955,10 @@ mod tests {
         assert_eq!(detected.issuer_secret.as_deref(), Some("meshca-issuer"));
         assert!(detected.publish.is_some());
         assert!(detected.jwks_kubernetes);
+        assert!(
+            detected.watch_token_bindings,
+            "in-cluster: tokens die with their pod"
+        );
         assert_eq!(
             detected.authn_order,
             vec![AuthnSource::Jwks, AuthnSource::Tokenreview]
@@ -969,6 +973,8 @@ mod tests {
             "false",
             "--control-plane-namespace",
             "ops",
+            "--watch-token-bindings",
+            "false",
         ])
         .unwrap()
         .serve
@@ -979,6 +985,20 @@ mod tests {
         assert_eq!(explicit.state_secret.as_deref(), Some("ca-state"));
         assert!(explicit.publish.is_none());
         assert_eq!(explicit.mesh.control_plane_ns.as_str(), "ops");
+        assert!(!explicit.watch_token_bindings);
+        // Outside a cluster it is off, and asking for it needs credentials.
+        assert!(!ServeConfig::for_tests("d".into()).watch_token_bindings);
+        let e = ServeArgs {
+            kubernetes: Some(false),
+            watch_token_bindings: Some(true),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            e.contains("invalid setting watch_token_bindings: needs kubeconfig"),
+            "{e}"
+        );
 
         let off = Cmd::try_parse_from(["x", "--kubernetes=false"])
             .unwrap()

@@ -283,3 +283,19 @@ pub fn token_hash(token: &str) -> String {
         token.as_bytes(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_cuts_untrusted_strings_at_128_bytes_on_a_char_boundary() {
+        assert_eq!(clip("https://issuer"), "https://issuer");
+        let long = "é".repeat(200); // 2 bytes each
+        let c = clip(&long);
+        assert!(c.ends_with("…(truncated)"), "{c}");
+        assert_eq!(c.trim_end_matches("…(truncated)").len(), 128);
+        let odd = format!("a{}", "é".repeat(100));
+        assert_eq!(clip(&odd).trim_end_matches("…(truncated)").len(), 127);
+    }
+}
