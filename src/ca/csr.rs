@@ -141,9 +141,27 @@ pub fn validate(der: &[u8], allowed: &AllowedNames<'_>) -> Result<ValidatedCsr, 
     }
 
     Ok(ValidatedCsr {
-        spki_der: info.subject_pki.raw.to_vec(),
+        spki_der: canonical_spki(info.subject_pki.raw)?,
         key,
     })
+}
+
+/// The key goes into the certificate and its SHA-256 into the audit log, so
+/// accept it only in its DER form: x509-parser also reads some non-DER
+/// encodings (e.g. the algorithm OID under another tag class), which the
+/// signature then covers, and the audit record would name a key hash that
+/// is not the certificate's. Found by the re-signed CSR property tests.
+fn canonical_spki(raw: &[u8]) -> Result<Vec<u8>, CaError> {
+    use rcgen::PublicKeyData;
+    let canonical = rcgen::SubjectPublicKeyInfo::from_der(raw)
+        .map_err(|e| CaError::UnsupportedKey(format!("public key: {e}")))?
+        .subject_public_key_info();
+    if canonical != raw {
+        return Err(CaError::MalformedCsr(
+            "the public key is not DER-encoded; encode the request in DER".into(),
+        ));
+    }
+    Ok(canonical)
 }
 
 fn check_name(name: &GeneralName<'_>, allowed: &AllowedNames<'_>) -> Result<(), CaError> {

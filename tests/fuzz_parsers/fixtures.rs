@@ -176,15 +176,33 @@ pub fn token(aud: &str) -> String {
 pub fn csr_seeds() -> &'static [Vec<u8>] {
     static S: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
     S.get_or_init(|| {
+        csr_seeds_with_keys()
+            .iter()
+            .map(|(d, _)| d.clone())
+            .collect()
+    })
+}
+
+/// [`csr_seeds`] with the key that signed each (to re-sign mutations).
+pub fn csr_seeds_with_keys() -> &'static [(Vec<u8>, CaKey)] {
+    static S: OnceLock<Vec<(Vec<u8>, CaKey)>> = OnceLock::new();
+    S.get_or_init(|| {
         let make = |alg: &'static rcgen::SignatureAlgorithm,
                     edit: &dyn Fn(&mut rcgen::CertificateParams)| {
             let key = rcgen::KeyPair::generate_for(alg).expect("key");
             let mut p = rcgen::CertificateParams::default();
             p.distinguished_name = rcgen::DistinguishedName::new();
             edit(&mut p);
-            p.serialize_request(&key).expect("csr").der().to_vec()
+            let der = p.serialize_request(&key).expect("csr").der().to_vec();
+            let key =
+                CaKey::from_pem(&SecretBytes::new(key.serialize_pem().into_bytes())).expect("key");
+            (der, key)
         };
         let rsa = include_str!("../testdata/rsa2048-csr.pem");
+        let rsa_key = CaKey::from_pem(&SecretBytes::new(
+            include_bytes!("../../src/ca/testdata/rsa2048-pkcs1.pem").to_vec(),
+        ))
+        .expect("rsa key");
         vec![
             make(&rcgen::PKCS_ECDSA_P256_SHA256, &|_| {}),
             make(&rcgen::PKCS_ECDSA_P384_SHA384, &|p| {
@@ -197,7 +215,7 @@ pub fn csr_seeds() -> &'static [Vec<u8>] {
                 p.distinguished_name
                     .push(rcgen::DnType::CommonName, WEB_DNS);
             }),
-            meshca::ca::csr::pem_to_der(rsa).expect("rsa csr"),
+            (meshca::ca::csr::pem_to_der(rsa).expect("rsa csr"), rsa_key),
             make(&rcgen::PKCS_ECDSA_P256_SHA256, &|p| {
                 p.subject_alt_names = vec![rcgen::SanType::DnsName(
                     "evil.example.com".try_into().expect("dns"),
@@ -207,6 +225,70 @@ pub fn csr_seeds() -> &'static [Vec<u8>] {
                 p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
             }),
         ]
+    })
+}
+
+/// One DER TLV at the start of `b`: (whole TLV, rest). Test helper only.
+pub fn der_split(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let first = *b.get(1)?;
+    let (len, hdr) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        let len = b
+            .get(2..2 + n)?
+            .iter()
+            .fold(0usize, |a, x| (a << 8) | usize::from(*x));
+        (len, 2 + n)
+    };
+    let end = hdr.checked_add(len)?;
+    (b.len() >= end).then(|| b.split_at(end))
+}
+
+/// A CSR from `info` (a CertificationRequestInfo, possibly mutated) signed
+/// by `key` under `alg_id`: a mutation of the signed part that still carries
+/// a valid signature, so it reaches the checks after proof of possession.
+pub fn resign(info: &[u8], alg_id: &[u8], key: &CaKey) -> Vec<u8> {
+    fn tlv(tag: u8, v: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        if v.len() < 0x80 {
+            out.push(v.len() as u8);
+        } else {
+            let be = v.len().to_be_bytes();
+            let skip = be.iter().take_while(|b| **b == 0).count();
+            out.push(0x80 | (be.len() - skip) as u8);
+            out.extend_from_slice(&be[skip..]);
+        }
+        out.extend_from_slice(v);
+        out
+    }
+    let sig = rcgen::SigningKey::sign(key, info).expect("sign");
+    let mut bits = vec![0u8];
+    bits.extend_from_slice(&sig);
+    let mut body = info.to_vec();
+    body.extend_from_slice(alg_id);
+    body.extend(tlv(0x03, &bits));
+    tlv(0x30, &body)
+}
+
+/// Each seed split into (CertificationRequestInfo, AlgorithmIdentifier).
+pub fn csr_parts() -> &'static [(Vec<u8>, Vec<u8>)] {
+    static S: OnceLock<Vec<(Vec<u8>, Vec<u8>)>> = OnceLock::new();
+    S.get_or_init(|| {
+        csr_seeds()
+            .iter()
+            .map(|d| {
+                let (outer, _) = der_split(d).expect("csr");
+                let hdr = if outer[1] < 0x80 {
+                    2
+                } else {
+                    2 + usize::from(outer[1] & 0x7f)
+                };
+                let (info, rest) = der_split(&outer[hdr..]).expect("info");
+                let (alg, _) = der_split(rest).expect("alg");
+                (info.to_vec(), alg.to_vec())
+            })
+            .collect()
     })
 }
 
