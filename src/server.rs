@@ -904,7 +904,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 }
             }),
         );
-    // For operators and auditors: the admin token on every method.
+    // For operators and auditors: the admin token on every method. Every
+    // route that reads or changes CA state (revocation too) belongs here.
     let protected = crate::trust::http::routes(rotation.clone(), &admin_token);
     let protected = match &audit_log {
         Some(log) => protected.merge(crate::audit::http::routes(log.clone())),
