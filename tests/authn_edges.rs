@@ -567,3 +567,44 @@ fn the_binding_cache_costs_little_memory_per_10000_pods() {
     // 100 bytes a pod (a whole Pod object is kilobytes).
     assert!(held > 0 && held < 1_000_000, "{held}");
 }
+
+/// A deletion made while the watch was cut off, with the history compacted
+/// away (so resuming gets 410 Gone), is still seen: the cache lists again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_missed_during_a_partition_is_caught_by_the_relist_after_410() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = kubeapi::start(dir.path()).await;
+    let key = cluster_key(dir.path());
+    api.add_service_account("shop", "web", SA_UID);
+    api.add_pod("shop", POD, POD_UID);
+    let jwks = key.jwks.clone();
+    let ca = Ca::start_with(move |c| {
+        c.kubeconfig = Some(kc);
+        c.jwks_file = Some(jwks);
+        c.authn_order = vec![AuthnSource::Jwks];
+        c.watch_token_bindings = true;
+    })
+    .await;
+    let ch = ca.channel().await;
+    let token = key.token((POD, POD_UID));
+    until_ok("the pod watch syncs", Duration::from_secs(10), || async {
+        certify_native(&ch, token.clone()).await.is_ok()
+    })
+    .await;
+    let gone_before = api.gone_served.load(Ordering::SeqCst);
+    // The watch is cut (and its reconnection held) before the deletion.
+    api.partition();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.remove(PODS, POD);
+    api.compact();
+    api.heal();
+    until_ok(
+        "the relist drops the deleted pod",
+        Duration::from_secs(10),
+        || async { certify_native(&ch, token.clone()).await.is_err() },
+    )
+    .await;
+    let e = certify_native(&ch, token).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(api.gone_served.load(Ordering::SeqCst) > gone_before);
+}
