@@ -222,6 +222,8 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
     // The benchmark measures the issuance path, not the abuse limiter.
     cfg.rate_limit = 1e9;
     cfg.rate_burst = u32::MAX;
+    cfg.limits.identity_rate_limit = 1e9;
+    cfg.limits.identity_rate_burst = u32::MAX;
     cfg.audit_log = audit;
     let running = crate::server::start(cfg).await?;
     let data = DataDir::new(dir.path());

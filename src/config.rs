@@ -203,9 +203,46 @@ pub struct ServeArgs {
     /// Certificates per second allowed per identity [default: 5].
     #[arg(long, env = "MESHCA_RATE_LIMIT")]
     pub rate_limit: Option<f64>,
-    /// Burst per identity [default: 20].
+    /// Burst per pod [default: 20].
     #[arg(long, env = "MESHCA_RATE_BURST")]
     pub rate_burst: Option<u32>,
+    /// Certificates per second for all pods of one service account together [default: 100].
+    #[arg(long, env = "MESHCA_IDENTITY_RATE_LIMIT")]
+    pub identity_rate_limit: Option<f64>,
+    /// Burst for all pods of one service account together (sized for a 1,000-replica rollout) [default: 1000].
+    #[arg(long, env = "MESHCA_IDENTITY_RATE_BURST")]
+    pub identity_rate_burst: Option<u32>,
+    /// Close a trust-bundle stream whose client has not consumed an update
+    /// for this long; it stops counting for the activation gate [default: 30s].
+    #[arg(long, env = "MESHCA_WATCH_STALL_TIMEOUT")]
+    pub watch_stall_timeout: Option<HumanDuration>,
+    /// Anonymous trust-bundle streams allowed per client IP address [default: 16].
+    #[arg(long, env = "MESHCA_WATCH_ANONYMOUS_PER_IP")]
+    pub watch_anonymous_per_ip: Option<usize>,
+    /// Anonymous trust-bundle streams allowed in total [default: 4096].
+    #[arg(long, env = "MESHCA_WATCH_ANONYMOUS_MAX")]
+    pub watch_anonymous_max: Option<usize>,
+    /// Open gRPC connections allowed (TLS handshakes included); more are closed at accept [default: 10000].
+    #[arg(long, env = "MESHCA_GRPC_MAX_CONNECTIONS")]
+    pub grpc_max_connections: Option<usize>,
+    /// HTTP/2 streams allowed at once on one gRPC connection [default: 100].
+    #[arg(long, env = "MESHCA_GRPC_MAX_CONCURRENT_STREAMS")]
+    pub grpc_max_concurrent_streams: Option<u32>,
+    /// Time a client has to complete the TLS handshake [default: 10s].
+    #[arg(long, env = "MESHCA_GRPC_HANDSHAKE_TIMEOUT")]
+    pub grpc_handshake_timeout: Option<HumanDuration>,
+    /// HTTP/2 PING interval on idle gRPC connections (0: off) [default: 30s].
+    #[arg(long, env = "MESHCA_GRPC_KEEPALIVE_INTERVAL")]
+    pub grpc_keepalive_interval: Option<HumanDuration>,
+    /// Close a gRPC connection whose PING is not answered within this [default: 10s].
+    #[arg(long, env = "MESHCA_GRPC_KEEPALIVE_TIMEOUT")]
+    pub grpc_keepalive_timeout: Option<HumanDuration>,
+    /// Close a gRPC connection with no open request for this long (0: never) [default: 5m].
+    #[arg(long, env = "MESHCA_GRPC_IDLE_TIMEOUT")]
+    pub grpc_idle_timeout: Option<HumanDuration>,
+    /// Largest HTTP/2 header list (all request headers and metadata) in bytes [default: 16384].
+    #[arg(long, env = "MESHCA_GRPC_MAX_HEADER_BYTES")]
+    pub grpc_max_header_bytes: Option<u32>,
     /// Keep the tamper-evident audit log (audit.db in the data directory) [default: true].
     #[arg(long, env = "MESHCA_AUDIT_LOG")]
     pub audit_log: Option<bool>,
@@ -385,6 +422,10 @@ impl ServeArgs {
             leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
             state_poll_interval, kubernetes, audit_key_secret, issuer_secret,
             propagation_report_interval, watch_token_bindings,
+            identity_rate_limit, identity_rate_burst, watch_stall_timeout,
+            watch_anonymous_per_ip, watch_anonymous_max, grpc_max_connections,
+            grpc_max_concurrent_streams, grpc_handshake_timeout, grpc_keepalive_interval,
+            grpc_keepalive_timeout, grpc_idle_timeout, grpc_max_header_bytes,
         ))
     }
 
@@ -464,6 +505,7 @@ impl ServeArgs {
         if rate_limit.is_nan() || rate_limit <= 0.0 {
             return Err(bad("rate_limit", "must be a positive number".into()));
         }
+        let limits = self.limits()?;
         let tokenreview_qps = self.tokenreview_qps.unwrap_or(50.0);
         if tokenreview_qps.is_nan() || tokenreview_qps <= 0.0 {
             return Err(bad("tokenreview_qps", "must be a positive number".into()));
@@ -763,6 +805,7 @@ impl ServeArgs {
             allow_legacy_tokens: self.allow_legacy_tokens.unwrap_or(false),
             rate_limit,
             rate_burst: self.rate_burst.unwrap_or(20),
+            limits,
             audit_log: self.audit_log.unwrap_or(true),
             audit_checkpoint_interval,
             audit_refusal: crate::audit::intake::Limits {
@@ -820,10 +863,12 @@ pub struct ServeConfig {
     pub authn_order: Vec<AuthnSource>,
     /// Legacy tokens allowed.
     pub allow_legacy_tokens: bool,
-    /// Per-identity rate.
+    /// Per-pod rate.
     pub rate_limit: f64,
-    /// Per-identity burst.
+    /// Per-pod burst.
     pub rate_burst: u32,
+    /// The per-service-account ceiling, watcher and listener limits.
+    pub limits: Limits,
     /// Audit log on.
     pub audit_log: bool,
     /// Checkpoint signing interval.
@@ -873,6 +918,89 @@ pub struct ServeConfig {
     pub state_poll_interval: Duration,
     /// Refuse tokens whose pod or service account is gone (a metadata-only watch).
     pub watch_token_bindings: bool,
+}
+
+/// Limits and fairness: the per-service-account rate ceiling, the
+/// trust-bundle watchers, and the gRPC listener.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Certificates per second for one service account (all its pods).
+    pub identity_rate_limit: f64,
+    /// Burst of the above.
+    pub identity_rate_burst: u32,
+    /// Bundle watchers.
+    pub watch: crate::api::watchers::WatchSettings,
+    /// Open connections.
+    pub max_connections: usize,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// HTTP/2 keepalive PING interval (None: off).
+    pub keepalive_interval: Option<Duration>,
+    /// HTTP/2 keepalive PING deadline.
+    pub keepalive_timeout: Duration,
+    /// Idle connection timeout (None: never).
+    pub idle_timeout: Option<Duration>,
+    /// Largest header list, bytes.
+    pub max_header_bytes: u32,
+}
+
+impl ServeArgs {
+    fn limits(&self) -> Result<Limits, String> {
+        let bad = |setting: &str, e: &str| format!("invalid setting {setting}: {e}");
+        let d = |v: Option<HumanDuration>, default: u64| {
+            v.map_or(Duration::from_secs(default), |d| d.0)
+        };
+        let identity_rate_limit = self
+            .identity_rate_limit
+            .unwrap_or(crate::api::IDENTITY_RATE);
+        if identity_rate_limit.is_nan() || identity_rate_limit <= 0.0 {
+            return Err(bad("identity_rate_limit", "must be a positive number"));
+        }
+        let positive = |setting: &str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(bad(setting, "must be at least 1")),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let watch = crate::api::watchers::WatchSettings {
+            stall_timeout: d(self.watch_stall_timeout, 30),
+            anonymous_per_ip: positive("watch_anonymous_per_ip", self.watch_anonymous_per_ip, 16)?,
+            anonymous_max: positive("watch_anonymous_max", self.watch_anonymous_max, 4096)?,
+        };
+        if watch.stall_timeout < Duration::from_millis(100) {
+            return Err(bad("watch_stall_timeout", "must be at least 100ms"));
+        }
+        let handshake_timeout = d(self.grpc_handshake_timeout, 10);
+        if handshake_timeout < Duration::from_millis(100) {
+            return Err(bad("grpc_handshake_timeout", "must be at least 100ms"));
+        }
+        let max_header_bytes = self.grpc_max_header_bytes.unwrap_or(16 * 1024);
+        if max_header_bytes < 1024 {
+            return Err(bad("grpc_max_header_bytes", "must be at least 1024"));
+        }
+        let keepalive_interval = Some(d(self.grpc_keepalive_interval, 30)).filter(|d| !d.is_zero());
+        let keepalive_timeout = d(self.grpc_keepalive_timeout, 10);
+        if keepalive_interval.is_some() && keepalive_timeout.is_zero() {
+            return Err(bad("grpc_keepalive_timeout", "must be more than 0"));
+        }
+        Ok(Limits {
+            identity_rate_limit,
+            identity_rate_burst: self
+                .identity_rate_burst
+                .unwrap_or(crate::api::IDENTITY_BURST),
+            watch,
+            max_connections: positive("grpc_max_connections", self.grpc_max_connections, 10_000)?,
+            max_concurrent_streams: match self.grpc_max_concurrent_streams {
+                Some(0) => return Err(bad("grpc_max_concurrent_streams", "must be at least 1")),
+                v => v.unwrap_or(100),
+            },
+            handshake_timeout,
+            keepalive_interval,
+            keepalive_timeout,
+            idle_timeout: Some(d(self.grpc_idle_timeout, 300)).filter(|d| !d.is_zero()),
+            max_header_bytes,
+        })
+    }
 }
 
 /// `publish_bundle` and its leader election.

@@ -142,6 +142,7 @@ pub struct Metrics {
     bundle_configmaps: Family<ResultLabel, Counter>,
     secrets_refused: Family<SecretLabel, Counter>,
     authn_edges: AuthnEdgeMetrics,
+    limits: LimitMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -338,8 +339,10 @@ impl Metrics {
             secrets_refused.clone(),
         );
         let authn_edges = AuthnEdgeMetrics::register(&mut registry);
+        let limits = LimitMetrics::register(&mut registry);
         Self {
             authn_edges,
+            limits,
             leader,
             bundle_configmaps,
             secrets_refused,
@@ -703,6 +706,130 @@ impl Metrics {
     pub fn tokenreview_throttled(&self, scope: &'static str) {
         self.authn_edges
             .tokenreview_throttled
+            .get_or_create(&ScopeLabel { scope })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabel {
+    auth: &'static str,
+}
+
+/// The gRPC listener's limits, bundle watchers and rate limiting.
+struct LimitMetrics {
+    grpc_connections: Gauge,
+    grpc_refused: Family<ReasonLabel, Counter>,
+    grpc_closed: Family<ReasonLabel, Counter>,
+    watch_streams: Family<AuthLabel, Gauge>,
+    watch_refused: Family<ReasonLabel, Counter>,
+    rate_limited: Family<ScopeLabel, Counter>,
+}
+
+impl LimitMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            grpc_connections: Gauge::default(),
+            grpc_refused: Family::default(),
+            grpc_closed: Family::default(),
+            watch_streams: Family::default(),
+            watch_refused: Family::default(),
+            rate_limited: Family::default(),
+        };
+        registry.register(
+            "grpc_connections",
+            "Open gRPC connections (including TLS handshakes in progress)",
+            m.grpc_connections.clone(),
+        );
+        registry.register(
+            "grpc_connections_refused",
+            "gRPC connections closed at accept, by reason (limit: grpc_max_connections reached)",
+            m.grpc_refused.clone(),
+        );
+        registry.register(
+            "grpc_connections_closed",
+            "gRPC connections closed by meshca, by reason (handshake_timeout, handshake_failed, idle, stalled)",
+            m.grpc_closed.clone(),
+        );
+        registry.register(
+            "bundle_watch_streams",
+            "Open WatchTrustBundle streams by auth (authenticated: counted by the activation gate; anonymous: not counted, capped)",
+            m.watch_streams.clone(),
+        );
+        registry.register(
+            "bundle_watch_refused",
+            "WatchTrustBundle streams refused or closed, by reason (anonymous_per_ip, anonymous_total: caps reached; unauthenticated: a bad credential; stalled: an update not consumed within watch_stall_timeout)",
+            m.watch_refused.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Certificate requests refused by the rate limit, by scope (pod: one pod's bucket; identity: the service account's ceiling)",
+            m.rate_limited.clone(),
+        );
+        m
+    }
+}
+
+/// Decrements a labelled gauge on drop.
+#[derive(Debug)]
+pub struct GaugeGuard(Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl Metrics {
+    /// Sets the number of open gRPC connections.
+    pub fn set_grpc_connections(&self, n: usize) {
+        self.limits.grpc_connections.set(n as i64);
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn grpc_connection_refused(&self, reason: &'static str) {
+        self.limits
+            .grpc_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a connection meshca closed.
+    pub fn grpc_connection_closed(&self, reason: &'static str) {
+        self.limits
+            .grpc_closed
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Marks a bundle stream open until the guard drops.
+    pub fn bundle_watch_open(&self, authenticated: bool) -> GaugeGuard {
+        let auth = if authenticated {
+            "authenticated"
+        } else {
+            "anonymous"
+        };
+        let g = self
+            .limits
+            .watch_streams
+            .get_or_create(&AuthLabel { auth })
+            .clone();
+        g.inc();
+        GaugeGuard(g)
+    }
+
+    /// Counts a bundle stream refused or closed.
+    pub fn bundle_watch_refused(&self, reason: &'static str) {
+        self.limits
+            .watch_refused
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// Counts a request refused by the rate limit.
+    pub fn rate_limited(&self, scope: &'static str) {
+        self.limits
+            .rate_limited
             .get_or_create(&ScopeLabel { scope })
             .inc();
     }

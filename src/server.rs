@@ -31,8 +31,6 @@ use crate::proto;
 
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running server.
 #[derive(Debug)]
@@ -444,6 +442,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         });
     }
     let tracker = Arc::new(crate::trust::propagation::Tracker::default());
+    let connections = api::connections::Connections::new(cfg.limits.max_connections);
     let mut core = Core::new(
         ca.clone(),
         authn,
@@ -451,6 +450,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         cfg.rate_limit,
         cfg.rate_burst,
     )
+    .with_identity_limit(
+        cfg.limits.identity_rate_limit,
+        cfg.limits.identity_rate_burst,
+    )
+    .with_watch_settings(cfg.limits.watch)
+    .with_connections(connections.clone())
     .with_tracker(tracker.clone());
     let mut audit_guard = None;
     let mut audit_log = None;
@@ -786,34 +791,24 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
 
     // Accept loop: TLS handshakes run concurrently, finished streams feed tonic.
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(128);
-    {
-        let tls = tls.clone();
+    tokio::spawn(accept_loop(
+        listener,
+        tls.clone(),
+        connections.clone(),
+        cfg.limits.handshake_timeout,
+        conn_tx,
+        stop_rx.clone(),
+    ));
+    if let Some(idle) = cfg.limits.idle_timeout {
+        let conns = connections.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
+            let every = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(15));
             loop {
-                let (tcp, peer) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => { conns.close_idle(idle); }
                     _ = stop.changed() => return,
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
-                let conn_tx = conn_tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(s)) => {
-                            let _ = conn_tx.send(Ok::<_, std::io::Error>(s)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
+                }
             }
         });
     }
@@ -833,8 +828,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
 
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let mut grpc_stop = stop_rx.clone();
+    let limits = cfg.limits.clone();
     let grpc = tokio::spawn(async move {
-        let r = tonic::transport::Server::builder()
+        let r = grpc_builder(&limits)
+            .layer(api::connections::RequestLayer::new(
+                connections,
+                api::MAX_MESSAGE_BYTES,
+            ))
             .add_service(native)
             .add_service(linkerd)
             .add_service(istio)
@@ -987,6 +987,77 @@ async fn append_summaries(
         if let Err(err) = log.append(e).await {
             tracing::error!(error = %err, "could not record a summary of folded refusals in the audit log");
         }
+    }
+}
+
+/// The HTTP/2 settings of the gRPC listener.
+fn grpc_builder(limits: &crate::config::Limits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .http2_max_header_list_size(limits.max_header_bytes)
+}
+
+/// Accepts TCP connections under the connection cap and runs their TLS
+/// handshakes concurrently, each with a deadline; finished ones go to tonic.
+/// A connection over the cap is closed at once (the client sees a reset
+/// and retries) rather than left waiting in the backlog.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Arc<ArcSwap<ServerConfig>>,
+    conns: Arc<api::connections::Connections>,
+    handshake_timeout: Duration,
+    conn_tx: tokio::sync::mpsc::Sender<
+        std::io::Result<
+            tokio_rustls::server::TlsStream<api::connections::Guarded<tokio::net::TcpStream>>,
+        >,
+    >,
+    mut stop: watch::Receiver<bool>,
+) {
+    let metrics = crate::metrics::global();
+    let mut last_warning: Option<std::time::Instant> = None;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Some(slot) = conns.try_open(peer) else {
+            metrics.grpc_connection_refused("limit");
+            // One line a minute at most: a flood must not flood the log.
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_warning = Some(std::time::Instant::now());
+                tracing::warn!(%peer, open = conns.open(), "gRPC connection refused: grpc_max_connections reached (see meshca_grpc_connections_refused_total)");
+            }
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
+        let conn_tx = conn_tx.clone();
+        tokio::spawn(async move {
+            let io = api::connections::Guarded::new(tcp, slot);
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                Ok(Ok(s)) => {
+                    let _ = conn_tx.send(Ok(s)).await;
+                }
+                Ok(Err(e)) => {
+                    metrics.grpc_connection_closed("handshake_failed");
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                }
+                Err(_) => {
+                    metrics.grpc_connection_closed("handshake_timeout");
+                    tracing::debug!(%peer, "TLS handshake timed out")
+                }
+            }
+        });
     }
 }
 

@@ -6,10 +6,12 @@
 //! become gRPC statuses in exactly one place, `status`. Must not: sign
 //! anything itself, or talk to Kubernetes except through `authn`.
 
+pub mod connections;
 pub mod istio;
 pub mod linkerd;
 pub mod native;
 pub mod status;
+pub mod watchers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +28,14 @@ pub use status::ApiError;
 
 /// The largest gRPC message accepted, in bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Default ceiling for all pods of one service account: certificates per
+/// second. A 1,000-replica Deployment restarted at once asks for 1,000
+/// certificates within seconds; the burst admits all of them, and the rate
+/// refills it in 10 s, so the next rollout is not throttled either.
+pub const IDENTITY_RATE: f64 = 100.0;
+/// Default burst of the per-service-account ceiling (see [`IDENTITY_RATE`]).
+pub const IDENTITY_BURST: u32 = 1000;
 
 /// Which wire API a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,10 +116,16 @@ pub struct Core {
     pub authn: Arc<Authenticator>,
     /// Audiences per API.
     pub audiences: Audiences,
-    limiter: KeyedLimiter<Workload>,
+    /// Per pod (token's pod UID, else peer IP), so one pod cannot starve
+    /// its siblings of the same service account.
+    limiter: KeyedLimiter<String>,
+    /// Per service account: the ceiling over all its pods.
+    identity_limiter: KeyedLimiter<Workload>,
     audit: Option<crate::audit::AuditLog>,
     refusals: Option<Arc<crate::audit::intake::RefusalGate>>,
     tracker: Arc<crate::trust::propagation::Tracker>,
+    watchers: Arc<watchers::Watchers>,
+    connections: Option<Arc<connections::Connections>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -121,7 +137,8 @@ impl std::fmt::Debug for Core {
 }
 
 impl Core {
-    /// Builds the pipeline with a per-identity limit of `rate`/s, `burst`.
+    /// Builds the pipeline with a per-pod limit of `rate`/s, `burst`, and
+    /// the default per-service-account ceiling.
     pub fn new(
         ca: Arc<Authority>,
         authn: Arc<Authenticator>,
@@ -130,15 +147,48 @@ impl Core {
         burst: u32,
     ) -> Self {
         let limiter = KeyedLimiter::new(rate, burst, ca.clock().clone());
+        let identity_limiter = KeyedLimiter::new(IDENTITY_RATE, IDENTITY_BURST, ca.clock().clone());
         Self {
             ca,
             authn,
             audiences,
             limiter,
+            identity_limiter,
             audit: None,
             refusals: None,
             tracker: Arc::default(),
+            watchers: watchers::Watchers::new(watchers::WatchSettings::default()),
+            connections: None,
         }
+    }
+
+    /// Sets the per-service-account ceiling: `rate`/s, `burst`.
+    pub fn with_identity_limit(mut self, rate: f64, burst: u32) -> Self {
+        self.identity_limiter = KeyedLimiter::new(rate, burst, self.ca.clock().clone());
+        self
+    }
+
+    /// Sets the bundle-watcher limits.
+    pub fn with_watch_settings(mut self, settings: watchers::WatchSettings) -> Self {
+        self.watchers = watchers::Watchers::new(settings);
+        self
+    }
+
+    /// The gRPC listener's connections (so a stalled stream's connection
+    /// can be closed).
+    pub fn with_connections(mut self, conns: Arc<connections::Connections>) -> Self {
+        self.connections = Some(conns);
+        self
+    }
+
+    /// The bundle-watcher limits.
+    pub fn watchers(&self) -> &Arc<watchers::Watchers> {
+        &self.watchers
+    }
+
+    /// The listener's connections, when known.
+    pub fn connections(&self) -> Option<&Arc<connections::Connections>> {
+        self.connections.as_ref()
     }
 
     /// Shares the bundle-propagation tracker (the rotation gate reads it).
@@ -303,14 +353,34 @@ impl Core {
                 });
             }
         }
-        if !self.limiter.try_take(workload) {
-            return Err(ApiError::RateLimited(workload.to_string()));
-        }
+        self.rate_limit(&authenticated, input.peer)?;
         // Signing is ~100 µs of CPU and no I/O, like the token check above:
         // running it inline on the worker measured ~5% faster (`meshca bench`,
         // docs/performance.md) than a hand-off to the blocking pool.
         let issued = self.ca.issue(workload, input.csr_der, input.ttl)?;
         Ok(issued)
+    }
+
+    /// One pod's bucket, then its service account's ceiling (only a request
+    /// its pod may make draws on the ceiling).
+    fn rate_limit(&self, who: &Authenticated, peer: Option<SocketAddr>) -> Result<(), ApiError> {
+        let metrics = crate::metrics::global();
+        let (key, what) = pod_key(who, peer);
+        if !self.limiter.try_take(&key) {
+            metrics.rate_limited("pod");
+            return Err(ApiError::RateLimited(format!(
+                "{what} of {} (setting rate_limit, per pod)",
+                who.workload
+            )));
+        }
+        if !self.identity_limiter.try_take(&who.workload) {
+            metrics.rate_limited("identity");
+            return Err(ApiError::RateLimited(format!(
+                "service account {} (setting identity_rate_limit, all its pods together)",
+                who.workload
+            )));
+        }
+        Ok(())
     }
 
     /// Authenticates a caller by the meshca leaf it presented over mTLS
@@ -352,6 +422,20 @@ impl Core {
             method: Method::Certificate,
             expires: Some(not_after),
         })
+    }
+}
+
+/// The rate-limit key of one caller, and how to name it: the pod UID its
+/// token is bound to; without one (mTLS renewal, unbound tokens) its IP
+/// address, which in Kubernetes is the pod's.
+fn pod_key(who: &Authenticated, peer: Option<SocketAddr>) -> (String, String) {
+    match (&who.pod_uid, peer) {
+        (Some(uid), _) => (format!("{} pod {uid}", who.workload), format!("pod {uid}")),
+        (None, Some(p)) => (
+            format!("{} ip {}", who.workload, p.ip()),
+            format!("the caller at {}", p.ip()),
+        ),
+        (None, None) => (who.workload.to_string(), "the caller".into()),
     }
 }
 
@@ -424,5 +508,42 @@ pub fn to_timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(sa: &str, pod_uid: Option<&str>) -> Authenticated {
+        Authenticated {
+            workload: Workload::new("shop", sa).unwrap(),
+            pod_name: None,
+            pod_uid: pod_uid.map(str::to_string),
+            method: Method::Jwks,
+            expires: None,
+        }
+    }
+
+    #[test]
+    fn the_rate_limit_key_is_the_pod_else_the_address() {
+        let p = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        let key = |w: &Authenticated, peer| pod_key(w, peer).0;
+        // A pod-bound token: the pod, wherever it connects from.
+        let a = who("web", Some("uid-a"));
+        assert_eq!(key(&a, p("10.0.0.1:1")), key(&a, p("10.0.0.9:2")));
+        assert_ne!(
+            key(&a, p("10.0.0.1:1")),
+            key(&who("web", Some("uid-b")), p("10.0.0.1:1"))
+        );
+        // No pod: the address (not the port), per service account.
+        let n = who("web", None);
+        assert_eq!(key(&n, p("10.0.0.1:1")), key(&n, p("10.0.0.1:2")));
+        assert_ne!(key(&n, p("10.0.0.1:1")), key(&n, p("10.0.0.2:1")));
+        assert_ne!(
+            key(&n, p("10.0.0.1:1")),
+            key(&who("db", None), p("10.0.0.1:1"))
+        );
+        assert!(pod_key(&a, None).1.contains("uid-a"));
     }
 }

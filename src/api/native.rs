@@ -4,11 +4,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use futures_util::Stream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::{to_timestamp, ApiError, CertifyInput, Core, Credential, WireApi};
+use crate::authn::{Authenticated, AuthnError};
 use crate::ca::TrustBundle;
 use crate::proto::meshca as pb;
 
@@ -95,25 +97,173 @@ impl pb::identity_server::Identity for NativeService {
         &self,
         request: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
-        let td = self.0.ca.mesh().trust_domain.to_string();
-        // A watcher presenting its meshca certificate is tracked under the
-        // same key as its renewals; an anonymous one by its address.
+        let core = &self.0;
+        let metrics = crate::metrics::global();
         let peer = request.remote_addr();
-        let who = request
-            .peer_certs()
-            .and_then(|c| c.first().and_then(|leaf| crate::ca::uri_san(leaf)));
-        let key = match (who, peer) {
-            (Some(id), p) => crate::trust::propagation::client_key(&id, p),
-            (None, Some(p)) => format!("anonymous {p}"),
-            (None, None) => "anonymous".into(),
+        let who = match self.watcher(&request).await {
+            Ok(w) => w,
+            Err(e) => {
+                metrics.bundle_watch_refused("unauthenticated");
+                return Err(e.into());
+            }
         };
-        let handle = self.0.tracker().watch(key);
+        // Only an authenticated watcher is tracked (the activation gate
+        // counts it), under the same key as its renewals; an anonymous one
+        // is capped instead (see `watchers`).
+        let counted = match &who {
+            Some(a) => {
+                let id = a.workload.spiffe_id(core.ca.mesh());
+                let key = crate::trust::propagation::client_key(id.as_str(), peer);
+                Watcher::Counted(core.tracker().watch(key))
+            }
+            None => match core.watchers().admit_anonymous(peer.map(|p| p.ip())) {
+                Ok(slot) => Watcher::Anonymous(slot, core.tracker().watch_anonymous()),
+                Err(e) => {
+                    metrics.bundle_watch_refused(e.reason());
+                    return Err(ApiError::TooManyWatchers(e).into());
+                }
+            },
+        };
+        let open = metrics.bundle_watch_open(who.is_some());
+        let (delivered_tx, delivered_rx) = tokio::sync::watch::channel(0u64);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let counted = Arc::new(counted);
+        tokio::spawn(stall_watchdog(
+            core.clone(),
+            peer,
+            counted.clone(),
+            delivered_rx,
+            stalled.clone(),
+        ));
+        let td = core.ca.mesh().trust_domain.to_string();
+        let stall_timeout = core.watchers().settings().stall_timeout;
+        let mut inner = tokio_stream::wrappers::WatchStream::new(core.ca.watch_bundle());
+        let mut done = false;
+        let mut sent: Option<(u64, u32)> = None;
         // WatchStream yields the current value at once, then every change.
-        let stream =
-            tokio_stream::wrappers::WatchStream::new(self.0.ca.watch_bundle()).map(move |b| {
-                handle.delivered(b.version);
-                Ok(bundle_msg(&b, &td))
-            });
+        // When is an item "delivered"? hyper takes one chunk of a body even
+        // when the client grants no window, and holds it until it may send;
+        // it asks for the next chunk only after handing that one to HTTP/2,
+        // which needs the client to have granted window. tonic polls once
+        // more right after each item (to batch), so the second poll after
+        // an item is hyper asking for more: the item has left.
+        let stream = futures_util::stream::poll_fn(move |cx| {
+            let _keep = (&open, &counted);
+            if let Some((version, polls)) = sent.as_mut() {
+                *polls += 1;
+                if *polls >= 2 {
+                    if let Watcher::Counted(h) = counted.as_ref() {
+                        h.delivered(*version);
+                    }
+                    let _ = delivered_tx.send(*version);
+                    sent = None;
+                }
+            }
+            if done {
+                return std::task::Poll::Ready(None);
+            }
+            if stalled.load(Ordering::Acquire) {
+                done = true;
+                return std::task::Poll::Ready(Some(Err(Status::unavailable(format!(
+                    "this stream did not consume a trust-bundle update within {}s (setting watch_stall_timeout); reconnect",
+                    stall_timeout.as_secs_f64()
+                )))));
+            }
+            match std::pin::Pin::new(&mut inner).poll_next(cx) {
+                std::task::Poll::Ready(Some(b)) => {
+                    sent = Some((b.version, 0));
+                    std::task::Poll::Ready(Some(Ok(bundle_msg(&b, &td))))
+                }
+                other => other.map(|_| None),
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// A bundle stream's place: tracked (authenticated) or under the anonymous caps.
+#[derive(Debug)]
+enum Watcher {
+    Counted(crate::trust::propagation::WatchHandle),
+    /// Held for their `Drop`.
+    Anonymous(
+        #[allow(dead_code)] super::watchers::AnonymousSlot,
+        #[allow(dead_code)] crate::trust::propagation::AnonymousHandle,
+    ),
+}
+
+impl NativeService {
+    /// Who is watching: a token in the `authorization` metadata (`Bearer`),
+    /// else the client certificate, else nobody. A credential that is
+    /// presented must be good: it is never downgraded to anonymous.
+    async fn watcher(
+        &self,
+        request: &Request<pb::WatchTrustBundleRequest>,
+    ) -> Result<Option<Authenticated>, ApiError> {
+        let core = &self.0;
+        if let Some(v) = request.metadata().get("authorization") {
+            let token = v
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    ApiError::Authn(AuthnError::Invalid(
+                        "the authorization metadata must be `Bearer <service-account token>`"
+                            .into(),
+                    ))
+                })?;
+            let a = core
+                .authn
+                .authenticate(token, core.audience(WireApi::Native))
+                .await?;
+            return Ok(Some(a));
+        }
+        match request.peer_certs().as_ref().and_then(|c| c.first()) {
+            Some(leaf) => Ok(Some(core.authenticate_peer(leaf)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Runs the stall watchdog of one stream; on a stall, stops counting the
+/// client, ends the stream, and closes its connection (hyper does not poll
+/// a stream whose client grants no window, so only that ends it).
+async fn stall_watchdog(
+    core: Arc<Core>,
+    peer: Option<std::net::SocketAddr>,
+    counted: Arc<Watcher>,
+    delivered: tokio::sync::watch::Receiver<u64>,
+    stalled: Arc<AtomicBool>,
+) {
+    let timeout = core.watchers().settings().stall_timeout;
+    let end = super::watchers::watchdog(core.ca.watch_bundle(), delivered, timeout).await;
+    let super::watchers::Watchdog::Stalled { version, consumed } = end else {
+        return;
+    };
+    let who = match counted.as_ref() {
+        Watcher::Counted(h) => {
+            h.stalled(core.ca.clock().now());
+            h.key().to_string()
+        }
+        Watcher::Anonymous(..) => "anonymous".to_string(),
+    };
+    drop(counted);
+    stalled.store(true, Ordering::Release);
+    crate::metrics::global().bundle_watch_refused("stalled");
+    tracing::warn!(
+        client = %who,
+        peer = ?peer,
+        version,
+        consumed,
+        timeout_s = timeout.as_secs_f64(),
+        "closing a trust-bundle stream that did not consume an update in time; it no longer counts for the activation gate until it catches up"
+    );
+    if let Some(conn) = peer.and_then(|p| core.connections().and_then(|c| c.get(&p))) {
+        conn.close(super::connections::CloseReason::Stalled);
     }
 }

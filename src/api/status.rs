@@ -27,9 +27,12 @@ pub enum ApiError {
         /// What the credential proves.
         actual: String,
     },
-    /// Too many requests for one identity.
+    /// Too many requests from one pod, or for one service account.
     #[error("rate limit exceeded for {0}; retry later")]
     RateLimited(String),
+    /// An anonymous bundle watcher over a cap.
+    #[error(transparent)]
+    TooManyWatchers(super::watchers::Refused),
     /// The request is malformed.
     #[error("{0}")]
     BadRequest(String),
@@ -61,7 +64,7 @@ impl ApiError {
                 | CaError::InvalidTtl(_) => Code::InvalidArgument,
             },
             ApiError::IdentityMismatch { .. } => Code::PermissionDenied,
-            ApiError::RateLimited(_) => Code::ResourceExhausted,
+            ApiError::RateLimited(_) | ApiError::TooManyWatchers(_) => Code::ResourceExhausted,
             ApiError::AuditUnavailable(_) => Code::Unavailable,
             ApiError::BadRequest(_) => Code::InvalidArgument,
             ApiError::Internal(_) => Code::Internal,
@@ -88,6 +91,7 @@ impl ApiError {
             },
             ApiError::IdentityMismatch { .. } => "identity_mismatch",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::TooManyWatchers(r) => r.reason(),
             ApiError::AuditUnavailable(_) => "audit_unavailable",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Internal(_) => "internal",

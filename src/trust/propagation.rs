@@ -9,6 +9,12 @@
 //! Sharded so the per-request update rarely shares a lock. Must not: decide
 //! whether a rotation step is safe (see `rotation`).
 //!
+//! Only authenticated clients are recorded here (renewals, and watchers that
+//! presented a client certificate or a token): an anonymous watcher must not
+//! be able to hold rotation hostage, so `api::watchers` caps it instead.
+//! A watcher that stops consuming updates is marked stalled: it stops
+//! counting until something is delivered to it again (it caught up).
+//!
 //! "Seen" means the message carrying that version was handed to the client's
 //! connection (a stream item yielded, a response returned). Linkerd's
 //! `Certify` response carries no bundle, so Linkerd proxies are not tracked:
@@ -16,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -23,17 +30,35 @@ use serde::{Deserialize, Serialize};
 
 const SHARDS: usize = 16;
 
+/// How long a stalled client is remembered as stalled with no stream open.
+pub const STALLED_MEMORY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[derive(Debug, Clone)]
 struct Client {
     version: u64,
     live_until: SystemTime,
     watching: u32,
     root: Option<String>,
+    /// A watch stream of this client was closed for not consuming an update:
+    /// it does not count until a delivery shows it has caught up. The mark
+    /// is remembered until this time even with no stream open, so a client
+    /// that reconnects and again does not read is not counted again.
+    stalled: Option<SystemTime>,
 }
 
 impl Client {
     fn live(&self, now: SystemTime) -> bool {
         self.watching > 0 || self.live_until > now
+    }
+
+    /// Counts toward the activation gate.
+    fn counted(&self, now: SystemTime) -> bool {
+        self.live(now) && self.stalled.is_none()
+    }
+
+    /// Worth keeping in memory.
+    fn kept(&self, now: SystemTime) -> bool {
+        self.live(now) || self.stalled.is_some_and(|t| t > now)
     }
 }
 
@@ -44,6 +69,8 @@ pub struct Tracker {
     /// What other replicas reported, by replica: their clients count too,
     /// since a client may renew through one replica and watch another.
     remote: Mutex<BTreeMap<String, Vec<ClientView>>>,
+    /// Anonymous watchers: reported, never counted by the gate.
+    anonymous: AtomicUsize,
 }
 
 impl Default for Tracker {
@@ -51,6 +78,7 @@ impl Default for Tracker {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             remote: Mutex::new(BTreeMap::new()),
+            anonymous: AtomicUsize::new(0),
         }
     }
 }
@@ -79,6 +107,7 @@ impl ClientView {
             live_until: crate::clock::from_unix_secs(self.live_until),
             watching: u32::from(self.watching),
             root: self.root.clone(),
+            stalled: None,
         }
     }
 }
@@ -103,6 +132,10 @@ pub struct Propagation {
     pub leaves_by_root: BTreeMap<String, usize>,
     /// Some clients that have not seen `version` (for the operator).
     pub lagging: Vec<String>,
+    /// Anonymous watchers connected to this replica: not counted by the
+    /// activation gate (they could hold it hostage), shown for the operator.
+    #[serde(default)]
+    pub anonymous_watchers: usize,
     /// Other replicas whose reports are counted (empty: this one only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_replicas: Vec<String>,
@@ -116,10 +149,25 @@ pub struct WatchHandle {
 }
 
 impl WatchHandle {
-    /// Records that `version` was sent to this watcher.
+    /// Records that `version` was sent to this watcher (it is caught up:
+    /// a stream always sends the current version).
     pub fn delivered(&self, version: u64) {
+        self.tracker.with(&self.key, |c| {
+            c.version = c.version.max(version);
+            c.stalled = None;
+        });
+    }
+
+    /// Stops counting this client: its stream did not consume an update in
+    /// time and is being closed. Remembered for [`STALLED_MEMORY`] after `now`.
+    pub fn stalled(&self, now: SystemTime) {
         self.tracker
-            .with(&self.key, |c| c.version = c.version.max(version));
+            .with(&self.key, |c| c.stalled = Some(now + STALLED_MEMORY));
+    }
+
+    /// The key it is tracked under.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 }
 
@@ -130,7 +178,23 @@ impl Drop for WatchHandle {
     }
 }
 
+/// A connected anonymous watcher; dropping it ends the watch.
+#[derive(Debug)]
+pub struct AnonymousHandle(Arc<Tracker>);
+
+impl Drop for AnonymousHandle {
+    fn drop(&mut self) {
+        self.0.anonymous.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Tracker {
+    /// Notes an anonymous watcher (reported, not counted by the gate).
+    pub fn watch_anonymous(self: &Arc<Self>) -> AnonymousHandle {
+        self.anonymous.fetch_add(1, Ordering::AcqRel);
+        AnonymousHandle(self.clone())
+    }
+
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Client>> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
@@ -144,6 +208,7 @@ impl Tracker {
             live_until: SystemTime::UNIX_EPOCH,
             watching: 0,
             root: None,
+            stalled: None,
         });
         f(c);
     }
@@ -152,6 +217,7 @@ impl Tracker {
     pub fn certified(&self, key: &str, version: u64, not_after: SystemTime, root: Option<&str>) {
         self.with(key, |c| {
             c.version = c.version.max(version);
+            c.stalled = None;
             c.live_until = c.live_until.max(not_after);
             if root.is_some() {
                 c.root = root.map(str::to_string);
@@ -175,7 +241,7 @@ impl Tracker {
             let m = shard.lock().unwrap_or_else(|e| e.into_inner());
             out.extend(
                 m.iter()
-                    .filter(|(_, c)| c.live(now))
+                    .filter(|(_, c)| c.counted(now))
                     .map(|(k, c)| ClientView {
                         key: k.clone(),
                         version: c.version,
@@ -213,6 +279,7 @@ impl Tracker {
     pub fn summary(&self, now: SystemTime, version: u64) -> Propagation {
         let mut p = Propagation {
             version,
+            anonymous_watchers: self.anonymous.load(Ordering::Acquire),
             ..Default::default()
         };
         let mut merged: HashMap<String, Client> = HashMap::new();
@@ -233,8 +300,8 @@ impl Tracker {
         };
         for shard in &self.shards {
             let mut m = shard.lock().unwrap_or_else(|e| e.into_inner());
-            m.retain(|_, c| c.live(now));
-            for (k, c) in m.iter() {
+            m.retain(|_, c| c.kept(now));
+            for (k, c) in m.iter().filter(|(_, c)| c.counted(now)) {
                 merge(k, c.clone());
             }
         }
@@ -317,6 +384,51 @@ mod tests {
         let p = t.summary(later, 2);
         assert_eq!((p.clients, p.watchers), (1, 0));
         assert_eq!(t.summary(now + 4 * hour, 2).clients, 0);
+    }
+
+    #[test]
+    fn a_stalled_watcher_stops_counting_until_a_delivery_shows_it_caught_up() {
+        let t = Arc::new(Tracker::default());
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let hour = Duration::from_secs(3600);
+        // It renewed (version 1, certificate live for an hour), then watches.
+        t.certified("web 10.0.0.1", 1, now + hour, Some("r1"));
+        let w = t.watch("web 10.0.0.1".into());
+        let anon = t.watch_anonymous();
+        assert_eq!((t.summary(now, 2).clients, t.summary(now, 2).acked), (1, 0));
+        w.stalled(now);
+        drop(w);
+        let p = t.summary(now, 2);
+        assert_eq!((p.clients, p.watchers), (0, 0), "{p:?}");
+        assert_eq!(p.anonymous_watchers, 1);
+        assert!(t.export(now).is_empty(), "not reported to other replicas");
+        // It reconnects and still does not read: not counted.
+        let w = t.watch("web 10.0.0.1".into());
+        assert_eq!(t.summary(now, 2).clients, 0);
+        // It catches up: counted again, as acked.
+        w.delivered(2);
+        let p = t.summary(now, 2);
+        assert_eq!((p.clients, p.acked, p.watchers), (1, 1, 1));
+        drop(anon);
+        assert_eq!(t.summary(now, 2).anonymous_watchers, 0);
+        // A stalled mark with no stream open is forgotten after a while.
+        w.stalled(now);
+        drop(w);
+        assert_eq!(
+            t.shards
+                .iter()
+                .map(|s| s.lock().unwrap().len())
+                .sum::<usize>(),
+            1
+        );
+        t.summary(now + 2 * hour, 2);
+        assert_eq!(
+            t.shards
+                .iter()
+                .map(|s| s.lock().unwrap().len())
+                .sum::<usize>(),
+            0
+        );
     }
 
     #[test]

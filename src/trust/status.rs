@@ -262,6 +262,12 @@ pub fn print_table(s: &Status) {
             "clients: {} live, {} watching; {} have seen bundle version {}",
             p.clients, p.watchers, p.acked, p.version
         );
+        if p.anonymous_watchers > 0 {
+            println!(
+                "anonymous watchers (not counted by the activation gate): {}",
+                p.anonymous_watchers
+            );
+        }
         if !p.other_replicas.is_empty() {
             println!(
                 "counted with the reports of replicas: {}",
