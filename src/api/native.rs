@@ -219,7 +219,11 @@ impl NativeService {
                 })?;
             let a = core
                 .authn
-                .authenticate(token, core.audience(WireApi::Native))
+                .authenticate_from(
+                    token,
+                    core.audience(WireApi::Native),
+                    request.remote_addr().map(|p| p.ip()),
+                )
                 .await?;
             return Ok(Some(a));
         }
