@@ -152,6 +152,9 @@ pub enum Command {
     /// Trust-anchor and issuer lifecycle.
     #[command(subcommand)]
     Rotation(crate::rotation_cli::RotationCommand),
+    /// The kill switch: revoke a certificate serial (it can no longer renew)
+    /// or deny an identity (refused on every API), lift either, or list them.
+    Revoke(crate::revoke_cli::RevokeArgs),
     /// Run beside a workload: obtain and renew its certificate, follow the
     /// trust bundle, and serve them as files and/or the SPIFFE Workload API.
     Agent(crate::sidecar_cli::AgentArgs),
@@ -263,6 +266,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
         Command::Bench(args) => crate::bench::run(args).await,
         Command::Audit(cmd) => crate::audit_cli::run(cmd),
         Command::Rotation(cmd) => crate::rotation_cli::run(cmd).await,
+        Command::Revoke(args) => crate::revoke_cli::run(args).await,
     }
 }
 

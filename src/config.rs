@@ -243,6 +243,11 @@ pub struct ServeArgs {
     /// Largest HTTP/2 header list (all request headers and metadata) in bytes [default: 16384].
     #[arg(long, env = "MESHCA_GRPC_MAX_HEADER_BYTES")]
     pub grpc_max_header_bytes: Option<u32>,
+    /// How long after a token authentication certificates descending from it
+    /// may renew by presenting themselves (mTLS, no token); 0 turns renewal
+    /// by certificate off [default: 24h].
+    #[arg(long, env = "MESHCA_RENEWAL_MAX_AGE")]
+    pub renewal_max_age: Option<HumanDuration>,
     /// Keep the tamper-evident audit log (audit.db in the data directory) [default: true].
     #[arg(long, env = "MESHCA_AUDIT_LOG")]
     pub audit_log: Option<bool>,
@@ -425,7 +430,7 @@ impl ServeArgs {
             identity_rate_limit, identity_rate_burst, watch_stall_timeout,
             watch_anonymous_per_ip, watch_anonymous_max, grpc_max_connections,
             grpc_max_concurrent_streams, grpc_handshake_timeout, grpc_keepalive_interval,
-            grpc_keepalive_timeout, grpc_idle_timeout, grpc_max_header_bytes,
+            grpc_keepalive_timeout, grpc_idle_timeout, grpc_max_header_bytes, renewal_max_age,
         ))
     }
 
@@ -806,6 +811,9 @@ impl ServeArgs {
             rate_limit,
             rate_burst: self.rate_burst.unwrap_or(20),
             limits,
+            renewal_max_age: self
+                .renewal_max_age
+                .map_or(Duration::from_secs(86400), |d| d.0),
             audit_log: self.audit_log.unwrap_or(true),
             audit_checkpoint_interval,
             audit_refusal: crate::audit::intake::Limits {
@@ -869,6 +877,9 @@ pub struct ServeConfig {
     pub rate_burst: u32,
     /// The per-service-account ceiling, watcher and listener limits.
     pub limits: Limits,
+    /// Renewal by certificate is refused this long after the token
+    /// authentication a chain descends from (zero: off).
+    pub renewal_max_age: Duration,
     /// Audit log on.
     pub audit_log: bool,
     /// Checkpoint signing interval.

@@ -143,6 +143,64 @@ pub struct Metrics {
     secrets_refused: Family<SecretLabel, Counter>,
     authn_edges: AuthnEdgeMetrics,
     limits: LimitMetrics,
+    renewal: RenewalMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+/// Renewal by certificate (`KindLabel` and `ReasonLabel` are shared with the
+/// authentication metrics below) and the operator's kill switch.
+struct RenewalMetrics {
+    index: Gauge,
+    refusals: Family<ReasonLabel, Counter>,
+    revocations: Family<KindLabel, Gauge>,
+    revocation_refusals: Family<KindLabel, Counter>,
+    revocation_changes: Family<ActionLabel, Counter>,
+}
+
+impl RenewalMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let index = Gauge::default();
+        registry.register(
+            "renewal_index_entries",
+            "Unexpired certificates this replica granted and would accept for renewal by certificate",
+            index.clone(),
+        );
+        let refusals = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "renewal_refusals",
+            "Renewals by certificate refused, by reason (unknown_serial, not_issued_here, root_not_trusted, revoked, too_old, disabled, identity_mismatch)",
+            refusals.clone(),
+        );
+        let revocations = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "revocations",
+            "Entries in the operator's revocation list, by kind (serial, identity)",
+            revocations.clone(),
+        );
+        let revocation_refusals = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "revocation_refusals",
+            "Requests refused because of the revocation list, by kind (serial: renewal by a revoked certificate; identity: a denied identity)",
+            revocation_refusals.clone(),
+        );
+        let revocation_changes = Family::<ActionLabel, Counter>::default();
+        registry.register(
+            "revocation_changes",
+            "Operator changes to the revocation list (serial_revoked, identity_denied, serial_lifted, identity_lifted)",
+            revocation_changes.clone(),
+        );
+        Self {
+            index,
+            refusals,
+            revocations,
+            revocation_refusals,
+            revocation_changes,
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -340,9 +398,11 @@ impl Metrics {
         );
         let authn_edges = AuthnEdgeMetrics::register(&mut registry);
         let limits = LimitMetrics::register(&mut registry);
+        let renewal = RenewalMetrics::register(&mut registry);
         Self {
             authn_edges,
             limits,
+            renewal,
             leader,
             bundle_configmaps,
             secrets_refused,
@@ -547,6 +607,44 @@ impl Metrics {
         self.bundle_configmaps
             .get_or_create(&ResultLabel { result })
             .inc_by(n as u64);
+    }
+
+    /// The number of grants in the renewal index.
+    pub fn set_renewal_index(&self, n: usize) {
+        self.renewal.index.set(n as i64);
+    }
+
+    /// Counts a renewal by certificate refused for `reason`.
+    pub fn renewal_refused(&self, reason: &'static str) {
+        self.renewal
+            .refusals
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// The size of the revocation list.
+    pub fn set_revocations(&self, serials: usize, identities: usize) {
+        let r = &self.renewal.revocations;
+        r.get_or_create(&KindLabel { kind: "serial" })
+            .set(serials as i64);
+        r.get_or_create(&KindLabel { kind: "identity" })
+            .set(identities as i64);
+    }
+
+    /// Counts a request refused by the revocation list (`serial` or `identity`).
+    pub fn revocation_refused(&self, kind: &'static str) {
+        self.renewal
+            .revocation_refusals
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    /// Counts an operator change to the revocation list.
+    pub fn revocation_change(&self, action: &'static str) {
+        self.renewal
+            .revocation_changes
+            .get_or_create(&ActionLabel { action })
+            .inc();
     }
 
     /// Counts a refused Secret version.

@@ -276,6 +276,33 @@ fn server_tls(
     Ok((Arc::new(sc), issued.refresh_at))
 }
 
+/// Rebuilds the renewal index from the audit log (the leaves granted within
+/// the longest leaf lifetime), so certificates issued before a restart can
+/// still renew.
+fn load_renewal_index(
+    renewal: &crate::renewal::Renewal,
+    db: &std::path::Path,
+    now: std::time::SystemTime,
+    max_ttl: Duration,
+) -> Result<(), String> {
+    let store = crate::audit::store::SqliteStore::open_read_only(db)?;
+    let n = renewal
+        .load_from_audit(&store, now, max_ttl + crate::ca::BACKDATE)
+        .map_err(|e| format!("rebuilding the renewal index from the audit log: {e}"))?;
+    tracing::info!(certificates = n, "renewal index loaded from the audit log");
+    Ok(())
+}
+
+/// Drops expired certificates from the renewal index once a minute.
+fn spawn_renewal_pruning(renewal: Arc<crate::renewal::Renewal>, clock: Arc<dyn Clock>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            renewal.prune(clock.now());
+        }
+    });
+}
+
 /// Takes the data directory's lock (`.lock`), held for the server's life.
 pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, String> {
     let p = data.file(".lock");
@@ -457,6 +484,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     .with_watch_settings(cfg.limits.watch)
     .with_connections(connections.clone())
     .with_tracker(tracker.clone());
+    // The operator's revocations: a list that does not parse stops the
+    // start rather than re-admitting what was shut out.
+    let revocations = Arc::new(crate::revocation::Revocations::open(&cfg.data_dir)?);
+    let renewal = Arc::new(crate::renewal::Renewal::new(cfg.renewal_max_age));
+    core = core
+        .with_revocations(revocations.clone())
+        .with_renewal(renewal.clone());
     let mut audit_guard = None;
     let mut audit_log = None;
     let mut refusal_gate = None;
@@ -510,6 +544,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             }
         });
         core = core.with_audit(log.clone()).with_refusal_gate(gate.clone());
+        load_renewal_index(&renewal, log.db_path(), clock.now(), cfg.max_ttl)?;
         refusal_gate = Some(gate);
         audit_log = Some(log);
         audit_guard = Some(guard);
@@ -526,7 +561,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         audit_log.clone(),
         cfg.rotation_settings(),
     );
+    rotation.set_renewal(renewal.clone());
+    rotation.set_revocations(revocations.clone());
     rotation.publish(&reconciled).await?;
+    spawn_renewal_pruning(renewal.clone(), clock.clone());
     if let Some(ss) = shared {
         rotation.set_shared(ss.clone());
         if !ss.is_shared() {
@@ -907,6 +945,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     // For operators and auditors: the admin token on every method. Every
     // route that reads or changes CA state (revocation too) belongs here.
     let protected = crate::trust::http::routes(rotation.clone(), &admin_token);
+    let protected = protected.merge(crate::revocation::http::routes(
+        crate::revocation::RevocationService::new(
+            revocations.clone(),
+            audit_log.clone(),
+            Some(rotation.clone()),
+            clock.clone(),
+        ),
+        &admin_token,
+    ));
     let protected = match &audit_log {
         Some(log) => protected.merge(crate::audit::http::routes(log.clone())),
         None => protected,

@@ -159,6 +159,13 @@ impl Backoff {
         self.attempt += 1;
         cap.mul_f64(0.5 + rand::random::<f64>() * 0.5)
     }
+    /// The wait after a refusal that retrying soon cannot change (the
+    /// operator denied this identity): straight to the cap (15–30 s), so a
+    /// denied workload never retries hot.
+    pub fn refused_wait(&mut self) -> Duration {
+        self.attempt = self.attempt.max(8);
+        self.next_wait()
+    }
     /// After a success.
     pub fn reset(&mut self) {
         self.attempt = 0;
@@ -216,6 +223,11 @@ pub fn start(cfg: AgentConfig) -> Result<Agent, String> {
         });
     }
     Ok(Agent { state: rx, stop })
+}
+
+/// True when the CA refused because the operator denied this identity.
+fn is_denied(error: &str) -> bool {
+    error.contains("PermissionDenied")
 }
 
 /// True when the top of `chain` (the issuer) is signed by one of `roots`.
@@ -287,16 +299,50 @@ impl Inner {
                     }
                     Err(e) => {
                         crate::metrics::global().agent_renewal(false);
-                        let wait = backoff.next_wait();
+                        let wait = if is_denied(&e) {
+                            backoff.refused_wait()
+                        } else {
+                            backoff.next_wait()
+                        };
                         let expires = self
                             .current()
                             .svid
                             .map(|s| crate::clock::rfc3339(s.not_after));
                         tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, current_expires = expires.as_deref().unwrap_or("none"), "certificate request failed; retrying");
-                        tokio::time::sleep(wait).await;
+                        self.sleep_serving_until_expiry(wait).await;
                     }
                 }
             }
+        }
+    }
+
+    /// Sleeps `wait`, but drops the held certificate the moment it expires
+    /// (an expired SVID is never served; the outputs see `svid: None`).
+    async fn sleep_serving_until_expiry(&self, wait: Duration) {
+        let now = SystemTime::now();
+        let Some(not_after) = self.current().svid.map(|s| s.not_after) else {
+            tokio::time::sleep(wait).await;
+            return;
+        };
+        let left = not_after.duration_since(now).unwrap_or_default();
+        if left < wait {
+            tokio::time::sleep(left).await;
+            self.state.send_if_modified(|s| {
+                let expired = s
+                    .svid
+                    .as_ref()
+                    .is_some_and(|v| v.not_after <= SystemTime::now());
+                if expired {
+                    tracing::error!(
+                        "the certificate expired and could not be renewed: no longer serving it"
+                    );
+                    s.svid = None;
+                }
+                expired
+            });
+            tokio::time::sleep(wait - left).await;
+        } else {
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -380,7 +426,10 @@ impl Inner {
         let mut backoff = Backoff::default();
         loop {
             let r = self.watch_once(&mut backoff).await;
-            let wait = backoff.next_wait();
+            let wait = match &r {
+                Err(e) if is_denied(e) => backoff.refused_wait(),
+                _ => backoff.next_wait(),
+            };
             tracing::debug!(error = ?r.err(), retry_in_ms = wait.as_millis() as u64, "bundle watch ended; reconnecting");
             tokio::time::sleep(wait).await;
         }

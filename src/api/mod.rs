@@ -126,6 +126,18 @@ pub struct Core {
     tracker: Arc<crate::trust::propagation::Tracker>,
     watchers: Arc<watchers::Watchers>,
     connections: Option<Arc<connections::Connections>>,
+    renewal: Arc<crate::renewal::Renewal>,
+    revocations: Arc<crate::revocation::Revocations>,
+}
+
+/// Where a grant's authentication comes from: recorded with it, so the
+/// renewal chain stays bounded by the token authentication it descends from.
+#[derive(Debug, Clone)]
+struct Provenance {
+    /// The token authentication at the root of the renewal chain.
+    auth_time: std::time::SystemTime,
+    /// The serial of the certificate presented (renewal by certificate).
+    renewed_from: Option<String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -159,6 +171,54 @@ impl Core {
             tracker: Arc::default(),
             watchers: watchers::Watchers::new(watchers::WatchSettings::default()),
             connections: None,
+            renewal: Arc::new(crate::renewal::Renewal::new(Duration::from_secs(86400))),
+            revocations: Arc::default(),
+        }
+    }
+
+    /// Uses `renewal` to decide renewals by certificate (and feeds it every grant).
+    pub fn with_renewal(mut self, renewal: Arc<crate::renewal::Renewal>) -> Self {
+        self.renewal = renewal;
+        self
+    }
+
+    /// Enforces `revocations` (revoked serials, denied identities).
+    pub fn with_revocations(mut self, revocations: Arc<crate::revocation::Revocations>) -> Self {
+        self.revocations = revocations;
+        self
+    }
+
+    /// The renewal index.
+    pub fn renewal(&self) -> &Arc<crate::renewal::Renewal> {
+        &self.renewal
+    }
+
+    /// Refuses a bundle request from a caller whose client certificate names
+    /// a denied identity (anonymous callers get the public bundle).
+    pub fn check_bundle_caller(&self, peer_leaf: Option<&[u8]>) -> Result<(), ApiError> {
+        if self.revocations.is_empty() {
+            return Ok(());
+        }
+        let Some(w) = peer_leaf.and_then(|l| workload_of(l, self.ca.mesh()).ok()) else {
+            return Ok(());
+        };
+        self.check_denied(&w)
+    }
+
+    fn check_denied(&self, w: &Workload) -> Result<(), ApiError> {
+        match self.revocations.denied(w) {
+            None => Ok(()),
+            Some(r) => {
+                crate::metrics::global().revocation_refused("identity");
+                Err(ApiError::Denied {
+                    identity: w.to_string(),
+                    reason: if r.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", r.reason)
+                    },
+                })
+            }
         }
     }
 
@@ -231,9 +291,14 @@ impl Core {
         let _guard = metrics.in_flight();
         let started = Instant::now();
         let mut who: Option<Authenticated> = None;
-        let mut result = self.certify_inner(&input, &mut who).await;
+        let mut provenance: Option<Provenance> = None;
+        let mut result = self.certify_inner(&input, &mut who, &mut provenance).await;
         if let Some(log) = &self.audit {
-            let entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
+            let mut entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
+            if let Some(p) = &provenance {
+                entry.auth_time = Some(crate::clock::rfc3339(p.auth_time));
+                entry.renewed_from = p.renewed_from.clone();
+            }
             // Refusals cost an attacker nothing: each peer gets a bounded
             // share of the log. Grants always get their own entry.
             let folded = match (&result, &self.refusals) {
@@ -261,6 +326,20 @@ impl Core {
             .peer
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-".into());
+        if let (Ok(issued), Some(a), Some(p)) = (&result, &who, &provenance) {
+            // Only once its audit entry is durable: a withheld certificate
+            // never becomes renewable.
+            self.renewal.record(
+                &issued.serial,
+                a.workload.clone(),
+                &issued.leaf,
+                issued.issuer_fingerprint.clone(),
+                issued.root_fingerprint.clone(),
+                issued.not_after,
+                p.auth_time,
+                p.renewed_from.as_deref(),
+            );
+        }
         match &result {
             Ok(issued) => {
                 metrics.issuance(input.api.as_str(), true, "ok", started.elapsed());
@@ -314,6 +393,7 @@ impl Core {
         &self,
         input: &CertifyInput<'_>,
         who: &mut Option<Authenticated>,
+        provenance: &mut Option<Provenance>,
     ) -> Result<Issued, ApiError> {
         let metrics = crate::metrics::global();
         let authenticated = match input.credential {
@@ -328,12 +408,19 @@ impl Core {
                     Err(_) => ("token", "rejected"),
                 };
                 metrics.validation(method, result);
-                r?
+                let a = r?;
+                *provenance = Some(Provenance {
+                    auth_time: self.ca.clock().now(),
+                    renewed_from: None,
+                });
+                a
             }
             Credential::PeerCertificate(cert) => {
                 let r = self.authenticate_peer(cert);
                 metrics.validation("certificate", if r.is_ok() { "ok" } else { "rejected" });
-                r?
+                let (a, p) = r?;
+                *provenance = Some(p);
+                a
             }
             Credential::None => {
                 metrics.validation("none", "rejected");
@@ -342,6 +429,7 @@ impl Core {
         };
         *who = Some(authenticated.clone());
         let workload = &authenticated.workload;
+        self.check_denied(workload)?;
         if let Some(claimed) = input.claimed_dns_identity {
             let actual = workload
                 .dns_identity(self.ca.mesh())
@@ -383,45 +471,84 @@ impl Core {
         Ok(())
     }
 
-    /// Authenticates a caller by the meshca leaf it presented over mTLS
-    /// (rustls already verified the chain to our roots during the handshake).
-    fn authenticate_peer(&self, cert: &CertificateDer<'_>) -> Result<Authenticated, AuthnError> {
+    /// Authenticates a caller by the meshca leaf it presented over mTLS.
+    /// rustls has verified the chain to *some* bundle root; that is not
+    /// enough (a root may be tainted, its key stolen), so the leaf must be
+    /// the exact certificate this replica granted under that serial, to that
+    /// identity, under a root that is active or retired, not revoked, and
+    /// within `renewal_max_age` of the token authentication it descends
+    /// from (see `renewal`).
+    fn authenticate_peer(
+        &self,
+        cert: &CertificateDer<'_>,
+    ) -> Result<(Authenticated, Provenance), ApiError> {
+        let who = self.peer_identity(cert)?;
         let (_, x509) = X509Certificate::from_der(cert)
             .map_err(|e| AuthnError::Invalid(format!("client certificate does not parse: {e}")))?;
-        let now = self.ca.clock().now();
+        let serial = hex::encode(x509.raw_serial());
+        let revocations = &self.revocations;
+        let auth_time = self
+            .renewal
+            .check(cert, &serial, &who.workload, self.ca.clock().now(), |s| {
+                revocations.is_revoked(s)
+            })
+            .map_err(|e| {
+                let m = crate::metrics::global();
+                m.renewal_refused(e.reason());
+                if matches!(e, crate::renewal::RenewalError::Revoked { .. }) {
+                    m.revocation_refused("serial");
+                }
+                ApiError::Renewal(e)
+            })?;
+        Ok((
+            who,
+            Provenance {
+                auth_time,
+                renewed_from: Some(serial),
+            },
+        ))
+    }
+
+    /// Who a TLS-verified meshca leaf names: enough to count a bundle
+    /// watcher under its identity, not to renew (see `authenticate_peer`).
+    fn peer_identity(&self, cert: &CertificateDer<'_>) -> Result<Authenticated, AuthnError> {
+        let (_, x509) = X509Certificate::from_der(cert)
+            .map_err(|e| AuthnError::Invalid(format!("client certificate does not parse: {e}")))?;
         let not_after = crate::ca::to_system_time(x509.validity().not_after);
-        if not_after <= now {
+        if not_after <= self.ca.clock().now() {
             return Err(AuthnError::Invalid("client certificate has expired".into()));
         }
-        let uri = crate::ca::uri_san(cert)
-            .ok_or_else(|| AuthnError::Invalid("client certificate has no SPIFFE ID".into()))?;
-        let id: crate::identity::SpiffeId = uri
-            .parse()
-            .map_err(|e| AuthnError::Invalid(format!("{e}")))?;
-        if id.trust_domain() != self.ca.mesh().trust_domain.as_str() {
-            return Err(AuthnError::Invalid(format!(
-                "client certificate is for trust domain {}, not {}",
-                id.trust_domain(),
-                self.ca.mesh().trust_domain
-            )));
-        }
-        let parts: Vec<&str> = id.path().split('/').collect();
-        let workload = match parts.as_slice() {
-            ["", "ns", ns, "sa", sa] => Workload::new(ns, sa)
-                .map_err(|e| AuthnError::Invalid(format!("client certificate: {e}")))?,
-            _ => {
-                return Err(AuthnError::Invalid(format!(
-                    "client certificate SPIFFE ID {id} is not a workload identity"
-                )))
-            }
-        };
         Ok(Authenticated {
-            workload,
+            workload: workload_of(cert, self.ca.mesh())?,
             pod_name: None,
             pod_uid: None,
             method: Method::Certificate,
             expires: Some(not_after),
         })
+    }
+}
+
+/// The workload a meshca leaf names (its SPIFFE ID in our trust domain).
+fn workload_of(cert: &[u8], mesh: &crate::identity::Mesh) -> Result<Workload, AuthnError> {
+    let uri = crate::ca::uri_san(cert)
+        .ok_or_else(|| AuthnError::Invalid("client certificate has no SPIFFE ID".into()))?;
+    let id: crate::identity::SpiffeId = uri
+        .parse()
+        .map_err(|e| AuthnError::Invalid(format!("{e}")))?;
+    if id.trust_domain() != mesh.trust_domain.as_str() {
+        return Err(AuthnError::Invalid(format!(
+            "client certificate is for trust domain {}, not {}",
+            id.trust_domain(),
+            mesh.trust_domain
+        )));
+    }
+    let parts: Vec<&str> = id.path().split('/').collect();
+    match parts.as_slice() {
+        ["", "ns", ns, "sa", sa] => Workload::new(ns, sa)
+            .map_err(|e| AuthnError::Invalid(format!("client certificate: {e}"))),
+        _ => Err(AuthnError::Invalid(format!(
+            "client certificate SPIFFE ID {id} is not a workload identity"
+        ))),
     }
 }
 

@@ -82,8 +82,11 @@ impl pb::identity_server::Identity for NativeService {
 
     async fn get_trust_bundle(
         &self,
-        _request: Request<pb::GetTrustBundleRequest>,
+        request: Request<pb::GetTrustBundleRequest>,
     ) -> Result<Response<pb::TrustBundle>, Status> {
+        let certs = request.peer_certs();
+        self.0
+            .check_bundle_caller(certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref()))?;
         Ok(Response::new(bundle_msg(
             &self.0.ca.bundle(),
             self.0.ca.mesh().trust_domain.as_str(),
@@ -107,6 +110,9 @@ impl pb::identity_server::Identity for NativeService {
                 return Err(e.into());
             }
         };
+        if let Some(a) = &who {
+            core.check_denied(&a.workload)?;
+        }
         // Only an authenticated watcher is tracked (the activation gate
         // counts it), under the same key as its renewals; an anonymous one
         // is capped instead (see `watchers`).
@@ -228,7 +234,7 @@ impl NativeService {
             return Ok(Some(a));
         }
         match request.peer_certs().as_ref().and_then(|c| c.first()) {
-            Some(leaf) => Ok(Some(core.authenticate_peer(leaf)?)),
+            Some(leaf) => Ok(Some(core.peer_identity(leaf)?)),
             None => Ok(None),
         }
     }

@@ -1,7 +1,8 @@
 //! The one place where errors become gRPC status codes.
 //!
-//! malformed input → INVALID_ARGUMENT, bad or missing credential →
-//! UNAUTHENTICATED, wrong identity → PERMISSION_DENIED, rate limit →
+//! malformed input → INVALID_ARGUMENT, bad or missing credential (and a
+//! client certificate that may not renew) → UNAUTHENTICATED, wrong or
+//! operator-denied identity → PERMISSION_DENIED, rate limit →
 //! RESOURCE_EXHAUSTED, backend down → UNAVAILABLE. Messages say what to fix
 //! and never contain a token.
 
@@ -40,6 +41,17 @@ pub enum ApiError {
     /// certificate is withheld.
     #[error("the audit log cannot record this issuance ({0}); the certificate was withheld, retry later")]
     AuditUnavailable(String),
+    /// A client certificate may not renew (a token always may).
+    #[error(transparent)]
+    Renewal(crate::renewal::RenewalError),
+    /// The operator denied this identity (`meshca revoke --identity`).
+    #[error("identity {identity} is denied by the mesh operator{reason}; every certificate and bundle request is refused until the denial is lifted (`meshca revoke --lift --identity {identity}`)")]
+    Denied {
+        /// `namespace/service-account`.
+        identity: String,
+        /// `: <reason>` or empty.
+        reason: String,
+    },
     /// A bug or an internal failure.
     #[error("internal error: {0}")]
     Internal(String),
@@ -67,6 +79,8 @@ impl ApiError {
             ApiError::RateLimited(_) | ApiError::TooManyWatchers(_) => Code::ResourceExhausted,
             ApiError::AuditUnavailable(_) => Code::Unavailable,
             ApiError::BadRequest(_) => Code::InvalidArgument,
+            ApiError::Renewal(_) => Code::Unauthenticated,
+            ApiError::Denied { .. } => Code::PermissionDenied,
             ApiError::Internal(_) => Code::Internal,
         }
     }
@@ -94,6 +108,8 @@ impl ApiError {
             ApiError::TooManyWatchers(r) => r.reason(),
             ApiError::AuditUnavailable(_) => "audit_unavailable",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::Renewal(_) => "renewal_refused",
+            ApiError::Denied { .. } => "identity_denied",
             ApiError::Internal(_) => "internal",
         }
     }

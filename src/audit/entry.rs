@@ -88,6 +88,15 @@ pub struct Entry {
     /// per-peer intake limit (`reason: refusals_over_audit_limit`). Absent: one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// Issuance: when the token authentication at the root of this grant's
+    /// renewal chain happened (the grant's own time for a token; inherited
+    /// on renewal by certificate). Renewal by certificate is refused once
+    /// `renewal_max_age` has passed since it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<String>,
+    /// Issuance by certificate: the serial of the certificate presented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_from: Option<String>,
 }
 
 impl Entry {

@@ -2,7 +2,8 @@
 //!
 //! Owns: the mapping between the data directory and one Opaque Secret
 //! (`rotation.json`, every root in the bundle as `root.<sha256>.crt|key`,
-//! `issuer.crt`, `issuer.key`): reading it into the data directory after
+//! `issuer.crt`, `issuer.key`, and `revocations.json` once an operator has
+//! revoked or denied anything): reading it into the data directory after
 //! validating it (the journal parses, every root's fingerprint and key
 //! match, the issuer's key matches and it is signed by the active root — a
 //! Secret that fails is refused with a Kubernetes Event and the last good
@@ -124,6 +125,15 @@ pub fn snapshot(data: &DataDir) -> Result<Snapshot, String> {
                 .to_vec(),
         );
     }
+    // The operator's revocations travel with the CA so every replica
+    // enforces them (absent until the first revocation).
+    match std::fs::read(data.file(crate::revocation::FILE)) {
+        Ok(b) => {
+            m.insert(crate::revocation::FILE.into(), b);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", crate::revocation::FILE)),
+    }
     m.insert("issuer.crt".into(), read(data, "issuer.crt")?);
     m.insert(
         "issuer.key".into(),
@@ -180,7 +190,17 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
     if !crate::ca::signed_by(&issuer[0], active_der) {
         return Err("the issuer is not signed by the active root".into());
     }
+    let revocations = m.get(crate::revocation::FILE);
+    if let Some(b) = revocations {
+        crate::revocation::validate(b)?;
+    }
     // Valid: write.
+    if let Some(b) = revocations {
+        // A Secret without the list (written by an older meshca) keeps the
+        // local one: a denial is never dropped by an upgrade.
+        crate::secret::write_public(&data.file(crate::revocation::FILE), b)
+            .map_err(|e| format!("{}: {e}", crate::revocation::FILE))?;
+    }
     for (_, der, key) in &roots {
         data.write_root(der, key).map_err(|e| e.to_string())?;
     }
@@ -370,5 +390,62 @@ impl SecretState {
     /// True once this replica's files correspond to a version of the Secret.
     pub fn is_shared(&self) -> bool {
         self.based_on().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::store::InitOptions;
+
+    #[test]
+    fn revocations_travel_in_the_shared_state() {
+        let now = std::time::SystemTime::now();
+        let a = tempfile::tempdir().unwrap();
+        let da = DataDir::new(a.path());
+        da.init(&InitOptions::default(), now).unwrap();
+        crate::trust::manager::TrustManager::open(da.clone(), now).unwrap();
+        // No revocation yet: the Secret carries no list.
+        assert!(!snapshot(&da).unwrap().contains_key(crate::revocation::FILE));
+        let revs = crate::revocation::Revocations::open(a.path()).unwrap();
+        let web = crate::revocation::parse_identity("shop/web").unwrap();
+        revs.apply(
+            &crate::revocation::Change::Deny {
+                identity: web.clone(),
+                reason: "x".into(),
+            },
+            "test",
+            now,
+        )
+        .unwrap();
+        let snap = snapshot(&da).unwrap();
+        assert!(snap.contains_key(crate::revocation::FILE));
+
+        // Another replica applies it and enforces the denial.
+        let b = tempfile::tempdir().unwrap();
+        let db = DataDir::new(b.path());
+        apply(&db, &snap).unwrap();
+        let theirs = crate::revocation::Revocations::open(b.path()).unwrap();
+        assert!(theirs.denied(&web).is_some());
+
+        // A Secret written by an older meshca (no list) keeps the local one.
+        let mut old = Snapshot::new();
+        for (k, v) in snap.iter().filter(|(k, _)| *k != crate::revocation::FILE) {
+            old.insert(k.clone(), v.clone());
+        }
+        apply(&db, &old).unwrap();
+        theirs.reload().unwrap();
+        assert!(theirs.denied(&web).is_some());
+
+        // A list that does not validate refuses the whole Secret.
+        let mut bad = Snapshot::new();
+        for (k, v) in snap.iter() {
+            bad.insert(k.clone(), v.clone());
+        }
+        bad.insert(
+            crate::revocation::FILE.into(),
+            br#"{"identities":{"nope":{"time":"t"}}}"#.to_vec(),
+        );
+        assert!(apply(&db, &bad).unwrap_err().contains("revocations.json"));
     }
 }

@@ -59,14 +59,16 @@ struct Ctx {
     token_sha256: [u8; 32],
 }
 
-fn sha256(b: &[u8]) -> [u8; 32] {
+/// SHA-256 of `b` (the admin token is kept only as this digest).
+pub(crate) fn sha256(b: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, b);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
 }
 
-fn json(code: StatusCode, v: &serde_json::Value) -> Response {
+/// A JSON reply.
+pub(crate) fn json(code: StatusCode, v: &serde_json::Value) -> Response {
     (
         code,
         [("content-type", "application/json")],
@@ -75,7 +77,8 @@ fn json(code: StatusCode, v: &serde_json::Value) -> Response {
         .into_response()
 }
 
-fn error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
+/// A JSON `{"error": …}` reply.
+pub(crate) fn error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
     json(code, &serde_json::json!({ "error": msg.to_string() }))
 }
 
@@ -136,6 +139,12 @@ async fn status(State(ctx): State<Ctx>, Query(q): Query<StatusParams>) -> Respon
 
 /// Why a request is not authorized (None: it is).
 fn unauthorized(ctx: &Ctx, headers: &HeaderMap) -> Option<&'static str> {
+    bearer_refusal(&ctx.token_sha256, headers)
+}
+
+/// Why a request does not carry the admin token whose SHA-256 is
+/// `expected` (None: it does). Shared by every token-protected admin route.
+pub(crate) fn bearer_refusal(expected: &[u8; 32], headers: &HeaderMap) -> Option<&'static str> {
     let Some(given) = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -144,7 +153,7 @@ fn unauthorized(ctx: &Ctx, headers: &HeaderMap) -> Option<&'static str> {
         return Some("missing `Authorization: Bearer <admin token>` (the token is in admin.token in the data directory)");
     };
     // Comparing digests (not the token) leaks nothing useful through timing.
-    (sha256(given.trim().as_bytes()) != ctx.token_sha256).then_some("wrong admin token")
+    (sha256(given.trim().as_bytes()) != *expected).then_some("wrong admin token")
 }
 
 /// One line per event, as replies and the CLI show them.

@@ -99,6 +99,10 @@ pub struct RotationService {
     /// The fingerprint of an issuer installed from outside meshca (its
     /// owner renews it; meshca only steps in late, see the renewal loop).
     external_issuer: std::sync::Mutex<Option<String>>,
+    /// Told the root states after every step (renewal by certificate).
+    renewal: std::sync::OnceLock<Arc<crate::renewal::Renewal>>,
+    /// Re-read when the shared state changes.
+    revocations: std::sync::OnceLock<Arc<crate::revocation::Revocations>>,
 }
 
 impl RotationService {
@@ -121,6 +125,8 @@ impl RotationService {
             shared: std::sync::OnceLock::new(),
             leader: std::sync::OnceLock::new(),
             external_issuer: std::sync::Mutex::new(None),
+            renewal: std::sync::OnceLock::new(),
+            revocations: std::sync::OnceLock::new(),
         });
         s.publish_metrics();
         s
@@ -174,6 +180,50 @@ impl RotationService {
         Ok(fp)
     }
 
+    /// Publishes the root states to `renewal` now and after every step.
+    pub fn set_renewal(&self, renewal: Arc<crate::renewal::Renewal>) {
+        renewal.set_roots(crate::renewal::RootStates::from_rotation(&self.mgr.state()));
+        let _ = self.renewal.set(renewal);
+    }
+
+    /// Re-reads `revocations` whenever the shared state changes.
+    pub fn set_revocations(&self, revocations: Arc<crate::revocation::Revocations>) {
+        let _ = self.revocations.set(revocations);
+    }
+
+    /// Makes a change to the data directory that is not a rotation step
+    /// (e.g. the revocation list) and shares it like one: under the steps
+    /// lock, on top of freshly pulled shared state, retried when another
+    /// replica wrote first.
+    pub async fn shared_change<T, E>(
+        &self,
+        change: impl Fn() -> Result<T, E> + Send + Sync + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<String> + Send + 'static,
+    {
+        let _one_at_a_time = self.steps.lock().await;
+        let change = Arc::new(change);
+        for _ in 1..=SHARED_ATTEMPTS {
+            self.pull_shared().await?;
+            let c = change.clone();
+            let out = tokio::task::spawn_blocking(move || c())
+                .await
+                .map_err(|e| e.to_string())??;
+            if self
+                .push_shared()
+                .await
+                .map_err(|e| format!("the change was made here but could not be shared: {e}"))?
+            {
+                return Ok(out);
+            }
+        }
+        Err(E::from(format!(
+            "other replicas kept changing the CA state; the change did not happen after {SHARED_ATTEMPTS} attempts"
+        )))
+    }
+
     /// Notes that the issuer `fp` is renewed by someone else.
     pub fn mark_external_issuer(&self, fp: &str) {
         *self
@@ -213,6 +263,11 @@ impl RotationService {
         .map_err(|e| e.to_string())??;
         self.publish(&rec).await?;
         self.load_issuer().await?;
+        if let Some(r) = self.revocations.get().cloned() {
+            tokio::task::spawn_blocking(move || r.reload())
+                .await
+                .map_err(|e| e.to_string())??;
+        }
         tracing::info!(
             bundle_version = self.mgr.state().bundle_version,
             "CA state reloaded from the shared state"
@@ -367,6 +422,9 @@ impl RotationService {
     pub async fn publish(&self, rec: &Reconciled) -> Result<(), String> {
         let bundle = self.mgr.bundle()?;
         self.ca.set_bundle(bundle);
+        if let Some(r) = self.renewal.get() {
+            r.set_roots(crate::renewal::RootStates::from_rotation(&self.mgr.state()));
+        }
         if let Some((report, why)) = &rec.issuer_renewed {
             self.load_issuer().await?;
             tracing::info!(issuer = %report.fingerprint, not_after = %rfc3339(report.not_after), reason = why, "rotation: new issuer under the active root");
