@@ -394,7 +394,7 @@ proptest! {
         let db = apply(s.db.clone(), &m);
         let started = std::time::Instant::now();
         let r = read_back(&db, &s.verifier);
-        prop_assert!(started.elapsed() < super::harness::TIME_BUDGET);
+        prop_assert!(started.elapsed() < super::harness::IO_TIME_BUDGET);
         if let Ok((entries, root)) = r {
             // Damage SQLite does not notice (free space, an index page)
             // may pass; what verifies is then the genuine log, all of it.

@@ -22,7 +22,9 @@ use proptest::prelude::*;
 use serde_json::json;
 
 use super::fixtures::{token, world};
-use super::harness::{apply, block_on, bytes, cases, measure, mutated, mutations, Mutation};
+use super::harness::{
+    apply, block_on, bytes, cases, measure, mutated, mutations, Mutation, IO_TIME_BUDGET,
+};
 
 const FIXED: usize = 256 * 1024;
 
@@ -130,7 +132,7 @@ proptest! {
         let data = DataDir::new(dir.path());
         let size: usize = m.values().map(Vec::len).sum();
         let (r, cost) = measure(|| state::apply(&data, &snap));
-        cost.check("state::apply", size, FIXED)?;
+        cost.check_within(IO_TIME_BUDGET, "state::apply", size, FIXED)?;
         match r {
             Err(why) => {
                 prop_assert!(!why.is_empty());
@@ -428,7 +430,8 @@ fn install_foreign(crt: &[u8], key: &[u8]) -> Result<(), TestCaseError> {
     let before = tree(dir.path());
     let key = meshca::secret::SecretBytes::new(key.to_vec());
     let (r, cost) = measure(|| mgr.install_external_issuer(crt, &key, SystemTime::now()));
-    cost.check(
+    cost.check_within(
+        IO_TIME_BUDGET,
         "install_external_issuer",
         crt.len() + key.expose().len(),
         FIXED,
