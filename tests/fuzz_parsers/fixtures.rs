@@ -99,13 +99,16 @@ fn build() -> World {
     ))
     .expect("verifier");
     let authn = Arc::new(Authenticator::new(vec![Source::Jwks(Arc::new(verifier))]));
-    let core = Arc::new(Core::new(
-        ca.clone(),
-        authn.clone(),
-        Audiences::default(),
-        1e9,
-        u32::MAX,
-    ));
+    let core = Arc::new(
+        Core::new(
+            ca.clone(),
+            authn.clone(),
+            Audiences::default(),
+            1e9,
+            u32::MAX,
+        )
+        .with_identity_limit(1e9, u32::MAX),
+    );
     World {
         _dir: dir,
         data,
