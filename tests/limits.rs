@@ -74,7 +74,13 @@ async fn three_hundred_pods_of_one_service_account_certify_at_once_while_one_ham
     let ca = Ca::start().await;
     let pod_limited = metric("meshca_rate_limited_total{scope=\"pod\"}");
     let tokens: Vec<String> = (0..300).map(|n| pod_token(&ca, n)).collect();
+    let start = Instant::now();
     let results = certify_all(&ca, tokens).await;
+    // The figure docs/configuration.md quotes (run with --nocapture).
+    eprintln!(
+        "300 pods of one service account: all answered in {:.2}s",
+        start.elapsed().as_secs_f64()
+    );
     let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
         refused.is_empty(),
