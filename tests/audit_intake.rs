@@ -13,6 +13,19 @@ use meshca::audit::store::{AuditStore, Filter, SqliteStore};
 use meshca::audit::{query, DB_FILE};
 use support::*;
 
+/// The metrics registry is process-global (one per test binary), so a
+/// server started by another test here would set `meshca_audit_storage_ok`
+/// back to 1 while the full-disk test expects 0. Each test holds this lock
+/// for its whole run; issue 12 injects registries and makes it unnecessary.
+static ONE_SERVER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_server_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    // A failed test poisons the lock; the others still run.
+    ONE_SERVER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn refused_entries(data: &Path) -> Vec<query::Listed> {
     let store = SqliteStore::open_read_only(&data.join(DB_FILE)).unwrap();
     query::list(
@@ -44,6 +57,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn a_flood_of_refusals_with_a_9kb_iss_cannot_fill_the_log() {
+    let _serial = one_server_at_a_time();
     let ca = Ca::start_with(|c| {
         c.audit_refusal = meshca::audit::intake::Limits {
             rate: 1.0,
@@ -187,6 +201,7 @@ impl Drop for SmallFs {
 
 #[tokio::test]
 async fn a_full_disk_withholds_certificates_says_why_and_heals_by_itself() {
+    let _serial = one_server_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let fs = SmallFs::mount(&tmp.path().join("vol"), "8m");
     let data = fs.0.join("data");
@@ -332,6 +347,7 @@ fn grant_like(i: u64) -> meshca::audit::Entry {
 
 #[tokio::test]
 async fn the_wal_is_folded_regularly_and_stays_bounded() {
+    let _serial = one_server_at_a_time();
     let tmp = tempfile::tempdir().unwrap();
     let clock: std::sync::Arc<dyn meshca::clock::Clock> =
         std::sync::Arc::new(meshca::clock::SystemClock);
@@ -364,6 +380,7 @@ async fn the_wal_is_folded_regularly_and_stays_bounded() {
 
 #[tokio::test]
 async fn audit_max_bytes_fails_closed_before_the_volume_limit() {
+    let _serial = one_server_at_a_time();
     let ca = Ca::start_with(|c| {
         c.rate_limit = 100_000.0;
         c.rate_burst = 100_000;
