@@ -345,6 +345,9 @@ impl meshca::audit::store::AuditStore for Counting {
     fn count(&self) -> Result<u64, String> {
         self.inner.count()
     }
+    fn serial_index_fault(&self) -> Result<Option<String>, String> {
+        self.inner.serial_index_fault()
+    }
     fn add_checkpoint(&mut self, _: &meshca::audit::store::StoredCheckpoint) -> Result<(), String> {
         Err("read-only".into())
     }

@@ -379,6 +379,100 @@ fn tamper_cases(data: &Path, tmp: &Path) {
     }
 }
 
+/// Review finding: the serial lookup index was trusted. Redirecting a serial
+/// to another entry made `audit show` (and any renewal lookup) answer with
+/// another certificate's entry; deleting an index row hid a certificate;
+/// `verify` passed both.
+#[tokio::test]
+async fn a_tampered_serial_index_is_refused_by_lookups_and_caught_by_verify() {
+    let ca = Ca::start().await;
+    let mut serials = Vec::new();
+    for sa in ["web", "db", "cache"] {
+        let r = certify(&ca, sa).await.unwrap();
+        serials.push(serial_of(&r.cert_chain[0]));
+    }
+    let log = ca.running.audit.clone().expect("audit on by default");
+    log.checkpoint().await.unwrap();
+    let data = ca.data().path().to_path_buf();
+    ca.running.shutdown().await;
+    {
+        let c = rusqlite::Connection::open(data.join(DB_FILE)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT COUNT(*) FROM serials", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 3, "the checkpoint folded the serials into the index");
+    }
+    let (ok, out) = verify_cli(&data);
+    assert!(ok, "the untouched log verifies: {out}");
+    let (web, db) = (serials[0].clone(), serials[1].clone());
+    let tmp = tempfile::tempdir().unwrap();
+    type Tamper = Box<dyn Fn(&rusqlite::Connection)>;
+    let redirect = format!(
+        "UPDATE serials SET idx = (SELECT idx FROM serials WHERE serial = '{db}') WHERE serial = '{web}'"
+    );
+    let hide = format!("DELETE FROM serials WHERE serial = '{web}'");
+    let cases: Vec<(&str, &str, Tamper)> = vec![
+        (
+            "redirect",
+            "the serial index maps serial",
+            Box::new(move |c| {
+                c.execute(&redirect, []).unwrap();
+            }),
+        ),
+        (
+            "hide",
+            "is missing from the serial index",
+            Box::new(move |c| {
+                c.execute(&hide, []).unwrap();
+            }),
+        ),
+        (
+            "overclaim",
+            "claims to cover 1000 entries",
+            Box::new(|c| {
+                c.execute(
+                    "UPDATE meta SET v = 1000 WHERE k = 'serials_indexed_upto'",
+                    [],
+                )
+                .unwrap();
+            }),
+        ),
+    ];
+    for (name, expect, tamper) in cases {
+        let copy = tmp.path().join(name);
+        copy_dir(&data, &copy);
+        tamper(&rusqlite::Connection::open(copy.join(DB_FILE)).unwrap());
+        let (ok, out) = verify_cli(&copy);
+        assert!(!ok, "{name}: verify must fail: {out}");
+        assert!(out.contains(expect), "{name}: expected {expect:?} in {out}");
+        if name == "redirect" {
+            // The lookup itself refuses: renewal and `show` never get db's entry for web.
+            let store = SqliteStore::open_read_only(&copy.join(DB_FILE)).unwrap();
+            let err = store.by_serial(&web).unwrap_err();
+            assert!(err.contains("integrity failure"), "{err}");
+            let show = meshca()
+                .args(["audit", "show", &web, "--data-dir"])
+                .arg(&copy)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&show.stdout),
+                String::from_utf8_lossy(&show.stderr)
+            );
+            assert!(!show.status.success(), "{text}");
+            assert!(text.contains("integrity failure"), "{text}");
+            assert!(
+                !text.contains("shop/db") && !text.contains("identity"),
+                "db's entry is never shown for web: {text}"
+            );
+            // The untouched serial still resolves to its own entry.
+            let shown = query::show(&store, &db).unwrap();
+            assert_eq!(shown.entry.serial.as_deref(), Some(db.as_str()));
+        }
+    }
+}
+
 // Multi-threaded: the test blocks on child processes while client
 // connections still need a runtime thread.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::entry::Entry;
 use super::merkle::{self, Hash};
 use super::note::NoteVerifier;
-use super::store::{AuditStore, Filter};
+use super::store::{AuditStore, Filter, StoredEntry};
 use super::tiles::Tiles;
 use super::verify::{self, CheckpointInput, Problem, Report};
 
@@ -67,14 +67,28 @@ fn b64s(hs: &[Hash]) -> Vec<String> {
     hs.iter().map(|h| B64.encode(h)).collect()
 }
 
-/// Finds the entry for a serial (hex, any case, colons allowed) and proves it.
-pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
+/// The entry for a serial, refusing one whose signed content names another
+/// serial (whatever store answered, a lookup must never show the wrong
+/// certificate).
+fn find(store: &dyn AuditStore, serial: &str) -> Result<(StoredEntry, Entry), String> {
     let serial = serial.replace(':', "").to_lowercase();
     let s = store
         .by_serial(&serial)?
         .ok_or_else(|| format!("no entry for serial {serial}"))?;
     let entry: Entry =
         serde_json::from_slice(&s.body).map_err(|e| format!("entry {}: {e}", s.index))?;
+    if entry.serial.as_deref() != Some(serial.as_str()) {
+        return Err(format!(
+            "audit log integrity failure: the lookup for serial {serial} led to entry {}, which is for another certificate (run `meshca audit verify`)",
+            s.index
+        ));
+    }
+    Ok((s, entry))
+}
+
+/// Finds the entry for a serial (hex, any case, colons allowed) and proves it.
+pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
+    let (s, entry) = find(store, serial)?;
     let leaves = store.leaf_hashes()?;
     let cp = store
         .checkpoints()?
@@ -104,12 +118,7 @@ pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
 /// in-memory subtree hashes and at most a tile of leaves read from `store`,
 /// not from every leaf (`audit/tiles.rs`).
 pub fn show_tiled(store: &dyn AuditStore, tiles: &Tiles, serial: &str) -> Result<Shown, String> {
-    let serial = serial.replace(':', "").to_lowercase();
-    let s = store
-        .by_serial(&serial)?
-        .ok_or_else(|| format!("no entry for serial {serial}"))?;
-    let entry: Entry =
-        serde_json::from_slice(&s.body).map_err(|e| format!("entry {}: {e}", s.index))?;
+    let (s, entry) = find(store, serial)?;
     let leaf = merkle::leaf_hash(&s.body);
     let mut read = |a, b| store.leaf_range(a, b);
     let (checkpoint, tree_size, proof, verified) = match store
@@ -258,7 +267,13 @@ pub fn verify_store(
     if let Some(e) = err {
         return Err(e);
     }
-    r
+    let report = r?;
+    // The columns now match the signed entries, so the serial index can be
+    // checked against them (a wrong index makes lookups lie).
+    match store.serial_index_fault()? {
+        Some(fault) => Err(fault),
+        None => Ok(report),
+    }
 }
 
 /// Writes the export: a header line, one line per entry (with its exact

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+use super::entry::Entry;
 use super::merkle::Hash;
 
 /// A stored entry.
@@ -86,8 +87,14 @@ pub trait AuditStore: Send {
     fn entries(&self, from: u64, limit: u64) -> StoreResult<Vec<StoredEntry>>;
     /// Entries matching a filter.
     fn query(&self, f: &Filter) -> StoreResult<Vec<StoredEntry>>;
-    /// The entry that granted a serial.
+    /// The entry that granted a serial. An entry whose signed content
+    /// carries another serial is an error, never an answer: a tampered
+    /// index must not map one certificate to another's entry.
     fn by_serial(&self, serial: &str) -> StoreResult<Option<StoredEntry>>;
+    /// The first disagreement between the serial lookup index and the
+    /// entries (`verify` calls this once the entries' query columns are
+    /// known to match their signed content), or `None`.
+    fn serial_index_fault(&self) -> StoreResult<Option<String>>;
     /// Number of entries.
     fn count(&self) -> StoreResult<u64>;
     /// Records a signed checkpoint.
@@ -253,6 +260,22 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
     })
 }
 
+/// `found` if its signed content carries `serial`; an error otherwise (the
+/// lookup index or the serial column was edited outside the log).
+fn carrying(serial: &str, found: StoredEntry) -> StoreResult<StoredEntry> {
+    let carried = serde_json::from_slice::<Entry>(&found.body)
+        .map_err(|err| format!("audit log entry {} does not parse: {err}", found.index))?
+        .serial;
+    if carried.as_deref() == Some(serial) {
+        return Ok(found);
+    }
+    Err(format!(
+        "audit log integrity failure: the lookup for serial {serial} led to entry {}, which is for {}; the log's index was edited outside meshca (run `meshca audit verify`)",
+        found.index,
+        carried.map_or_else(|| "no certificate".to_string(), |s| format!("serial {s}"))
+    ))
+}
+
 fn indexed_upto(conn: &Connection) -> StoreResult<u64> {
     conn.query_row(
         "SELECT v FROM meta WHERE k = 'serials_indexed_upto'",
@@ -372,8 +395,8 @@ impl AuditStore for SqliteStore {
             )
             .optional()
             .map_err(e)?;
-        if indexed.is_some() {
-            return Ok(indexed);
+        if let Some(found) = indexed {
+            return carrying(serial, found).map(Some);
         }
         // The tail not yet folded into the index.
         let upto = indexed_upto(&self.conn)?;
@@ -384,7 +407,53 @@ impl AuditStore for SqliteStore {
                 Self::row,
             )
             .optional()
-            .map_err(e)
+            .map_err(e)?
+            .map(|found| carrying(serial, found))
+            .transpose()
+    }
+
+    fn serial_index_fault(&self) -> StoreResult<Option<String>> {
+        let upto = indexed_upto(&self.conn)?;
+        let count = self.count()?;
+        if upto > count {
+            return Ok(Some(format!(
+                "the serial index claims to cover {upto} entries but the log holds {count}: entries were removed or the index was edited"
+            )));
+        }
+        // Every indexed serial points to an entry below the mark carrying it.
+        let bad: Option<(String, i64, Option<String>)> = self
+            .conn
+            .query_row(
+                "SELECT s.serial, s.idx, e.serial FROM serials s LEFT JOIN entries e ON e.idx = s.idx
+                 WHERE e.idx IS NULL OR e.serial IS NOT s.serial OR s.idx >= ?1 LIMIT 1",
+                [upto as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(e)?;
+        if let Some((serial, idx, carried)) = bad {
+            let carried = carried.unwrap_or_else(|| "no serial".into());
+            return Ok(Some(format!(
+                "the serial index maps serial {serial} to entry {idx}, which carries {carried} (or lies past the indexed mark {upto}): the index was edited, so `audit show` and renewal lookups would find the wrong entry"
+            )));
+        }
+        // Every entry with a serial below the mark is indexed, at the
+        // first entry carrying that serial.
+        let missing: Option<(i64, String)> = self
+            .conn
+            .query_row(
+                "SELECT e.idx, e.serial FROM entries e WHERE e.idx < ?1 AND e.serial IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM serials s WHERE s.serial = e.serial AND s.idx <= e.idx) LIMIT 1",
+                [upto as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(e)?;
+        Ok(missing.map(|(idx, serial)| {
+            format!(
+                "entry {idx} (serial {serial}) is missing from the serial index: the index was edited, so `audit show {serial}` would not find it"
+            )
+        }))
     }
 
     fn count(&self) -> StoreResult<u64> {
