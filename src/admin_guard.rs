@@ -33,6 +33,13 @@ fn error(code: StatusCode, msg: &str) -> Response {
         .into_response()
 }
 
+/// The credentials of `Bearer <token>`; the scheme is case-insensitive
+/// (RFC 7235 §2.1), so `bearer` and `BEARER` work too.
+fn bearer(v: &str) -> Option<&str> {
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+}
+
 /// The digest of the admin token, checked on every protected request.
 #[derive(Clone)]
 pub struct TokenCheck {
@@ -58,7 +65,7 @@ impl TokenCheck {
         let Some(given) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
         else {
             return Some("missing `Authorization: Bearer <admin token>`: the token is in admin.token in the server's data directory (the CLI reads it there, or from --admin-token-file)");
         };
@@ -111,15 +118,21 @@ pub struct HostRule {
     names: Vec<String>,
 }
 
-/// Splits `host[:port]` (or `[v6][:port]`) into the host part.
-fn host_part(h: &str) -> &str {
+/// Splits `host[:port]` (or `[v6][:port]`) into the host part; `None` when
+/// malformed (`[::1]evil.example`, a non-numeric port after a bracket).
+fn host_part(h: &str) -> Option<&str> {
     if let Some(rest) = h.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or("");
+        let (host, after) = rest.split_once(']')?;
+        let port_ok = after.is_empty()
+            || after
+                .strip_prefix(':')
+                .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit()));
+        return port_ok.then_some(host);
     }
-    match h.rsplit_once(':') {
+    Some(match h.rsplit_once(':') {
         Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
         _ => h,
-    }
+    })
 }
 
 impl HostRule {
@@ -129,20 +142,18 @@ impl HostRule {
             listen,
             names: names
                 .iter()
-                .map(|n| {
-                    host_part(n.trim())
-                        .trim_end_matches('.')
-                        .to_ascii_lowercase()
-                })
+                .filter_map(|n| host_part(n.trim()))
+                .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
                 .collect(),
         }
     }
 
     /// Whether a request with this `Host` header value is for us.
     pub fn allows(&self, host: &str) -> bool {
-        let h = host_part(host.trim())
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
+        let Some(h) = host_part(host.trim()) else {
+            return false;
+        };
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
         let bound = self.listen.ip();
         if let Ok(ip) = h.parse::<IpAddr>() {
             return bound.is_unspecified()
@@ -156,27 +167,61 @@ impl HostRule {
     }
 }
 
-async fn check_host(State(rule): State<Arc<HostRule>>, req: Request, next: Next) -> Response {
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        // HTTP/2 and absolute-form requests carry it in the URI instead.
-        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+/// The routes probes and Prometheus use; an HTTP/1.0 request without `Host`
+/// (which that version allows) may reach these and nothing else.
+const OPEN_PATHS: &[&str] = &["/live", "/ready", "/metrics"];
+
+/// Whether a request is for us; the refusal otherwise. In absolute form
+/// (`GET http://name/path`) the URI's authority is the target and `Host` is
+/// ignored (RFC 9112 §3.2.2), so that is what is checked; HTTP/2 carries it
+/// there too.
+fn host_verdict(rule: &HostRule, req: &Request) -> Result<(), Box<Response>> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "the request has more than one Host header (RFC 9112 §3.2: answer 400)",
+        )));
+    }
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str().to_string()),
+        None => match first.map(|v| v.to_str()) {
+            Some(Ok(h)) => Some(h.to_string()),
+            Some(Err(_)) => {
+                return Err(Box::new(error(
+                    StatusCode::BAD_REQUEST,
+                    "the Host header is not visible ASCII",
+                )))
+            }
+            None => None,
+        },
+    };
     match host {
-        Some(h) if rule.allows(&h) => next.run(req).await,
+        Some(h) if rule.allows(&h) => Ok(()),
         Some(h) => {
             let shown: String = h.chars().take(64).collect();
-            error(
+            Err(Box::new(error(
                 StatusCode::MISDIRECTED_REQUEST,
                 &format!("Host {shown:?} is not an address or name this admin endpoint serves (a guard against DNS rebinding); if it is yours, add it to admin_allowed_hosts (--admin-allowed-hosts)"),
-            )
+            )))
         }
-        None => error(
+        None if req.version() == axum::http::Version::HTTP_10
+            && OPEN_PATHS.contains(&req.uri().path()) =>
+        {
+            Ok(())
+        }
+        None => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "the request has no Host header; send the address you connect to",
-        ),
+        ))),
+    }
+}
+
+async fn check_host(State(rule): State<Arc<HostRule>>, req: Request, next: Next) -> Response {
+    match host_verdict(&rule, &req) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => *refusal,
     }
 }
 
@@ -216,6 +261,72 @@ mod tests {
         assert!(!pod.allows("10.1.2.4"));
     }
 
+    fn verdict(rule: &HostRule, raw: &[(&str, &str)], uri: &str, v10: bool) -> u16 {
+        let mut b = Request::builder().uri(uri);
+        if v10 {
+            b = b.version(axum::http::Version::HTTP_10);
+        }
+        for (k, v) in raw {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(axum::body::Body::empty()).unwrap();
+        match host_verdict(rule, &req) {
+            Ok(()) => 200,
+            Err(r) => r.status().as_u16(),
+        }
+    }
+
+    #[test]
+    fn host_guard_refuses_smuggled_duplicate_and_absolute_form_hosts() {
+        let lo = HostRule::new("127.0.0.1:9990".parse().unwrap(), &[]);
+        assert!(!lo.allows("[::1]evil.example"), "junk after the bracket");
+        assert!(!lo.allows("[::1]:evil"));
+        assert!(lo.allows("[::1]"));
+        let h = |v| ("host", v);
+        assert_eq!(
+            verdict(&lo, &[h("127.0.0.1")], "/rotation/status", false),
+            200
+        );
+        assert_eq!(
+            verdict(
+                &lo,
+                &[h("127.0.0.1"), h("evil.example")],
+                "/rotation/status",
+                false
+            ),
+            400,
+            "duplicate Host"
+        );
+        assert_eq!(
+            verdict(
+                &lo,
+                &[h("127.0.0.1")],
+                "http://evil.example/rotation/status",
+                false
+            ),
+            421,
+            "absolute form: the URI authority is the target"
+        );
+        assert_eq!(
+            verdict(
+                &lo,
+                &[h("evil.example")],
+                "http://127.0.0.1:9990/live",
+                false
+            ),
+            200
+        );
+        assert_eq!(verdict(&lo, &[], "/live", true), 200, "HTTP/1.0 probe");
+        assert_eq!(verdict(&lo, &[], "/metrics", true), 200);
+        assert_eq!(verdict(&lo, &[], "/rotation/status", true), 400);
+        assert_eq!(verdict(&lo, &[], "/audit/entries", true), 400);
+        assert_eq!(
+            verdict(&lo, &[], "/live", false),
+            400,
+            "HTTP/1.1 needs Host"
+        );
+    }
+
     #[test]
     fn token_check_needs_the_exact_token() {
         let c = TokenCheck::new("s3cret\n");
@@ -227,5 +338,12 @@ mod tests {
         assert!(c.refuse(&h).unwrap().contains("missing"));
         h.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
         assert_eq!(c.refuse(&h), None);
+        // RFC 7235: the scheme is case-insensitive.
+        h.insert(header::AUTHORIZATION, "bearer s3cret".parse().unwrap());
+        assert_eq!(c.refuse(&h), None);
+        h.insert(header::AUTHORIZATION, "BEARER s3cret".parse().unwrap());
+        assert_eq!(c.refuse(&h), None);
+        h.insert(header::AUTHORIZATION, "bearers3cret".parse().unwrap());
+        assert!(c.refuse(&h).is_some());
     }
 }
