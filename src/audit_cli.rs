@@ -98,7 +98,13 @@ pub enum AuditCommand {
 }
 
 fn open(data_dir: &Path) -> Result<SqliteStore, String> {
-    SqliteStore::open_read_only(&data_dir.join(audit::DB_FILE))
+    SqliteStore::open_read_only(&data_dir.join(audit::DB_FILE)).map_err(|e| {
+        if data_dir.join(audit::DB_FILE).exists() {
+            e
+        } else {
+            format!("{e}: pass --data-dir with the data directory of the server that wrote it")
+        }
+    })
 }
 
 fn verifier(data_dir: &Path, key: Option<String>) -> Result<NoteVerifier, String> {
@@ -247,17 +253,25 @@ pub fn run(cmd: AuditCommand) -> Result<(), String> {
             public_key,
             output,
         } => {
+            // Without an export, the log must exist before its key is read,
+            // so a wrong directory says so rather than a raw OS error.
+            let store = match &export {
+                Some(_) => None,
+                None => Some(open(&data_dir)?),
+            };
             let v = verifier(&data_dir, public_key)?;
-            let progress = |n: u64| eprint!("\rverified {n} entries");
-            let report = match &export {
-                Some(f) => {
+            let progress = |n: u64| eprint!("\rchecking: {n} entries read");
+            let report = match (&export, &store) {
+                (Some(f), _) => {
                     let file =
                         std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
                     query::verify_export(&mut std::io::BufReader::new(file), &v, progress)
                 }
-                None => query::verify_store(&open(&data_dir)?, &v, progress),
+                (None, Some(store)) => query::verify_store(store, &v, progress),
+                (None, None) => unreachable!("opened above"),
             };
-            eprintln!();
+            // Erase the progress line: the verdict follows on its own.
+            eprint!("\r{:60}\r", "");
             let report = report.map_err(|e| format!("VERIFICATION FAILED: {e}"))?;
             match output {
                 Output::Json => print_json(&report),

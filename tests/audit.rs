@@ -379,6 +379,18 @@ fn tamper_cases(data: &Path, tmp: &Path) {
     }
 }
 
+/// Review finding: a missing data directory printed a raw OS error.
+#[test]
+fn verify_without_a_log_says_where_it_looked_and_what_to_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nope");
+    let (ok, out) = verify_cli(&missing);
+    assert!(!ok);
+    assert!(out.contains("no audit log at"), "{out}");
+    assert!(out.contains("--data-dir"), "a hint: {out}");
+    assert!(!out.contains("os error"), "no raw OS error: {out}");
+}
+
 /// Review finding: the serial lookup index was trusted. Redirecting a serial
 /// to another entry made `audit show` (and any renewal lookup) answer with
 /// another certificate's entry; deleting an index row hid a certificate;
