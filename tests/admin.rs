@@ -144,6 +144,37 @@ async fn a_rebound_host_name_is_refused_and_configured_names_are_served() {
     ca.running.shutdown().await;
 }
 
+/// Review finding: an unknown serial answered 400 (the caller's fault) and
+/// echoed the path word whole, control characters included.
+#[tokio::test]
+async fn an_unknown_serial_is_404_with_a_short_escaped_json_error() {
+    let ca = Ca::start().await;
+    let (addr, token) = (ca.running.admin_addr, ca.admin_token());
+    let host = addr.to_string();
+    let (code, _, body) = raw(addr, "GET", "/audit/entries/abcdef", &host, Some(&token)).await;
+    assert_eq!(code, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("abcdef"), "{body}");
+    let long = format!("x%0d%0aforged{}", "a".repeat(600));
+    let (code, _, body) = raw(
+        addr,
+        "GET",
+        &format!("/audit/entries/{long}"),
+        &host,
+        Some(&token),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    let msg = serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!msg.contains('\n') && !msg.contains('\r'), "{msg:?}");
+    assert!(msg.contains("\\r\\nforged"), "escaped: {msg:?}");
+    assert!(msg.len() < 250 && msg.contains("truncated"), "{msg:?}");
+    ca.running.shutdown().await;
+}
+
 #[tokio::test]
 async fn audit_entries_page_with_a_default_a_maximum_and_a_cursor() {
     let ca = Ca::start_with(|c| {

@@ -56,8 +56,44 @@ fn json(v: &impl serde::Serialize) -> Response {
     }
 }
 
+/// Errors in the admin guard's shape: `{"error": "…"}`.
 fn err(code: StatusCode, msg: String) -> Response {
-    (code, format!("{msg}\n")).into_response()
+    (
+        code,
+        [("content-type", "application/json")],
+        format!("{}\n", serde_json::json!({ "error": msg })),
+    )
+        .into_response()
+}
+
+/// An untrusted path word as it may appear in an error: at most 128 bytes,
+/// control characters escaped (so it can forge no log or terminal line).
+fn shown(word: &str) -> String {
+    let mut out: String = word.chars().flat_map(char::escape_default).collect();
+    if out.len() > 128 {
+        let mut cut = 128;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push_str("…[truncated]");
+    }
+    out
+}
+
+/// A lookup by serial failed: not found (404), the log is inconsistent
+/// (500), or the store could not be read (503); never the caller's fault.
+fn serial_error(serial: &str, e: String) -> Response {
+    if e.starts_with("no entry for serial") {
+        err(
+            StatusCode::NOT_FOUND,
+            format!("no entry for serial {}", shown(serial)),
+        )
+    } else if e.contains("integrity failure") {
+        err(StatusCode::INTERNAL_SERVER_ERROR, e)
+    } else {
+        err(StatusCode::SERVICE_UNAVAILABLE, e)
+    }
 }
 
 async fn with_store<T: Send + 'static>(
@@ -151,12 +187,14 @@ pub fn routes(log: AuditLog) -> Router {
                 let log = l2.clone();
                 async move {
                     let tiles = log.tiles().clone();
+                    let asked = serial.clone();
                     let show = move |s: &dyn AuditStore| {
                         let t = tiles.read().unwrap_or_else(|p| p.into_inner());
-                        query::show_tiled(s, &t, &serial)
+                        Ok(query::show_tiled(s, &t, &serial))
                     };
                     match with_store(&log, show).await {
-                        Ok(shown) => json(&shown),
+                        Ok(Ok(shown)) => json(&shown),
+                        Ok(Err(e)) => serial_error(&asked, e),
                         Err(r) => r,
                     }
                 }
