@@ -17,13 +17,11 @@ use support::*;
 /// server started by another test here would set `meshca_audit_storage_ok`
 /// back to 1 while the full-disk test expects 0. Each test holds this lock
 /// for its whole run; issue 12 injects registries and makes it unnecessary.
-static ONE_SERVER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_SERVER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn one_server_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    // A failed test poisons the lock; the others still run.
-    ONE_SERVER_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+async fn one_server_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    // tokio's lock is not poisoned by a failed test, so the others still run.
+    ONE_SERVER_AT_A_TIME.lock().await
 }
 
 fn refused_entries(data: &Path) -> Vec<query::Listed> {
@@ -57,7 +55,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn a_flood_of_refusals_with_a_9kb_iss_cannot_fill_the_log() {
-    let _serial = one_server_at_a_time();
+    let _serial = one_server_at_a_time().await;
     let ca = Ca::start_with(|c| {
         c.audit_refusal = meshca::audit::intake::Limits {
             rate: 1.0,
@@ -201,7 +199,7 @@ impl Drop for SmallFs {
 
 #[tokio::test]
 async fn a_full_disk_withholds_certificates_says_why_and_heals_by_itself() {
-    let _serial = one_server_at_a_time();
+    let _serial = one_server_at_a_time().await;
     let tmp = tempfile::tempdir().unwrap();
     let fs = SmallFs::mount(&tmp.path().join("vol"), "8m");
     let data = fs.0.join("data");
@@ -347,7 +345,7 @@ fn grant_like(i: u64) -> meshca::audit::Entry {
 
 #[tokio::test]
 async fn the_wal_is_folded_regularly_and_stays_bounded() {
-    let _serial = one_server_at_a_time();
+    let _serial = one_server_at_a_time().await;
     let tmp = tempfile::tempdir().unwrap();
     let clock: std::sync::Arc<dyn meshca::clock::Clock> =
         std::sync::Arc::new(meshca::clock::SystemClock);
@@ -380,7 +378,7 @@ async fn the_wal_is_folded_regularly_and_stays_bounded() {
 
 #[tokio::test]
 async fn audit_max_bytes_fails_closed_before_the_volume_limit() {
-    let _serial = one_server_at_a_time();
+    let _serial = one_server_at_a_time().await;
     let ca = Ca::start_with(|c| {
         c.rate_limit = 100_000.0;
         c.rate_burst = 100_000;

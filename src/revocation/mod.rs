@@ -134,7 +134,16 @@ pub fn parse_serial(s: &str) -> Result<String, RevocationError> {
             s.chars().take(80).collect::<String>()
         )));
     }
-    Ok(hex)
+    // A serial is an integer: `00` + serial is the same certificate, and a
+    // revocation spelled with extra leading zeros must not silently miss it.
+    // meshca records serials as whole octets with no leading zero octet.
+    let digits = hex.trim_start_matches('0');
+    let digits = if digits.is_empty() { "0" } else { digits };
+    Ok(if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits.to_string()
+    })
 }
 
 /// Parses `namespace/service-account`.
@@ -467,6 +476,12 @@ mod tests {
             .denied(&web)
             .is_none());
         assert!(parse_serial("xyz").is_err());
+        // Leading zero octets or digits name the same serial (review finding:
+        // `--serial 00<serial>` was stored as given and never matched).
+        let serial = "4a1b2c3d4e5f60718293a4b5c6d7e8f9";
+        assert_eq!(parse_serial(&format!("00{serial}")).unwrap(), serial);
+        assert_eq!(parse_serial(&format!("0x000{serial}")).unwrap(), serial);
+        assert_eq!(parse_serial("000a1b").unwrap(), "0a1b");
         assert!(parse_identity("shop").is_err());
         assert!(validate(br#"{"serials":{"XYZ":{"time":"t"}}}"#).is_err());
         // A file that does not parse stops the start instead of re-admitting.
