@@ -167,6 +167,13 @@ async fn a_denied_identity_is_refused_on_every_api_until_lifted() {
             "{what}: {}",
             s.message()
         );
+        // The operator's reason is for the audit log, not for the workload
+        // (a compromised workload learns nothing about the investigation).
+        assert!(
+            !s.message().contains("compromised"),
+            "{what}: {}",
+            s.message()
+        );
     };
     // Native Certify with a token, and renewal with its certificate.
     denied(

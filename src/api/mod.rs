@@ -208,15 +208,10 @@ impl Core {
     fn check_denied(&self, w: &Workload) -> Result<(), ApiError> {
         match self.revocations.denied(w) {
             None => Ok(()),
-            Some(r) => {
+            Some(_) => {
                 crate::metrics::global().revocation_refused("identity");
                 Err(ApiError::Denied {
                     identity: w.to_string(),
-                    reason: if r.reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", r.reason)
-                    },
                 })
             }
         }

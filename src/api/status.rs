@@ -45,12 +45,12 @@ pub enum ApiError {
     #[error(transparent)]
     Renewal(crate::renewal::RenewalError),
     /// The operator denied this identity (`meshca revoke --identity`).
-    #[error("identity {identity} is denied by the mesh operator{reason}; every certificate and bundle request is refused until the denial is lifted (`meshca revoke --lift --identity {identity}`)")]
+    // The operator's reason stays in the revocation's audit entry: the
+    // refused workload may be the compromised one.
+    #[error("identity {identity} is denied by the mesh operator; every certificate and bundle request is refused until the operator lifts the denial")]
     Denied {
         /// `namespace/service-account`.
         identity: String,
-        /// `: <reason>` or empty.
-        reason: String,
     },
     /// A bug or an internal failure.
     #[error("internal error: {0}")]
