@@ -97,17 +97,7 @@ async fn remote(
     change: Option<&Change>,
 ) -> Result<serde_json::Value, String> {
     let base = url.trim_end_matches('/');
-    let token_file = a
-        .admin_token_file
-        .clone()
-        .unwrap_or_else(|| a.data_dir.join(crate::trust::http::TOKEN_FILE));
-    let token = crate::secret::read_private(&token_file).map_err(|e| {
-        format!(
-            "admin token {}: {e} (use --admin-token-file; revocation routes always need it)",
-            token_file.display()
-        )
-    })?;
-    let token = String::from_utf8_lossy(token.expose()).trim().to_string();
+    let token = crate::rotation_cli::admin_token(&a.data_dir, a.admin_token_file.as_deref())?;
     let (method, path, body) = match change {
         None => ("GET", "revocations", None),
         Some(c) => {
@@ -133,16 +123,7 @@ async fn remote(
         p => format!("{base}/revocations/{p}"),
     };
     let (code, text) = crate::admin_client::request(method, &url, Some(&token), body).await?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        format!("the server answered HTTP {code} with something that is not JSON ({e}): {text}")
-    })?;
-    if code == 200 {
-        Ok(v)
-    } else {
-        Err(v["error"]
-            .as_str()
-            .map_or_else(|| text.clone(), str::to_string))
-    }
+    crate::rotation_cli::reply_json(code, &text)
 }
 
 async fn offline(a: &RevokeArgs, change: Option<Change>) -> Result<serde_json::Value, String> {

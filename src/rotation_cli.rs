@@ -155,7 +155,7 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
         Request::Status(w) => {
             // Reading the status needs the admin token too (it names roots,
             // issuers and clients).
-            let token = admin_token(target)?;
+            let token = admin_token(&target.data_dir, target.admin_token_file.as_deref())?;
             let url = format!("{base}/rotation/status?warn_within={}", HumanDuration(*w));
             let (code, text) =
                 crate::admin_client::request("GET", &url, Some(&token), None).await?;
@@ -175,7 +175,7 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
         Request::Step(Step::Retire) => ("retire", serde_json::json!({})),
         Request::Step(Step::Taint(r)) => ("taint", serde_json::json!({ "root": r })),
     };
-    let token = admin_token(target)?;
+    let token = admin_token(&target.data_dir, target.admin_token_file.as_deref())?;
     let (code, text) = crate::admin_client::request(
         "POST",
         &format!("{base}/rotation/{path}"),
@@ -186,12 +186,15 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
     reply_json(code, &text)
 }
 
-/// The admin token: --admin-token-file, else DATA_DIR/admin.token.
-fn admin_token(target: &Target) -> Result<String, String> {
-    let token_file = target
-        .admin_token_file
-        .clone()
-        .unwrap_or_else(|| target.data_dir.join(crate::trust::http::TOKEN_FILE));
+/// The admin token: --admin-token-file, else DATA_DIR/admin.token. Shared by
+/// every operator command that talks to `--server` (rotation, revoke).
+pub(crate) fn admin_token(
+    data_dir: &std::path::Path,
+    admin_token_file: Option<&std::path::Path>,
+) -> Result<String, String> {
+    let token_file = admin_token_file
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| data_dir.join(crate::trust::http::TOKEN_FILE));
     let token = crate::secret::read_private(&token_file).map_err(|e| {
         format!(
             "cannot read the admin token {}: {e}; give the server's token file with --admin-token-file (it is admin.token in the server's data directory)",
@@ -201,7 +204,9 @@ fn admin_token(target: &Target) -> Result<String, String> {
     Ok(String::from_utf8_lossy(token.expose()).trim().to_string())
 }
 
-fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, String> {
+/// An admin reply as JSON, or the server's error as a sentence with a hint
+/// (401 and 421 say what to change).
+pub(crate) fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, String> {
     let said = || {
         serde_json::from_str::<serde_json::Value>(text)
             .ok()
