@@ -14,7 +14,7 @@ use serde_json::json;
 use super::entry::Entry;
 use super::merkle::{self, Hash};
 use super::note::NoteVerifier;
-use super::store::{AuditStore, Filter, StoredEntry};
+use super::store::{AuditStore, Filter, StoredCheckpoint, StoredEntry};
 use super::tiles::Tiles;
 use super::verify::{self, CheckpointInput, Problem, Report};
 
@@ -94,24 +94,38 @@ pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
         .checkpoints()?
         .into_iter()
         .find(|c| c.size > s.index && c.size as usize <= leaves.len());
-    let leaf = merkle::leaf_hash(&s.body);
-    let (checkpoint, tree_size, proof, verified) = match cp {
-        Some(cp) => {
-            let proof = merkle::inclusion_proof(s.index as usize, &leaves[..cp.size as usize]);
-            let ok = merkle::verify_inclusion(s.index, cp.size, &leaf, &proof, &cp.root).is_ok();
+    let proven = cp.map(|cp| {
+        let proof = merkle::inclusion_proof(s.index as usize, &leaves[..cp.size as usize]);
+        (cp, proof)
+    });
+    Ok(shown(s.index, &s.body, entry, proven))
+}
+
+/// The answer of [`show`] and [`show_tiled`]: the entry, and its proof
+/// against `proven`'s checkpoint, checked here.
+fn shown(
+    index: u64,
+    body: &[u8],
+    entry: Entry,
+    proven: Option<(StoredCheckpoint, Vec<Hash>)>,
+) -> Shown {
+    let leaf = merkle::leaf_hash(body);
+    let (checkpoint, tree_size, proof, verified) = match proven {
+        Some((cp, proof)) => {
+            let ok = merkle::verify_inclusion(index, cp.size, &leaf, &proof, &cp.root).is_ok();
             (Some(cp.note), Some(cp.size), proof, ok)
         }
         None => (None, None, Vec::new(), false),
     };
-    Ok(Shown {
-        index: s.index,
+    Shown {
+        index,
         entry,
         leaf_hash: B64.encode(leaf),
         checkpoint,
         tree_size,
         inclusion_proof: b64s(&proof),
         proof_verified: verified,
-    })
+    }
 }
 
 /// [`show`] for a running server: the proof comes from the writer's
@@ -119,27 +133,15 @@ pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
 /// not from every leaf (`audit/tiles.rs`).
 pub fn show_tiled(store: &dyn AuditStore, tiles: &Tiles, serial: &str) -> Result<Shown, String> {
     let (s, entry) = find(store, serial)?;
-    let leaf = merkle::leaf_hash(&s.body);
     let mut read = |a, b| store.leaf_range(a, b);
-    let (checkpoint, tree_size, proof, verified) = match store
-        .checkpoint_between(s.index, tiles.size())?
-    {
+    let proven = match store.checkpoint_between(s.index, tiles.size())? {
         Some(cp) => {
             let proof = tiles.inclusion_proof(s.index, cp.size, &mut read)?;
-            let ok = merkle::verify_inclusion(s.index, cp.size, &leaf, &proof, &cp.root).is_ok();
-            (Some(cp.note), Some(cp.size), proof, ok)
+            Some((cp, proof))
         }
-        None => (None, None, Vec::new(), false),
+        None => None,
     };
-    Ok(Shown {
-        index: s.index,
-        entry,
-        leaf_hash: B64.encode(leaf),
-        checkpoint,
-        tree_size,
-        inclusion_proof: b64s(&proof),
-        proof_verified: verified,
-    })
+    Ok(shown(s.index, &s.body, entry, proven))
 }
 
 /// [`prove`] for a running server, from the in-memory subtree hashes.
