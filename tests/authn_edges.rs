@@ -35,6 +35,45 @@ struct ClusterKey {
     jwks: std::path::PathBuf,
 }
 
+/// A fake cluster with shop/web and one pod, and a CA that checks tokens
+/// against the JWKS and the pod watch; returned once the watch has synced
+/// (the pod's token certifies).
+struct Watched {
+    api: std::sync::Arc<kubeapi::Store>,
+    key: ClusterKey,
+    ca: Ca,
+    ch: Channel,
+    token: String,
+}
+
+async fn jwks_ca_watching_one_pod(dir: &std::path::Path) -> Watched {
+    let (api, kc) = kubeapi::start(dir).await;
+    let key = cluster_key(dir);
+    api.add_service_account("shop", "web", SA_UID);
+    api.add_pod("shop", POD, POD_UID);
+    let jwks = key.jwks.clone();
+    let ca = Ca::start_with(move |c| {
+        c.kubeconfig = Some(kc);
+        c.jwks_file = Some(jwks);
+        c.authn_order = vec![AuthnSource::Jwks];
+        c.watch_token_bindings = true;
+    })
+    .await;
+    let ch = ca.channel().await;
+    let token = key.token((POD, POD_UID));
+    until_ok("the pod watch syncs", Duration::from_secs(10), || async {
+        certify_native(&ch, token.clone()).await.is_ok()
+    })
+    .await;
+    Watched {
+        api,
+        key,
+        ca,
+        ch,
+        token,
+    }
+}
+
 fn cluster_key(dir: &std::path::Path) -> ClusterKey {
     let pem = rcgen::KeyPair::generate()
         .unwrap()
@@ -130,24 +169,13 @@ async fn channel_from(ca: &Ca, local: IpAddr) -> Channel {
 async fn a_token_dies_with_its_pod_or_service_account_within_seconds() {
     let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
-    let (api, kc) = kubeapi::start(dir.path()).await;
-    let key = cluster_key(dir.path());
-    api.add_service_account("shop", "web", SA_UID);
-    api.add_pod("shop", POD, POD_UID);
-    let jwks = key.jwks.clone();
-    let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.jwks_file = Some(jwks);
-        c.authn_order = vec![AuthnSource::Jwks];
-        c.watch_token_bindings = true;
-    })
-    .await;
-    let ch = ca.channel().await;
-    let token = key.token((POD, POD_UID));
-    until_ok("the pod watch syncs", Duration::from_secs(10), || async {
-        certify_native(&ch, token.clone()).await.is_ok()
-    })
-    .await;
+    let Watched {
+        api,
+        key,
+        ca: _server,
+        ch,
+        token,
+    } = jwks_ca_watching_one_pod(dir.path()).await;
     // The watch asked for metadata only: no pod spec crossed the wire.
     assert!(api.metadata_requests.load(Ordering::SeqCst) >= 4);
     assert_eq!(api.full_pod_or_sa_requests.load(Ordering::SeqCst), 0);
@@ -573,24 +601,13 @@ fn the_binding_cache_costs_little_memory_per_10000_pods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deletion_missed_during_a_partition_is_caught_by_the_relist_after_410() {
     let dir = tempfile::tempdir().unwrap();
-    let (api, kc) = kubeapi::start(dir.path()).await;
-    let key = cluster_key(dir.path());
-    api.add_service_account("shop", "web", SA_UID);
-    api.add_pod("shop", POD, POD_UID);
-    let jwks = key.jwks.clone();
-    let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.jwks_file = Some(jwks);
-        c.authn_order = vec![AuthnSource::Jwks];
-        c.watch_token_bindings = true;
-    })
-    .await;
-    let ch = ca.channel().await;
-    let token = key.token((POD, POD_UID));
-    until_ok("the pod watch syncs", Duration::from_secs(10), || async {
-        certify_native(&ch, token.clone()).await.is_ok()
-    })
-    .await;
+    let Watched {
+        api,
+        key: _,
+        ca: _server,
+        ch,
+        token,
+    } = jwks_ca_watching_one_pod(dir.path()).await;
     let gone_before = api.gone_served.load(Ordering::SeqCst);
     // The watch is cut (and its reconnection held) before the deletion.
     api.partition();
