@@ -358,18 +358,7 @@ async fn the_agent_keeps_its_identity_with_its_token_when_certificates_cannot_re
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();
-    let token = tmp.path().join("token");
-    std::fs::write(&token, ca.token("shop", "web", "meshca")).unwrap();
-    let bundle = tmp.path().join("bundle.pem");
-    std::fs::write(&bundle, ca.bundle_pem()).unwrap();
-    let agent = meshca::agent::start(meshca::agent::AgentConfig {
-        ca_address: ca.addr(),
-        server_name: ca.running.server_name.clone(),
-        bootstrap_bundle: bundle,
-        token_file: token,
-        requested_ttl: Some(Duration::from_secs(3)),
-    })
-    .unwrap();
+    let agent = ca.start_agent(tmp.path(), Duration::from_secs(3));
     let first = agent.ready(Duration::from_secs(10)).await.unwrap();
     let mut rx = agent.watch();
     let renewed = tokio::time::timeout(

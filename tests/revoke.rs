@@ -410,18 +410,7 @@ async fn a_denied_agent_backs_off_and_stops_serving_its_certificate_at_expiry() 
     let _turn = ONE_AT_A_TIME.lock().await;
     let ca = Ca::start_with(|c| c.min_ttl = Duration::from_secs(1)).await;
     let tmp = tempfile::tempdir().unwrap();
-    let token = tmp.path().join("token");
-    std::fs::write(&token, ca.token("shop", "web", "meshca")).unwrap();
-    let bundle = tmp.path().join("bundle.pem");
-    std::fs::write(&bundle, ca.bundle_pem()).unwrap();
-    let agent = meshca::agent::start(meshca::agent::AgentConfig {
-        ca_address: ca.addr(),
-        server_name: ca.running.server_name.clone(),
-        bootstrap_bundle: bundle,
-        token_file: token,
-        requested_ttl: Some(Duration::from_secs(4)),
-    })
-    .unwrap();
+    let agent = ca.start_agent(tmp.path(), Duration::from_secs(4));
     let svid = agent.ready(Duration::from_secs(10)).await.unwrap();
     let (code, v) = admin(
         &ca,

@@ -117,6 +117,23 @@ impl Ca {
     }
 
     /// A valid token for ns/sa with `aud`.
+    /// Starts `meshca agent` for shop/web with a token and this CA's bundle
+    /// written under `dir`, asking for leaves of `ttl`.
+    pub fn start_agent(&self, dir: &Path, ttl: Duration) -> meshca::agent::Agent {
+        let token = dir.join("token");
+        std::fs::write(&token, self.token("shop", "web", "meshca")).unwrap();
+        let bundle = dir.join("bundle.pem");
+        std::fs::write(&bundle, self.bundle_pem()).unwrap();
+        meshca::agent::start(meshca::agent::AgentConfig {
+            ca_address: self.addr(),
+            server_name: self.running.server_name.clone(),
+            bootstrap_bundle: bundle,
+            token_file: token,
+            requested_ttl: Some(ttl),
+        })
+        .unwrap()
+    }
+
     pub fn token(&self, ns: &str, sa: &str, aud: &str) -> String {
         self.token_with(ns, sa, |c| c["aud"] = json!([aud]))
     }
