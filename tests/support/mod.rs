@@ -116,7 +116,6 @@ impl Ca {
         )
     }
 
-    /// A valid token for ns/sa with `aud`.
     /// Starts `meshca agent` for shop/web with a token and this CA's bundle
     /// written under `dir`, asking for leaves of `ttl`.
     pub fn start_agent(&self, dir: &Path, ttl: Duration) -> meshca::agent::Agent {
@@ -134,6 +133,7 @@ impl Ca {
         .unwrap()
     }
 
+    /// A valid token for ns/sa with `aud`.
     pub fn token(&self, ns: &str, sa: &str, aud: &str) -> String {
         self.token_with(ns, sa, |c| c["aud"] = json!([aud]))
     }
