@@ -22,29 +22,21 @@ pub mod proto {
     }
 }
 
-pub mod admin_client;
-pub mod admin_guard;
+pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod audit;
-pub mod audit_cli;
 pub mod authn;
-pub mod bench;
 pub mod ca;
 pub mod cli;
 pub mod client;
-pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
-pub mod ratelimit;
-pub mod renewal;
 pub mod revocation;
-pub mod revoke_cli;
-pub mod rotation_cli;
-pub mod secret;
 pub mod server;
-pub mod sidecar_cli;
+pub mod tls;
 pub mod trust;
+pub mod util;

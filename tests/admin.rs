@@ -420,8 +420,8 @@ async fn proofs_are_served_from_subtree_hashes_not_the_whole_log() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let tmp = tempfile::tempdir().unwrap();
-    let clock: std::sync::Arc<dyn meshca::clock::Clock> =
-        std::sync::Arc::new(meshca::clock::SystemClock);
+    let clock: std::sync::Arc<dyn meshca::util::clock::Clock> =
+        std::sync::Arc::new(meshca::util::clock::SystemClock);
     let (log, guard) = AuditLog::open(tmp.path(), "cluster.local", clock).unwrap();
     let entry = |i: u64| Entry {
         time: "2026-11-28T07:00:00Z".into(),

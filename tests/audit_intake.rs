@@ -37,7 +37,7 @@ fn refused_entries(data: &Path) -> Vec<query::Listed> {
 }
 
 async fn get(ca: &Ca, path: &str) -> (u16, String) {
-    meshca::admin_client::request(
+    meshca::client::admin::request(
         "GET",
         &format!("http://{}{path}", ca.running.admin_addr),
         None,
@@ -347,8 +347,8 @@ fn grant_like(i: u64) -> meshca::audit::Entry {
 async fn the_wal_is_folded_regularly_and_stays_bounded() {
     let _serial = one_server_at_a_time().await;
     let tmp = tempfile::tempdir().unwrap();
-    let clock: std::sync::Arc<dyn meshca::clock::Clock> =
-        std::sync::Arc::new(meshca::clock::SystemClock);
+    let clock: std::sync::Arc<dyn meshca::util::clock::Clock> =
+        std::sync::Arc::new(meshca::util::clock::SystemClock);
     let (log, guard) = meshca::audit::AuditLog::open(tmp.path(), "cluster.local", clock).unwrap();
     // One commit per entry (the worst case for WAL growth), and no
     // checkpoint tick at all: only the writer's own folding bounds the WAL.

@@ -79,9 +79,9 @@ fn cluster_key(dir: &std::path::Path) -> ClusterKey {
         .unwrap()
         .serialize_pem()
         .into_bytes();
-    let signer = meshca::authn::devtoken::DevSigner::from_pem(&meshca::secret::SecretBytes::new(
-        pem.clone(),
-    ))
+    let signer = meshca::authn::devtoken::DevSigner::from_pem(
+        &meshca::util::secret::SecretBytes::new(pem.clone()),
+    )
     .unwrap();
     let set: Value = serde_json::from_str(signer.jwks()).unwrap();
     let jwks = dir.join("jwks.json");
@@ -134,7 +134,7 @@ fn metric(name_and_labels: &str) -> f64 {
 }
 
 async fn ready(ca: &Ca) -> (u16, String) {
-    meshca::admin_client::request(
+    meshca::client::admin::request(
         "GET",
         &format!("http://{}/ready", ca.running.admin_addr),
         None,

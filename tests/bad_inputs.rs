@@ -152,8 +152,8 @@ async fn bad_inputs_get_the_right_codes_and_the_server_keeps_serving() {
     );
     // HS256 keyed with the public key (the classic algorithm-confusion attack).
     let public_pem = {
-        let k =
-            meshca::ca::CaKey::from_pem(&meshca::secret::SecretBytes::new(pem.clone())).unwrap();
+        let k = meshca::ca::CaKey::from_pem(&meshca::util::secret::SecretBytes::new(pem.clone()))
+            .unwrap();
         meshca::ca::der_to_pem(&k.spki_der()).replace("CERTIFICATE", "PUBLIC KEY")
     };
     let hs256 = {

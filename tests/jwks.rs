@@ -19,9 +19,9 @@ fn es256_key() -> (Vec<u8>, Value) {
         .unwrap()
         .serialize_pem()
         .into_bytes();
-    let signer = meshca::authn::devtoken::DevSigner::from_pem(&meshca::secret::SecretBytes::new(
-        pem.clone(),
-    ))
+    let signer = meshca::authn::devtoken::DevSigner::from_pem(
+        &meshca::util::secret::SecretBytes::new(pem.clone()),
+    )
     .unwrap();
     let jwks: Value = serde_json::from_str(signer.jwks()).unwrap();
     (pem, jwks["keys"][0].clone())
@@ -191,7 +191,7 @@ async fn unreachable_jwks_is_unavailable() {
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert!(e.message().contains("JWKS"), "{}", e.message());
     // Readiness says the CA cannot check tokens, and why.
-    let (code, body) = meshca::admin_client::request(
+    let (code, body) = meshca::client::admin::request(
         "GET",
         &format!("http://{}/ready", ca.running.admin_addr),
         None,

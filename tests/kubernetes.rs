@@ -712,7 +712,7 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
     )
     .await;
     // Its metrics say it leads and has written ConfigMaps.
-    let (_, metrics) = meshca::admin_client::request(
+    let (_, metrics) = meshca::client::admin::request(
         "GET",
         &format!("http://{}/metrics", survivor.admin_addr),
         None,

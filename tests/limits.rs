@@ -224,10 +224,10 @@ async fn a_stalled_tls_handshake_is_dropped_after_the_timeout() {
 /// SETTINGS frame, then never answers anything (no SETTINGS ack, no PING ack).
 async fn mute_h2_client(ca: &Ca) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let roots = meshca::ca::pem_to_certs(ca.bundle_pem().as_bytes()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(meshca::server::crypto_provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(meshca::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(meshca::server::root_store(&roots))
+        .with_root_certificates(meshca::tls::root_store(&roots))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();

@@ -146,8 +146,8 @@ fn invalid_configuration_fails_naming_the_setting() {
 /// Reads the serial of the certificate the server presents.
 async fn server_serial(ca: &Ca) -> Vec<u8> {
     let roots =
-        meshca::server::root_store(&meshca::ca::pem_to_certs(ca.bundle_pem().as_bytes()).unwrap());
-    let cfg = rustls::ClientConfig::builder_with_provider(meshca::server::crypto_provider())
+        meshca::tls::root_store(&meshca::ca::pem_to_certs(ca.bundle_pem().as_bytes()).unwrap());
+    let cfg = rustls::ClientConfig::builder_with_provider(meshca::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
@@ -219,7 +219,7 @@ async fn the_agent_binary_serves_files_and_the_workload_api_and_stops_cleanly() 
     for _ in 0..100 {
         if out.join("chain.pem").exists() && sock.exists() {
             if let Ok((200, _)) =
-                meshca::admin_client::request("GET", &format!("http://{admin}/ready"), None, None)
+                meshca::client::admin::request("GET", &format!("http://{admin}/ready"), None, None)
                     .await
             {
                 ready = true;

@@ -41,7 +41,7 @@ async fn an_expired_root_is_recovered_without_a_crash_loop() {
         "the start-up log says what expired: {log}"
     );
     let admin = format!("http://{}", srv.admin_addr);
-    let (code, body) = meshca::admin_client::request("GET", &format!("{admin}/ready"), None, None)
+    let (code, body) = meshca::client::admin::request("GET", &format!("{admin}/ready"), None, None)
         .await
         .unwrap();
     assert_eq!(code, 503, "{body}");
@@ -87,7 +87,7 @@ async fn an_expired_root_is_recovered_without_a_crash_loop() {
     assert!(v["events"][0].as_str().unwrap().contains("FORCED"), "{v}");
 
     // Ready again, and issuing under the new root.
-    let (code, _) = meshca::admin_client::request("GET", &format!("{admin}/ready"), None, None)
+    let (code, _) = meshca::client::admin::request("GET", &format!("{admin}/ready"), None, None)
         .await
         .unwrap();
     assert_eq!(code, 200);

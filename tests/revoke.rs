@@ -24,7 +24,7 @@ async fn admin(
     token: bool,
 ) -> (u16, Value) {
     let t = std::fs::read_to_string(ca.dir.path().join("data/admin.token")).unwrap();
-    let (code, text) = meshca::admin_client::request(
+    let (code, text) = meshca::client::admin::request(
         method,
         &format!("http://{}{path}", ca.running.admin_addr),
         token.then_some(t.trim()),
@@ -40,7 +40,7 @@ async fn admin(
 
 /// The value of one sample in /metrics (0 when absent).
 async fn metric(ca: &Ca, sample: &str) -> f64 {
-    let (_, text) = meshca::admin_client::request(
+    let (_, text) = meshca::client::admin::request(
         "GET",
         &format!("http://{}/metrics", ca.running.admin_addr),
         None,
@@ -374,7 +374,7 @@ async fn offline_revocations_need_the_data_dir_lock_and_survive_restarts() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let ca = Ca::start().await;
     let data = ca.dir.path().join("data");
-    let args = |identity: &str| meshca::revoke_cli::RevokeArgs {
+    let args = |identity: &str| meshca::cli::revoke::RevokeArgs {
         serial: None,
         identity: Some(identity.into()),
         reason: "offline".into(),
@@ -386,11 +386,13 @@ async fn offline_revocations_need_the_data_dir_lock_and_survive_restarts() {
         trust_domain: "cluster.local".into(),
         output: meshca::cli::Output::Json,
     };
-    let e = meshca::revoke_cli::run(args("shop/web")).await.unwrap_err();
+    let e = meshca::cli::revoke::run(args("shop/web"))
+        .await
+        .unwrap_err();
     assert!(e.contains("in use by another meshca process"), "{e}");
     let Ca { running, dir } = ca;
     running.shutdown().await;
-    meshca::revoke_cli::run(args("shop/web")).await.unwrap();
+    meshca::cli::revoke::run(args("shop/web")).await.unwrap();
     let running = meshca::server::start(meshca::config::ServeConfig::for_tests(data.clone()))
         .await
         .unwrap();

@@ -659,7 +659,7 @@ async fn the_automatic_policy_walks_the_same_gated_steps() {
         .collect();
     assert_eq!(&auto[..3], ["prepared", "activated", "removed"], "{auto:?}");
     // The metrics show the rotation.
-    let (_, m) = meshca::admin_client::request(
+    let (_, m) = meshca::client::admin::request(
         "GET",
         &format!("http://{}/metrics", ca.running.admin_addr),
         None,

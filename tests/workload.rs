@@ -219,10 +219,10 @@ async fn direct(
 ) -> Result<Vec<u8>, String> {
     let svid = st.svid.as_ref().unwrap();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(svid.key_pkcs8.expose().to_vec()));
-    let cfg = rustls::ClientConfig::builder_with_provider(meshca::server::crypto_provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(meshca::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(meshca::server::root_store(roots))
+        .with_root_certificates(meshca::tls::root_store(roots))
         .with_client_auth_cert(svid.chain.clone(), key)
         .unwrap();
     let tcp = TcpStream::connect(to).await.map_err(|e| e.to_string())?;

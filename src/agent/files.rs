@@ -18,9 +18,9 @@ pub fn write(dir: &Path, state: &State) -> Result<(), String> {
     let w = |name: &str, bytes: &[u8], private: bool| {
         let p = dir.join(name);
         let r = if private {
-            crate::secret::write_private(&p, bytes)
+            crate::util::secret::write_private(&p, bytes)
         } else {
-            crate::secret::write_public(&p, bytes)
+            crate::util::secret::write_public(&p, bytes)
         };
         r.map_err(|e| format!("{}: {e}", p.display()))
     };

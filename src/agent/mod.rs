@@ -25,7 +25,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::ca::{der_to_pem, pem_to_certs};
 use crate::proto::meshca as pb;
-use crate::secret::SecretBytes;
+use crate::util::secret::SecretBytes;
 use endpoints::Endpoints;
 
 /// How the agent is set up.
@@ -307,7 +307,7 @@ impl Inner {
                         let expires = self
                             .current()
                             .svid
-                            .map(|s| crate::clock::rfc3339(s.not_after));
+                            .map(|s| crate::util::clock::rfc3339(s.not_after));
                         tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, current_expires = expires.as_deref().unwrap_or("none"), "certificate request failed; retrying");
                         self.sleep_serving_until_expiry(wait).await;
                     }
@@ -409,8 +409,8 @@ impl Inner {
             not_after,
             renew_at,
         };
-        tracing::info!(spiffe_id = %svid.spiffe_id, not_after = %crate::clock::rfc3339(not_after), renew_at = %crate::clock::rfc3339(renew_at), "certificate obtained");
-        crate::metrics::global().agent_expiry(crate::clock::unix_secs(not_after));
+        tracing::info!(spiffe_id = %svid.spiffe_id, not_after = %crate::util::clock::rfc3339(not_after), renew_at = %crate::util::clock::rfc3339(renew_at), "certificate obtained");
+        crate::metrics::global().agent_expiry(crate::util::clock::unix_secs(not_after));
         self.state.send_modify(|s| s.svid = Some(Arc::new(svid)));
         if let Some(b) = resp.trust_bundle {
             self.adopt_bundle(b);

@@ -23,7 +23,7 @@ use x509_parser::prelude::*;
 use crate::authn::{Authenticated, Authenticator, AuthnError, Method};
 use crate::ca::{Authority, CaError, Issued};
 use crate::identity::Workload;
-use crate::ratelimit::KeyedLimiter;
+use crate::util::ratelimit::KeyedLimiter;
 pub use status::ApiError;
 
 /// The largest gRPC message accepted, in bytes.
@@ -126,7 +126,7 @@ pub struct Core {
     tracker: Arc<crate::trust::propagation::Tracker>,
     watchers: Arc<watchers::Watchers>,
     connections: Option<Arc<connections::Connections>>,
-    renewal: Arc<crate::renewal::Renewal>,
+    renewal: Arc<crate::authn::renewal::Renewal>,
     revocations: Arc<crate::revocation::Revocations>,
 }
 
@@ -171,13 +171,15 @@ impl Core {
             tracker: Arc::default(),
             watchers: watchers::Watchers::new(watchers::WatchSettings::default()),
             connections: None,
-            renewal: Arc::new(crate::renewal::Renewal::new(Duration::from_secs(86400))),
+            renewal: Arc::new(crate::authn::renewal::Renewal::new(Duration::from_secs(
+                86400,
+            ))),
             revocations: Arc::default(),
         }
     }
 
     /// Uses `renewal` to decide renewals by certificate (and feeds it every grant).
-    pub fn with_renewal(mut self, renewal: Arc<crate::renewal::Renewal>) -> Self {
+    pub fn with_renewal(mut self, renewal: Arc<crate::authn::renewal::Renewal>) -> Self {
         self.renewal = renewal;
         self
     }
@@ -189,7 +191,7 @@ impl Core {
     }
 
     /// The renewal index.
-    pub fn renewal(&self) -> &Arc<crate::renewal::Renewal> {
+    pub fn renewal(&self) -> &Arc<crate::authn::renewal::Renewal> {
         &self.renewal
     }
 
@@ -291,7 +293,7 @@ impl Core {
         if let Some(log) = &self.audit {
             let mut entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
             if let Some(p) = &provenance {
-                entry.auth_time = Some(crate::clock::rfc3339(p.auth_time));
+                entry.auth_time = Some(crate::util::clock::rfc3339(p.auth_time));
                 entry.renewed_from = p.renewed_from.clone();
             }
             // Refusals cost an attacker nothing: each peer gets a bounded
@@ -359,7 +361,7 @@ impl Core {
                     peer = %peer,
                     pod = who.as_ref().and_then(|a| a.pod_name.as_deref()).unwrap_or("-"),
                     serial = %issued.serial,
-                    not_after = %crate::clock::rfc3339(issued.not_after),
+                    not_after = %crate::util::clock::rfc3339(issued.not_after),
                     ttl_clamped = issued.ttl_clamped,
                     result = "granted",
                     reason = "ok",
@@ -490,7 +492,7 @@ impl Core {
             .map_err(|e| {
                 let m = crate::metrics::global();
                 m.renewal_refused(e.reason());
-                if matches!(e, crate::renewal::RenewalError::Revoked { .. }) {
+                if matches!(e, crate::authn::renewal::RenewalError::Revoked { .. }) {
                     m.revocation_refused("serial");
                 }
                 ApiError::Renewal(e)
@@ -568,7 +570,7 @@ fn audit_entry(
     result: &Result<Issued, ApiError>,
     now: std::time::SystemTime,
 ) -> crate::audit::Entry {
-    use crate::clock::{rfc3339, unix_millis};
+    use crate::util::clock::{rfc3339, unix_millis};
     let mut e = crate::audit::Entry {
         time: rfc3339(now),
         time_unix_ms: unix_millis(now),

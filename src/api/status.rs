@@ -43,7 +43,7 @@ pub enum ApiError {
     AuditUnavailable(String),
     /// A client certificate may not renew (a token always may).
     #[error(transparent)]
-    Renewal(crate::renewal::RenewalError),
+    Renewal(crate::authn::renewal::RenewalError),
     /// The operator denied this identity (`meshca revoke --identity`).
     // The operator's reason stays in the revocation's audit entry: the
     // refused workload may be the compromised one.

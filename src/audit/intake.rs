@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::Entry;
-use crate::clock::Clock;
+use crate::util::clock::Clock;
 
 /// Bytes kept of one untrusted word (a run of non-space characters) in a
 /// refusal's detail.
@@ -291,15 +291,15 @@ fn fold_over(over: &mut Option<Pending>, p: Pending, _now: SystemTime) {
 /// One entry standing for `p.count` refusals.
 fn summary(p: &Pending, now: SystemTime, over_limit: Option<Limits>) -> Entry {
     let mut e = p.last.clone();
-    e.time = crate::clock::rfc3339(now);
-    e.time_unix_ms = crate::clock::unix_millis(now);
+    e.time = crate::util::clock::rfc3339(now);
+    e.time_unix_ms = crate::util::clock::unix_millis(now);
     e.count = Some(p.count);
     if let Some(l) = over_limit {
         e.reason = "refusals_over_audit_limit".into();
         e.detail = Some(bound_detail(&format!(
             "{} refusals from this peer since {} came faster than the audit intake limit ({}/s, burst {}) and are counted here, not listed; the last: {}",
             p.count,
-            crate::clock::rfc3339(p.since),
+            crate::util::clock::rfc3339(p.since),
             l.rate,
             l.burst,
             p.last.detail.as_deref().unwrap_or("-"),
@@ -313,7 +313,7 @@ fn summary(p: &Pending, now: SystemTime, over_limit: Option<Limits>) -> Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::util::clock::ManualClock;
 
     fn refusal(peer: &str, detail: &str) -> Entry {
         Entry {

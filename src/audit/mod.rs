@@ -7,7 +7,6 @@
 //! decide policy; it records what `api` decided.
 
 pub mod entry;
-pub mod http;
 pub mod intake;
 pub mod merkle;
 pub mod note;
@@ -22,8 +21,8 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use crate::clock::{unix_millis, Clock};
-use crate::secret::SecretBytes;
+use crate::util::clock::{unix_millis, Clock};
+use crate::util::secret::SecretBytes;
 pub use entry::Entry;
 use merkle::{leaf_hash, Frontier};
 use note::{Checkpoint, NoteSigner};
@@ -116,10 +115,10 @@ pub fn origin(trust_domain: &str) -> String {
 pub fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, String> {
     let path = data_dir.join(KEY_FILE);
     let pkcs8 = if path.exists() {
-        crate::secret::read_private(&path).map_err(|e| format!("{}: {e}", path.display()))?
+        crate::util::secret::read_private(&path).map_err(|e| format!("{}: {e}", path.display()))?
     } else {
         let k = NoteSigner::generate_pkcs8()?;
-        crate::secret::write_private(&path, k.expose())
+        crate::util::secret::write_private(&path, k.expose())
             .map_err(|e| format!("{}: {e}", path.display()))?;
         k
     };
@@ -127,7 +126,7 @@ pub fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, S
     let pub_path = data_dir.join(PUB_FILE);
     let vkey = format!("{}\n", signer.verifier_key());
     if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(vkey.as_str()) {
-        crate::secret::write_public(&pub_path, vkey.as_bytes())
+        crate::util::secret::write_public(&pub_path, vkey.as_bytes())
             .map_err(|e| format!("{}: {e}", pub_path.display()))?;
     }
     Ok(signer)
@@ -505,5 +504,5 @@ fn writer(
 /// Reads a PKCS#8 key file into zeroizing memory (exposed for tests).
 pub fn read_key(data_dir: &Path) -> Result<SecretBytes, String> {
     let p = data_dir.join(KEY_FILE);
-    crate::secret::read_private(&p).map_err(|e| format!("{}: {e}", p.display()))
+    crate::util::secret::read_private(&p).map_err(|e| format!("{}: {e}", p.display()))
 }

@@ -12,7 +12,7 @@ use base64::Engine;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
 use super::merkle::Hash;
-use crate::secret::SecretBytes;
+use crate::util::secret::SecretBytes;
 
 /// The em dash that starts every signature line.
 const DASH: &str = "\u{2014}";

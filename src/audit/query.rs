@@ -350,11 +350,11 @@ pub fn verify_export(
 
 /// Parses a time bound: RFC 3339, Unix milliseconds, or a duration ago (`1h`).
 pub fn parse_time(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
-    if let Ok(d) = s.parse::<crate::config::HumanDuration>() {
+    if let Ok(d) = s.parse::<crate::util::duration::HumanDuration>() {
         if s.chars().any(|c| c.is_ascii_alphabetic()) {
             // Saturate: `as u64` would wrap a huge duration into a recent time.
             let ago = u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX);
-            return Ok(crate::clock::unix_millis(now).saturating_sub(ago));
+            return Ok(crate::util::clock::unix_millis(now).saturating_sub(ago));
         }
     }
     if let Ok(ms) = s.parse::<u64>() {

@@ -13,9 +13,9 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 
 use super::jwt::{K8sClaims, K8sInfo, NameUid};
 use crate::ca::CaKey;
-use crate::clock::unix_secs;
 use crate::identity::Workload;
-use crate::secret::SecretBytes;
+use crate::util::clock::unix_secs;
+use crate::util::secret::SecretBytes;
 
 /// The issuer the development signer uses (the Kubernetes default).
 pub const DEV_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";

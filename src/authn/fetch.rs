@@ -44,7 +44,7 @@ impl Fetcher {
                 }
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(crate::server::crypto_provider())
+        let tls = rustls::ClientConfig::builder_with_provider(crate::tls::crypto_provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)

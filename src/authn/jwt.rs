@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
 use super::{Authenticated, Method, Verdict, LEGACY_ISSUER};
-use crate::clock::{unix_secs, Clock};
 use crate::identity::Workload;
+use crate::util::clock::{unix_secs, Clock};
 
 /// Clock-skew tolerance for `exp`, `nbf` and `iat`.
 pub const LEEWAY: Duration = Duration::from_secs(60);
@@ -465,8 +465,8 @@ fn check_claims(c: &K8sClaims, now: SystemTime) -> Result<Authenticated, String>
     if c.exp.saturating_add(leeway) <= now_s {
         return Err(format!(
             "the token expired at {} (now {})",
-            crate::clock::rfc3339(crate::clock::from_unix_secs(c.exp)),
-            crate::clock::rfc3339(now)
+            crate::util::clock::rfc3339(crate::util::clock::from_unix_secs(c.exp)),
+            crate::util::clock::rfc3339(now)
         ));
     }
     if let Some(nbf) = c.nbf {
@@ -493,6 +493,6 @@ fn check_claims(c: &K8sClaims, now: SystemTime) -> Result<Authenticated, String>
         pod_name: k8s.pod.as_ref().map(|p| p.name.clone()),
         pod_uid: k8s.pod.as_ref().map(|p| p.uid.clone()),
         method: Method::Jwks,
-        expires: Some(crate::clock::from_unix_secs(c.exp)),
+        expires: Some(crate::util::clock::from_unix_secs(c.exp)),
     })
 }

@@ -11,6 +11,7 @@ pub mod binding;
 pub mod devtoken;
 pub mod fetch;
 pub mod jwt;
+pub mod renewal;
 pub mod tokenreview;
 
 use std::time::SystemTime;

@@ -20,9 +20,9 @@ use kube::api::{Api, PostParams};
 
 use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
 use super::{token_hash, Authenticated, Method, Verdict, LEGACY_ISSUER};
-use crate::clock::Clock;
 use crate::identity::Workload;
-use crate::ratelimit::{KeyedLimiter, TokenBucket};
+use crate::util::clock::Clock;
+use crate::util::ratelimit::{KeyedLimiter, TokenBucket};
 
 /// How long a positive review is reused at most.
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
@@ -270,7 +270,7 @@ impl TokenReviewer {
 /// The `exp` claim of a JWT, unverified (None for opaque tokens).
 fn unverified_exp(token: &str) -> Option<SystemTime> {
     let exp = super::unverified_claims(token)?["exp"].as_u64()?;
-    Some(crate::clock::from_unix_secs(exp))
+    Some(crate::util::clock::from_unix_secs(exp))
 }
 
 /// Decides from a TokenReview answer.

@@ -10,7 +10,7 @@ use std::fmt;
 use rcgen::{KeyPair, PublicKeyData, SigningKey, PKCS_ECDSA_P256_SHA256};
 use zeroize::{Zeroize, Zeroizing};
 
-use crate::secret::SecretBytes;
+use crate::util::secret::SecretBytes;
 
 /// A CA signing key.
 pub struct CaKey(KeyPair);

@@ -18,8 +18,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use x509_parser::prelude::*;
 
-use crate::clock::Clock;
 use crate::identity::{DnsIdentity, Mesh, SpiffeId, Workload};
+use crate::util::clock::Clock;
 pub use keys::CaKey;
 
 /// Backdating applied to every leaf, to tolerate clock skew between peers.
@@ -329,14 +329,14 @@ impl Authority {
             return Err(CaError::IssuerUnusable(format!(
                 "issuer {} expired at {}; a running server renews it at 2/3 of its lifetime, so this one was down or its renewal failed (see the log); check `meshca rotation status`",
                 &issuer.fingerprint[..16],
-                crate::clock::rfc3339(issuer.not_after)
+                crate::util::clock::rfc3339(issuer.not_after)
             )));
         }
         if now < issuer.not_before {
             return Err(CaError::IssuerUnusable(format!(
                 "issuer {} is not valid before {}; check the system clock",
                 &issuer.fingerprint[..16],
-                crate::clock::rfc3339(issuer.not_before)
+                crate::util::clock::rfc3339(issuer.not_before)
             )));
         }
         let not_before = now - BACKDATE;
@@ -456,7 +456,7 @@ pub fn to_system_time(t: ASN1Time) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::util::clock::ManualClock;
     use store::{DataDir, InitOptions};
 
     fn authority(clock: Arc<ManualClock>) -> (Authority, tempfile::TempDir) {
@@ -521,8 +521,8 @@ mod tests {
             .unwrap();
         assert!(issued.clamped_to_issuer);
         assert_eq!(
-            crate::clock::unix_secs(issued.not_after),
-            crate::clock::unix_secs(issuer_end)
+            crate::util::clock::unix_secs(issued.not_after),
+            crate::util::clock::unix_secs(issuer_end)
         );
         clock.advance(Duration::from_secs(86400));
         let e = ca.issue(&w, &csr(), None).unwrap_err();

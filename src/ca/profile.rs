@@ -32,7 +32,7 @@ pub fn root(cn: &str, not_before: SystemTime, lifetime: Duration) -> Certificate
     p.distinguished_name = dn(cn);
     p.serial_number = Some(random_serial());
     p.not_before = not_before.into();
-    p.not_after = crate::clock::add_clamped(not_before, lifetime).into();
+    p.not_after = crate::util::clock::add_clamped(not_before, lifetime).into();
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     p

@@ -21,7 +21,7 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
 use super::{der_to_pem, fingerprint, pem_to_certs, profile, to_system_time, ActiveIssuer, CaKey};
-use crate::secret::{self, SecretBytes};
+use crate::util::secret::{self, SecretBytes};
 
 /// Errors reading or writing the data directory.
 #[derive(Debug, thiserror::Error)]
@@ -181,11 +181,11 @@ impl DataDir {
         let root_not_after = to_system_time(root.validity().not_after);
 
         let issuer_key = CaKey::generate_p256()?;
-        let wanted = crate::clock::add_clamped(now, opts.issuer_lifetime);
+        let wanted = crate::util::clock::add_clamped(now, opts.issuer_lifetime);
         let issuer_clamped = wanted > root_not_after;
         let issuer_not_after = wanted.min(root_not_after);
         let params = profile::issuer(
-            &format!("meshca issuer {}", &crate::clock::rfc3339(now)[..10]),
+            &format!("meshca issuer {}", &crate::util::clock::rfc3339(now)[..10]),
             now - super::BACKDATE,
             issuer_not_after,
         );
@@ -234,16 +234,16 @@ impl DataDir {
                 path: self.root_paths(root_id).0,
                 reason: format!(
                     "the root expired at {}; a new issuer cannot be made under it: run `meshca rotation prepare` then `meshca rotation activate --force`",
-                    crate::clock::rfc3339(root_not_after)
+                    crate::util::clock::rfc3339(root_not_after)
                 ),
             });
         }
-        let wanted = crate::clock::add_clamped(now, lifetime);
+        let wanted = crate::util::clock::add_clamped(now, lifetime);
         let clamped = wanted > root_not_after;
         let not_after = wanted.min(root_not_after);
         let key = CaKey::generate_p256()?;
         let params = profile::issuer(
-            &format!("meshca issuer {}", &crate::clock::rfc3339(now)[..10]),
+            &format!("meshca issuer {}", &crate::util::clock::rfc3339(now)[..10]),
             now - super::BACKDATE,
             not_after,
         );
@@ -450,7 +450,7 @@ pub fn new_root(
 ) -> Result<(CertificateDer<'static>, CaKey), StoreError> {
     let key = CaKey::generate_p256()?;
     let params = profile::root(
-        &format!("meshca root CA {}", crate::clock::rfc3339(now)),
+        &format!("meshca root CA {}", crate::util::clock::rfc3339(now)),
         now,
         lifetime,
     );
@@ -512,6 +512,26 @@ pub fn import_root(
         ));
     }
     Ok((der, key))
+}
+
+/// Takes the data directory's lock (`.lock`), held for the server's life.
+pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, String> {
+    let p = data.file(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "{} is in use by another meshca process (a running server holds {}); talk to it with --server http://ADMIN_ADDRESS",
+            data.path().display(),
+            p.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", p.display())),
+    }
 }
 
 #[cfg(test)]

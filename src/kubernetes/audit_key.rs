@@ -19,7 +19,7 @@ use kube::api::{Api, PostParams};
 
 use crate::audit::note::NoteSigner;
 use crate::audit::{KEY_FILE, PUB_FILE};
-use crate::secret::SecretBytes;
+use crate::util::secret::SecretBytes;
 
 /// The Secret's data key.
 pub const DATA_KEY: &str = "audit-signer.key";
@@ -43,21 +43,21 @@ fn check(bytes: &[u8]) -> Result<SecretBytes, String> {
 /// existing key beside it.
 fn install(data_dir: &Path, key: &SecretBytes, now_unix: u64) -> Result<(), String> {
     let path = data_dir.join(KEY_FILE);
-    if let Ok(cur) = crate::secret::read_private(&path) {
+    if let Ok(cur) = crate::util::secret::read_private(&path) {
         if cur.expose() == key.expose() {
             return Ok(());
         }
         let kept = data_dir.join(format!("{KEY_FILE}.replaced-{now_unix}"));
-        crate::secret::write_private(&kept, cur.expose())
+        crate::util::secret::write_private(&kept, cur.expose())
             .map_err(|e| format!("{}: {e}", kept.display()))?;
         if let Ok(p) = std::fs::read(data_dir.join(PUB_FILE)) {
             let kept_pub = data_dir.join(format!("{PUB_FILE}.replaced-{now_unix}"));
-            crate::secret::write_public(&kept_pub, &p)
+            crate::util::secret::write_public(&kept_pub, &p)
                 .map_err(|e| format!("{}: {e}", kept_pub.display()))?;
         }
         tracing::warn!(kept = %kept.display(), "this replica's audit signing key differs from the shared one: the old key is kept for verifying what it signed");
     }
-    crate::secret::write_private(&path, key.expose())
+    crate::util::secret::write_private(&path, key.expose())
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -69,7 +69,7 @@ pub async fn sync(
     data_dir: &Path,
 ) -> Result<Outcome, String> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
-    let now = crate::clock::unix_secs(std::time::SystemTime::now());
+    let now = crate::util::clock::unix_secs(std::time::SystemTime::now());
     let from_secret = |s: Secret| -> Result<SecretBytes, String> {
         let s = super::KeySecret(s);
         let bytes =
@@ -85,7 +85,7 @@ pub async fn sync(
         return Ok(Outcome::Loaded);
     }
     std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-    let local = match crate::secret::read_private(&data_dir.join(KEY_FILE)) {
+    let local = match crate::util::secret::read_private(&data_dir.join(KEY_FILE)) {
         Ok(k) => {
             check(k.expose()).map_err(|e| format!("{}: {e}", data_dir.join(KEY_FILE).display()))?
         }
@@ -130,7 +130,7 @@ mod tests {
     fn a_replaced_key_is_kept_beside_the_shared_one() {
         let d = tempfile::tempdir().unwrap();
         let mine = NoteSigner::generate_pkcs8().unwrap();
-        crate::secret::write_private(&d.path().join(KEY_FILE), mine.expose()).unwrap();
+        crate::util::secret::write_private(&d.path().join(KEY_FILE), mine.expose()).unwrap();
         let shared = NoteSigner::generate_pkcs8().unwrap();
         install(d.path(), &shared, 42).unwrap();
         assert_eq!(

@@ -25,8 +25,8 @@ use kube::api::{Api, PostParams};
 use tokio::sync::{watch, Notify};
 use x509_parser::prelude::*;
 
-use crate::secret::SecretBytes;
 use crate::trust::service::RotationService;
+use crate::util::secret::SecretBytes;
 
 /// The annotation naming the issuer meshca last wrote.
 pub const ANNOTATION: &str = "meshca.io/issuer-fingerprint";

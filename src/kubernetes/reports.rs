@@ -123,7 +123,7 @@ pub async fn load(
 ) -> Result<Vec<String>, String> {
     let lp = ListParams::default().labels(&format!("{LABEL}=true"));
     let list = api.list(&lp).await.map_err(|e| e.to_string())?;
-    let now_s = crate::clock::unix_secs(now);
+    let now_s = crate::util::clock::unix_secs(now);
     let fresh_s = (s.interval * STALE_INTERVALS).as_secs().max(1);
     let mut keep = BTreeSet::new();
     let mut abandoned = Vec::new();
@@ -178,7 +178,7 @@ pub async fn run(
             next_publish += s.interval;
             let r = Report {
                 replica: s.replica.clone(),
-                updated: crate::clock::unix_secs(now),
+                updated: crate::util::clock::unix_secs(now),
                 clients: tracker.export(now),
             };
             if let Err(e) = publish(&api, &s, &r).await {

@@ -24,9 +24,9 @@ use x509_parser::prelude::*;
 
 use crate::ca::store::DataDir;
 use crate::ca::{fingerprint, pem_to_certs, CaKey};
-use crate::secret::SecretBytes;
 use crate::trust::journal::Journal;
 use crate::trust::rotation::RotationState;
+use crate::util::secret::SecretBytes;
 
 /// Why a push did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,7 @@ pub fn snapshot(data: &DataDir) -> Result<Snapshot, String> {
         );
         m.insert(
             format!("root.{}.key", r.id),
-            crate::secret::read_private(&key)
+            crate::util::secret::read_private(&key)
                 .map_err(|e| format!("{}: {e}", key.display()))?
                 .expose()
                 .to_vec(),
@@ -198,7 +198,7 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
     if let Some(b) = revocations {
         // A Secret without the list (written by an older meshca) keeps the
         // local one: a denial is never dropped by an upgrade.
-        crate::secret::write_public(&data.file(crate::revocation::FILE), b)
+        crate::util::secret::write_public(&data.file(crate::revocation::FILE), b)
             .map_err(|e| format!("{}: {e}", crate::revocation::FILE))?;
     }
     for (_, der, key) in &roots {

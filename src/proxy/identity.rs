@@ -15,7 +15,7 @@ use x509_parser::prelude::*;
 
 use crate::agent::{Backoff, Bundle, State, Svid};
 use crate::proto::spiffe as pb;
-use crate::secret::SecretBytes;
+use crate::util::secret::SecretBytes;
 
 /// Splits concatenated DER certificates.
 pub fn split_der(mut b: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -27,8 +27,8 @@ fn key_of(state: &State) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<
 /// The inbound configuration: our certificate; clients must present one
 /// that chains to the bundle.
 pub fn server_config(state: &State) -> Result<Arc<rustls::ServerConfig>, String> {
-    let provider = crate::server::crypto_provider();
-    let roots = crate::server::root_store(&state.bundle.roots);
+    let provider = crate::tls::crypto_provider();
+    let roots = crate::tls::root_store(&state.bundle.roots);
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
@@ -48,7 +48,7 @@ pub fn server_config(state: &State) -> Result<Arc<rustls::ServerConfig>, String>
 /// The outbound configuration: our certificate as the client's; the server
 /// must chain to the bundle and carry `expected` as its SPIFFE ID.
 pub fn client_config(state: &State, expected: &str) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = crate::server::crypto_provider();
+    let provider = crate::tls::crypto_provider();
     let anchors: Vec<_> = state
         .bundle
         .roots

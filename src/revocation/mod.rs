@@ -8,8 +8,6 @@
 //! one audit entry (kind `revocation`) and the metrics. Must not: decide
 //! what a refusal looks like on the wire (`api::status`), or renew anything.
 
-pub mod http;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -170,6 +168,12 @@ impl Default for Revocations {
     }
 }
 
+impl crate::trust::service::StateObserver for Revocations {
+    fn reload(&self) -> Result<(), String> {
+        Revocations::reload(self)
+    }
+}
+
 impl Revocations {
     /// An empty list kept nowhere (tests, and cores built without a data directory).
     pub fn in_memory() -> Self {
@@ -241,7 +245,7 @@ impl Revocations {
         };
         let record = |reason: &str| Record {
             reason: reason.chars().take(MAX_REASON).collect(),
-            time: crate::clock::rfc3339(now),
+            time: crate::util::clock::rfc3339(now),
             by: by.into(),
         };
         match change {
@@ -280,7 +284,7 @@ impl Revocations {
         if let Some(p) = &self.path {
             let bytes = serde_json::to_vec_pretty(&list)
                 .map_err(|e| RevocationError::Storage(e.to_string()))?;
-            crate::secret::write_public(p, &bytes)
+            crate::util::secret::write_public(p, &bytes)
                 .map_err(|e| RevocationError::Storage(format!("{}: {e}", p.display())))?;
         }
         self.list.store(Arc::new(list));
@@ -324,7 +328,7 @@ pub struct RevocationService {
     revs: Arc<Revocations>,
     audit: Option<crate::audit::AuditLog>,
     rotation: Option<Arc<crate::trust::service::RotationService>>,
-    clock: Arc<dyn crate::clock::Clock>,
+    clock: Arc<dyn crate::util::clock::Clock>,
 }
 
 impl std::fmt::Debug for RevocationService {
@@ -341,7 +345,7 @@ impl RevocationService {
         revs: Arc<Revocations>,
         audit: Option<crate::audit::AuditLog>,
         rotation: Option<Arc<crate::trust::service::RotationService>>,
-        clock: Arc<dyn crate::clock::Clock>,
+        clock: Arc<dyn crate::util::clock::Clock>,
     ) -> Self {
         Self {
             revs,
@@ -377,8 +381,8 @@ impl RevocationService {
     async fn audit(&self, change: &Change, actor: &str, now: std::time::SystemTime) {
         let Some(log) = &self.audit else { return };
         let mut e = crate::audit::Entry {
-            time: crate::clock::rfc3339(now),
-            time_unix_ms: crate::clock::unix_millis(now),
+            time: crate::util::clock::rfc3339(now),
+            time_unix_ms: crate::util::clock::unix_millis(now),
             kind: "revocation".into(),
             result: change.action().into(),
             reason: actor.chars().take(64).collect(),

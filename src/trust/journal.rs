@@ -73,7 +73,7 @@ impl Journal {
 
     fn write(&self, state: &RotationState) -> Result<(), String> {
         let bytes = serde_json::to_vec_pretty(state).map_err(|e| e.to_string())?;
-        crate::secret::write_public(&self.path, &bytes)
+        crate::util::secret::write_public(&self.path, &bytes)
             .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 }

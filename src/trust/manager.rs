@@ -65,7 +65,7 @@ pub struct IssuerFiles {
     /// The issuer certificate (PEM).
     pub cert_pem: Vec<u8>,
     /// Its private key (PEM).
-    pub key_pem: crate::secret::SecretBytes,
+    pub key_pem: crate::util::secret::SecretBytes,
     /// The active root (PEM).
     pub root_pem: String,
 }
@@ -261,7 +261,7 @@ impl TrustManager {
                 out.problem = Some(format!(
                     "the active root {} expired at {}, so no issuer can be made under it: run `meshca rotation prepare` and `meshca rotation activate --force` to bring the CA back",
                     &active.id[..16],
-                    crate::clock::rfc3339(active.not_after)
+                    crate::util::clock::rfc3339(active.not_after)
                 ));
             } else {
                 let r = self
@@ -312,7 +312,7 @@ impl TrustManager {
     pub fn install_external_issuer(
         &self,
         chain_pem: &[u8],
-        key_pem: &crate::secret::SecretBytes,
+        key_pem: &crate::util::secret::SecretBytes,
         now: SystemTime,
     ) -> Result<String, String> {
         let state = self.state();
@@ -337,8 +337,8 @@ impl TrustManager {
         if now < nb || now >= na {
             return Err(format!(
                 "tls.crt is not valid now (valid {} to {})",
-                crate::clock::rfc3339(nb),
-                crate::clock::rfc3339(na)
+                crate::util::clock::rfc3339(nb),
+                crate::util::clock::rfc3339(na)
             ));
         }
         let key = crate::ca::CaKey::from_pem(key_pem).map_err(|e| format!("tls.key: {e}"))?;
@@ -358,7 +358,7 @@ impl TrustManager {
         self.data
             .install_issuer(
                 crate::ca::der_to_pem(&der).as_bytes(),
-                &crate::secret::SecretBytes::new(key_pem.expose().to_vec()),
+                &crate::util::secret::SecretBytes::new(key_pem.expose().to_vec()),
             )
             .map_err(|e| e.to_string())?;
         Ok(fingerprint(&der))
@@ -402,7 +402,7 @@ impl TrustManager {
         if na <= obs.now + obs.propagation_wait + obs.max_leaf_ttl {
             return Err(TrustError::BadInput(format!(
                 "the new root expires at {}, before it could be activated and sign a full-lifetime leaf; use a longer-lived root",
-                crate::clock::rfc3339(na)
+                crate::util::clock::rfc3339(na)
             )));
         }
         self.data

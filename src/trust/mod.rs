@@ -6,7 +6,6 @@
 //! the live service that applies steps to the running CA (`service`), the
 //! status report (`status`) and the admin HTTP routes (`http`).
 
-pub mod http;
 pub mod journal;
 pub mod manager;
 pub mod propagation;

@@ -104,7 +104,7 @@ impl ClientView {
         Client {
             version: self.version,
             // Read from another replica's ConfigMap: clamp, never overflow.
-            live_until: crate::clock::from_unix_secs(self.live_until),
+            live_until: crate::util::clock::from_unix_secs(self.live_until),
             watching: u32::from(self.watching),
             root: self.root.clone(),
             stalled: None,
@@ -245,7 +245,7 @@ impl Tracker {
                     .map(|(k, c)| ClientView {
                         key: k.clone(),
                         version: c.version,
-                        live_until: crate::clock::unix_secs(c.live_until),
+                        live_until: crate::util::clock::unix_secs(c.live_until),
                         watching: c.watching > 0,
                         root: c.root.clone(),
                     }),
@@ -440,7 +440,7 @@ mod tests {
         t.certified("web 10.0.0.1", 1, now + hour, Some("r1"));
         // Replica b: the same client renewed there with version 2, and a
         // watcher only b knows, still on version 1.
-        let unix = |d: Duration| crate::clock::unix_secs(now + d);
+        let unix = |d: Duration| crate::util::clock::unix_secs(now + d);
         t.set_remote(
             "b",
             vec![

@@ -337,7 +337,7 @@ impl RotationState {
                         waiting.push(format!(
                             "root {} still has live leaves until {}",
                             &r.id[..16.min(r.id.len())],
-                            crate::clock::rfc3339(at)
+                            crate::util::clock::rfc3339(at)
                         ));
                     }
                 }

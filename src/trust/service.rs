@@ -21,7 +21,7 @@ use super::propagation::{Propagation, Tracker};
 use super::rotation::{Command, Event, Observations, Phase, RotationError};
 use crate::audit::{AuditLog, Entry};
 use crate::ca::Authority;
-use crate::clock::{rfc3339, unix_millis, unix_secs};
+use crate::util::clock::{rfc3339, unix_millis, unix_secs};
 
 /// Rotation settings (from `serve`'s configuration).
 #[derive(Debug, Clone)]
@@ -99,10 +99,22 @@ pub struct RotationService {
     /// The fingerprint of an issuer installed from outside meshca (its
     /// owner renews it; meshca only steps in late, see the renewal loop).
     external_issuer: std::sync::Mutex<Option<String>>,
-    /// Told the root states after every step (renewal by certificate).
-    renewal: std::sync::OnceLock<Arc<crate::renewal::Renewal>>,
-    /// Re-read when the shared state changes.
-    revocations: std::sync::OnceLock<Arc<crate::revocation::Revocations>>,
+    /// Told the root states after every step and the shared state's
+    /// changes (renewal by certificate, the revocation list).
+    observers: std::sync::Mutex<Vec<Arc<dyn StateObserver>>>,
+}
+
+/// Something that follows the CA's trust state without `trust` knowing it
+/// (renewal by certificate follows the root states; the revocation list is
+/// re-read when another replica shared a change).
+pub trait StateObserver: Send + Sync + std::fmt::Debug {
+    /// The rotation state after a step, a reload or at start.
+    fn roots_changed(&self, _state: &super::rotation::RotationState) {}
+    /// The shared state changed: re-read what lives in the data directory.
+    /// Runs on a blocking thread.
+    fn reload(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 impl RotationService {
@@ -125,8 +137,7 @@ impl RotationService {
             shared: std::sync::OnceLock::new(),
             leader: std::sync::OnceLock::new(),
             external_issuer: std::sync::Mutex::new(None),
-            renewal: std::sync::OnceLock::new(),
-            revocations: std::sync::OnceLock::new(),
+            observers: std::sync::Mutex::new(Vec::new()),
         });
         s.publish_metrics();
         s
@@ -146,7 +157,7 @@ impl RotationService {
     pub async fn install_issuer(
         &self,
         chain_pem: Vec<u8>,
-        key_pem: crate::secret::SecretBytes,
+        key_pem: crate::util::secret::SecretBytes,
         source: &str,
     ) -> Result<String, String> {
         let _one_at_a_time = self.steps.lock().await;
@@ -180,15 +191,20 @@ impl RotationService {
         Ok(fp)
     }
 
-    /// Publishes the root states to `renewal` now and after every step.
-    pub fn set_renewal(&self, renewal: Arc<crate::renewal::Renewal>) {
-        renewal.set_roots(crate::renewal::RootStates::from_rotation(&self.mgr.state()));
-        let _ = self.renewal.set(renewal);
+    /// Tells `observer` the root states now and after every step, and has
+    /// it reload whenever the shared state changes.
+    pub fn observe(&self, observer: Arc<dyn StateObserver>) {
+        observer.roots_changed(&self.mgr.state());
+        self.observers_mut().push(observer);
     }
 
-    /// Re-reads `revocations` whenever the shared state changes.
-    pub fn set_revocations(&self, revocations: Arc<crate::revocation::Revocations>) {
-        let _ = self.revocations.set(revocations);
+    fn observers_mut(&self) -> std::sync::MutexGuard<'_, Vec<Arc<dyn StateObserver>>> {
+        // A panic while pushing cannot leave the Vec half-written.
+        self.observers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn observers(&self) -> Vec<Arc<dyn StateObserver>> {
+        self.observers_mut().clone()
     }
 
     /// Makes a change to the data directory that is not a rotation step
@@ -263,8 +279,8 @@ impl RotationService {
         .map_err(|e| e.to_string())??;
         self.publish(&rec).await?;
         self.load_issuer().await?;
-        if let Some(r) = self.revocations.get().cloned() {
-            tokio::task::spawn_blocking(move || r.reload())
+        for o in self.observers() {
+            tokio::task::spawn_blocking(move || o.reload())
                 .await
                 .map_err(|e| e.to_string())??;
         }
@@ -422,8 +438,9 @@ impl RotationService {
     pub async fn publish(&self, rec: &Reconciled) -> Result<(), String> {
         let bundle = self.mgr.bundle()?;
         self.ca.set_bundle(bundle);
-        if let Some(r) = self.renewal.get() {
-            r.set_roots(crate::renewal::RootStates::from_rotation(&self.mgr.state()));
+        let state = self.mgr.state();
+        for o in self.observers() {
+            o.roots_changed(&state);
         }
         if let Some((report, why)) = &rec.issuer_renewed {
             self.load_issuer().await?;

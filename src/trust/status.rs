@@ -19,7 +19,7 @@ use super::service::phase_name;
 use crate::audit::store::{Filter, SqliteStore};
 use crate::ca::store::DataDir;
 use crate::ca::{fingerprint, to_system_time};
-use crate::clock::rfc3339;
+use crate::util::clock::rfc3339;
 
 /// One certificate row.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,7 +90,7 @@ fn live_leaves(
         &store,
         &Filter {
             result: Some("granted".into()),
-            since_ms: since.map(crate::clock::unix_millis),
+            since_ms: since.map(crate::util::clock::unix_millis),
             ..Default::default()
         },
     )?;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::Query;
-use meshca::audit::http::{filter, ListParams};
+use meshca::admin::audit::{filter, ListParams};
 use meshca::audit::query::parse_time;
 use proptest::prelude::*;
 
@@ -141,7 +141,7 @@ fn get(path_and_query: &str) -> Option<(u16, String)> {
     // Some generated strings are not URIs at all; the client refuses those
     // before sending, which is not what is under test.
     url.parse::<hyper::Uri>().ok()?;
-    let r = s.rt.block_on(meshca::admin_client::request(
+    let r = s.rt.block_on(meshca::client::admin::request(
         "GET",
         &url,
         Some(&s.token),
@@ -204,14 +204,14 @@ proptest! {
         let t_lo = parse_time(&format!("{lo}{unit}"), now).expect("duration");
         let t_hi = parse_time(&format!("{hi}{unit}"), now).expect("duration");
         prop_assert!(t_hi <= t_lo, "{hi}{unit} ago = {t_hi} is after {lo}{unit} ago = {t_lo}");
-        prop_assert!(t_lo <= meshca::clock::unix_millis(now));
+        prop_assert!(t_lo <= meshca::util::clock::unix_millis(now));
     }
 
     #[test]
     fn parse_time_and_duration_are_total(s in value()) {
         let (_, cost) = measure(|| {
             let _ = parse_time(&s, SystemTime::now());
-            let _ = meshca::config::parse_duration(&s);
+            let _ = meshca::util::duration::parse_duration(&s);
         });
         cost.check("parse_time", s.len(), 64 * 1024)?;
     }
@@ -226,7 +226,7 @@ fn regression_a_huge_duration_ago_is_the_epoch_not_a_moment_ago() {
     assert_eq!(parse_time("18446744073709552s", now).unwrap(), 0);
     assert_eq!(parse_time("18446744073709551615d", now).unwrap(), 0);
     let hour_ago = parse_time("1h", now).unwrap();
-    assert_eq!(meshca::clock::unix_millis(now) - hour_ago, 3_600_000);
+    assert_eq!(meshca::util::clock::unix_millis(now) - hour_ago, 3_600_000);
 }
 
 // ---- rotation request bodies ----------------------------------------------
@@ -281,7 +281,7 @@ proptest! {
         let url = format!("http://{}/rotation/{step}", s.ca.running.admin_addr);
         let (code, text) = s
             .rt
-            .block_on(meshca::admin_client::request("POST", &url, Some(&s.token), Some(body.clone())))
+            .block_on(meshca::client::admin::request("POST", &url, Some(&s.token), Some(body.clone())))
             .expect("the admin endpoint answers");
         prop_assert!(code < 500, "POST /rotation/{step} {body}: HTTP {code}: {text}");
     }

@@ -336,7 +336,7 @@ fn store_seed() -> &'static StoreSeed {
         let (log, guard) = AuditLog::open(
             dir.path(),
             "cluster.local",
-            std::sync::Arc::new(meshca::clock::SystemClock),
+            std::sync::Arc::new(meshca::util::clock::SystemClock),
         )
         .expect("open");
         super::harness::block_on(async {

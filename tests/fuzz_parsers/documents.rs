@@ -13,10 +13,10 @@ use meshca::authn::devtoken::DEV_ISSUER;
 use meshca::authn::jwt::{JwksSource, JwksVerifier};
 use meshca::authn::{Method, Verdict};
 use meshca::ca::store::{DataDir, InitOptions};
-use meshca::clock::SystemClock;
 use meshca::kubernetes::reports::Report;
 use meshca::kubernetes::state::{self, Snapshot};
 use meshca::trust::propagation::{ClientView, Tracker};
+use meshca::util::clock::SystemClock;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use serde_json::json;
@@ -161,7 +161,7 @@ fn the_genuine_secret_applies() {
 // ---- propagation reports ---------------------------------------------------
 
 fn report_seed() -> Vec<u8> {
-    let now = meshca::clock::unix_secs(SystemTime::now());
+    let now = meshca::util::clock::unix_secs(SystemTime::now());
     serde_json::to_vec(&Report {
         replica: "meshca-1".into(),
         updated: now,
@@ -428,7 +428,7 @@ fn install_foreign(crt: &[u8], key: &[u8]) -> Result<(), TestCaseError> {
     let mgr =
         meshca::trust::manager::TrustManager::open(data.clone(), SystemTime::now()).expect("open");
     let before = tree(dir.path());
-    let key = meshca::secret::SecretBytes::new(key.to_vec());
+    let key = meshca::util::secret::SecretBytes::new(key.to_vec());
     let (r, cost) = measure(|| mgr.install_external_issuer(crt, &key, SystemTime::now()));
     cost.check_within(
         IO_TIME_BUDGET,
@@ -493,7 +493,7 @@ fn the_genuine_foreign_issuer_installs() {
             .unwrap();
     mgr.install_external_issuer(
         crt,
-        &meshca::secret::SecretBytes::new(key.clone()),
+        &meshca::util::secret::SecretBytes::new(key.clone()),
         SystemTime::now(),
     )
     .unwrap();

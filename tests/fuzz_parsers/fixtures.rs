@@ -12,9 +12,9 @@ use meshca::authn::jwt::{JwksSource, JwksVerifier};
 use meshca::authn::{Authenticator, Method, Source};
 use meshca::ca::store::{DataDir, InitOptions};
 use meshca::ca::{Authority, CaKey, Policy};
-use meshca::clock::{Clock, SystemClock};
 use meshca::identity::Mesh;
-use meshca::secret::SecretBytes;
+use meshca::util::clock::{Clock, SystemClock};
+use meshca::util::secret::SecretBytes;
 use serde_json::{json, Value};
 
 use super::harness::block_on;
@@ -124,7 +124,7 @@ fn build() -> World {
 
 /// Unix seconds now.
 pub fn now_s() -> u64 {
-    meshca::clock::unix_secs(SystemTime::now())
+    meshca::util::clock::unix_secs(SystemTime::now())
 }
 
 /// Claims of a valid projected token for shop/web with audience `aud`.

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use meshca::ca::store::{import_root, StoreError};
 use meshca::ca::{pem_to_certs, signed_by, uri_san, ActiveIssuer, CaError, CaKey};
-use meshca::secret::SecretBytes;
+use meshca::util::secret::SecretBytes;
 use proptest::prelude::*;
 use rustls::pki_types::CertificateDer;
 

@@ -192,7 +192,7 @@ fn the_valid_seed_authenticates() {
 /// 9999-12-31T23:59:59Z.
 #[test]
 fn regression_signed_tokens_with_absurd_times_are_decided_not_panicked() {
-    let max = meshca::clock::from_unix_secs(meshca::clock::MAX_UNIX_SECS);
+    let max = meshca::util::clock::from_unix_secs(meshca::util::clock::MAX_UNIX_SECS);
     for exp in [
         u64::MAX,
         u64::MAX - 30,

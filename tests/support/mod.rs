@@ -63,7 +63,7 @@ impl Ca {
     /// `GET /rotation/status` as JSON.
     pub async fn rotation_status(&self) -> Value {
         let token = self.admin_token();
-        let (_, text) = meshca::admin_client::request(
+        let (_, text) = meshca::client::admin::request(
             "GET",
             &format!("http://{}/rotation/status", self.running.admin_addr),
             Some(&token),
@@ -302,7 +302,7 @@ pub fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
         rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
             .unwrap();
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let mut sc = rustls::ServerConfig::builder_with_provider(meshca::server::crypto_provider())
+    let mut sc = rustls::ServerConfig::builder_with_provider(meshca::tls::crypto_provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
@@ -398,7 +398,7 @@ pub async fn rotation_step(
     body: &str,
 ) -> Result<(u16, String), String> {
     let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
-    meshca::admin_client::request(
+    meshca::client::admin::request(
         "POST",
         &format!("http://{admin}/rotation/{step}"),
         Some(token.trim()),

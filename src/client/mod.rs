@@ -4,6 +4,8 @@
 //!
 //! Must not: reach into the server's state; everything here goes over the wire.
 
+pub mod admin;
+
 use std::time::SystemTime;
 
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};

@@ -4,6 +4,12 @@
 //! Owns: turning flags into calls on the library and printing results
 //! (tables by default, `--output json` where offered). Must not: hold policy.
 
+pub mod audit;
+pub mod bench;
+pub mod revoke;
+pub mod rotation;
+pub mod sidecar;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -13,10 +19,10 @@ use x509_parser::prelude::*;
 use crate::ca::store::{DataDir, InitOptions};
 use crate::ca::{der_to_pem, fingerprint, pem_to_certs, to_system_time};
 use crate::client;
-use crate::clock::rfc3339;
 use crate::config::{HumanDuration, LogFormat, ServeArgs};
 use crate::identity::{Mesh, Workload};
 use crate::proto;
+use crate::util::clock::rfc3339;
 
 /// meshca: a service-mesh certificate authority.
 #[derive(Debug, Parser)]
@@ -145,22 +151,22 @@ pub enum Command {
         ttl: Option<HumanDuration>,
     },
     /// Benchmark issuance against an in-process server.
-    Bench(crate::bench::BenchArgs),
+    Bench(crate::cli::bench::BenchArgs),
     /// Query and verify the tamper-evident issuance log.
     #[command(subcommand)]
-    Audit(crate::audit_cli::AuditCommand),
+    Audit(crate::cli::audit::AuditCommand),
     /// Trust-anchor and issuer lifecycle.
     #[command(subcommand)]
-    Rotation(crate::rotation_cli::RotationCommand),
+    Rotation(crate::cli::rotation::RotationCommand),
     /// The kill switch: revoke a certificate serial (it can no longer renew)
     /// or deny an identity (refused on every API), lift either, or list them.
-    Revoke(crate::revoke_cli::RevokeArgs),
+    Revoke(crate::cli::revoke::RevokeArgs),
     /// Run beside a workload: obtain and renew its certificate, follow the
     /// trust bundle, and serve them as files and/or the SPIFFE Workload API.
-    Agent(crate::sidecar_cli::AgentArgs),
+    Agent(crate::cli::sidecar::AgentArgs),
     /// A small L4 mTLS sidecar using the workload's identity (inbound with a
     /// SPIFFE ID allow-list, outbound with upstream identity checks).
-    Proxy(crate::sidecar_cli::ProxyArgs),
+    Proxy(crate::cli::sidecar::ProxyArgs),
 }
 
 /// Sets up logging to stderr through a background writer thread, so a slow
@@ -197,8 +203,8 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             issuer_ttl,
         } => init(data_dir, root_cert.zip(root_key), root_ttl.0, issuer_ttl.0),
         Command::Serve(args) => serve(args).await,
-        Command::Agent(args) => crate::sidecar_cli::run_agent(args).await,
-        Command::Proxy(args) => crate::sidecar_cli::run_proxy(args).await,
+        Command::Agent(args) => crate::cli::sidecar::run_agent(args).await,
+        Command::Proxy(args) => crate::cli::sidecar::run_proxy(args).await,
         Command::Bundle { data_dir } => {
             print!(
                 "{}",
@@ -263,10 +269,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             })
             .await
         }
-        Command::Bench(args) => crate::bench::run(args).await,
-        Command::Audit(cmd) => crate::audit_cli::run(cmd),
-        Command::Rotation(cmd) => crate::rotation_cli::run(cmd).await,
-        Command::Revoke(args) => crate::revoke_cli::run(args).await,
+        Command::Bench(args) => crate::cli::bench::run(args).await,
+        Command::Audit(cmd) => crate::cli::audit::run(cmd),
+        Command::Rotation(cmd) => crate::cli::rotation::run(cmd).await,
+        Command::Revoke(args) => crate::cli::revoke::run(args).await,
     }
 }
 
@@ -494,16 +500,16 @@ fn finish(
     client::verify_chain(&leaf, &intermediates, &roots, SystemTime::now())?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
-    crate::secret::write_private(&out.join("key.pem"), key_pem.as_bytes())
+    crate::util::secret::write_private(&out.join("key.pem"), key_pem.as_bytes())
         .map_err(|e| format!("key.pem: {e}"))?;
     let mut chain = der_to_pem(&leaf);
     for c in &intermediates {
         chain.push_str(&der_to_pem(c));
     }
-    crate::secret::write_public(&out.join("chain.pem"), chain.as_bytes())
+    crate::util::secret::write_public(&out.join("chain.pem"), chain.as_bytes())
         .map_err(|e| format!("chain.pem: {e}"))?;
     let bundle: String = roots.iter().map(|r| der_to_pem(r)).collect();
-    crate::secret::write_public(&out.join("bundle.pem"), bundle.as_bytes())
+    crate::util::secret::write_public(&out.join("bundle.pem"), bundle.as_bytes())
         .map_err(|e| format!("bundle.pem: {e}"))?;
     let (_, x) = X509Certificate::from_der(&leaf).map_err(|e| e.to_string())?;
     println!("certificate written to {}", out.display());

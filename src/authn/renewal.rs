@@ -186,6 +186,12 @@ impl std::fmt::Debug for Renewal {
     }
 }
 
+impl crate::trust::service::StateObserver for Renewal {
+    fn roots_changed(&self, state: &crate::trust::rotation::RotationState) {
+        self.set_roots(RootStates::from_rotation(state));
+    }
+}
+
 impl Renewal {
     /// An empty index; renewal is refused for `max_age` after the token
     /// authentication a chain descends from (0: renewal by certificate off).
@@ -370,7 +376,7 @@ impl Renewal {
         let since = now.checked_sub(horizon).unwrap_or(SystemTime::UNIX_EPOCH);
         let rows = store.query(&crate::audit::store::Filter {
             result: Some("granted".into()),
-            since_ms: Some(crate::clock::unix_millis(since)),
+            since_ms: Some(crate::util::clock::unix_millis(since)),
             ..Default::default()
         })?;
         let mut n = 0;

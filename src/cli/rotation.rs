@@ -14,9 +14,9 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Subcommand};
 
 use crate::cli::Output;
-use crate::config::HumanDuration;
 use crate::trust::manager::{RootSource, TrustError, TrustManager};
 use crate::trust::service::{RotationService, Settings, Step};
+use crate::util::duration::HumanDuration;
 
 /// Where a rotation command acts.
 #[derive(Debug, Clone, Args)]
@@ -158,7 +158,7 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
             let token = admin_token(&target.data_dir, target.admin_token_file.as_deref())?;
             let url = format!("{base}/rotation/status?warn_within={}", HumanDuration(*w));
             let (code, text) =
-                crate::admin_client::request("GET", &url, Some(&token), None).await?;
+                crate::client::admin::request("GET", &url, Some(&token), None).await?;
             return reply_json(code, &text);
         }
         Request::Step(Step::Prepare(RootSource::Generate(l))) => (
@@ -176,7 +176,7 @@ async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::
         Request::Step(Step::Taint(r)) => ("taint", serde_json::json!({ "root": r })),
     };
     let token = admin_token(&target.data_dir, target.admin_token_file.as_deref())?;
-    let (code, text) = crate::admin_client::request(
+    let (code, text) = crate::client::admin::request(
         "POST",
         &format!("{base}/rotation/{path}"),
         Some(&token),
@@ -194,8 +194,8 @@ pub(crate) fn admin_token(
 ) -> Result<String, String> {
     let token_file = admin_token_file
         .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(|| data_dir.join(crate::trust::http::TOKEN_FILE));
-    let token = crate::secret::read_private(&token_file).map_err(|e| {
+        .unwrap_or_else(|| data_dir.join(crate::admin::rotation::TOKEN_FILE));
+    let token = crate::util::secret::read_private(&token_file).map_err(|e| {
         format!(
             "cannot read the admin token {}: {e}; give the server's token file with --admin-token-file (it is admin.token in the server's data directory)",
             token_file.display()
@@ -244,8 +244,8 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, Str
             target.data_dir.display()
         ));
     }
-    let lock = crate::server::lock_data_dir(&data)?;
-    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let lock = crate::ca::store::lock_data_dir(&data)?;
+    let clock: Arc<dyn crate::util::clock::Clock> = Arc::new(crate::util::clock::SystemClock);
     let now = SystemTime::now();
     let mgr = Arc::new(TrustManager::open(data.clone(), now)?);
     let settings = Settings {
@@ -316,7 +316,7 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, Str
     )?;
     drop(lock);
     Ok(serde_json::json!({
-        "events": events.iter().map(crate::trust::http::event_text).collect::<Vec<_>>(),
+        "events": events.iter().map(crate::admin::rotation::event_text).collect::<Vec<_>>(),
         "status": s,
     }))
 }

@@ -9,7 +9,7 @@
 //! Replies: 200 with `{"done": TEXT, "list": {...}}`; 400 for unusable
 //! input, 401 without the token, 404 when there is nothing to lift, 409 when
 //! it is already revoked or denied, 500 when storage fails. Must not: decide
-//! anything itself (see [`super::RevocationService`]).
+//! anything itself (see [`crate::revocation::RevocationService`]).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -19,8 +19,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use super::{list_json, parse_identity, parse_serial, Change, RevocationError, RevocationService};
-use crate::trust::http::{bearer_refusal, error, json, sha256};
+use crate::admin::rotation::{bearer_refusal, error, json, sha256};
+use crate::revocation::{
+    list_json, parse_identity, parse_serial, Change, RevocationError, RevocationService,
+};
 
 #[derive(Clone)]
 struct Ctx {

@@ -19,10 +19,10 @@ use crate::authn::{Method, Verdict};
 use crate::ca::store::DataDir;
 use crate::cli::Output;
 use crate::client;
-use crate::clock::SystemClock;
 use crate::config::{HumanDuration, ServeConfig};
 use crate::identity::Workload;
 use crate::proto::meshca as pb;
+use crate::util::clock::SystemClock;
 
 /// `meshca bench` flags.
 #[derive(Debug, Clone, clap::Args)]

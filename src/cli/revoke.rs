@@ -97,7 +97,7 @@ async fn remote(
     change: Option<&Change>,
 ) -> Result<serde_json::Value, String> {
     let base = url.trim_end_matches('/');
-    let token = crate::rotation_cli::admin_token(&a.data_dir, a.admin_token_file.as_deref())?;
+    let token = crate::cli::rotation::admin_token(&a.data_dir, a.admin_token_file.as_deref())?;
     let (method, path, body) = match change {
         None => ("GET", "revocations", None),
         Some(c) => {
@@ -122,8 +122,8 @@ async fn remote(
         "revocations" => format!("{base}/revocations"),
         p => format!("{base}/revocations/{p}"),
     };
-    let (code, text) = crate::admin_client::request(method, &url, Some(&token), body).await?;
-    crate::rotation_cli::reply_json(code, &text)
+    let (code, text) = crate::client::admin::request(method, &url, Some(&token), body).await?;
+    crate::cli::rotation::reply_json(code, &text)
 }
 
 async fn offline(a: &RevokeArgs, change: Option<Change>) -> Result<serde_json::Value, String> {
@@ -134,13 +134,13 @@ async fn offline(a: &RevokeArgs, change: Option<Change>) -> Result<serde_json::V
             a.data_dir.display()
         ));
     }
-    let lock = crate::server::lock_data_dir(&data)?;
+    let lock = crate::ca::store::lock_data_dir(&data)?;
     let revs = Arc::new(Revocations::open(&a.data_dir)?);
     let Some(change) = change else {
         drop(lock);
         return Ok(list_json(&revs.list()));
     };
-    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let clock: Arc<dyn crate::util::clock::Clock> = Arc::new(crate::util::clock::SystemClock);
     let (audit, guard) = if data.file(crate::audit::DB_FILE).exists() {
         let (l, g) = crate::audit::AuditLog::open(&a.data_dir, &a.trust_domain, clock.clone())?;
         (Some(l), Some(g))

@@ -10,7 +10,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::clock::Clock;
+use crate::util::clock::Clock;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -114,7 +114,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::util::clock::ManualClock;
     use std::time::Duration;
 
     #[test]

@@ -29,9 +29,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use super::manager::{RootSource, TrustError};
-use super::rotation::Event;
-use super::service::{RotationService, Step};
+use crate::trust::manager::{RootSource, TrustError};
+use crate::trust::rotation::Event;
+use crate::trust::service::{RotationService, Step};
 
 /// The admin token file in the data directory.
 pub const TOKEN_FILE: &str = "admin.token";
@@ -39,13 +39,13 @@ pub const TOKEN_FILE: &str = "admin.token";
 /// Reads the admin token of a data directory, creating it on first use.
 pub fn ensure_token(data_dir: &std::path::Path) -> Result<String, String> {
     let p = data_dir.join(TOKEN_FILE);
-    match crate::secret::read_private(&p) {
+    match crate::util::secret::read_private(&p) {
         Ok(t) => Ok(String::from_utf8_lossy(t.expose()).trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let mut b = [0u8; 32];
             rand::Rng::fill(&mut rand::rng(), &mut b);
             let t = hex::encode(b);
-            crate::secret::write_private(&p, t.as_bytes())
+            crate::util::secret::write_private(&p, t.as_bytes())
                 .map_err(|e| format!("{}: {e}", p.display()))?;
             Ok(t)
         }
@@ -112,7 +112,7 @@ pub async fn status_json(
         let now = std::time::SystemTime::now();
         let obs = svc.observations(now);
         let p = svc.propagation(now);
-        let s = super::status::status(
+        let s = crate::trust::status::status(
             svc.manager().data(),
             &svc.manager().state(),
             &obs,
@@ -126,7 +126,11 @@ pub async fn status_json(
 }
 
 async fn status(State(ctx): State<Ctx>, Query(q): Query<StatusParams>) -> Response {
-    let warn = match q.warn_within.as_deref().map(crate::config::parse_duration) {
+    let warn = match q
+        .warn_within
+        .as_deref()
+        .map(crate::util::duration::parse_duration)
+    {
         None => Duration::from_secs(7 * 86400),
         Some(Ok(d)) => d,
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("warn_within: {e}")),
@@ -218,7 +222,7 @@ async fn prepare(State(ctx): State<Ctx>, headers: HeaderMap, b: Bytes) -> Respon
             let life = match p
                 .root_lifetime
                 .as_deref()
-                .map(crate::config::parse_duration)
+                .map(crate::util::duration::parse_duration)
             {
                 None => ctx.svc.settings().root_lifetime,
                 Some(Ok(d)) => d,

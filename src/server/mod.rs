@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use axum::routing::get;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
@@ -22,12 +22,13 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, Core};
 use crate::authn::{self, jwt, Authenticator, Method, Source};
-use crate::ca::store::{DataDir, InitOptions};
+use crate::ca::store::{lock_data_dir, DataDir, InitOptions};
 use crate::ca::{Authority, Policy};
-use crate::clock::{Clock, SystemClock};
 use crate::config::{AuthnSource, ServeConfig};
 use crate::identity::Workload;
 use crate::proto;
+use crate::tls::crypto_provider;
+use crate::util::clock::{Clock, SystemClock};
 
 /// How long shutdown waits for open connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,11 +72,6 @@ impl Running {
             let _ = tx.send(());
         }
     }
-}
-
-/// The ring crypto provider (the one crypto backend in the tree).
-pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Builds the token chain from configuration.
@@ -280,7 +276,7 @@ fn server_tls(
 /// the longest leaf lifetime), so certificates issued before a restart can
 /// still renew.
 fn load_renewal_index(
-    renewal: &crate::renewal::Renewal,
+    renewal: &crate::authn::renewal::Renewal,
     db: &std::path::Path,
     now: std::time::SystemTime,
     max_ttl: Duration,
@@ -294,33 +290,13 @@ fn load_renewal_index(
 }
 
 /// Drops expired certificates from the renewal index once a minute.
-fn spawn_renewal_pruning(renewal: Arc<crate::renewal::Renewal>, clock: Arc<dyn Clock>) {
+fn spawn_renewal_pruning(renewal: Arc<crate::authn::renewal::Renewal>, clock: Arc<dyn Clock>) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
             renewal.prune(clock.now());
         }
     });
-}
-
-/// Takes the data directory's lock (`.lock`), held for the server's life.
-pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, String> {
-    let p = data.file(".lock");
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&p)
-        .map_err(|e| format!("{}: {e}", p.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "{} is in use by another meshca process (a running server holds {}); talk to it with --server http://ADMIN_ADDRESS",
-            data.path().display(),
-            p.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", p.display())),
-    }
 }
 
 /// A throw-away self-signed server certificate, for when the CA cannot
@@ -441,7 +417,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         loaded.roots,
     ));
     ca.set_bundle(mgr.bundle()?);
-    crate::metrics::global().set_issuer_expiry(crate::clock::unix_secs(ca.issuer().not_after));
+    crate::metrics::global()
+        .set_issuer_expiry(crate::util::clock::unix_secs(ca.issuer().not_after));
     let mut authn = build_authenticator(&cfg, &data, clock.clone()).await?;
     // A token whose pod or service account is gone must stop working
     // within seconds, even when verified locally: keep a metadata-only
@@ -487,7 +464,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     // The operator's revocations: a list that does not parse stops the
     // start rather than re-admitting what was shut out.
     let revocations = Arc::new(crate::revocation::Revocations::open(&cfg.data_dir)?);
-    let renewal = Arc::new(crate::renewal::Renewal::new(cfg.renewal_max_age));
+    let renewal = Arc::new(crate::authn::renewal::Renewal::new(cfg.renewal_max_age));
     core = core
         .with_revocations(revocations.clone())
         .with_renewal(renewal.clone());
@@ -561,8 +538,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         audit_log.clone(),
         cfg.rotation_settings(),
     );
-    rotation.set_renewal(renewal.clone());
-    rotation.set_revocations(revocations.clone());
+    rotation.observe(renewal.clone());
+    rotation.observe(revocations.clone());
     rotation.publish(&reconciled).await?;
     spawn_renewal_pruning(renewal.clone(), clock.clone());
     if let Some(ss) = shared {
@@ -579,7 +556,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             }
         }
     }
-    let admin_token = crate::trust::http::ensure_token(&cfg.data_dir)?;
+    let admin_token = crate::admin::rotation::ensure_token(&cfg.data_dir)?;
 
     let (tls, refresh_at) = match server_tls(&ca, &cfg) {
         Ok(x) => x,
@@ -776,7 +753,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         tokio::spawn(async move {
             loop {
                 let pem = bundle.borrow_and_update().to_pem();
-                match crate::secret::write_public(&path, pem.as_bytes()) {
+                match crate::util::secret::write_public(&path, pem.as_bytes()) {
                     Ok(()) => tracing::info!(file = %path.display(), "trust bundle written"),
                     Err(e) => {
                         tracing::error!(file = %path.display(), error = %e, "cannot write the trust bundle file")
@@ -816,7 +793,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                     Ok((c, next)) => {
                         tls.store(c);
                         refresh_at = next;
-                        tracing::info!(next_renewal = %crate::clock::rfc3339(next), "renewed the CA's server certificate");
+                        tracing::info!(next_renewal = %crate::util::clock::rfc3339(next), "renewed the CA's server certificate");
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "server certificate renewal failed; retrying in 30s");
@@ -935,7 +912,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                             format!(
                                 "not ready: issuer {} expired at {}; see `meshca rotation status`\n",
                                 &iss.fingerprint[..16],
-                                crate::clock::rfc3339(iss.not_after)
+                                crate::util::clock::rfc3339(iss.not_after)
                             ),
                         )
                     }
@@ -944,8 +921,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         );
     // For operators and auditors: the admin token on every method. Every
     // route that reads or changes CA state (revocation too) belongs here.
-    let protected = crate::trust::http::routes(rotation.clone(), &admin_token);
-    let protected = protected.merge(crate::revocation::http::routes(
+    let protected = crate::admin::rotation::routes(rotation.clone(), &admin_token);
+    let protected = protected.merge(crate::admin::revocation::routes(
         crate::revocation::RevocationService::new(
             revocations.clone(),
             audit_log.clone(),
@@ -955,13 +932,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         &admin_token,
     ));
     let protected = match &audit_log {
-        Some(log) => protected.merge(crate::audit::http::routes(log.clone())),
+        Some(log) => protected.merge(crate::admin::audit::routes(log.clone())),
         None => protected,
     };
-    let router = open.merge(crate::admin_guard::protect(protected, &admin_token));
-    let router = crate::admin_guard::check_hosts(
+    let router = open.merge(crate::admin::guard::protect(protected, &admin_token));
+    let router = crate::admin::guard::check_hosts(
         router,
-        crate::admin_guard::HostRule::new(admin_addr, &cfg.admin_allowed_hosts),
+        crate::admin::guard::HostRule::new(admin_addr, &cfg.admin_allowed_hosts),
     );
     let mut admin_stop = stop_rx.clone();
     let admin_task = tokio::spawn(async move {
@@ -1106,13 +1083,4 @@ async fn accept_loop(
             }
         });
     }
-}
-
-/// The trust bundle of a running server, as rustls roots (for clients).
-pub fn root_store(roots: &[CertificateDer<'static>]) -> rustls::RootCertStore {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        let _ = store.add(r.clone());
-    }
-    store
 }

@@ -20,8 +20,8 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
-use super::store::{AuditStore, Filter, SqliteStore};
-use super::{query, AuditLog};
+use crate::audit::store::{AuditStore, Filter, SqliteStore};
+use crate::audit::{query, AuditLog};
 
 /// Entries per page of `/audit/entries` when the request names no `limit`.
 pub const DEFAULT_LIMIT: u64 = 100;
