@@ -257,7 +257,7 @@ async fn istio_api_returns_pem_chain_with_bundle_last() {
     let mut c = istio::istio_certificate_service_client::IstioCertificateServiceClient::new(
         ca.channel().await,
     );
-    let csr_pem = meshca::ca::der_to_pem(&csr()).replace("CERTIFICATE", "CERTIFICATE REQUEST");
+    let csr_pem = meshca::util::pem::encode("CERTIFICATE REQUEST", &csr());
     let mut req = tonic::Request::new(istio::IstioCertificateRequest {
         csr: csr_pem,
         validity_duration: 7200,

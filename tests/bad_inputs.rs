@@ -154,7 +154,7 @@ async fn bad_inputs_get_the_right_codes_and_the_server_keeps_serving() {
     let public_pem = {
         let k = meshca::ca::CaKey::from_pem(&meshca::util::secret::SecretBytes::new(pem.clone()))
             .unwrap();
-        meshca::ca::der_to_pem(&k.spki_der()).replace("CERTIFICATE", "PUBLIC KEY")
+        meshca::util::pem::encode("PUBLIC KEY", &k.spki_der())
     };
     let hs256 = {
         let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
@@ -574,5 +574,5 @@ async fn bad_inputs_get_the_right_codes_and_the_server_keeps_serving() {
 }
 
 fn pem_csr() -> String {
-    meshca::ca::der_to_pem(&csr()).replace("CERTIFICATE", "CERTIFICATE REQUEST")
+    meshca::util::pem::encode("CERTIFICATE REQUEST", &csr())
 }

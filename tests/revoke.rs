@@ -203,7 +203,7 @@ async fn a_denied_identity_is_refused_on_every_api_until_lifted() {
     );
     let (_, csr) = new_csr();
     let mut req = tonic::Request::new(istio::IstioCertificateRequest {
-        csr: meshca::ca::der_to_pem(&csr).replace("CERTIFICATE", "CERTIFICATE REQUEST"),
+        csr: meshca::util::pem::encode("CERTIFICATE REQUEST", &csr),
         validity_duration: 3600,
         metadata: None,
     });

@@ -29,8 +29,7 @@ impl CaKey {
         use rustls::pki_types::PrivateKeyDer;
         let s = std::str::from_utf8(pem.expose())
             .map_err(|_| rcgen::Error::PemError("key file is not UTF-8 PEM".into()))?;
-        let mut rd = pem.expose();
-        let pkcs8 = match rustls_pemfile::private_key(&mut rd) {
+        let pkcs8 = match crate::util::pem::private_key(pem.expose()) {
             Ok(Some(PrivateKeyDer::Sec1(k))) => sec1_to_pkcs8(k.secret_sec1_der()),
             Ok(Some(PrivateKeyDer::Pkcs1(k))) => pkcs1_to_pkcs8(k.secret_pkcs1_der()),
             _ => return KeyPair::from_pem(s).map(Self)?.signs(),
@@ -240,8 +239,10 @@ k4CNW3HXV2m731Csl70P94gvDkteDK///m5lpB25JeYx8dFY3BfcZPU=
 ";
 
     fn der_of(pem: &str) -> Vec<u8> {
-        let mut rd = pem.as_bytes();
-        match rustls_pemfile::private_key(&mut rd).unwrap().unwrap() {
+        match crate::util::pem::private_key(pem.as_bytes())
+            .unwrap()
+            .unwrap()
+        {
             rustls::pki_types::PrivateKeyDer::Sec1(k) => k.secret_sec1_der().to_vec(),
             rustls::pki_types::PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
             _ => panic!("unexpected key type"),
@@ -273,9 +274,10 @@ k4CNW3HXV2m731Csl70P94gvDkteDK///m5lpB25JeYx8dFY3BfcZPU=
         // same after `openssl pkcs8 -topk8 -nocrypt`.
         let pkcs1 = include_str!("testdata/rsa2048-pkcs1.pem");
         let pkcs8 = include_str!("testdata/rsa2048-pkcs8.pem");
-        let mut rd = pkcs1.as_bytes();
         let rustls::pki_types::PrivateKeyDer::Pkcs1(k) =
-            rustls_pemfile::private_key(&mut rd).unwrap().unwrap()
+            crate::util::pem::private_key(pkcs1.as_bytes())
+                .unwrap()
+                .unwrap()
         else {
             panic!("not PKCS#1");
         };

@@ -419,24 +419,14 @@ pub fn fingerprint(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
 }
 
-/// PEM-encodes one certificate.
+/// PEM-encodes one certificate (the one encoder: [`crate::util::pem`]).
 pub fn der_to_pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    crate::util::pem::certificate(der)
 }
 
 /// Parses every `CERTIFICATE` block in a PEM text.
 pub fn pem_to_certs(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let mut rd = pem;
-    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut rd).collect();
-    let certs = certs.map_err(|e| format!("bad PEM: {e}"))?;
+    let certs = crate::util::pem::certificates(pem).map_err(|e| format!("bad PEM: {e}"))?;
     if certs.is_empty() {
         return Err("no CERTIFICATE block found".into());
     }

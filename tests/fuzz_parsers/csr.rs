@@ -169,15 +169,7 @@ proptest! {
 
 /// PEM-encodes `der` under `label`.
 pub fn pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(line).expect("ascii"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    meshca::util::pem::encode(label, der)
 }
 
 /// The mutation strategy is not vacuous: mutated CSRs reach every stage of
