@@ -25,6 +25,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::ca::{der_to_pem, pem_to_certs};
 use crate::proto::meshca as pb;
+use crate::util::backoff::Backoff;
 use crate::util::secret::SecretBytes;
 use endpoints::Endpoints;
 
@@ -142,33 +143,6 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
-    }
-}
-
-/// Exponential backoff with full jitter: 200 ms doubling up to 30 s.
-#[derive(Debug, Default)]
-pub struct Backoff {
-    attempt: u32,
-}
-
-impl Backoff {
-    /// The next wait.
-    pub fn next_wait(&mut self) -> Duration {
-        let cap =
-            Duration::from_millis(200 * (1u64 << self.attempt.min(8))).min(Duration::from_secs(30));
-        self.attempt += 1;
-        cap.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-    }
-    /// The wait after a refusal that retrying soon cannot change (the
-    /// operator denied this identity): straight to the cap (15–30 s), so a
-    /// denied workload never retries hot.
-    pub fn refused_wait(&mut self) -> Duration {
-        self.attempt = self.attempt.max(8);
-        self.next_wait()
-    }
-    /// After a success.
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -300,7 +274,7 @@ impl Inner {
                     Err(e) => {
                         crate::metrics::global().agent_renewal(false);
                         let wait = if is_denied(&e) {
-                            backoff.refused_wait()
+                            backoff.wait_at_cap()
                         } else {
                             backoff.next_wait()
                         };
@@ -427,7 +401,7 @@ impl Inner {
         loop {
             let r = self.watch_once(&mut backoff).await;
             let wait = match &r {
-                Err(e) if is_denied(e) => backoff.refused_wait(),
+                Err(e) if is_denied(e) => backoff.wait_at_cap(),
                 _ => backoff.next_wait(),
             };
             tracing::debug!(error = ?r.err(), retry_in_ms = wait.as_millis() as u64, "bundle watch ended; reconnecting");

@@ -252,9 +252,9 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             };
             let bundle = ca_bundle.unwrap_or_else(|| data_dir.join("bundle.pem"));
             let server_name = server_name.unwrap_or_else(|| {
-                format!(
-                    "meshca.{0}.serviceaccount.identity.{0}.{1}",
-                    mesh.control_plane_ns, mesh.trust_domain
+                crate::identity::ca_server_name(
+                    mesh.control_plane_ns.as_str(),
+                    mesh.trust_domain.as_str(),
                 )
             });
             certify(CertifyArgs {
@@ -442,7 +442,7 @@ async fn certify(a: CertifyArgs) -> Result<(), String> {
             );
         }
         ApiChoice::Istio => {
-            let csr_pem = pem_block("CERTIFICATE REQUEST", &csr_der);
+            let csr_pem = crate::util::pem::encode("CERTIFICATE REQUEST", &csr_der);
             let mut c =
                 proto::istio::istio_certificate_service_client::IstioCertificateServiceClient::new(
                     channel,
@@ -484,10 +484,6 @@ fn is_self_signed(der: &[u8]) -> bool {
     X509Certificate::from_der(der)
         .map(|(_, c)| c.subject() == c.issuer())
         .unwrap_or(false)
-}
-
-fn pem_block(label: &str, der: &[u8]) -> String {
-    der_to_pem(der).replace("CERTIFICATE", label)
 }
 
 fn finish(

@@ -13,8 +13,9 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use x509_parser::prelude::*;
 
-use crate::agent::{Backoff, Bundle, State, Svid};
+use crate::agent::{Bundle, State, Svid};
 use crate::proto::spiffe as pb;
+use crate::util::backoff::Backoff;
 use crate::util::secret::SecretBytes;
 
 /// Splits concatenated DER certificates.
@@ -30,15 +31,9 @@ pub fn split_der(mut b: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn pkcs8_pem(der: &[u8]) -> SecretBytes {
-    use base64::Engine;
-    let b64 = zeroize::Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
-    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        pem.push('\n');
-    }
-    pem.push_str("-----END PRIVATE KEY-----\n");
-    SecretBytes::new(pem.into_bytes())
+    let mut pem = crate::util::pem::encode_secret("PRIVATE KEY", der);
+    // Moves the buffer (no copy left behind) into the zeroizing wrapper.
+    SecretBytes::new(std::mem::take(&mut *pem).into_bytes())
 }
 
 fn to_state(r: pb::X509svidResponse, version: u64) -> Result<State, String> {

@@ -1,9 +1,12 @@
 //! Small, dependency-free helpers every layer may use.
 //!
 //! Owns: time (the `Clock` seam), human durations and sizes, secret
-//! wrappers, rate limiting. Must not: depend on any other meshca module.
+//! wrappers, rate limiting, PEM text, retry backoff. Must not: depend on
+//! any other meshca module.
 
+pub mod backoff;
 pub mod clock;
 pub mod duration;
+pub mod pem;
 pub mod ratelimit;
 pub mod secret;
