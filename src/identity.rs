@@ -231,6 +231,22 @@ pub struct Mesh {
     pub control_plane_ns: Namespace,
 }
 
+/// The service account the CA itself runs as: its serving certificate is
+/// issued to this workload in the control-plane namespace.
+pub const CA_SERVICE_ACCOUNT: &str = "meshca";
+
+/// The TLS server name of the CA (what its serving certificate carries and
+/// what clients verify): the DNS identity of [`CA_SERVICE_ACCOUNT`] in the
+/// control-plane namespace, `meshca.<ns>.serviceaccount.identity.<ns>.<td>`.
+///
+/// Takes plain strings because clients (`certify`, `agent`) derive it from
+/// flags the CA validates, not they.
+pub fn ca_server_name(control_plane_ns: &str, trust_domain: &str) -> String {
+    format!(
+        "{CA_SERVICE_ACCOUNT}.{control_plane_ns}.serviceaccount.identity.{control_plane_ns}.{trust_domain}"
+    )
+}
+
 /// An authenticated Kubernetes workload: service account `sa` in namespace `ns`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Workload {
@@ -328,6 +344,18 @@ mod tests {
             "web.shop.serviceaccount.identity.meshca.cluster.local"
         );
         assert_eq!(w.username(), "system:serviceaccount:shop:web");
+        // The CA's server name is the DNS identity of its own workload, the
+        // name its serving certificate is issued for.
+        let m = mesh();
+        let ca = Workload::new(m.control_plane_ns.as_str(), CA_SERVICE_ACCOUNT).unwrap();
+        assert_eq!(
+            ca_server_name(m.control_plane_ns.as_str(), m.trust_domain.as_str()),
+            ca.dns_identity(&m).unwrap().as_str()
+        );
+        assert_eq!(
+            ca_server_name("cp", "example.org"),
+            "meshca.cp.serviceaccount.identity.cp.example.org"
+        );
         assert_eq!(Workload::from_username(&w.username()).unwrap(), w);
     }
 

@@ -56,10 +56,7 @@ impl CaFlags {
         Ok(AgentConfig {
             ca_address: self.ca_address.clone(),
             server_name: self.ca_server_name.clone().unwrap_or_else(|| {
-                format!(
-                    "meshca.{0}.serviceaccount.identity.{0}.{1}",
-                    self.control_plane_namespace, self.trust_domain
-                )
+                crate::identity::ca_server_name(&self.control_plane_namespace, &self.trust_domain)
             }),
             bootstrap_bundle: self.bootstrap_bundle.clone(),
             token_file,

@@ -240,7 +240,9 @@ fn server_tls(
     let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
     let me = Workload {
         namespace: cfg.mesh.control_plane_ns.clone(),
-        service_account: "meshca".parse().expect("valid name"),
+        service_account: crate::identity::CA_SERVICE_ACCOUNT
+            .parse()
+            .expect("valid name"),
     };
     let issued = ca
         .issue_with_dns(&me, &cfg.server_dns_names, csr.der(), Some(cfg.max_ttl))
@@ -326,9 +328,9 @@ fn fallback_tls(cfg: &ServeConfig) -> Result<Arc<ServerConfig>, String> {
 
 /// The DNS identity the server certificate carries (clients verify it).
 pub fn server_identity(cfg: &ServeConfig) -> String {
-    format!(
-        "meshca.{}.serviceaccount.identity.{}.{}",
-        cfg.mesh.control_plane_ns, cfg.mesh.control_plane_ns, cfg.mesh.trust_domain
+    crate::identity::ca_server_name(
+        cfg.mesh.control_plane_ns.as_str(),
+        cfg.mesh.trust_domain.as_str(),
     )
 }
 
