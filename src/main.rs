@@ -15,6 +15,10 @@ async fn main() {
     drop(log);
     if let Err(e) = result {
         eprintln!("error: {e}");
-        std::process::exit(1);
+        // The code is chosen in one place, `cli::Error::exit_code` (the table
+        // is in docs/configuration.md, "Exit codes"). `exit`, not a returned
+        // ExitCode: a failed command must not wait for blocking tasks still
+        // running on the runtime.
+        std::process::exit(i32::from(e.exit_code()));
     }
 }

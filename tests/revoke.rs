@@ -389,7 +389,12 @@ async fn offline_revocations_need_the_data_dir_lock_and_survive_restarts() {
     let e = meshca::cli::revoke::run(args("shop/web"))
         .await
         .unwrap_err();
-    assert!(e.contains("in use by another meshca process"), "{e}");
+    assert!(
+        e.to_string().contains("in use by another meshca process"),
+        "{e}"
+    );
+    // A held lock is "unavailable" (retry, or use --server), not a failure.
+    assert_eq!(e.exit_code(), meshca::cli::EXIT_UNAVAILABLE, "{e:?}");
     let Ca { running, dir } = ca;
     running.shutdown().await;
     meshca::cli::revoke::run(args("shop/web")).await.unwrap();

@@ -24,7 +24,13 @@ use super::{der_to_pem, fingerprint, pem_to_certs, profile, to_system_time, Acti
 use crate::util::secret::{self, SecretBytes};
 
 /// Errors reading or writing the data directory.
+///
+/// The variants are what a caller decides on: `NotInitialized` (run
+/// `init`), `AlreadyInitialized` (refuse to overwrite), `Locked` (a running
+/// server owns the directory: talk to it instead), `Io` (the file system),
+/// `Invalid` (a file holds something unusable).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The directory already holds a CA.
     #[error("{0} already holds a CA ({1} exists); refusing to overwrite it")]
@@ -51,6 +57,14 @@ pub enum StoreError {
     /// Key generation or signing failed.
     #[error("crypto: {0}")]
     Crypto(String),
+    /// Another meshca process holds the directory's lock.
+    #[error("{} is in use by another meshca process (a running server holds {}); talk to it with --server http://ADMIN_ADDRESS", dir.display(), lock.display())]
+    Locked {
+        /// The data directory.
+        dir: PathBuf,
+        /// Its lock file.
+        lock: PathBuf,
+    },
 }
 
 impl From<rcgen::Error> for StoreError {
@@ -515,22 +529,28 @@ pub fn import_root(
 }
 
 /// Takes the data directory's lock (`.lock`), held for the server's life.
-pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, String> {
+///
+/// `Locked` when another process holds it (a running server: the caller
+/// should talk to it instead); `Io` when the lock file cannot be opened.
+pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, StoreError> {
     let p = data.file(".lock");
+    let io = |source| StoreError::Io {
+        path: p.clone(),
+        source,
+    };
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&p)
-        .map_err(|e| format!("{}: {e}", p.display()))?;
+        .map_err(io)?;
     match f.try_lock() {
         Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "{} is in use by another meshca process (a running server holds {}); talk to it with --server http://ADMIN_ADDRESS",
-            data.path().display(),
-            p.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("{}: {e}", p.display())),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked {
+            dir: data.path().to_path_buf(),
+            lock: p,
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 
@@ -540,6 +560,37 @@ mod tests {
 
     fn now() -> SystemTime {
         SystemTime::now()
+    }
+
+    #[test]
+    fn a_locked_data_dir_is_told_apart_from_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path().join("ca"));
+        // Missing: nothing to lock and nothing to load.
+        let e = lock_data_dir(&d).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+        assert!(matches!(
+            d.load().unwrap_err(),
+            StoreError::NotInitialized(_)
+        ));
+        // Present and held by someone else (a second open file description
+        // conflicts like a second process would).
+        d.init(&InitOptions::default(), now()).unwrap();
+        let held = lock_data_dir(&d).unwrap();
+        let e = lock_data_dir(&d).unwrap_err();
+        assert!(
+            matches!(&e, StoreError::Locked { dir, .. } if dir == d.path()),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("in use by another meshca process"),
+            "{e}"
+        );
+        drop(held);
+        lock_data_dir(&d).unwrap();
     }
 
     #[test]

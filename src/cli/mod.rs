@@ -6,9 +6,12 @@
 
 pub mod audit;
 pub mod bench;
+mod error;
 pub mod revoke;
 pub mod rotation;
 pub mod sidecar;
+
+pub use error::{Error, EXIT_FAILURE, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -192,8 +195,8 @@ pub fn init_logging(format: LogFormat) -> Option<tracing_appender::non_blocking:
     ok.ok().map(|_| guard)
 }
 
-/// Runs a command; returns the process exit code.
-pub async fn run(cli: Cli) -> Result<(), String> {
+/// Runs a command; the error carries its exit code (`Error::exit_code`).
+pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Init {
             data_dir,
@@ -202,19 +205,14 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             root_ttl,
             issuer_ttl,
         } => init(data_dir, root_cert.zip(root_key), root_ttl.0, issuer_ttl.0),
-        Command::Serve(args) => serve(args).await,
-        Command::Agent(args) => crate::cli::sidecar::run_agent(args).await,
-        Command::Proxy(args) => crate::cli::sidecar::run_proxy(args).await,
+        Command::Serve(args) => Ok(serve(args).await?),
+        Command::Agent(args) => Ok(crate::cli::sidecar::run_agent(args).await?),
+        Command::Proxy(args) => Ok(crate::cli::sidecar::run_proxy(args).await?),
         Command::Bundle { data_dir } => {
-            print!(
-                "{}",
-                DataDir::new(data_dir)
-                    .bundle_pem()
-                    .map_err(|e| e.to_string())?
-            );
+            print!("{}", DataDir::new(data_dir).bundle_pem()?);
             Ok(())
         }
-        Command::Inspect { file, output } => inspect(&file, output),
+        Command::Inspect { file, output } => Ok(inspect(&file, output)?),
         Command::Token {
             namespace,
             service_account,
@@ -222,14 +220,14 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             ttl,
             pod,
             data_dir,
-        } => token(
+        } => Ok(token(
             &namespace,
             &service_account,
             audience,
             ttl.0,
             pod,
             &data_dir,
-        ),
+        )?),
         Command::Certify {
             server,
             token_file,
@@ -245,10 +243,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
             let mesh = Mesh {
                 trust_domain: trust_domain
                     .parse()
-                    .map_err(|e| format!("--trust-domain: {e}"))?,
+                    .map_err(|e| Error::Usage(format!("--trust-domain: {e}")))?,
                 control_plane_ns: control_plane_namespace
                     .parse()
-                    .map_err(|e| format!("--control-plane-namespace: {e}"))?,
+                    .map_err(|e| Error::Usage(format!("--control-plane-namespace: {e}")))?,
             };
             let bundle = ca_bundle.unwrap_or_else(|| data_dir.join("bundle.pem"));
             let server_name = server_name.unwrap_or_else(|| {
@@ -257,7 +255,7 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                     mesh.trust_domain.as_str(),
                 )
             });
-            certify(CertifyArgs {
+            Ok(certify(CertifyArgs {
                 server,
                 token_file,
                 out,
@@ -267,10 +265,10 @@ pub async fn run(cli: Cli) -> Result<(), String> {
                 mesh,
                 ttl: ttl.map(|t| t.0),
             })
-            .await
+            .await?)
         }
-        Command::Bench(args) => crate::cli::bench::run(args).await,
-        Command::Audit(cmd) => crate::cli::audit::run(cmd),
+        Command::Bench(args) => Ok(crate::cli::bench::run(args).await?),
+        Command::Audit(cmd) => Ok(crate::cli::audit::run(cmd)?),
         Command::Rotation(cmd) => crate::cli::rotation::run(cmd).await,
         Command::Revoke(args) => crate::cli::revoke::run(args).await,
     }
@@ -281,15 +279,13 @@ fn init(
     import: Option<(PathBuf, PathBuf)>,
     root_ttl: Duration,
     issuer_ttl: Duration,
-) -> Result<(), String> {
+) -> Result<(), Error> {
     let opts = InitOptions {
         root_lifetime: root_ttl,
         issuer_lifetime: issuer_ttl,
         import_root: import,
     };
-    let r = DataDir::new(&data_dir)
-        .init(&opts, SystemTime::now())
-        .map_err(|e| e.to_string())?;
+    let r = DataDir::new(&data_dir).init(&opts, SystemTime::now())?;
     println!("created CA in {}", data_dir.display());
     println!(
         "  root    {} ({})",

@@ -82,20 +82,20 @@ fn change(a: &RevokeArgs) -> Result<Option<Change>, RevocationError> {
 }
 
 /// Runs `meshca revoke`.
-pub async fn run(a: RevokeArgs) -> Result<(), String> {
-    let change = change(&a).map_err(|e| e.to_string())?;
+pub async fn run(a: RevokeArgs) -> Result<(), crate::cli::Error> {
+    let change = change(&a)?;
     let reply = match &a.server {
         Some(url) => remote(&a, url, change.as_ref()).await?,
         None => offline(&a, change).await?,
     };
-    print(&reply, a.output)
+    Ok(print(&reply, a.output)?)
 }
 
 async fn remote(
     a: &RevokeArgs,
     url: &str,
     change: Option<&Change>,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, crate::cli::Error> {
     let base = url.trim_end_matches('/');
     let token = crate::cli::rotation::admin_token(&a.data_dir, a.admin_token_file.as_deref())?;
     let (method, path, body) = match change {
@@ -126,13 +126,17 @@ async fn remote(
     crate::cli::rotation::reply_json(code, &text)
 }
 
-async fn offline(a: &RevokeArgs, change: Option<Change>) -> Result<serde_json::Value, String> {
+async fn offline(
+    a: &RevokeArgs,
+    change: Option<Change>,
+) -> Result<serde_json::Value, crate::cli::Error> {
     let data = crate::ca::store::DataDir::new(&a.data_dir);
     if !data.is_initialized() {
         return Err(format!(
             "{} holds no CA; run `meshca init --data-dir {0}` first, or give --server",
             a.data_dir.display()
-        ));
+        )
+        .into());
     }
     let lock = crate::ca::store::lock_data_dir(&data)?;
     let revs = Arc::new(Revocations::open(&a.data_dir)?);
@@ -153,7 +157,7 @@ async fn offline(a: &RevokeArgs, change: Option<Change>) -> Result<serde_json::V
         let _ = tokio::task::spawn_blocking(move || g.stop()).await;
     }
     drop(lock);
-    r.map_err(|e| e.to_string())?;
+    r?;
     Ok(serde_json::json!({ "done": change.describe(), "list": list_json(&revs.list()) }))
 }
 

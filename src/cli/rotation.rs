@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Subcommand};
 
 use crate::cli::Output;
-use crate::trust::manager::{RootSource, TrustError, TrustManager};
+use crate::trust::manager::{RootSource, TrustManager};
 use crate::trust::service::{RotationService, Settings, Step};
 use crate::util::duration::HumanDuration;
 
@@ -107,7 +107,7 @@ pub enum RotationCommand {
 }
 
 /// Runs a rotation command.
-pub async fn run(cmd: RotationCommand) -> Result<(), String> {
+pub async fn run(cmd: RotationCommand) -> Result<(), crate::cli::Error> {
     let (target, req): (Target, Request) = match cmd {
         RotationCommand::Status {
             target,
@@ -136,7 +136,7 @@ pub async fn run(cmd: RotationCommand) -> Result<(), String> {
         Some(url) => remote(&target, url, req).await?,
         None => offline(&target, req).await?,
     };
-    print_reply(&reply, output)
+    Ok(print_reply(&reply, output)?)
 }
 
 #[derive(Debug)]
@@ -149,7 +149,11 @@ fn absolute(p: PathBuf) -> Result<PathBuf, String> {
     std::path::absolute(&p).map_err(|e| format!("{}: {e}", p.display()))
 }
 
-async fn remote(target: &Target, url: &str, req: Request) -> Result<serde_json::Value, String> {
+async fn remote(
+    target: &Target,
+    url: &str,
+    req: Request,
+) -> Result<serde_json::Value, crate::cli::Error> {
     let base = url.trim_end_matches('/');
     let (path, body) = match &req {
         Request::Status(w) => {
@@ -206,7 +210,7 @@ pub(crate) fn admin_token(
 
 /// An admin reply as JSON, or the server's error as a sentence with a hint
 /// (401 and 421 say what to change).
-pub(crate) fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, String> {
+pub(crate) fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, crate::cli::Error> {
     let said = || {
         serde_json::from_str::<serde_json::Value>(text)
             .ok()
@@ -214,14 +218,14 @@ pub(crate) fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, Str
             .unwrap_or_else(|| text.trim().to_string())
     };
     match code {
-        401 => return Err(format!(
+        401 => return Err(crate::cli::Error::Remote { status: code, message: format!(
             "the admin endpoint refused the admin token ({}); hint: pass the server's own token with --admin-token-file (admin.token in its data directory) or run this where --data-dir is the server's",
             said()
-        )),
-        421 => return Err(format!(
+        ) }),
+        421 => return Err(crate::cli::Error::Remote { status: code, message: format!(
             "the admin endpoint does not answer to this address ({}); hint: use the address it listens on, or add this name to the server's admin_allowed_hosts",
             said()
-        )),
+        ) }),
         _ => {}
     }
     let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
@@ -230,19 +234,23 @@ pub(crate) fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, Str
     if code == 200 {
         Ok(v)
     } else {
-        Err(v["error"]
-            .as_str()
-            .map_or_else(|| text.to_string(), str::to_string))
+        Err(crate::cli::Error::Remote {
+            status: code,
+            message: v["error"]
+                .as_str()
+                .map_or_else(|| text.to_string(), str::to_string),
+        })
     }
 }
 
-async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, String> {
+async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, crate::cli::Error> {
     let data = crate::ca::store::DataDir::new(&target.data_dir);
     if !data.is_initialized() {
         return Err(format!(
             "{} holds no CA; run `meshca init --data-dir {0}` first, or give --server",
             target.data_dir.display()
-        ));
+        )
+        .into());
     }
     let lock = crate::ca::store::lock_data_dir(&data)?;
     let clock: Arc<dyn crate::util::clock::Clock> = Arc::new(crate::util::clock::SystemClock);
@@ -265,19 +273,19 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, Str
         );
         let s = crate::trust::status::status(&data, &mgr.state(), &obs, None, w)?;
         drop(lock);
-        return serde_json::to_value(s).map_err(|e| e.to_string());
+        return Ok(serde_json::to_value(s).map_err(|e| e.to_string())?);
     }
     let Request::Step(step) = req else {
         unreachable!("status returned above")
     };
     let rec = mgr.reconcile(settings.issuer_lifetime, now)?;
-    let loaded = data.load().map_err(|e| e.to_string())?;
+    let loaded = data.load()?;
     let policy = crate::ca::Policy {
         mesh: crate::identity::Mesh {
             trust_domain: target
                 .trust_domain
                 .parse()
-                .map_err(|e| format!("--trust-domain: {e}"))?,
+                .map_err(|e| crate::cli::Error::Usage(format!("--trust-domain: {e}")))?,
             control_plane_ns: "meshca".parse().map_err(|e| format!("{e}"))?,
         },
         default_ttl: target.max_ttl.0,
@@ -302,10 +310,7 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, Str
     if let Some(g) = guard {
         let _ = tokio::task::spawn_blocking(move || g.stop()).await;
     }
-    let events = r.map_err(|e| match e {
-        TrustError::Refused(e) => e.to_string(),
-        other => other.to_string(),
-    })?;
+    let events = r?;
     let obs = svc.observations(SystemTime::now());
     let s = crate::trust::status::status(
         &data,

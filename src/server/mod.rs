@@ -391,7 +391,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     }
     // One server per data directory: offline `meshca rotation` commands
     // take the same lock, so they cannot race a running server.
-    let lock = lock_data_dir(&data)?;
+    let lock = lock_data_dir(&data).map_err(|e| e.to_string())?;
     let mgr = Arc::new(crate::trust::manager::TrustManager::open(
         data.clone(),
         clock.now(),
