@@ -1,5 +1,8 @@
 //! The `meshca` binary: parses the command line and dispatches.
 #![forbid(unsafe_code)]
+// The binary reports a failed command on stderr, before logging exists for
+// most commands; printing is otherwise denied (Cargo.toml [lints]).
+#![allow(clippy::print_stderr)]
 
 use clap::Parser;
 

@@ -1,6 +1,9 @@
 //! The audit log end to end: decisions recorded (granted and refused), proofs,
 //! offline verification of an export, tampering caught by `meshca audit
 //! verify`, and a SIGKILL mid-load losing nothing a client received.
+// Test helpers: a failed unwrap is a failed test (clippy.toml allows it
+// only inside #[test] functions, not in the helpers they call).
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -2,6 +2,9 @@
 //! server's `/.well-known/openid-configuration` and `/openid/v1/jwks`): key
 //! rotation picked up on an unknown `kid`, RS256 keys, the refresh rate limit,
 //! and an unreachable JWKS answering UNAVAILABLE.
+// Test helpers: a failed unwrap is a failed test (clippy.toml allows it
+// only inside #[test] functions, not in the helpers they call).
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

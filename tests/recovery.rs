@@ -2,6 +2,9 @@
 //! starts anyway, says what expired, is not ready, and comes back with
 //! `meshca rotation prepare` + `meshca rotation activate --force` run against
 //! the running server with the CLI.
+// Test helpers: a failed unwrap is a failed test (clippy.toml allows it
+// only inside #[test] functions, not in the helpers they call).
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -226,12 +226,12 @@ impl JwksVerifier {
         &self.issuers
     }
 
-    /// True when the keys come from a URL (and so want periodic refresh).
     /// How many keys are loaded.
     pub fn key_count(&self) -> usize {
         self.keys.load().len()
     }
 
+    /// True when the keys come from a URL (and so want periodic refresh).
     pub fn is_remote(&self) -> bool {
         self.source.is_remote()
     }

@@ -4,6 +4,11 @@
 //! Owns: turning flags into calls on the library and printing results
 //! (tables by default, `--output json` where offered). Must not: hold policy.
 
+// The CLI's job is to print to the terminal: stdout for results, stderr for
+// progress and warnings. Everywhere else printing is denied (Cargo.toml
+// [lints]) so that the server only ever speaks through `tracing`.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod audit;
 pub mod bench;
 mod error;

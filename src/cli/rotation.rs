@@ -344,6 +344,54 @@ fn print_reply(v: &serde_json::Value, output: Output) -> Result<(), String> {
     };
     let s: crate::trust::status::Status = serde_json::from_value(status.clone())
         .map_err(|e| format!("unexpected status from the server: {e}"))?;
-    crate::trust::status::print_table(&s);
+    print_status_table(&s);
     Ok(())
+}
+
+/// Prints a rotation status as the operator's table.
+fn print_status_table(s: &crate::trust::status::Status) {
+    println!("trust bundle version {}", s.bundle_version);
+    println!(
+        "{:<7}  {:<16}  {:<18}  {:<20}  {:<20}  {:>11}  {:>11}  SUBJECT",
+        "KIND", "FINGERPRINT", "STATE", "NOT BEFORE", "NOT AFTER", "LIVE LEAVES", "PROPAGATION"
+    );
+    for c in &s.certificates {
+        println!(
+            "{:<7}  {:<16}  {:<18}  {:<20}  {:<20}  {:>11}  {:>11}  {}",
+            c.kind,
+            // From the server's JSON: never panic on a short value.
+            c.fingerprint.get(..16).unwrap_or(&c.fingerprint),
+            c.state,
+            c.not_before.get(..19).unwrap_or(&c.not_before),
+            c.not_after.get(..19).unwrap_or(&c.not_after),
+            c.live_leaves.map_or("-".to_string(), |n| n.to_string()),
+            c.propagation.as_deref().unwrap_or("-"),
+            c.subject
+        );
+    }
+    if let Some(p) = &s.propagation {
+        println!(
+            "clients: {} live, {} watching; {} have seen bundle version {}",
+            p.clients, p.watchers, p.acked, p.version
+        );
+        if p.anonymous_watchers > 0 {
+            println!(
+                "anonymous watchers (not counted by the activation gate): {}",
+                p.anonymous_watchers
+            );
+        }
+        if !p.other_replicas.is_empty() {
+            println!(
+                "counted with the reports of replicas: {}",
+                p.other_replicas.join(", ")
+            );
+        }
+    }
+    for w in &s.warnings {
+        println!("WARNING: {w}");
+    }
+    match &s.next_step_at {
+        Some(at) => println!("next: {} (safe from {at})", s.next_step),
+        None => println!("next: {}", s.next_step),
+    }
 }

@@ -679,6 +679,7 @@ impl Metrics {
         self.audit_refusals_folded.inc();
     }
 
+    /// Sets the issuer's expiry (Unix seconds).
     pub fn set_issuer_expiry(&self, unix: u64) {
         self.issuer_expiry.set(unix as i64);
     }
@@ -698,7 +699,6 @@ impl Metrics {
     }
 }
 
-/// Decrements the in-flight gauge on drop.
 /// Decrements an open-connections gauge on drop.
 #[derive(Debug)]
 pub struct OpenGuard(Gauge);
@@ -709,6 +709,7 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Decrements the in-flight gauge on drop.
 pub struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {

@@ -89,6 +89,9 @@ pub struct TrustManager {
 /// Test hook: `MESHCA_FAILPOINT=before-commit:<step>` or
 /// `after-commit:<step>` makes the process SIGKILL itself at that point, so
 /// the crash-resume tests kill a real server exactly around the state write.
+// The process is about to SIGKILL itself, so the line must reach stderr
+// synchronously (a tracing writer thread would never flush it).
+#[allow(clippy::print_stderr)]
 fn failpoint(stage: &str, step: &str) {
     let Ok(v) = std::env::var("MESHCA_FAILPOINT") else {
         return;

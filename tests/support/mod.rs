@@ -2,6 +2,9 @@
 //! data directory's development signer (and with deliberately wrong keys),
 //! CSR builders, and independent chain validation with `openssl verify`.
 #![allow(dead_code)]
+// Test helpers: a failed unwrap is a failed test (clippy.toml allows unwrap
+// only inside #[test] functions, not in the helpers they call).
+#![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
