@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 
 use crate::audit::{self, note::NoteVerifier, query, store::SqliteStore};
-use crate::cli::Output;
+use crate::cli::output::{print_json, Output};
 
 /// Auditor commands.
 #[derive(Debug, Subcommand)]
@@ -121,16 +121,8 @@ fn verifier(data_dir: &Path, key: Option<String>) -> Result<NoteVerifier, String
     NoteVerifier::parse(&text)
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<(), String> {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
-    );
-    Ok(())
-}
-
 /// Runs an audit command.
-pub fn run(cmd: AuditCommand) -> Result<(), String> {
+pub(crate) fn run(cmd: AuditCommand) -> Result<(), String> {
     match cmd {
         AuditCommand::List {
             identity,
@@ -143,215 +135,37 @@ pub fn run(cmd: AuditCommand) -> Result<(), String> {
             output,
         } => {
             let now = std::time::SystemTime::now();
+            let time =
+                |t: Option<String>| t.as_deref().map(|s| query::parse_time(s, now)).transpose();
             let f = audit::store::Filter {
                 identity,
                 namespace,
                 result,
-                since_ms: since
-                    .as_deref()
-                    .map(|s| query::parse_time(s, now))
-                    .transpose()?,
-                until_ms: until
-                    .as_deref()
-                    .map(|s| query::parse_time(s, now))
-                    .transpose()?,
+                since_ms: time(since)?,
+                until_ms: time(until)?,
                 limit,
                 before_index: None,
             };
-            let rows = query::list(&open(&data_dir)?, &f)?;
-            match output {
-                Output::Json => {
-                    for r in rows {
-                        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
-                    }
-                }
-                Output::Table => {
-                    println!(
-                        "{:>7}  {:<24}  {:<7}  {:<24}  {:<8}  {:<20}  SERIAL",
-                        "INDEX", "TIME", "API", "IDENTITY", "RESULT", "REASON"
-                    );
-                    for r in &rows {
-                        let e = &r.entry;
-                        println!(
-                            "{:>7}  {:<24}  {:<7}  {:<24}  {:<8}  {:<20}  {}",
-                            r.index,
-                            e.time.get(..24).unwrap_or(&e.time),
-                            e.api.as_deref().unwrap_or("-"),
-                            e.identity(),
-                            e.result,
-                            e.reason,
-                            e.serial.as_deref().unwrap_or("-")
-                        );
-                    }
-                    println!("{} entries", rows.len());
-                }
-            }
-            Ok(())
+            list(&data_dir, &f, output)
         }
         AuditCommand::Show {
             what,
             data_dir,
             output,
-        } => {
-            let serial = if Path::new(&what).exists() {
-                let pem = std::fs::read(&what).map_err(|e| format!("{what}: {e}"))?;
-                let der = crate::ca::pem_to_certs(&pem)?.swap_remove(0);
-                let (_, x) =
-                    x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
-                hex::encode(x.raw_serial())
-            } else {
-                what
-            };
-            let shown = query::show(&open(&data_dir)?, &serial)?;
-            match output {
-                Output::Json => print_json(&shown),
-                Output::Table => {
-                    let e = &shown.entry;
-                    println!("entry {}  ({} {})", shown.index, e.result, e.reason);
-                    println!("  time        {}", e.time);
-                    println!("  api         {}", e.api.as_deref().unwrap_or("-"));
-                    println!(
-                        "  identity    {}  (auth: {})",
-                        e.identity(),
-                        e.auth_method.as_deref().unwrap_or("-")
-                    );
-                    println!("  pod         {}", e.pod_name.as_deref().unwrap_or("-"));
-                    println!("  serial      {}", e.serial.as_deref().unwrap_or("-"));
-                    for s in &e.sans {
-                        println!("  san         {s}");
-                    }
-                    println!(
-                        "  validity    {} .. {}",
-                        e.not_before.as_deref().unwrap_or("-"),
-                        e.not_after.as_deref().unwrap_or("-")
-                    );
-                    println!("  leaf sha256 {}", e.leaf_sha256.as_deref().unwrap_or("-"));
-                    println!(
-                        "  issuer      {}",
-                        e.issuer_fingerprint.as_deref().unwrap_or("-")
-                    );
-                    println!("  leaf hash   {}", shown.leaf_hash);
-                    match shown.tree_size {
-                        Some(n) => println!(
-                            "  inclusion   {} hashes, against the checkpoint of size {n}: {}",
-                            shown.inclusion_proof.len(),
-                            if shown.proof_verified {
-                                "verifies"
-                            } else {
-                                "DOES NOT VERIFY"
-                            }
-                        ),
-                        None => println!("  inclusion   no checkpoint covers this entry yet"),
-                    }
-                    Ok(())
-                }
-            }
-        }
+        } => show(&what, &data_dir, output),
         AuditCommand::Verify {
             data_dir,
             export,
             public_key,
             output,
-        } => {
-            // Without an export, the log must exist before its key is read,
-            // so a wrong directory says so rather than a raw OS error.
-            let store = match &export {
-                Some(_) => None,
-                None => Some(open(&data_dir)?),
-            };
-            let v = verifier(&data_dir, public_key)?;
-            let progress = |n: u64| eprint!("\rchecking: {n} entries read");
-            let report = match (&export, &store) {
-                (Some(f), _) => {
-                    let file =
-                        std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
-                    query::verify_export(&mut std::io::BufReader::new(file), &v, progress)
-                }
-                (None, Some(store)) => query::verify_store(store, &v, progress),
-                (None, None) => unreachable!("opened above"),
-            };
-            // Erase the progress line: the verdict follows on its own.
-            eprint!("\r{:60}\r", "");
-            let report = report.map_err(|e| format!("VERIFICATION FAILED: {e}"))?;
-            match output {
-                Output::Json => print_json(&report),
-                Output::Table => {
-                    println!("audit log OK");
-                    println!("  entries              {}", report.entries);
-                    println!("  checkpoints          {} (all signatures verify, each consistent with the next)", report.checkpoints);
-                    println!(
-                        "  latest checkpoint    size {}",
-                        report.latest_checkpoint_size
-                    );
-                    println!("  not yet checkpointed {}", report.unsigned_tail);
-                    println!("  root                 {}", report.root);
-                    Ok(())
-                }
-            }
-        }
+        } => verify(&data_dir, export.as_deref(), public_key, output),
         AuditCommand::Prove {
             from,
             to,
             data_dir,
             output,
-        } => {
-            let p = query::prove(&open(&data_dir)?, from, to)?;
-            match output {
-                Output::Json => print_json(&p),
-                Output::Table => {
-                    println!(
-                        "consistency {} -> {}: {}",
-                        p.from,
-                        p.to,
-                        if p.proof_verified {
-                            "verifies"
-                        } else {
-                            "DOES NOT VERIFY"
-                        }
-                    );
-                    println!(
-                        "  root at {:<8} {}{}",
-                        p.from,
-                        p.from_root,
-                        if p.from_checkpoint.is_some() {
-                            "  (signed checkpoint)"
-                        } else {
-                            ""
-                        }
-                    );
-                    println!(
-                        "  root at {:<8} {}{}",
-                        p.to,
-                        p.to_root,
-                        if p.to_checkpoint.is_some() {
-                            "  (signed checkpoint)"
-                        } else {
-                            ""
-                        }
-                    );
-                    for h in &p.proof {
-                        println!("  proof    {h}");
-                    }
-                    Ok(())
-                }
-            }
-        }
-        AuditCommand::Export { data_dir, out } => {
-            let store = open(&data_dir)?;
-            let key = std::fs::read_to_string(data_dir.join(audit::PUB_FILE))
-                .map_err(|e| e.to_string())?;
-            let n = match out {
-                Some(p) => {
-                    let mut f = std::io::BufWriter::new(
-                        std::fs::File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?,
-                    );
-                    query::export(&store, key.trim(), &mut f)?
-                }
-                None => query::export(&store, key.trim(), &mut std::io::stdout().lock())?,
-            };
-            eprintln!("exported {n} entries");
-            Ok(())
-        }
+        } => prove(&data_dir, from, to, output),
+        AuditCommand::Export { data_dir, out } => export(&data_dir, out.as_deref()),
         AuditCommand::Key { data_dir } => {
             let p = data_dir.join(audit::PUB_FILE);
             print!(
@@ -361,4 +175,184 @@ pub fn run(cmd: AuditCommand) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// `audit list`: a table, or one JSON object per line.
+fn list(data_dir: &Path, f: &audit::store::Filter, output: Output) -> Result<(), String> {
+    let rows = query::list(&open(data_dir)?, f)?;
+    match output {
+        Output::Json => {
+            for r in rows {
+                println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+            }
+        }
+        Output::Table => {
+            println!(
+                "{:>7}  {:<24}  {:<7}  {:<24}  {:<8}  {:<20}  SERIAL",
+                "INDEX", "TIME", "API", "IDENTITY", "RESULT", "REASON"
+            );
+            for r in &rows {
+                let e = &r.entry;
+                println!(
+                    "{:>7}  {:<24}  {:<7}  {:<24}  {:<8}  {:<20}  {}",
+                    r.index,
+                    e.time.get(..24).unwrap_or(&e.time),
+                    e.api.as_deref().unwrap_or("-"),
+                    e.identity(),
+                    e.result,
+                    e.reason,
+                    e.serial.as_deref().unwrap_or("-")
+                );
+            }
+            println!("{} entries", rows.len());
+        }
+    }
+    Ok(())
+}
+
+/// `audit show`: `what` is a serial in hex, or a PEM certificate file.
+fn show(what: &str, data_dir: &Path, output: Output) -> Result<(), String> {
+    let serial = if Path::new(what).exists() {
+        let pem = std::fs::read(what).map_err(|e| format!("{what}: {e}"))?;
+        let der = crate::ca::pem_to_certs(&pem)?.swap_remove(0);
+        let (_, x) = x509_parser::parse_x509_certificate(&der).map_err(|e| e.to_string())?;
+        hex::encode(x.raw_serial())
+    } else {
+        what.to_string()
+    };
+    let shown = query::show(&open(data_dir)?, &serial)?;
+    if output == Output::Json {
+        return print_json(&shown);
+    }
+    let e = &shown.entry;
+    let or_dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_string();
+    println!("entry {}  ({} {})", shown.index, e.result, e.reason);
+    println!("  time        {}", e.time);
+    println!("  api         {}", or_dash(&e.api));
+    println!(
+        "  identity    {}  (auth: {})",
+        e.identity(),
+        or_dash(&e.auth_method)
+    );
+    println!("  pod         {}", or_dash(&e.pod_name));
+    println!("  serial      {}", or_dash(&e.serial));
+    for s in &e.sans {
+        println!("  san         {s}");
+    }
+    println!(
+        "  validity    {} .. {}",
+        or_dash(&e.not_before),
+        or_dash(&e.not_after)
+    );
+    println!("  leaf sha256 {}", or_dash(&e.leaf_sha256));
+    println!("  issuer      {}", or_dash(&e.issuer_fingerprint));
+    println!("  leaf hash   {}", shown.leaf_hash);
+    match shown.tree_size {
+        Some(n) => println!(
+            "  inclusion   {} hashes, against the checkpoint of size {n}: {}",
+            shown.inclusion_proof.len(),
+            verdict(shown.proof_verified)
+        ),
+        None => println!("  inclusion   no checkpoint covers this entry yet"),
+    }
+    Ok(())
+}
+
+fn verdict(verified: bool) -> &'static str {
+    if verified {
+        "verifies"
+    } else {
+        "DOES NOT VERIFY"
+    }
+}
+
+/// `audit verify`: the data directory's log, or an export (offline).
+fn verify(
+    data_dir: &Path,
+    export: Option<&Path>,
+    public_key: Option<String>,
+    output: Output,
+) -> Result<(), String> {
+    let progress = |n: u64| eprint!("\rchecking: {n} entries read");
+    let report = match export {
+        Some(f) => {
+            let v = verifier(data_dir, public_key)?;
+            let file = std::fs::File::open(f).map_err(|e| format!("{}: {e}", f.display()))?;
+            query::verify_export(&mut std::io::BufReader::new(file), &v, progress)
+        }
+        None => {
+            // The log must exist before its key is read, so a wrong
+            // directory says so rather than a raw OS error.
+            let store = open(data_dir)?;
+            let v = verifier(data_dir, public_key)?;
+            query::verify_store(&store, &v, progress)
+        }
+    };
+    // Erase the progress line: the verdict follows on its own.
+    eprint!("\r{:60}\r", "");
+    let report = report.map_err(|e| format!("VERIFICATION FAILED: {e}"))?;
+    if output == Output::Json {
+        return print_json(&report);
+    }
+    println!("audit log OK");
+    println!("  entries              {}", report.entries);
+    println!(
+        "  checkpoints          {} (all signatures verify, each consistent with the next)",
+        report.checkpoints
+    );
+    println!(
+        "  latest checkpoint    size {}",
+        report.latest_checkpoint_size
+    );
+    println!("  not yet checkpointed {}", report.unsigned_tail);
+    println!("  root                 {}", report.root);
+    Ok(())
+}
+
+/// `audit prove`: the consistency proof between two tree sizes.
+fn prove(data_dir: &Path, from: u64, to: u64, output: Output) -> Result<(), String> {
+    let p = query::prove(&open(data_dir)?, from, to)?;
+    if output == Output::Json {
+        return print_json(&p);
+    }
+    let signed = |c: bool| if c { "  (signed checkpoint)" } else { "" };
+    println!(
+        "consistency {} -> {}: {}",
+        p.from,
+        p.to,
+        verdict(p.proof_verified)
+    );
+    println!(
+        "  root at {:<8} {}{}",
+        p.from,
+        p.from_root,
+        signed(p.from_checkpoint.is_some())
+    );
+    println!(
+        "  root at {:<8} {}{}",
+        p.to,
+        p.to_root,
+        signed(p.to_checkpoint.is_some())
+    );
+    for h in &p.proof {
+        println!("  proof    {h}");
+    }
+    Ok(())
+}
+
+/// `audit export`: every entry and checkpoint as JSON lines, to a file or stdout.
+fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), String> {
+    let store = open(data_dir)?;
+    let key = std::fs::read_to_string(data_dir.join(audit::PUB_FILE)).map_err(|e| e.to_string())?;
+    let n = match out {
+        Some(p) => {
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            );
+            query::export(&store, key.trim(), &mut f)?
+        }
+        None => query::export(&store, key.trim(), &mut std::io::stdout().lock())?,
+    };
+    eprintln!("exported {n} entries");
+    Ok(())
 }

@@ -110,101 +110,106 @@ pub struct BenchReport {
 }
 
 /// Runs the benchmark and prints the report.
-pub async fn run(args: BenchArgs) -> Result<(), String> {
+pub(crate) async fn run(args: BenchArgs) -> Result<(), String> {
     let report = match args.audit {
         AuditMode::On => measure(&args, true).await?,
         AuditMode::Off => measure(&args, false).await?,
-        AuditMode::Both => {
-            let mut pairs = Vec::new();
-            for round in 0..args.rounds.max(1) {
-                let off = measure(&args, false).await?;
-                let on = measure(&args, true).await?;
-                let ratio =
-                    on.certificates_per_second / off.certificates_per_second.max(f64::MIN_POSITIVE);
-                if args.rounds > 1 {
-                    eprintln!(
-                        "round {}/{}: off {:.1}/s, on {:.1}/s, on/off {ratio:.2}",
-                        round + 1,
-                        args.rounds,
-                        off.certificates_per_second,
-                        on.certificates_per_second
-                    );
-                }
-                pairs.push((ratio, off, on));
-            }
-            // The median pair by ratio; its figures are the ones reported.
-            let ratios: Vec<f64> = pairs.iter().map(|p| p.0).collect();
-            pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let (ratio, off, mut on) = pairs.swap_remove(pairs.len() / 2);
-            on.audit_off_certificates_per_second = Some(off.certificates_per_second);
-            on.audit_throughput_ratio = Some(ratio);
-            if ratios.len() > 1 {
-                on.audit_round_ratios = ratios;
-            }
-            on
-        }
+        AuditMode::Both => audit_both(&args).await?,
     };
     match args.output {
         Output::Json => println!(
             "{}",
             serde_json::to_string(&report).map_err(|e| e.to_string())?
         ),
-        Output::Table => {
-            println!(
-                "meshca bench: {} clients over TLS for {:.1}s on {} cores",
-                report.clients, report.duration_s, report.cores
-            );
-            println!(
-                "  certificates/s        {:>10.1}",
-                report.certificates_per_second
-            );
-            println!("  p50 latency           {:>10.2} ms", report.p50_ms);
-            println!("  p99 latency           {:>10.2} ms", report.p99_ms);
-            println!("  max latency           {:>10.2} ms", report.max_ms);
-            println!(
-                "  requests / errors     {:>10} / {}",
-                report.requests, report.errors
-            );
-            println!(
-                "  crypto floor / core   {:>10.1} /s",
-                report.crypto_floor_per_core
-            );
-            println!(
-                "  crypto floor          {:>10.1} /s",
-                report.crypto_floor_per_second
-            );
-            println!("  ratio to floor        {:>10.2}", report.ratio_to_floor);
-            println!(
-                "  audit log             {:>10}",
-                if report.audit { "on" } else { "off" }
-            );
-            if let Some(n) = report.audit_entries {
-                println!("  audit entries         {n:>10}");
-            }
-            if let Some(b) = report.audit_bytes_per_entry {
-                println!("  audit bytes/entry     {b:>10.0}");
-            }
-            if let (Some(off), Some(r)) = (
-                report.audit_off_certificates_per_second,
-                report.audit_throughput_ratio,
-            ) {
-                println!("  certificates/s, off   {off:>10.1}");
-                println!("  on / off              {r:>10.2}");
-                if !report.audit_round_ratios.is_empty() {
-                    let all: Vec<String> = report
-                        .audit_round_ratios
-                        .iter()
-                        .map(|r| format!("{r:.2}"))
-                        .collect();
-                    println!(
-                        "  on / off per round    {} (median reported)",
-                        all.join(" ")
-                    );
-                }
-            }
-        }
+        Output::Table => print_table(&report),
     }
     Ok(())
+}
+
+/// `--audit both`: alternates off/on pairs and reports the median pair by
+/// its on/off ratio.
+async fn audit_both(args: &BenchArgs) -> Result<BenchReport, String> {
+    let mut pairs = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        let off = measure(args, false).await?;
+        let on = measure(args, true).await?;
+        let ratio = on.certificates_per_second / off.certificates_per_second.max(f64::MIN_POSITIVE);
+        if args.rounds > 1 {
+            eprintln!(
+                "round {}/{}: off {:.1}/s, on {:.1}/s, on/off {ratio:.2}",
+                round + 1,
+                args.rounds,
+                off.certificates_per_second,
+                on.certificates_per_second
+            );
+        }
+        pairs.push((ratio, off, on));
+    }
+    // The median pair by ratio; its figures are the ones reported.
+    let ratios: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (ratio, off, mut on) = pairs.swap_remove(pairs.len() / 2);
+    on.audit_off_certificates_per_second = Some(off.certificates_per_second);
+    on.audit_throughput_ratio = Some(ratio);
+    if ratios.len() > 1 {
+        on.audit_round_ratios = ratios;
+    }
+    Ok(on)
+}
+
+fn print_table(report: &BenchReport) {
+    println!(
+        "meshca bench: {} clients over TLS for {:.1}s on {} cores",
+        report.clients, report.duration_s, report.cores
+    );
+    println!(
+        "  certificates/s        {:>10.1}",
+        report.certificates_per_second
+    );
+    println!("  p50 latency           {:>10.2} ms", report.p50_ms);
+    println!("  p99 latency           {:>10.2} ms", report.p99_ms);
+    println!("  max latency           {:>10.2} ms", report.max_ms);
+    println!(
+        "  requests / errors     {:>10} / {}",
+        report.requests, report.errors
+    );
+    println!(
+        "  crypto floor / core   {:>10.1} /s",
+        report.crypto_floor_per_core
+    );
+    println!(
+        "  crypto floor          {:>10.1} /s",
+        report.crypto_floor_per_second
+    );
+    println!("  ratio to floor        {:>10.2}", report.ratio_to_floor);
+    println!(
+        "  audit log             {:>10}",
+        if report.audit { "on" } else { "off" }
+    );
+    if let Some(n) = report.audit_entries {
+        println!("  audit entries         {n:>10}");
+    }
+    if let Some(b) = report.audit_bytes_per_entry {
+        println!("  audit bytes/entry     {b:>10.0}");
+    }
+    if let (Some(off), Some(r)) = (
+        report.audit_off_certificates_per_second,
+        report.audit_throughput_ratio,
+    ) {
+        println!("  certificates/s, off   {off:>10.1}");
+        println!("  on / off              {r:>10.2}");
+        if !report.audit_round_ratios.is_empty() {
+            let all: Vec<String> = report
+                .audit_round_ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect();
+            println!(
+                "  on / off per round    {} (median reported)",
+                all.join(" ")
+            );
+        }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -215,8 +220,14 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+/// One client's pre-made inputs: its identity, a token, and CSRs to cycle.
+type ClientInput = (Workload, String, Vec<Vec<u8>>);
+
+/// Latencies of the successful requests, and the count of failed ones.
+type LoadResult = (Vec<Duration>, u64);
+
 /// Runs the benchmark and returns the figures.
-pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, String> {
+async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cfg = ServeConfig::for_tests(dir.path().to_path_buf());
     // The benchmark measures the issuance path, not the abuse limiter.
@@ -233,13 +244,60 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
             .map_err(|e| e.to_string())?,
     )?;
     let bundle_pem = data.bundle_pem().map_err(|e| e.to_string())?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let inputs = client_inputs(&signer, args.clients.max(1))?;
+    let floor_per_core = crypto_floor(
+        &signer,
+        running.ca.clone(),
+        &inputs[0],
+        args.floor_duration.0,
+    )
+    .await?;
+
+    // Load: each client on its own TLS connection, back to back.
+    let addr = running.grpc_addr.to_string();
+    let mut channels = Vec::new();
+    for _ in 0..inputs.len() {
+        channels.push(client::connect(&addr, &bundle_pem, &running.server_name, None).await?);
+    }
+    let started = Instant::now();
+    let (mut all, errors) = load(inputs, channels, started + args.duration.0).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let audit_log = running.audit.clone();
+    running.shutdown().await;
+    let (audit_entries, audit_bytes_per_entry) = audit_figures(audit_log.as_ref())?;
+    all.sort();
+    let rate = all.len() as f64 / elapsed;
+    let floor = floor_per_core * cores as f64;
+    Ok(BenchReport {
+        clients: args.clients,
+        cores,
+        requests: all.len() as u64,
+        errors,
+        duration_s: elapsed,
+        certificates_per_second: rate,
+        p50_ms: percentile(&all, 0.50),
+        p99_ms: percentile(&all, 0.99),
+        max_ms: all.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        crypto_floor_per_second: floor,
+        crypto_floor_per_core: floor_per_core,
+        ratio_to_floor: if floor > 0.0 { rate / floor } else { 0.0 },
+        audit,
+        audit_off_certificates_per_second: None,
+        audit_throughput_ratio: None,
+        audit_entries,
+        audit_bytes_per_entry,
+        audit_round_ratios: Vec::new(),
+    })
+}
+
+/// Pre-made tokens and CSRs, one identity per client, so the load phase
+/// measures the server and not the client's key generation.
+fn client_inputs(signer: &DevSigner, clients: usize) -> Result<Vec<ClientInput>, String> {
     let audience = Audiences::default().native;
     let now = SystemTime::now();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-
-    // Pre-made tokens and CSRs (one identity per client).
     let mut inputs = Vec::new();
-    for i in 0..args.clients.max(1) {
+    for i in 0..clients {
         let w = Workload::new("bench", &format!("client-{i}")).map_err(|e| e.to_string())?;
         let token = signer.mint(
             &TokenSpec {
@@ -256,50 +314,56 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
             .collect::<Result<_, _>>()?;
         inputs.push((w, token, csrs));
     }
+    Ok(inputs)
+}
 
-    // Crypto floor: the unavoidable work, on one core, in this process.
-    let floor_per_core = {
-        let verifier = JwksVerifier::new(
-            JwksSource::Static(signer.jwks().to_string()),
-            vec![DEV_ISSUER.into()],
-            Arc::new(SystemClock),
-            false,
-            Method::DevKey,
-        )
-        .await?;
-        let ca = running.ca.clone();
-        let (w, token, csrs) = inputs[0].clone();
-        let dur = args.floor_duration.0;
-        tokio::task::spawn_blocking(move || {
-            // A private single-threaded runtime: the loop runs on one core.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .build()
-                .map_err(|e| e.to_string())?;
-            let start = Instant::now();
-            let mut n = 0u64;
-            while start.elapsed() < dur {
-                match rt.block_on(verifier.verify(&token, &audience)) {
-                    Verdict::Authenticated(_) => {}
-                    other => return Err(format!("floor: token did not verify: {other:?}")),
-                }
-                ca.issue(&w, &csrs[n as usize % csrs.len()], None)
-                    .map_err(|e| format!("floor: {e}"))?;
-                n += 1;
+/// The crypto floor: one core's rate of the unavoidable work (verify the
+/// token, verify the CSR and sign the leaf), in this process.
+async fn crypto_floor(
+    signer: &DevSigner,
+    ca: Arc<crate::ca::Authority>,
+    input: &ClientInput,
+    dur: Duration,
+) -> Result<f64, String> {
+    let verifier = JwksVerifier::new(
+        JwksSource::Static(signer.jwks().to_string()),
+        vec![DEV_ISSUER.into()],
+        Arc::new(SystemClock),
+        false,
+        Method::DevKey,
+    )
+    .await?;
+    let audience = Audiences::default().native;
+    let (w, token, csrs) = input.clone();
+    tokio::task::spawn_blocking(move || {
+        // A private single-threaded runtime: the loop runs on one core.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < dur {
+            match rt.block_on(verifier.verify(&token, &audience)) {
+                Verdict::Authenticated(_) => {}
+                other => return Err(format!("floor: token did not verify: {other:?}")),
             }
-            Ok(n as f64 / start.elapsed().as_secs_f64())
-        })
-        .await
-        .map_err(|e| e.to_string())??
-    };
+            ca.issue(&w, &csrs[n as usize % csrs.len()], None)
+                .map_err(|e| format!("floor: {e}"))?;
+            n += 1;
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
 
-    // Load: each client on its own TLS connection, back to back.
-    let addr = running.grpc_addr.to_string();
-    let mut channels = Vec::new();
-    for _ in 0..inputs.len() {
-        channels.push(client::connect(&addr, &bundle_pem, &running.server_name, None).await?);
-    }
-    let deadline = Instant::now() + args.duration.0;
-    let started = Instant::now();
+/// Drives every client back to back until `deadline`; returns all
+/// latencies (unsorted) and the error count.
+async fn load(
+    inputs: Vec<ClientInput>,
+    channels: Vec<tonic::transport::Channel>,
+    deadline: Instant,
+) -> Result<LoadResult, String> {
     let mut tasks = Vec::new();
     for ((_, token, csrs), ch) in inputs.into_iter().zip(channels) {
         tasks.push(tokio::spawn(async move {
@@ -332,50 +396,27 @@ pub async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, Strin
         all.extend(l);
         errors += e;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let audit_log = running.audit.clone();
-    running.shutdown().await;
-    let audit_entries = match &audit_log {
-        Some(log) => Some(
-            crate::audit::store::SqliteStore::open_read_only(log.db_path())
-                .and_then(|s| crate::audit::store::AuditStore::count(&s))?,
-        ),
-        None => None,
+    Ok((all, errors))
+}
+
+/// Entries in the audit log after the run, and bytes per entry counting
+/// the database plus whatever is still in the WAL (what the volume holds).
+fn audit_figures(
+    log: Option<&crate::audit::AuditLog>,
+) -> Result<(Option<u64>, Option<f64>), String> {
+    let Some(log) = log else {
+        return Ok((None, None));
     };
-    // Database plus whatever is still in the WAL: what the volume holds.
-    let audit_bytes_per_entry = match (&audit_log, audit_entries) {
-        (Some(log), Some(n)) if n > 0 => {
-            let mut wal = log.db_path().as_os_str().to_owned();
-            wal.push("-wal");
-            let bytes: u64 = [log.db_path().to_path_buf(), std::path::PathBuf::from(wal)]
-                .iter()
-                .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
-                .sum();
-            Some(bytes as f64 / n as f64)
-        }
-        _ => None,
-    };
-    all.sort();
-    let rate = all.len() as f64 / elapsed;
-    let floor = floor_per_core * cores as f64;
-    Ok(BenchReport {
-        clients: args.clients,
-        cores,
-        requests: all.len() as u64,
-        errors,
-        duration_s: elapsed,
-        certificates_per_second: rate,
-        p50_ms: percentile(&all, 0.50),
-        p99_ms: percentile(&all, 0.99),
-        max_ms: all.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
-        crypto_floor_per_second: floor,
-        crypto_floor_per_core: floor_per_core,
-        ratio_to_floor: if floor > 0.0 { rate / floor } else { 0.0 },
-        audit,
-        audit_off_certificates_per_second: None,
-        audit_throughput_ratio: None,
-        audit_entries,
-        audit_bytes_per_entry,
-        audit_round_ratios: Vec::new(),
-    })
+    let n = crate::audit::store::SqliteStore::open_read_only(log.db_path())
+        .and_then(|s| crate::audit::store::AuditStore::count(&s))?;
+    if n == 0 {
+        return Ok((Some(0), None));
+    }
+    let mut wal = log.db_path().as_os_str().to_owned();
+    wal.push("-wal");
+    let bytes: u64 = [log.db_path().to_path_buf(), std::path::PathBuf::from(wal)]
+        .iter()
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+        .sum();
+    Ok((Some(n), Some(bytes as f64 / n as f64)))
 }
