@@ -170,3 +170,303 @@ fn architecture_doc_shows_the_module_graph_the_code_has() {
         "docs/architecture.md's module graph is out of date; replace its mermaid block with:\n\n{want}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Function length: a function should fit on a screen or two. The check reads
+// the source text (comments, strings and char literals blanked out first, so
+// a brace inside them does not count) and measures each `fn` from the line
+// that names it to the line of its closing brace.
+
+/// The longest a function in `src/` may be, in lines (signature line to
+/// closing brace, doc comments and attributes not counted).
+const MAX_FN_LINES: usize = 120;
+
+/// Functions allowed to be longer, as (file under `src/`, function name),
+/// each with a comment saying why. A name covers every function of that name
+/// in the file. Only declarative tables belong here for good; a
+/// "TODO(issue 12)" entry is a function its owner is still splitting. An
+/// entry that is no longer needed fails the test, so the list cannot go stale.
+const LONG_FN_ALLOWED: &[(&str, &str)] = &[
+    // Declarative: one `registry.register(name, help, instrument)` per metric.
+    ("metrics/mod.rs", "new"),
+    // Declarative: one `add(verbs, group, resource, …, why)` per permission.
+    ("kubernetes/rbac.rs", "needs"),
+    // TODO(issue 12): being split into named steps (engineer "server").
+    ("server/mod.rs", "start"),
+    // TODO(issue 12): being split (engineer "server").
+    ("server/mod.rs", "build_authenticator"),
+    // TODO(issue 12): being split (engineer "server", per-domain settings).
+    ("config/mod.rs", "resolve_detected"),
+    // TODO(issue 12): the audit writer loop, to be split.
+    ("audit/mod.rs", "writer"),
+    // TODO(issue 12): the rotation state machine's transitions, to be split.
+    ("trust/rotation.rs", "apply"),
+];
+
+/// `text` with comments and the contents of string and char literals
+/// replaced by spaces (newlines kept, so line numbers stay right).
+fn code_only(text: &str) -> String {
+    let c: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len());
+    let blank = |ch: char| if ch == '\n' { '\n' } else { ' ' };
+    let ident = |ch: char| ch.is_alphanumeric() || ch == '_';
+    let mut i = 0;
+    while i < c.len() {
+        let prev_ident = i > 0 && ident(c[i - 1]);
+        // Line comment.
+        if c[i] == '/' && c.get(i + 1) == Some(&'/') {
+            while i < c.len() && c[i] != '\n' {
+                out.push(' ');
+                i += 1;
+            }
+            continue;
+        }
+        // Block comment (they nest in Rust).
+        if c[i] == '/' && c.get(i + 1) == Some(&'*') {
+            let mut depth = 0;
+            while i < c.len() {
+                if c[i] == '/' && c.get(i + 1) == Some(&'*') {
+                    depth += 1;
+                    out.push_str("  ");
+                    i += 2;
+                } else if c[i] == '*' && c.get(i + 1) == Some(&'/') {
+                    depth -= 1;
+                    out.push_str("  ");
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    out.push(blank(c[i]));
+                    i += 1;
+                }
+            }
+            continue;
+        }
+        // Raw string: r"…", r#"…"#, br#"…"#.
+        if c[i] == 'r' && (!prev_ident || (i > 0 && c[i - 1] == 'b' && (i < 2 || !ident(c[i - 2]))))
+        {
+            let mut j = i + 1;
+            while c.get(j) == Some(&'#') {
+                j += 1;
+            }
+            if c.get(j) == Some(&'"') {
+                let hashes = j - i - 1;
+                for _ in i..=j {
+                    out.push(' ');
+                }
+                i = j + 1;
+                while i < c.len() {
+                    if c[i] == '"' && (1..=hashes).all(|k| c.get(i + k) == Some(&'#')) {
+                        for _ in 0..=hashes {
+                            out.push(' ');
+                        }
+                        i += hashes + 1;
+                        break;
+                    }
+                    out.push(blank(c[i]));
+                    i += 1;
+                }
+                continue;
+            }
+        }
+        // String (or byte string).
+        if c[i] == '"' {
+            out.push(' ');
+            i += 1;
+            while i < c.len() && c[i] != '"' {
+                if c[i] == '\\' {
+                    out.push(' ');
+                    i += 1;
+                }
+                if i < c.len() {
+                    out.push(blank(c[i]));
+                    i += 1;
+                }
+            }
+            out.push(' ');
+            i += 1;
+            continue;
+        }
+        // Char literal ('x', '\n', '\u{7b}'); a lifetime ('a) is left alone.
+        if c[i] == '\'' {
+            let end = if c.get(i + 1) == Some(&'\\') {
+                (i + 2..c.len()).find(|&j| c[j] == '\'')
+            } else if c.get(i + 2) == Some(&'\'') {
+                Some(i + 2)
+            } else {
+                None
+            };
+            if let Some(end) = end {
+                for _ in i..=end {
+                    out.push(' ');
+                }
+                i = end + 1;
+                continue;
+            }
+        }
+        out.push(c[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The function a line declares, if it starts with
+/// `[pub[(…)]] [const] [async] [unsafe] fn name`.
+fn declared_fn(line: &str) -> Option<String> {
+    let mut rest = line.trim_start();
+    loop {
+        if let Some(r) = rest.strip_prefix("pub(") {
+            rest = r.split_once(')')?.1.trim_start();
+        } else if let Some(r) = ["pub ", "const ", "async ", "unsafe ", "default "]
+            .iter()
+            .find_map(|k| rest.strip_prefix(k))
+        {
+            rest = r.trim_start();
+        } else {
+            break;
+        }
+    }
+    let name: String = rest
+        .strip_prefix("fn ")?
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Every function with a body in `text`: (name, first line (1-based), lines).
+fn functions(text: &str) -> Vec<(String, usize, usize)> {
+    let code = code_only(text);
+    let lines: Vec<&str> = code.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(name) = declared_fn(line) else {
+            continue;
+        };
+        // Find the body's opening brace (a `;` outside brackets first means
+        // a declaration without a body), then its matching close.
+        let (mut depth, mut nesting, mut started) = (0usize, 0usize, false);
+        'scan: for (j, l) in lines.iter().enumerate().skip(i) {
+            for ch in l.chars() {
+                match ch {
+                    '(' | '[' if !started => nesting += 1,
+                    ')' | ']' if !started => nesting = nesting.saturating_sub(1),
+                    ';' if !started && nesting == 0 => break 'scan,
+                    '{' => {
+                        depth += 1;
+                        started = true;
+                    }
+                    '}' if started => {
+                        depth -= 1;
+                        if depth == 0 {
+                            out.push((name.clone(), i + 1, j - i + 1));
+                            break 'scan;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Every function in `src/` longer than `MAX_FN_LINES`:
+/// (file under src/, name, first line, lines).
+fn long_functions() -> Vec<(String, String, usize, usize)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut out = Vec::new();
+    for f in &files {
+        let rel = f
+            .strip_prefix(&src)
+            .expect("under src/")
+            .to_string_lossy()
+            .replace('\\', "/");
+        let text = std::fs::read_to_string(f).expect("read source");
+        for (name, line, len) in functions(&text) {
+            if len > MAX_FN_LINES {
+                out.push((rel.clone(), name, line, len));
+            }
+        }
+    }
+    out.sort_by_key(|f| std::cmp::Reverse(f.3));
+    out
+}
+
+#[test]
+fn the_length_check_measures_bodies_not_braces_in_literals_or_comments() {
+    let text = r##"
+pub(crate) async fn three() {
+    let s = "}}}";
+}
+fn declared(x: [u8; 4]) -> u8;
+fn braces_in_literals<'a>(x: &'a str) -> char {
+    // } a comment brace
+    /* } /* nested } */ still a comment { */
+    let r = r#"}"#;
+    let c = '}';
+    let e = '\'';
+    let b = br"}";
+    if x.is_empty() {
+        c
+    } else {
+        '{'
+    }
+}
+impl X {
+    const fn f(&self) -> [u8; 2] { [0; 2] }
+}
+"##;
+    let got = functions(text);
+    assert_eq!(
+        got,
+        vec![
+            ("three".to_string(), 2, 3),
+            ("braces_in_literals".to_string(), 6, 13),
+            ("f".to_string(), 20, 1),
+        ]
+    );
+    // A function one line over the limit is reported.
+    let body = "    let _ = 1;\n".repeat(MAX_FN_LINES - 1);
+    let long = format!("fn long() {{\n{body}}}\n");
+    assert_eq!(
+        functions(&long),
+        vec![("long".to_string(), 1, MAX_FN_LINES + 1)]
+    );
+}
+
+#[test]
+fn no_function_in_src_is_longer_than_a_screenful_or_two() {
+    let long = long_functions();
+    let allowed = |file: &str, name: &str| {
+        LONG_FN_ALLOWED
+            .iter()
+            .any(|(f, n)| *f == file && *n == name)
+    };
+    let offenders: Vec<String> = long
+        .iter()
+        .filter(|(f, n, _, _)| !allowed(f, n))
+        .map(|(f, n, line, len)| format!("src/{f}:{line} fn {n}: {len} lines"))
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "functions over {MAX_FN_LINES} lines (split them into named steps; only a declarative \
+         table may go in LONG_FN_ALLOWED, with a comment why):\n  {}",
+        offenders.join("\n  ")
+    );
+    let stale: Vec<String> = LONG_FN_ALLOWED
+        .iter()
+        .filter(|(f, n)| !long.iter().any(|(lf, ln, _, _)| lf == f && ln == n))
+        .map(|(f, n)| format!("(\"{f}\", \"{n}\")"))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "LONG_FN_ALLOWED (tests/architecture.rs) lists functions that are now short enough or \
+         gone; delete these entries:\n  {}",
+        stale.join("\n  ")
+    );
+}
