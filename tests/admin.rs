@@ -425,7 +425,8 @@ async fn proofs_are_served_from_subtree_hashes_not_the_whole_log() {
     let tmp = tempfile::tempdir().unwrap();
     let clock: std::sync::Arc<dyn meshca::util::clock::Clock> =
         std::sync::Arc::new(meshca::util::clock::SystemClock);
-    let (log, guard) = AuditLog::open(tmp.path(), "cluster.local", clock).unwrap();
+    let (log, guard) =
+        AuditLog::open(tmp.path(), "cluster.local", clock, Default::default()).unwrap();
     let entry = |i: u64| Entry {
         time: "2026-11-28T07:00:00Z".into(),
         time_unix_ms: 1_795_000_000_000 + i,

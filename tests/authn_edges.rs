@@ -28,9 +28,6 @@ const PODS: &str = "/api/v1/namespaces/shop/pods";
 const SAS: &str = "/api/v1/namespaces/shop/serviceaccounts";
 const POD_REFUSALS: &str = "meshca_token_binding_refusals_total{kind=\"pod\"}";
 
-/// Tests that assert metric deltas run one at a time (one registry per process).
-static METRICS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// The cluster's service-account signing key: (private PEM, kid, JWKS file).
 struct ClusterKey {
     pem: Vec<u8>,
@@ -123,17 +120,9 @@ where
     }
 }
 
-/// A metric's value in the process-wide registry (0 when absent).
-fn metric(name_and_labels: &str) -> f64 {
-    meshca::metrics::global()
-        .render()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .map(|v| v.trim().parse::<f64>().unwrap())
-        })
-        .unwrap_or(0.0)
+/// A sample of `ca`'s own registry (0 when absent).
+fn metric(ca: &Ca, name_and_labels: &str) -> f64 {
+    ca.metric(name_and_labels)
 }
 
 async fn ready(ca: &Ca) -> (u16, String) {
@@ -170,19 +159,18 @@ async fn channel_from(ca: &Ca, local: IpAddr) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_dies_with_its_pod_or_service_account_within_seconds() {
-    let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let Watched {
         api,
         key,
-        ca: _server,
+        ca: server,
         ch,
         token,
     } = jwks_ca_watching_one_pod(dir.path()).await;
     // The watch asked for metadata only: no pod spec crossed the wire.
     assert!(api.metadata_requests.load(Ordering::SeqCst) >= 4);
     assert_eq!(api.full_pod_or_sa_requests.load(Ordering::SeqCst), 0);
-    let pod_refusals = metric(POD_REFUSALS);
+    let pod_refusals = metric(&server, POD_REFUSALS);
 
     // The pod is deleted: its still-unexpired token stops working.
     api.remove(PODS, POD);
@@ -204,11 +192,15 @@ async fn a_token_dies_with_its_pod_or_service_account_within_seconds() {
         e.message()
     );
     eprintln!("a deleted pod's token was refused {took:?} after the deletion");
-    assert_eq!(metric(POD_REFUSALS) - pod_refusals, 1.0, "one per refusal");
+    assert_eq!(
+        metric(&server, POD_REFUSALS) - pod_refusals,
+        1.0,
+        "one per refusal"
+    );
     until_ok(
         "the cache-size gauge follows",
         Duration::from_secs(2),
-        || async { metric("meshca_token_binding_objects{kind=\"pod\"}") == 0.0 },
+        || async { metric(&server, "meshca_token_binding_objects{kind=\"pod\"}") == 0.0 },
     )
     .await;
 
@@ -221,11 +213,14 @@ async fn a_token_dies_with_its_pod_or_service_account_within_seconds() {
         certify_native(&ch, fresh.clone()).await.is_ok()
     })
     .await;
-    let pod_refusals = metric(POD_REFUSALS);
+    let pod_refusals = metric(&server, POD_REFUSALS);
     let e = certify_native(&ch, token.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert_eq!(metric(POD_REFUSALS) - pod_refusals, 1.0);
-    assert_eq!(metric("meshca_token_binding_objects{kind=\"pod\"}"), 1.0);
+    assert_eq!(metric(&server, POD_REFUSALS) - pod_refusals, 1.0);
+    assert_eq!(
+        metric(&server, "meshca_token_binding_objects{kind=\"pod\"}"),
+        1.0
+    );
 
     // The service account is deleted: every token of it dies.
     api.remove(SAS, "web");
@@ -243,14 +238,16 @@ async fn a_token_dies_with_its_pod_or_service_account_within_seconds() {
         e.message()
     );
     assert_eq!(
-        metric("meshca_token_binding_objects{kind=\"serviceaccount\"}"),
+        metric(
+            &server,
+            "meshca_token_binding_objects{kind=\"serviceaccount\"}"
+        ),
         0.0
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn until_the_pod_watch_syncs_tokens_go_to_tokenreview_or_get_unavailable() {
-    let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = kubeapi::start(dir.path()).await;
     let key = cluster_key(dir.path());
@@ -302,7 +299,6 @@ async fn until_the_pod_watch_syncs_tokens_go_to_tokenreview_or_get_unavailable()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_tokenreview_is_not_reused_once_the_pod_is_gone() {
-    let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = kubeapi::start(dir.path()).await;
     let key = cluster_key(dir.path());
@@ -365,7 +361,6 @@ fn legacy_token(key: &ClusterKey) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn legacy_tokens_are_refused_on_the_tokenreview_path_too() {
-    let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = kubeapi::start(dir.path()).await;
     let key = cluster_key(dir.path());
@@ -391,9 +386,15 @@ async fn legacy_tokens_are_refused_on_the_tokenreview_path_too() {
             c.allow_legacy_tokens = allow;
         })
     };
-    let before = metric("meshca_tokenreview_local_refusals_total{reason=\"legacy\"}");
-    let before_jwt = metric("meshca_tokenreview_local_refusals_total{reason=\"not_jwt\"}");
     let ca = start(false).await;
+    let before = metric(
+        &ca,
+        "meshca_tokenreview_local_refusals_total{reason=\"legacy\"}",
+    );
+    let before_jwt = metric(
+        &ca,
+        "meshca_tokenreview_local_refusals_total{reason=\"not_jwt\"}",
+    );
     let ch = ca.channel().await;
     let e = certify_native(&ch, legacy.clone()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
@@ -410,11 +411,17 @@ async fn legacy_tokens_are_refused_on_the_tokenreview_path_too() {
         "refused locally"
     );
     assert_eq!(
-        metric("meshca_tokenreview_local_refusals_total{reason=\"not_jwt\"}") - before_jwt,
+        metric(
+            &ca,
+            "meshca_tokenreview_local_refusals_total{reason=\"not_jwt\"}"
+        ) - before_jwt,
         1.0
     );
     assert_eq!(
-        metric("meshca_tokenreview_local_refusals_total{reason=\"legacy\"}") - before,
+        metric(
+            &ca,
+            "meshca_tokenreview_local_refusals_total{reason=\"legacy\"}"
+        ) - before,
         2.0
     );
 
@@ -429,7 +436,6 @@ async fn legacy_tokens_are_refused_on_the_tokenreview_path_too() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_from_foreign_issuers_never_reach_tokenreview() {
-    let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = kubeapi::start(dir.path()).await;
     let key = cluster_key(dir.path());
@@ -445,7 +451,6 @@ async fn tokens_from_foreign_issuers_never_reach_tokenreview() {
             .unwrap()
             .insert(t.clone(), ("shop".into(), "web".into()));
     }
-    let before_issuer = metric("meshca_tokenreview_local_refusals_total{reason=\"issuer\"}");
     let jwks = key.jwks.clone();
     let ca = Ca::start_with(move |c| {
         c.kubeconfig = Some(kc);
@@ -455,6 +460,10 @@ async fn tokens_from_foreign_issuers_never_reach_tokenreview() {
         c.authn_order = vec![AuthnSource::Jwks, AuthnSource::Tokenreview];
     })
     .await;
+    let before_issuer = metric(
+        &ca,
+        "meshca_tokenreview_local_refusals_total{reason=\"issuer\"}",
+    );
     let ch = ca.channel().await;
     for t in [&foreign, &opaque] {
         let e = certify_native(&ch, t.clone()).await.unwrap_err();
@@ -469,7 +478,10 @@ async fn tokens_from_foreign_issuers_never_reach_tokenreview() {
     );
     assert_eq!(api.token_reviews.load(Ordering::SeqCst), 0);
     assert_eq!(
-        metric("meshca_tokenreview_local_refusals_total{reason=\"issuer\"}") - before_issuer,
+        metric(
+            &ca,
+            "meshca_tokenreview_local_refusals_total{reason=\"issuer\"}"
+        ) - before_issuer,
         2.0
     );
     // The issuer the API server announces is a configured issuer.
@@ -480,7 +492,6 @@ async fn tokens_from_foreign_issuers_never_reach_tokenreview() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_caller_cannot_spend_another_callers_tokenreview_budget() {
-    let _m = METRICS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let (api, kc) = kubeapi::start(dir.path()).await;
     let key = cluster_key(dir.path());
@@ -497,7 +508,7 @@ async fn one_caller_cannot_spend_another_callers_tokenreview_budget() {
         c.tokenreview_burst = 8;
     })
     .await;
-    let before = metric("meshca_tokenreview_throttled_total{scope=\"peer\"}");
+    let before = metric(&ca, "meshca_tokenreview_throttled_total{scope=\"peer\"}");
     // The attacker: plausible tokens (accepted issuer, unexpired, JWT
     // shape), each one different so no cache helps.
     let attacker = channel_from(&ca, "127.0.0.1".parse().unwrap()).await;
@@ -516,7 +527,7 @@ async fn one_caller_cannot_spend_another_callers_tokenreview_budget() {
     assert_eq!(api.token_reviews.load(Ordering::SeqCst), 2);
     assert_eq!(unavailable, 28);
     assert_eq!(
-        metric("meshca_tokenreview_throttled_total{scope=\"peer\"}") - before,
+        metric(&ca, "meshca_tokenreview_throttled_total{scope=\"peer\"}") - before,
         28.0
     );
     // Another caller still gets its valid token reviewed.
@@ -567,7 +578,7 @@ static ALLOC: Counting = Counting;
 /// with a counting allocator.
 #[test]
 fn the_binding_cache_costs_little_memory_per_10000_pods() {
-    let objects = meshca::kubernetes::bindings::BoundObjects::default();
+    let objects = meshca::kubernetes::bindings::BoundObjects::new(Default::default());
     let uids: Vec<String> = (0..10_000u32)
         .map(|i| {
             let r: u128 = rand::random();

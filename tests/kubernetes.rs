@@ -261,9 +261,8 @@ async fn missing_permissions_are_named_at_start_up() {
         1
     );
     // A server started with those gaps says so in its metrics.
-    let _ca = replica(&kc, "replica-x").await;
-    let m = meshca::metrics::global().render();
-    assert!(m.contains("meshca_kubernetes_permissions_missing 2"), "{m}");
+    let ca = replica(&kc, "replica-x").await;
+    assert_eq!(ca.metric("meshca_kubernetes_permissions_missing"), 2.0);
 }
 
 /// A cluster token signer (its JWKS is what the API server would publish).
@@ -627,13 +626,25 @@ async fn watches_list_again_after_410_gone() {
         "the catch-up went through 410 Gone ({} served)",
         api.gone_served.load(std::sync::atomic::Ordering::SeqCst)
     );
-    let metrics = meshca::metrics::global().render();
+    // Each replica counts its own restarts: b's state-Secret watch and p's
+    // ConfigMap and namespace watches went through 410 Gone.
+    let gone = |ca: &Ca, resource: &str| {
+        ca.metric(&format!(
+            "meshca_kubernetes_watch_restarts_total{{resource=\"{resource}\",reason=\"gone\"}}"
+        ))
+    };
+    assert!(gone(&b, "secrets") >= 1.0, "{}", b.running.metrics.render());
     assert!(
-        metrics.contains(
-            "meshca_kubernetes_watch_restarts_total{resource=\"secrets\",reason=\"gone\"}"
-        ),
-        "{metrics}"
+        gone(&p, "configmaps") >= 1.0,
+        "{}",
+        p.running.metrics.render()
     );
+    assert!(
+        gone(&p, "namespaces") >= 1.0,
+        "{}",
+        p.running.metrics.render()
+    );
+    assert_eq!(gone(&p, "secrets"), 0.0, "p watches no Secret");
     drop(p);
 }
 
@@ -952,11 +963,9 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
     .await;
     assert_eq!(a.running.ca.issuer().fingerprint, new_fp);
     assert_eq!(b.running.ca.issuer().fingerprint, new_fp);
-    let m = meshca::metrics::global().render();
-    assert!(
-        m.contains("meshca_kubernetes_secrets_refused_total{secret=\"issuer\"}"),
-        "{m}"
-    );
+    // The leader (one of the two) refused the Secret version.
+    let refused = |ca: &Ca| ca.metric("meshca_kubernetes_secrets_refused_total{secret=\"issuer\"}");
+    assert!(refused(&a) + refused(&b) >= 1.0);
     assert!(
         certify_native(&a.channel().await, mint(&signer, support::ISSUER))
             .await

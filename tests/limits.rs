@@ -18,14 +18,9 @@ use support::{csr, Ca};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-fn metric(name_and_labels: &str) -> u64 {
-    meshca::metrics::global()
-        .render()
-        .lines()
-        .find(|l| l.starts_with(name_and_labels) && l[name_and_labels.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+/// A sample of this server's own registry.
+fn metric(ca: &Ca, name_and_labels: &str) -> u64 {
+    ca.metric(name_and_labels) as u64
 }
 
 /// A token of shop/web bound to pod `web-N` (its own pod UID).
@@ -75,7 +70,7 @@ async fn three_hundred_pods_of_one_service_account_certify_at_once_while_one_ham
 ) {
     // Default limits: 5/s burst 20 per pod, 100/s burst 1000 per service account.
     let ca = Ca::start().await;
-    let pod_limited = metric("meshca_rate_limited_total{scope=\"pod\"}");
+    let pod_limited = metric(&ca, "meshca_rate_limited_total{scope=\"pod\"}");
     let tokens: Vec<String> = (0..300).map(|n| pod_token(&ca, n)).collect();
     let start = Instant::now();
     let results = certify_all(&ca, tokens).await;
@@ -113,7 +108,7 @@ async fn three_hundred_pods_of_one_service_account_certify_at_once_while_one_ham
         );
     }
     assert_eq!(
-        metric("meshca_rate_limited_total{scope=\"pod\"}") - pod_limited,
+        metric(&ca, "meshca_rate_limited_total{scope=\"pod\"}") - pod_limited,
         limited.len() as u64
     );
     // Its siblings are not starved by it.
@@ -128,7 +123,7 @@ async fn the_service_account_ceiling_bounds_all_its_pods_together() {
         c.limits.identity_rate_limit = 0.01;
     })
     .await;
-    let before = metric("meshca_rate_limited_total{scope=\"identity\"}");
+    let before = metric(&ca, "meshca_rate_limited_total{scope=\"identity\"}");
     let tokens: Vec<String> = (0..40).map(|n| pod_token(&ca, n)).collect();
     let results = certify_all(&ca, tokens).await;
     let limited: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
@@ -142,7 +137,7 @@ async fn the_service_account_ceiling_bounds_all_its_pods_together() {
         );
     }
     assert_eq!(
-        metric("meshca_rate_limited_total{scope=\"identity\"}") - before,
+        metric(&ca, "meshca_rate_limited_total{scope=\"identity\"}") - before,
         10
     );
     // Another service account is not affected.
@@ -171,7 +166,10 @@ async fn connections_over_the_cap_are_closed_at_accept() {
         c.limits.handshake_timeout = Duration::from_secs(60);
     })
     .await;
-    let before = metric("meshca_grpc_connections_refused_total{reason=\"limit\"}");
+    let before = metric(
+        &ca,
+        "meshca_grpc_connections_refused_total{reason=\"limit\"}",
+    );
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(tokio::net::TcpStream::connect(ca.addr()).await.unwrap());
@@ -192,7 +190,10 @@ async fn connections_over_the_cap_are_closed_at_accept() {
         "the first three stay open (in their handshake)"
     );
     assert_eq!(
-        metric("meshca_grpc_connections_refused_total{reason=\"limit\"}") - before,
+        metric(
+            &ca,
+            "meshca_grpc_connections_refused_total{reason=\"limit\"}"
+        ) - before,
         1
     );
     // A freed place is usable.
@@ -207,7 +208,10 @@ async fn connections_over_the_cap_are_closed_at_accept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_dropped_after_the_timeout() {
     let ca = Ca::start_with(|c| c.limits.handshake_timeout = Duration::from_millis(500)).await;
-    let before = metric("meshca_grpc_connections_closed_total{reason=\"handshake_timeout\"}");
+    let before = metric(
+        &ca,
+        "meshca_grpc_connections_closed_total{reason=\"handshake_timeout\"}",
+    );
     // Connects and never sends a ClientHello (slowloris).
     let mut s = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();
     let took = closed_within(&mut s, Duration::from_secs(4))
@@ -218,7 +222,10 @@ async fn a_stalled_tls_handshake_is_dropped_after_the_timeout() {
         "not before it: {took:?}"
     );
     assert_eq!(
-        metric("meshca_grpc_connections_closed_total{reason=\"handshake_timeout\"}") - before,
+        metric(
+            &ca,
+            "meshca_grpc_connections_closed_total{reason=\"handshake_timeout\"}"
+        ) - before,
         1
     );
 }
@@ -273,7 +280,7 @@ async fn an_idle_connection_is_closed_but_an_open_stream_keeps_its_connection() 
         c.propagation_wait = Duration::ZERO;
     })
     .await;
-    let before = metric("meshca_grpc_connections_closed_total{reason=\"idle\"}");
+    let before = metric(&ca, "meshca_grpc_connections_closed_total{reason=\"idle\"}");
     let mut once = pb::identity_client::IdentityClient::new(ca.channel().await);
     once.get_trust_bundle(pb::GetTrustBundleRequest {})
         .await
@@ -287,7 +294,7 @@ async fn an_idle_connection_is_closed_but_an_open_stream_keeps_its_connection() 
     let v0 = stream.message().await.unwrap().unwrap().version;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
-        metric("meshca_grpc_connections_closed_total{reason=\"idle\"}") - before,
+        metric(&ca, "meshca_grpc_connections_closed_total{reason=\"idle\"}") - before,
         1,
         "only the connection with no open request is idle"
     );

@@ -14,9 +14,6 @@ use serde_json::Value;
 use support::*;
 use tonic::Code;
 
-/// The metrics are process-wide: tests that read them take turns.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 const WEB_DNS: &str = "web.shop.serviceaccount.identity.meshca.cluster.local";
 
 async fn admin(
@@ -132,7 +129,6 @@ async fn audit_entries(ca: &Ca, kind: &str) -> Vec<meshca::audit::Entry> {
 
 #[tokio::test]
 async fn a_denied_identity_is_refused_on_every_api_until_lifted() {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let ca = Ca::start().await;
     let web = certify(ca.channel().await, ca.token("shop", "web", "meshca"))
         .await
@@ -285,7 +281,6 @@ async fn a_denied_identity_is_refused_on_every_api_until_lifted() {
 
 #[tokio::test]
 async fn a_revoked_serial_and_certificates_renewed_from_it_can_no_longer_renew() {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let ca = Ca::start().await;
     let first = certify(ca.channel().await, ca.token("shop", "web", "meshca"))
         .await
@@ -374,7 +369,6 @@ async fn a_revoked_serial_and_certificates_renewed_from_it_can_no_longer_renew()
 
 #[tokio::test]
 async fn offline_revocations_need_the_data_dir_lock_and_survive_restarts() {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let ca = Ca::start().await;
     let data = ca.dir.path().join("data");
     let args = |identity: &str| meshca::cli::revoke::RevokeArgs {
@@ -417,7 +411,6 @@ async fn offline_revocations_need_the_data_dir_lock_and_survive_restarts() {
 
 #[tokio::test]
 async fn a_denied_agent_backs_off_and_stops_serving_its_certificate_at_expiry() {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let ca = Ca::start_with(|c| c.min_ttl = Duration::from_secs(1)).await;
     let tmp = tempfile::tempdir().unwrap();
     let agent = ca.start_agent(tmp.path(), Duration::from_secs(4));

@@ -45,14 +45,17 @@ async fn agent_for(ca: &Ca, dir: &Path, sa: &str) -> agent::Agent {
     let data = ca.dir.path().join("data");
     let token = dir.join(format!("{sa}.token"));
     std::fs::write(&token, dev_token(&data, "shop", sa)).unwrap();
-    let a = agent::start(AgentConfig {
-        // A closed port first: the agent fails over to the live replica.
-        ca_address: format!("127.0.0.1:{},{}", closed_port(), ca.addr()),
-        server_name: ca.running.server_name.clone(),
-        bootstrap_bundle: data.join("bundle.pem"),
-        token_file: token,
-        requested_ttl: None,
-    })
+    let a = agent::start(
+        AgentConfig {
+            // A closed port first: the agent fails over to the live replica.
+            ca_address: format!("127.0.0.1:{},{}", closed_port(), ca.addr()),
+            server_name: ca.running.server_name.clone(),
+            bootstrap_bundle: data.join("bundle.pem"),
+            token_file: token,
+            requested_ttl: None,
+        },
+        Arc::default(),
+    )
     .unwrap();
     a.ready(Duration::from_secs(20)).await.unwrap();
     a
@@ -272,6 +275,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     .await
     .unwrap();
     let api_identity = proxy::identity::follow(sock);
+    let proxy_metrics: Arc<meshca::metrics::Metrics> = Arc::default();
     let inbound = proxy::start(
         ProxyConfig {
             inbound: Some(("127.0.0.1:0".parse().unwrap(), echo_addr.to_string())),
@@ -279,6 +283,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             ..Default::default()
         },
         api_identity,
+        proxy_metrics.clone(),
     )
     .await
     .unwrap();
@@ -297,6 +302,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             ..Default::default()
         },
         web_agent.watch(),
+        proxy_metrics.clone(),
     )
     .await
     .unwrap();
@@ -395,7 +401,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     }
     let roots = ca.running.ca.bundle().roots.clone();
 
-    let before = meshca::metrics::global().render();
+    let before = proxy_metrics.render();
     // A workload whose identity is not allowed is refused.
     let batch = agent_for(&ca, dir.path(), "batch").await;
     let e = direct(&batch.watch().borrow().clone(), &roots, in_addr)
@@ -418,6 +424,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             ..Default::default()
         },
         web_agent.watch(),
+        proxy_metrics.clone(),
     )
     .await
     .unwrap();
@@ -428,7 +435,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // Each refusal is counted with its reason.
-    let after = meshca::metrics::global().render();
+    let after = proxy_metrics.render();
     for (labels, what) in [
         (
             "direction=\"inbound\",result=\"refused\",reason=\"identity_not_allowed\"",
@@ -502,7 +509,7 @@ async fn the_agent_recertifies_at_once_when_its_root_is_tainted() {
         SystemTime::now(),
     )
     .expect("the new leaf chains to the new root alone");
-    let m = meshca::metrics::global().render();
+    let m = a.metrics().render();
     for name in [
         "meshca_agent_certificate_expiry_timestamp_seconds",
         "meshca_agent_renewals_total{result=\"ok\"}",

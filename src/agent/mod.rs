@@ -24,6 +24,7 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::{watch, Notify};
 
 use crate::ca::{der_to_pem, pem_to_certs};
+use crate::metrics::Metrics;
 use crate::proto::meshca as pb;
 use crate::util::backoff::Backoff;
 use crate::util::secret::SecretBytes;
@@ -112,9 +113,15 @@ pub struct State {
 pub struct Agent {
     state: watch::Receiver<State>,
     stop: watch::Sender<bool>,
+    metrics: Arc<Metrics>,
 }
 
 impl Agent {
+    /// The registry the agent reports to (its `/metrics`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// A receiver of every state change.
     pub fn watch(&self) -> watch::Receiver<State> {
         self.state.clone()
@@ -151,11 +158,12 @@ struct Inner {
     endpoints: Endpoints,
     state: watch::Sender<State>,
     renew_now: Notify,
+    metrics: Arc<Metrics>,
 }
 
 /// Starts the agent: reads the bootstrap bundle, then runs the renewal and
-/// bundle-watch loops in the background.
-pub fn start(cfg: AgentConfig) -> Result<Agent, String> {
+/// bundle-watch loops in the background, reporting to `metrics`.
+pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, String> {
     let pem = std::fs::read(&cfg.bootstrap_bundle)
         .map_err(|e| format!("bootstrap bundle {}: {e}", cfg.bootstrap_bundle.display()))?;
     let roots = pem_to_certs(&pem)
@@ -176,6 +184,7 @@ pub fn start(cfg: AgentConfig) -> Result<Agent, String> {
         endpoints,
         state,
         renew_now: Notify::new(),
+        metrics: metrics.clone(),
     });
     {
         let inner = inner.clone();
@@ -196,7 +205,11 @@ pub fn start(cfg: AgentConfig) -> Result<Agent, String> {
             }
         });
     }
-    Ok(Agent { state: rx, stop })
+    Ok(Agent {
+        state: rx,
+        stop,
+        metrics,
+    })
 }
 
 /// True when the CA refused because the operator denied this identity.
@@ -237,7 +250,7 @@ impl Inner {
                 .svid
                 .as_ref()
                 .is_some_and(|v| chains_to(&v.chain, &bundle.tainted));
-            crate::metrics::global().agent_bundle(bundle.version);
+            self.metrics.agent_bundle(bundle.version);
             tracing::info!(
                 version = bundle.version,
                 roots = bundle.roots.len(),
@@ -268,11 +281,11 @@ impl Inner {
                 match self.certify().await {
                     Ok(()) => {
                         backoff.reset();
-                        crate::metrics::global().agent_renewal(true);
+                        self.metrics.agent_renewal(true);
                         break;
                     }
                     Err(e) => {
-                        crate::metrics::global().agent_renewal(false);
+                        self.metrics.agent_renewal(false);
                         let wait = if is_denied(&e) {
                             backoff.wait_at_cap()
                         } else {
@@ -384,7 +397,8 @@ impl Inner {
             renew_at,
         };
         tracing::info!(spiffe_id = %svid.spiffe_id, not_after = %crate::util::clock::rfc3339(not_after), renew_at = %crate::util::clock::rfc3339(renew_at), "certificate obtained");
-        crate::metrics::global().agent_expiry(crate::util::clock::unix_secs(not_after));
+        self.metrics
+            .agent_expiry(crate::util::clock::unix_secs(not_after));
         self.state.send_modify(|s| s.svid = Some(Arc::new(svid)));
         if let Some(b) = resp.trust_bundle {
             self.adopt_bundle(b);

@@ -30,6 +30,8 @@ use futures_util::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 
+use crate::metrics::Metrics;
+
 const SHARDS: usize = 16;
 
 /// Milliseconds since the first call (a monotonic clock in one atomic).
@@ -65,6 +67,7 @@ pub struct Conn {
     waker: AtomicWaker,
     active: AtomicUsize,
     last_active_ms: AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 impl Conn {
@@ -74,7 +77,7 @@ impl Conn {
         if self.closed.swap(true, Ordering::AcqRel) {
             return false;
         }
-        crate::metrics::global().grpc_connection_closed(why.as_str());
+        self.metrics.grpc_connection_closed(why.as_str());
         tracing::debug!(peer = %self.peer, reason = why.as_str(), "closing gRPC connection");
         self.waker.wake();
         true
@@ -118,15 +121,17 @@ pub struct Connections {
     max: usize,
     open: AtomicUsize,
     shards: Vec<Mutex<HashMap<SocketAddr, Arc<Conn>>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Connections {
     /// At most `max` connections open at once.
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
             open: AtomicUsize::new(0),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            metrics,
         })
     }
 
@@ -152,12 +157,13 @@ impl Connections {
             waker: AtomicWaker::new(),
             active: AtomicUsize::new(0),
             last_active_ms: AtomicU64::new(now_ms()),
+            metrics: self.metrics.clone(),
         });
         self.shard(&peer)
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer, conn.clone());
-        crate::metrics::global().set_grpc_connections(self.open());
+        self.metrics.set_grpc_connections(self.open());
         Some(Slot {
             conns: self.clone(),
             conn,
@@ -227,7 +233,7 @@ impl Drop for Slot {
             }
         }
         self.conns.open.fetch_sub(1, Ordering::AcqRel);
-        crate::metrics::global().set_grpc_connections(self.conns.open());
+        self.conns.metrics.set_grpc_connections(self.conns.open());
     }
 }
 
@@ -435,7 +441,7 @@ mod tests {
 
     #[test]
     fn the_cap_counts_slots_until_they_drop() {
-        let c = Connections::new(2);
+        let c = Connections::new(2, Arc::default());
         let a = c.try_open(addr(1)).unwrap();
         let b = c.try_open(addr(2)).unwrap();
         assert!(c.try_open(addr(3)).is_none(), "third over a cap of 2");
@@ -450,7 +456,7 @@ mod tests {
 
     #[test]
     fn only_connections_without_open_requests_are_idle() {
-        let c = Connections::new(10);
+        let c = Connections::new(10, Arc::default());
         let busy = c.try_open(addr(1)).unwrap();
         let idle = c.try_open(addr(2)).unwrap();
         let req = busy.conn().request_started();

@@ -23,6 +23,7 @@ use x509_parser::prelude::*;
 use crate::authn::{Authenticated, Authenticator, AuthnError, Method};
 use crate::ca::{Authority, CaError, Issued};
 use crate::identity::Workload;
+use crate::metrics::Metrics;
 use crate::util::ratelimit::KeyedLimiter;
 pub use status::ApiError;
 
@@ -128,6 +129,7 @@ pub struct Core {
     connections: Option<Arc<connections::Connections>>,
     renewal: Arc<crate::authn::renewal::Renewal>,
     revocations: Arc<crate::revocation::Revocations>,
+    metrics: Arc<Metrics>,
 }
 
 /// Where a grant's authentication comes from: recorded with it, so the
@@ -157,6 +159,7 @@ impl Core {
         audiences: Audiences,
         rate: f64,
         burst: u32,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let limiter = KeyedLimiter::new(rate, burst, ca.clock().clone());
         let identity_limiter = KeyedLimiter::new(IDENTITY_RATE, IDENTITY_BURST, ca.clock().clone());
@@ -171,10 +174,12 @@ impl Core {
             tracker: Arc::default(),
             watchers: watchers::Watchers::new(watchers::WatchSettings::default()),
             connections: None,
-            renewal: Arc::new(crate::authn::renewal::Renewal::new(Duration::from_secs(
-                86400,
-            ))),
-            revocations: Arc::default(),
+            renewal: Arc::new(crate::authn::renewal::Renewal::new(
+                Duration::from_secs(86400),
+                metrics.clone(),
+            )),
+            revocations: Arc::new(crate::revocation::Revocations::in_memory(metrics.clone())),
+            metrics,
         }
     }
 
@@ -211,7 +216,7 @@ impl Core {
         match self.revocations.denied(w) {
             None => Ok(()),
             Some(_) => {
-                crate::metrics::global().revocation_refused("identity");
+                self.metrics.revocation_refused("identity");
                 Err(ApiError::Denied {
                     identity: w.to_string(),
                 })
@@ -284,7 +289,7 @@ impl Core {
     /// Runs one request through authentication, policy and signing, and
     /// records the decision (log line + metrics) whatever the outcome.
     pub async fn certify(&self, input: CertifyInput<'_>) -> Result<Issued, ApiError> {
-        let metrics = crate::metrics::global();
+        let metrics = &self.metrics;
         let _guard = metrics.in_flight();
         let started = Instant::now();
         let mut who: Option<Authenticated> = None;
@@ -392,7 +397,7 @@ impl Core {
         who: &mut Option<Authenticated>,
         provenance: &mut Option<Provenance>,
     ) -> Result<Issued, ApiError> {
-        let metrics = crate::metrics::global();
+        let metrics = &self.metrics;
         let authenticated = match input.credential {
             Credential::Token(token) => {
                 let r = self
@@ -449,7 +454,7 @@ impl Core {
     /// One pod's bucket, then its service account's ceiling (only a request
     /// its pod may make draws on the ceiling).
     fn rate_limit(&self, who: &Authenticated, peer: Option<SocketAddr>) -> Result<(), ApiError> {
-        let metrics = crate::metrics::global();
+        let metrics = &self.metrics;
         let (key, what) = pod_key(who, peer);
         if !self.limiter.try_take(&key) {
             metrics.rate_limited("pod");
@@ -490,7 +495,7 @@ impl Core {
                 revocations.is_revoked(s)
             })
             .map_err(|e| {
-                let m = crate::metrics::global();
+                let m = &self.metrics;
                 m.renewal_refused(e.reason());
                 if matches!(e, crate::authn::renewal::RenewalError::Revoked { .. }) {
                     m.revocation_refused("serial");

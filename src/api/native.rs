@@ -101,7 +101,7 @@ impl pb::identity_server::Identity for NativeService {
         request: Request<pb::WatchTrustBundleRequest>,
     ) -> Result<Response<Self::WatchTrustBundleStream>, Status> {
         let core = &self.0;
-        let metrics = crate::metrics::global();
+        let metrics = &core.metrics;
         let peer = request.remote_addr();
         let who = match self.watcher(&request).await {
             Ok(w) => w,
@@ -264,7 +264,7 @@ async fn stall_watchdog(
     };
     drop(counted);
     stalled.store(true, Ordering::Release);
-    crate::metrics::global().bundle_watch_refused("stalled");
+    core.metrics.bundle_watch_refused("stalled");
     tracing::warn!(
         client = %who,
         peer = ?peer,

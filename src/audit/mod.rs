@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
+use crate::metrics::Metrics;
 use crate::util::clock::{unix_millis, Clock};
 use crate::util::secret::SecretBytes;
 pub use entry::Entry;
@@ -51,12 +52,22 @@ const FOLD_ENTRIES: u64 = 4096;
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Whether the log can write: read by `/ready`, set by the writer thread.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     problem: std::sync::RwLock<Option<String>>,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl Health {
+    /// Healthy (storage OK), reporting to `metrics`.
+    fn new(metrics: std::sync::Arc<Metrics>) -> Self {
+        metrics.audit_write(true);
+        Self {
+            problem: std::sync::RwLock::new(None),
+            metrics,
+        }
+    }
+
     /// Why the log cannot write (None: it can).
     pub fn problem(&self) -> Option<String> {
         self.problem
@@ -74,7 +85,7 @@ impl Health {
             (Some(_), None) => tracing::info!("the audit log can write again: issuance resumes"),
             _ => {}
         }
-        crate::metrics::global().audit_write(problem.is_none());
+        self.metrics.audit_write(problem.is_none());
         *g = problem;
     }
 }
@@ -166,8 +177,9 @@ impl AuditLog {
         data_dir: &Path,
         trust_domain: &str,
         clock: std::sync::Arc<dyn Clock>,
+        metrics: std::sync::Arc<Metrics>,
     ) -> Result<(AuditLog, WriterGuard), String> {
-        Self::open_limited(data_dir, trust_domain, clock, None)
+        Self::open_limited(data_dir, trust_domain, clock, metrics, None)
     }
 
     /// [`AuditLog::open`], refusing to grow the log's files past `max_bytes`
@@ -178,6 +190,7 @@ impl AuditLog {
         data_dir: &Path,
         trust_domain: &str,
         clock: std::sync::Arc<dyn Clock>,
+        metrics: std::sync::Arc<Metrics>,
         max_bytes: Option<u64>,
     ) -> Result<(AuditLog, WriterGuard), String> {
         let origin = origin(trust_domain);
@@ -196,8 +209,7 @@ impl AuditLog {
         drop(leaves);
         tracing::info!(entries = frontier.size(), db = %db_path.display(), "audit log opened");
         let (tx, rx) = mpsc::channel();
-        let health = std::sync::Arc::new(Health::default());
-        crate::metrics::global().audit_write(true);
+        let health = std::sync::Arc::new(Health::new(metrics));
         let (h, t, db) = (health.clone(), tiles.clone(), db_path.clone());
         let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
@@ -452,7 +464,7 @@ fn writer(
                     // The transaction rolled back: nothing of this batch is
                     // in the tree, and no caller was told it is.
                     tracing::error!(error = %e, entries = rows.len(), "audit append failed");
-                    crate::metrics::global().audit_write(false);
+                    health.metrics.audit_write(false);
                     if !failing {
                         failing = true;
                         health.set(Some(e.clone()));

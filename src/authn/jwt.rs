@@ -446,10 +446,8 @@ fn binding_verdict(bindings: &dyn BindingCheck, c: &K8sClaims) -> Option<Verdict
     };
     match bindings.check(&binding) {
         Presence::Present => None,
-        Presence::Gone { kind, why } => {
-            crate::metrics::global().binding_refused(kind);
-            Some(Verdict::Rejected(why))
-        }
+        // Counted by the binding cache (`token_binding_refusals`).
+        Presence::Gone { why, .. } => Some(Verdict::Rejected(why)),
         // Another source (TokenReview, which asks the API server) may
         // still decide; alone, this is UNAVAILABLE, never a pass.
         Presence::Unknown(why) => Some(Verdict::Unavailable(why)),

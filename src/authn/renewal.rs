@@ -175,6 +175,7 @@ pub struct Renewal {
     /// Grants held (kept beside the shards so recording one never locks them all).
     count: AtomicUsize,
     roots: ArcSwap<RootStates>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Renewal {
@@ -196,12 +197,13 @@ impl Renewal {
     /// An empty index; renewal is refused for `max_age` after the token
     /// authentication a chain descends from (0: renewal by certificate off).
     /// No root is renewable until [`Renewal::set_roots`] is called.
-    pub fn new(max_age: Duration) -> Self {
+    pub fn new(max_age: Duration, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Self {
             max_age,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             count: AtomicUsize::new(0),
             roots: ArcSwap::from_pointee(RootStates::default()),
+            metrics,
         }
     }
 
@@ -268,7 +270,7 @@ impl Renewal {
             .is_none();
         if new {
             let n = self.count.fetch_add(1, Ordering::Relaxed) + 1;
-            crate::metrics::global().set_renewal_index(n);
+            self.metrics.set_renewal_index(n);
         }
     }
 
@@ -284,7 +286,7 @@ impl Renewal {
             self.count.fetch_sub(dropped, Ordering::Relaxed);
             n += dropped;
         }
-        crate::metrics::global().set_renewal_index(self.len());
+        self.metrics.set_renewal_index(self.len());
         n
     }
 
@@ -466,7 +468,7 @@ mod tests {
     }
 
     fn index(max_age: Duration) -> Renewal {
-        let r = Renewal::new(max_age);
+        let r = Renewal::new(max_age, Arc::default());
         let mut roots = RootStates::default();
         roots.renewable.insert("root-a".into());
         roots.refused.insert("root-t".into(), "tainted");

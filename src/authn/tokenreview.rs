@@ -21,6 +21,7 @@ use kube::api::{Api, PostParams};
 use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
 use super::{token_hash, Authenticated, Method, Verdict, LEGACY_ISSUER};
 use crate::identity::Workload;
+use crate::metrics::Metrics;
 use crate::util::clock::Clock;
 use crate::util::ratelimit::{KeyedLimiter, TokenBucket};
 
@@ -50,6 +51,7 @@ pub struct TokenReviewer {
     issuers: Vec<String>,
     allow_legacy: bool,
     bindings: Option<Arc<dyn BindingCheck>>,
+    metrics: Arc<Metrics>,
 }
 
 impl TokenReviewer {
@@ -63,8 +65,10 @@ impl TokenReviewer {
         burst: u32,
         issuers: Vec<String>,
         allow_legacy: bool,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            metrics,
             client,
             limiter: TokenBucket::new(qps, burst, clock.clone()),
             peer_limiter: KeyedLimiter::new(
@@ -129,13 +133,13 @@ impl TokenReviewer {
     /// Takes one review from the caller's share, then from the global budget.
     fn take_budget(&self, peer: Option<IpAddr>) -> Result<(), Verdict> {
         if !self.peer_limiter.try_take(&peer) {
-            crate::metrics::global().tokenreview_throttled("peer");
+            self.metrics.tokenreview_throttled("peer");
             return Err(Verdict::Unavailable(
                 "this caller's share of the TokenReview budget is spent; retry shortly".into(),
             ));
         }
         if !self.limiter.try_take() {
-            crate::metrics::global().tokenreview_throttled("global");
+            self.metrics.tokenreview_throttled("global");
             return Err(Verdict::Unavailable(
                 "the TokenReview rate limit toward the API server is reached; retry shortly".into(),
             ));
@@ -160,8 +164,8 @@ impl TokenReviewer {
                     _ => None,
                 },
             };
-            if let Presence::Gone { kind, why } = b.check(&binding) {
-                crate::metrics::global().binding_refused(kind);
+            // Counted by the binding cache (`token_binding_refusals`).
+            if let Presence::Gone { why, .. } = b.check(&binding) {
                 return Verdict::Rejected(why);
             }
         }
@@ -194,7 +198,7 @@ impl TokenReviewer {
     /// Reviews `token` for `audience`, on behalf of the caller at `peer`.
     pub async fn review(&self, token: &str, audience: &str, peer: Option<IpAddr>) -> Verdict {
         if let Err((reason, why)) = self.precheck(token) {
-            crate::metrics::global().tokenreview_refused_locally(reason);
+            self.metrics.tokenreview_refused_locally(reason);
             return Verdict::Rejected(why);
         }
         let now = self.clock.now();
@@ -223,7 +227,7 @@ impl TokenReviewer {
         let started = std::time::Instant::now();
         let res =
             tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review)).await;
-        crate::metrics::global().observe_tokenreview(started.elapsed());
+        self.metrics.observe_tokenreview(started.elapsed());
         let answer = match res {
             Err(_) => {
                 return Verdict::Unavailable(format!(

@@ -139,14 +139,17 @@ async fn offline(
         .into());
     }
     let lock = crate::ca::store::lock_data_dir(&data)?;
-    let revs = Arc::new(Revocations::open(&a.data_dir)?);
+    // Offline: no /metrics serves this registry; the components need one.
+    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+    let revs = Arc::new(Revocations::open(&a.data_dir, metrics.clone())?);
     let Some(change) = change else {
         drop(lock);
         return Ok(list_json(&revs.list()));
     };
     let clock: Arc<dyn crate::util::clock::Clock> = Arc::new(crate::util::clock::SystemClock);
     let (audit, guard) = if data.file(crate::audit::DB_FILE).exists() {
-        let (l, g) = crate::audit::AuditLog::open(&a.data_dir, &a.trust_domain, clock.clone())?;
+        let (l, g) =
+            crate::audit::AuditLog::open(&a.data_dir, &a.trust_domain, clock.clone(), metrics)?;
         (Some(l), Some(g))
     } else {
         (None, None)

@@ -298,13 +298,20 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, cra
         loaded.issuer,
         loaded.roots,
     ));
+    // Offline: no /metrics serves this registry; the components need one.
+    let metrics: Arc<crate::metrics::Metrics> = Arc::default();
     let (audit, guard) = if data.file(crate::audit::DB_FILE).exists() {
-        let (l, g) = crate::audit::AuditLog::open(&target.data_dir, &target.trust_domain, clock)?;
+        let (l, g) = crate::audit::AuditLog::open(
+            &target.data_dir,
+            &target.trust_domain,
+            clock,
+            metrics.clone(),
+        )?;
         (Some(l), Some(g))
     } else {
         (None, None)
     };
-    let svc = RotationService::new(mgr, ca, Arc::default(), audit, settings);
+    let svc = RotationService::new(mgr, ca, Arc::default(), audit, settings, metrics);
     svc.publish(&rec).await?;
     let r = svc.step(step, "operator (offline)").await;
     if let Some(g) = guard {

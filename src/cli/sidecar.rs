@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 
 use crate::agent::{self, AgentConfig, State};
 use crate::config::{HumanDuration, LogFormat};
+use crate::metrics::Metrics;
 use crate::proxy::{self, ProxyConfig};
 
 /// How to reach the CA and authenticate to it (shared by agent and proxy).
@@ -149,16 +151,17 @@ async fn shutdown_signal() {
 }
 
 /// Serves /metrics, /live and /ready (ready while a valid certificate is held).
-async fn admin(addr: SocketAddr, state: watch::Receiver<State>) -> Result<(), String> {
+async fn admin(
+    addr: SocketAddr,
+    state: watch::Receiver<State>,
+    metrics: Arc<Metrics>,
+) -> Result<(), String> {
     use axum::routing::get;
     let l = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr} (admin): {e}"))?;
     let router = axum::Router::new()
-        .route(
-            "/metrics",
-            get(|| async { crate::metrics::global().render() }),
-        )
+        .route("/metrics", get(move || async move { metrics.render() }))
         .route("/live", get(|| async { "ok\n" }))
         .route(
             "/ready",
@@ -190,10 +193,10 @@ async fn admin(addr: SocketAddr, state: watch::Receiver<State>) -> Result<(), St
 /// Runs `meshca agent` until a signal.
 pub async fn run_agent(args: AgentArgs) -> Result<(), String> {
     let _log = crate::cli::init_logging(args.log_format);
-    let a = agent::start(args.ca.agent_config()?)?;
+    let a = agent::start(args.ca.agent_config()?, Arc::new(Metrics::new()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(addr) = args.admin_listen {
-        admin(addr, a.watch()).await?;
+        admin(addr, a.watch(), a.metrics().clone()).await?;
     }
     if let Some(dir) = args.out_dir.clone() {
         tokio::spawn(agent::files::follow(dir, args.on_update.clone(), a.watch()));
@@ -255,20 +258,23 @@ pub async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
         upstream_identity: args.upstream_identity.clone(),
         resolve_interval: args.resolve_interval.0,
     };
+    // One registry for the process: the embedded agent's series and the
+    // proxy's are served by the same /metrics.
+    let metrics = Arc::new(Metrics::new());
     let (identity, _agent) = match &args.workload_api_socket {
         Some(s) => (
             proxy::identity::follow(agent::workload_api::socket_path(s)?),
             None,
         ),
         None => {
-            let a = agent::start(args.ca.agent_config()?)?;
+            let a = agent::start(args.ca.agent_config()?, metrics.clone())?;
             (a.watch(), Some(a))
         }
     };
     if let Some(addr) = args.admin_listen {
-        admin(addr, identity.clone()).await?;
+        admin(addr, identity.clone(), metrics.clone()).await?;
     }
-    let p = proxy::start(cfg, identity).await?;
+    let p = proxy::start(cfg, identity, metrics).await?;
     tracing::info!(inbound = ?p.inbound_addr, outbound = ?p.outbound_addr, "meshca proxy running");
     shutdown_signal().await;
     tracing::info!("proxy stopping");

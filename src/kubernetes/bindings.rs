@@ -28,6 +28,7 @@ use kube::core::ObjectMeta;
 use tokio::sync::watch;
 
 use crate::authn::binding::{Binding, BindingCheck, ObjectRef, Presence};
+use crate::metrics::Metrics;
 
 /// How long a watch may keep failing before the tables count as stale
 /// (deletions could be missed) and checks answer `Unknown`.
@@ -182,13 +183,16 @@ pub struct BoundObjects {
     pub pods: Table,
     /// Service accounts by UID.
     pub service_accounts: Table,
+    metrics: Arc<Metrics>,
 }
 
-impl Default for BoundObjects {
-    fn default() -> Self {
+impl BoundObjects {
+    /// Empty tables (not synced yet), reporting to `metrics`.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         Self {
             pods: Table::new("pod"),
             service_accounts: Table::new("serviceaccount"),
+            metrics,
         }
     }
 }
@@ -226,6 +230,7 @@ impl BindingCheck for BoundObjects {
         for (table, r) in checks {
             let Some(r) = r else { continue };
             if !table.has(b.namespace, &r) {
+                self.metrics.binding_refused(table.kind);
                 return Presence::Gone {
                     kind: table.kind,
                     why: format!(
@@ -314,7 +319,7 @@ async fn follow_table<K>(
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
     let table = pick(&objects);
-    let metrics = crate::metrics::global();
+    let metrics = &objects.metrics;
     let mut backoff = Duration::from_millis(200);
     'list: loop {
         let listed = tokio::select! {
@@ -346,7 +351,7 @@ async fn follow_table<K>(
         };
         loop {
             let end = tokio::select! {
-                end = watch_once(&api, table, &mut rv) => end,
+                end = watch_once(&api, table, &mut rv, metrics) => end,
                 _ = stop.changed() => return,
             };
             match end {
@@ -378,7 +383,7 @@ async fn pause(backoff: &mut Duration, stop: &mut watch::Receiver<bool>) -> bool
     }
 }
 
-async fn watch_once<K>(api: &Api<K>, table: &Table, rv: &mut String) -> End
+async fn watch_once<K>(api: &Api<K>, table: &Table, rv: &mut String, metrics: &Metrics) -> End
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
@@ -413,7 +418,7 @@ where
             } else {
                 table.insert(&uid, &ns, &name);
             }
-            crate::metrics::global().set_binding_objects(table.kind, table.len());
+            metrics.set_binding_objects(table.kind, table.len());
         }
         if let Some(v) = &meta.resource_version {
             *rv = v.clone();
@@ -428,7 +433,7 @@ mod tests {
 
     #[test]
     fn uids_and_names_are_checked_together() {
-        let o = BoundObjects::default();
+        let o = BoundObjects::new(Arc::default());
         let sa_uid = "0f6f8e5e-0000-4000-8000-000000000001";
         let pod_uid = "0f6f8e5e-0000-4000-8000-000000000002";
         let b = Binding {

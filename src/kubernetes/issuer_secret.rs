@@ -229,6 +229,7 @@ pub async fn run(
         },
         wake.clone(),
         stop.clone(),
+        rotation.metrics().clone(),
     ));
     let mut handled = Handled::new();
     // An unreadable Secret is reported once, not at every wake-up.
@@ -243,7 +244,7 @@ pub async fn run(
                         s.namespace, s.name
                     );
                     tracing::error!(secret = %s.name, error = %why, "issuer Secret refused");
-                    crate::metrics::global().secret_refused("issuer");
+                    rotation.metrics().secret_refused("issuer");
                     super::event::warn_secret(
                         client.clone(),
                         &s.namespace,

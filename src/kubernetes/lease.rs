@@ -95,6 +95,7 @@ pub fn run(
     client: kube::Client,
     s: Settings,
     mut stop: watch::Receiver<bool>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -112,7 +113,7 @@ pub fn run(
             let was = *tx.borrow();
             if was != leading {
                 tracing::info!(identity = %s.identity, leading, "leader election: leadership changed");
-                crate::metrics::global().set_leader(leading);
+                metrics.set_leader(leading);
                 let _ = tx.send(leading);
             }
             tokio::select! {
@@ -125,7 +126,7 @@ pub fn run(
                         } else {
                             tracing::info!(identity = %s.identity, "leader election: Lease released");
                         }
-                        crate::metrics::global().set_leader(false);
+                        metrics.set_leader(false);
                         let _ = tx.send(false);
                     }
                     return;

@@ -182,6 +182,7 @@ pub async fn run(
     mut bundle: watch::Receiver<std::sync::Arc<TrustBundle>>,
     mut leader: watch::Receiver<bool>,
     wake: std::sync::Arc<tokio::sync::Notify>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 ) {
     loop {
         if !*leader.borrow_and_update() {
@@ -193,7 +194,7 @@ pub async fn run(
         let b = bundle.borrow_and_update().clone();
         let r = sync_once(&client, &s, &b).await;
         if let Ok(r) = &r {
-            let m = crate::metrics::global();
+            let m = &metrics;
             m.bundle_configmap_writes("created", r.created);
             m.bundle_configmap_writes("updated", r.updated);
             m.bundle_configmap_writes("failed", r.failed.len());

@@ -158,6 +158,7 @@ pub async fn run(
     tracker: Arc<Tracker>,
     leader: Option<watch::Receiver<bool>>,
     mut stop: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let api: Api<ConfigMap> = Api::namespaced(client, &s.namespace);
     let wake = Arc::new(Notify::new());
@@ -170,6 +171,7 @@ pub async fn run(
         },
         wake.clone(),
         stop.clone(),
+        metrics,
     ));
     let mut next_publish = tokio::time::Instant::now();
     loop {

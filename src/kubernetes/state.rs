@@ -89,6 +89,7 @@ pub struct SecretState {
     /// The last resourceVersion refused, so one bad write is reported once
     /// (one Event), not at every watch event or poll.
     refused: Mutex<Option<String>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for SecretState {
@@ -217,8 +218,10 @@ impl SecretState {
         name: &str,
         replica: &str,
         data: DataDir,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
+            metrics,
             api: Api::namespaced(client.clone(), namespace),
             client,
             name: name.into(),
@@ -309,7 +312,7 @@ impl SecretState {
                 );
                 tracing::error!(secret = %self.name, error = %e, "shared CA state refused");
                 self.event("InvalidCAState", &msg).await;
-                crate::metrics::global().secret_refused("state");
+                self.metrics.secret_refused("state");
                 *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = rv;
                 Err(msg)
             }
@@ -407,7 +410,7 @@ mod tests {
         crate::trust::manager::TrustManager::open(da.clone(), now).unwrap();
         // No revocation yet: the Secret carries no list.
         assert!(!snapshot(&da).unwrap().contains_key(crate::revocation::FILE));
-        let revs = crate::revocation::Revocations::open(a.path()).unwrap();
+        let revs = crate::revocation::Revocations::open(a.path(), Default::default()).unwrap();
         let web = crate::revocation::parse_identity("shop/web").unwrap();
         revs.apply(
             &crate::revocation::Change::Deny {
@@ -425,7 +428,7 @@ mod tests {
         let b = tempfile::tempdir().unwrap();
         let db = DataDir::new(b.path());
         apply(&db, &snap).unwrap();
-        let theirs = crate::revocation::Revocations::open(b.path()).unwrap();
+        let theirs = crate::revocation::Revocations::open(b.path(), Default::default()).unwrap();
         assert!(theirs.denied(&web).is_some());
 
         // A Secret written by an older meshca (no list) keeps the local one.

@@ -57,6 +57,7 @@ pub async fn follow<K>(
     target: Target,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
 {
@@ -75,7 +76,7 @@ pub async fn follow<K>(
             }
             Err(e) => {
                 tracing::warn!(resource = target.resource, error = %e, "Kubernetes list failed; retrying");
-                crate::metrics::global().kubernetes_watch_restart(target.resource, "error");
+                metrics.kubernetes_watch_restart(target.resource, "error");
                 if pause(&mut backoff, &mut stop).await {
                     return;
                 }
@@ -89,19 +90,19 @@ pub async fn follow<K>(
             };
             match end {
                 End::Closed => {
-                    crate::metrics::global().kubernetes_watch_restart(target.resource, "closed");
+                    metrics.kubernetes_watch_restart(target.resource, "closed");
                 }
                 End::Gone => {
                     tracing::info!(
                         resource = target.resource,
                         "Kubernetes watch: resourceVersion {rv} expired (410 Gone); listing again"
                     );
-                    crate::metrics::global().kubernetes_watch_restart(target.resource, "gone");
+                    metrics.kubernetes_watch_restart(target.resource, "gone");
                     continue 'list;
                 }
                 End::Failed(e) => {
                     tracing::warn!(resource = target.resource, error = %e, "Kubernetes watch failed; retrying");
-                    crate::metrics::global().kubernetes_watch_restart(target.resource, "error");
+                    metrics.kubernetes_watch_restart(target.resource, "error");
                     if pause(&mut backoff, &mut stop).await {
                         return;
                     }

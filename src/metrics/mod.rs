@@ -1,10 +1,12 @@
 //! Named Prometheus instruments and their text exposition.
 //!
-//! Owns: every metric meshca exports. Makes no decisions: callers record what
-//! happened. One process-wide registry (`global()`), since Prometheus scrapes
-//! a process; instruments are atomics, so recording takes no lock.
+//! Owns: every metric meshca exports, registered per family (issuance, trust,
+//! agent, proxy, audit, Kubernetes, authentication edges, limits, renewal).
+//! Makes no decisions: callers record what happened. There is no global
+//! registry: each `serve`, agent and proxy creates one [`Metrics`] and passes
+//! the `Arc` to what it builds, so a process running several (the tests)
+//! keeps their series apart. Instruments are atomics: recording takes no lock.
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IssuanceLabels {
@@ -108,42 +110,194 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
-/// All of meshca's instruments.
+/// All of meshca's instruments, one registry. Each `serve`, agent and proxy
+/// owns one (`Arc<Metrics>`) and hands it to the components it builds; its
+/// `/metrics` renders that instance, so two servers in one process (tests)
+/// never share a series.
 pub struct Metrics {
     registry: Registry,
-    issuance: Family<IssuanceLabels, Counter>,
-    issuance_latency: Family<ApiLabel, Histogram, fn() -> Histogram>,
+    issuance: IssuanceMetrics,
+    trust: TrustMetrics,
+    agent: AgentMetrics,
+    proxy: ProxyMetrics,
+    audit: AuditMetrics,
+    kubernetes: KubernetesMetrics,
+    authn_edges: AuthnEdgeMetrics,
+    limits: LimitMetrics,
+    renewal: RenewalMetrics,
+}
+
+/// Registers `metric` under `name` and hands back the caller's handle (a
+/// clone shares the same atomics).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
+/// Certificate requests: decisions, latency, credential checks.
+struct IssuanceMetrics {
+    decisions: Family<IssuanceLabels, Counter>,
+    latency: Family<ApiLabel, Histogram, fn() -> Histogram>,
     validations: Family<ValidationLabels, Counter>,
     tokenreview_latency: Histogram,
+    in_flight: Gauge,
+}
+
+impl IssuanceMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            decisions: register(
+                r,
+                "issuance",
+                "Issuance decisions by API, result (granted/refused) and reason",
+                Family::default(),
+            ),
+            latency: register(
+                r,
+                "issuance_duration_seconds",
+                "Time from request to response for certificate requests",
+                Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            ),
+            validations: register(
+                r,
+                "token_validations",
+                "Credential validations by method and result",
+                Family::default(),
+            ),
+            tokenreview_latency: register(
+                r,
+                "tokenreview_duration_seconds",
+                "Latency of TokenReview calls to the Kubernetes API server",
+                latency_histogram(),
+            ),
+            in_flight: register(
+                r,
+                "in_flight_requests",
+                "Certificate requests being processed",
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
+/// The trust state: roots, issuer, bundle propagation, rotation steps.
+struct TrustMetrics {
     root_expiry: Gauge,
     issuer_expiry: Gauge,
-    in_flight: Gauge,
     bundle_version: Gauge,
     roots: Family<RootLabels, Gauge>,
     bundle_clients: Family<VersionLabel, Gauge>,
     bundle_watchers: Gauge,
     leaves_alive: Family<RootLabel, Gauge>,
-    rotation_steps: Family<StepLabel, Histogram, fn() -> Histogram>,
-    rotation_transitions: Family<StepLabel, Counter>,
+    steps: Family<StepLabel, Histogram, fn() -> Histogram>,
+    transitions: Family<StepLabel, Counter>,
     expiry_warnings: Gauge,
-    agent_expiry: Gauge,
-    agent_renewals: Family<ResultLabel, Counter>,
-    agent_bundle_version: Gauge,
-    proxy_handshakes: Family<HandshakeLabels, Counter>,
-    proxy_open: Family<DirectionLabel, Gauge>,
-    proxy_bytes: Family<DirectionLabel, Counter>,
-    proxy_peers: Family<PeerLabels, Counter>,
+}
+
+impl TrustMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            root_expiry: register(r, "root_expiry_timestamp_seconds", "Unix time at which the earliest-expiring trust anchor expires", Gauge::default()),
+            issuer_expiry: register(r, "issuer_expiry_timestamp_seconds", "Unix time at which the active issuer expires", Gauge::default()),
+            bundle_version: register(r, "trust_bundle_version", "Version of the trust bundle being served", Gauge::default()),
+            roots: register(r, "trust_root_expiry_timestamp_seconds", "Expiry (Unix time) of each root in the trust bundle, labelled by fingerprint prefix and rotation state", Family::default()),
+            bundle_clients: register(r, "trust_bundle_clients", "Live clients (bundle watchers and holders of unexpired certificates) by the highest bundle version delivered to them", Family::default()),
+            bundle_watchers: register(r, "trust_bundle_watchers", "Connected WatchTrustBundle streams", Gauge::default()),
+            leaves_alive: register(r, "leaves_alive", "Unexpired certificates per root (latest certificate of each client seen since start)", Family::default()),
+            steps: register(r, "rotation_step_duration_seconds", "Time taken by each rotation step (key generation, journal commit, derived files)", Family::new_with_constructor(step_histogram as fn() -> Histogram)),
+            transitions: register(r, "rotation_transitions", "Rotation transitions by kind (prepared, activated, removed, tainted, issuer_renewed)", Family::default()),
+            expiry_warnings: register(r, "expiry_warnings", "Roots and issuers within the expiry-warning threshold (or expired)", Gauge::default()),
+        }
+    }
+}
+
+/// `meshca agent`: the certificate and bundle it holds.
+struct AgentMetrics {
+    expiry: Gauge,
+    renewals: Family<ResultLabel, Counter>,
+    bundle_version: Gauge,
+}
+
+impl AgentMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            expiry: register(
+                r,
+                "agent_certificate_expiry_timestamp_seconds",
+                "Expiry (Unix time) of the certificate the agent holds",
+                Gauge::default(),
+            ),
+            renewals: register(
+                r,
+                "agent_renewals",
+                "Agent certificate requests by result (ok, error)",
+                Family::default(),
+            ),
+            bundle_version: register(
+                r,
+                "agent_trust_bundle_version",
+                "Version of the trust bundle the agent holds",
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
+/// `meshca proxy`: handshakes, connections, bytes.
+struct ProxyMetrics {
+    handshakes: Family<HandshakeLabels, Counter>,
+    open: Family<DirectionLabel, Gauge>,
+    bytes: Family<DirectionLabel, Counter>,
+    peers: Family<PeerLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            handshakes: register(r, "proxy_handshakes", "Proxy connections by direction, result and reason (unknown_ca, identity_not_allowed, expired, ...)", Family::default()),
+            open: register(r, "proxy_open_connections", "Proxied connections open now", Family::default()),
+            bytes: register(r, "proxy_bytes", "Bytes copied through the proxy (both ways) by direction", Family::default()),
+            peers: register(r, "proxy_peer_connections", "Established proxy connections by direction and peer SPIFFE ID", Family::default()),
+        }
+    }
+}
+
+/// The audit log's writer.
+struct AuditMetrics {
+    write_failures: Counter,
+    storage_ok: Gauge,
+    refusals_folded: Counter,
+}
+
+impl AuditMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            write_failures: register(r, "audit_write_failures", "Audit log commits that failed (disk full, I/O error); issuance is refused with UNAVAILABLE meanwhile", Counter::default()),
+            storage_ok: register(r, "audit_storage_ok", "1 when the audit log's last write (or recovery probe) succeeded, 0 while it cannot write", Gauge::default()),
+            refusals_folded: register(r, "audit_refusals_folded", "Refusals not written as entries of their own (identical repeats, or past the per-peer intake limit); each is counted in a summary entry", Counter::default()),
+        }
+    }
+}
+
+/// The Kubernetes controllers: permissions, watches, leadership, writes.
+struct KubernetesMetrics {
     rbac_missing: Gauge,
-    audit_write_failures: Counter,
-    audit_storage_ok: Gauge,
-    audit_refusals_folded: Counter,
     watch_restarts: Family<WatchLabels, Counter>,
     leader: Gauge,
     bundle_configmaps: Family<ResultLabel, Counter>,
     secrets_refused: Family<SecretLabel, Counter>,
-    authn_edges: AuthnEdgeMetrics,
-    limits: LimitMetrics,
-    renewal: RenewalMetrics,
+}
+
+impl KubernetesMetrics {
+    fn register(r: &mut Registry) -> Self {
+        Self {
+            rbac_missing: register(r, "kubernetes_permissions_missing", "Kubernetes permissions the configuration needs but the service account lacks (checked at start-up)", Gauge::default()),
+            watch_restarts: register(r, "kubernetes_watch_restarts", "Kubernetes watches restarted, by resource and reason (closed: resumed; gone: 410, listed again; error: backed off)", Family::default()),
+            leader: register(r, "kubernetes_leader", "1 while this replica holds the leader-election Lease (does the singleton work), else 0", Gauge::default()),
+            bundle_configmaps: register(r, "bundle_configmap_writes", "Trust-bundle ConfigMap writes by result (created, updated, failed)", Family::default()),
+            secrets_refused: register(r, "kubernetes_secrets_refused", "Secret versions refused after validation, by Secret role (state, issuer)", Family::default()),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -210,230 +364,21 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    fn new() -> Self {
+    /// A registry with every meshca instrument at zero.
+    pub fn new() -> Self {
         let mut registry = Registry::with_prefix("meshca");
-        let issuance = Family::<IssuanceLabels, Counter>::default();
-        registry.register(
-            "issuance",
-            "Issuance decisions by API, result (granted/refused) and reason",
-            issuance.clone(),
-        );
-        let issuance_latency =
-            Family::<ApiLabel, Histogram, fn() -> Histogram>::new_with_constructor(
-                latency_histogram,
-            );
-        registry.register(
-            "issuance_duration_seconds",
-            "Time from request to response for certificate requests",
-            issuance_latency.clone(),
-        );
-        let validations = Family::<ValidationLabels, Counter>::default();
-        registry.register(
-            "token_validations",
-            "Credential validations by method and result",
-            validations.clone(),
-        );
-        let tokenreview_latency = latency_histogram();
-        registry.register(
-            "tokenreview_duration_seconds",
-            "Latency of TokenReview calls to the Kubernetes API server",
-            tokenreview_latency.clone(),
-        );
-        let root_expiry = Gauge::default();
-        registry.register(
-            "root_expiry_timestamp_seconds",
-            "Unix time at which the earliest-expiring trust anchor expires",
-            root_expiry.clone(),
-        );
-        let issuer_expiry = Gauge::default();
-        registry.register(
-            "issuer_expiry_timestamp_seconds",
-            "Unix time at which the active issuer expires",
-            issuer_expiry.clone(),
-        );
-        let in_flight = Gauge::default();
-        registry.register(
-            "in_flight_requests",
-            "Certificate requests being processed",
-            in_flight.clone(),
-        );
-        let bundle_version = Gauge::default();
-        registry.register(
-            "trust_bundle_version",
-            "Version of the trust bundle being served",
-            bundle_version.clone(),
-        );
-        let roots = Family::<RootLabels, Gauge>::default();
-        registry.register(
-            "trust_root_expiry_timestamp_seconds",
-            "Expiry (Unix time) of each root in the trust bundle, labelled by fingerprint prefix and rotation state",
-            roots.clone(),
-        );
-        let bundle_clients = Family::<VersionLabel, Gauge>::default();
-        registry.register(
-            "trust_bundle_clients",
-            "Live clients (bundle watchers and holders of unexpired certificates) by the highest bundle version delivered to them",
-            bundle_clients.clone(),
-        );
-        let bundle_watchers = Gauge::default();
-        registry.register(
-            "trust_bundle_watchers",
-            "Connected WatchTrustBundle streams",
-            bundle_watchers.clone(),
-        );
-        let leaves_alive = Family::<RootLabel, Gauge>::default();
-        registry.register(
-            "leaves_alive",
-            "Unexpired certificates per root (latest certificate of each client seen since start)",
-            leaves_alive.clone(),
-        );
-        let rotation_steps =
-            Family::<StepLabel, Histogram, fn() -> Histogram>::new_with_constructor(step_histogram);
-        registry.register(
-            "rotation_step_duration_seconds",
-            "Time taken by each rotation step (key generation, journal commit, derived files)",
-            rotation_steps.clone(),
-        );
-        let rotation_transitions = Family::<StepLabel, Counter>::default();
-        registry.register(
-            "rotation_transitions",
-            "Rotation transitions by kind (prepared, activated, removed, tainted, issuer_renewed)",
-            rotation_transitions.clone(),
-        );
-        let expiry_warnings = Gauge::default();
-        registry.register(
-            "expiry_warnings",
-            "Roots and issuers within the expiry-warning threshold (or expired)",
-            expiry_warnings.clone(),
-        );
-        let agent_expiry = Gauge::default();
-        registry.register(
-            "agent_certificate_expiry_timestamp_seconds",
-            "Expiry (Unix time) of the certificate the agent holds",
-            agent_expiry.clone(),
-        );
-        let agent_renewals = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "agent_renewals",
-            "Agent certificate requests by result (ok, error)",
-            agent_renewals.clone(),
-        );
-        let agent_bundle_version = Gauge::default();
-        registry.register(
-            "agent_trust_bundle_version",
-            "Version of the trust bundle the agent holds",
-            agent_bundle_version.clone(),
-        );
-        let proxy_handshakes = Family::<HandshakeLabels, Counter>::default();
-        registry.register(
-            "proxy_handshakes",
-            "Proxy connections by direction, result and reason (unknown_ca, identity_not_allowed, expired, ...)",
-            proxy_handshakes.clone(),
-        );
-        let proxy_open = Family::<DirectionLabel, Gauge>::default();
-        registry.register(
-            "proxy_open_connections",
-            "Proxied connections open now",
-            proxy_open.clone(),
-        );
-        let proxy_bytes = Family::<DirectionLabel, Counter>::default();
-        registry.register(
-            "proxy_bytes",
-            "Bytes copied through the proxy (both ways) by direction",
-            proxy_bytes.clone(),
-        );
-        let proxy_peers = Family::<PeerLabels, Counter>::default();
-        registry.register(
-            "proxy_peer_connections",
-            "Established proxy connections by direction and peer SPIFFE ID",
-            proxy_peers.clone(),
-        );
-        let rbac_missing = Gauge::default();
-        registry.register(
-            "kubernetes_permissions_missing",
-            "Kubernetes permissions the configuration needs but the service account lacks (checked at start-up)",
-            rbac_missing.clone(),
-        );
-        let audit_write_failures = Counter::default();
-        registry.register(
-            "audit_write_failures",
-            "Audit log commits that failed (disk full, I/O error); issuance is refused with UNAVAILABLE meanwhile",
-            audit_write_failures.clone(),
-        );
-        let audit_storage_ok = Gauge::default();
-        registry.register(
-            "audit_storage_ok",
-            "1 when the audit log's last write (or recovery probe) succeeded, 0 while it cannot write",
-            audit_storage_ok.clone(),
-        );
-        let audit_refusals_folded = Counter::default();
-        registry.register(
-            "audit_refusals_folded",
-            "Refusals not written as entries of their own (identical repeats, or past the per-peer intake limit); each is counted in a summary entry",
-            audit_refusals_folded.clone(),
-        );
-        let watch_restarts = Family::<WatchLabels, Counter>::default();
-        registry.register(
-            "kubernetes_watch_restarts",
-            "Kubernetes watches restarted, by resource and reason (closed: resumed; gone: 410, listed again; error: backed off)",
-            watch_restarts.clone(),
-        );
-        let leader = Gauge::default();
-        registry.register(
-            "kubernetes_leader",
-            "1 while this replica holds the leader-election Lease (does the singleton work), else 0",
-            leader.clone(),
-        );
-        let bundle_configmaps = Family::<ResultLabel, Counter>::default();
-        registry.register(
-            "bundle_configmap_writes",
-            "Trust-bundle ConfigMap writes by result (created, updated, failed)",
-            bundle_configmaps.clone(),
-        );
-        let secrets_refused = Family::<SecretLabel, Counter>::default();
-        registry.register(
-            "kubernetes_secrets_refused",
-            "Secret versions refused after validation, by Secret role (state, issuer)",
-            secrets_refused.clone(),
-        );
-        let authn_edges = AuthnEdgeMetrics::register(&mut registry);
-        let limits = LimitMetrics::register(&mut registry);
-        let renewal = RenewalMetrics::register(&mut registry);
+        let r = &mut registry;
         Self {
-            authn_edges,
-            limits,
-            renewal,
-            leader,
-            bundle_configmaps,
-            secrets_refused,
-            watch_restarts,
-            rbac_missing,
-            audit_write_failures,
-            audit_storage_ok,
-            audit_refusals_folded,
-            proxy_handshakes,
-            proxy_open,
-            proxy_bytes,
-            proxy_peers,
-            agent_expiry,
-            agent_renewals,
-            agent_bundle_version,
-            roots,
-            bundle_clients,
-            bundle_watchers,
-            leaves_alive,
-            rotation_steps,
-            rotation_transitions,
-            expiry_warnings,
+            issuance: IssuanceMetrics::register(r),
+            trust: TrustMetrics::register(r),
+            agent: AgentMetrics::register(r),
+            proxy: ProxyMetrics::register(r),
+            audit: AuditMetrics::register(r),
+            kubernetes: KubernetesMetrics::register(r),
+            authn_edges: AuthnEdgeMetrics::register(r),
+            limits: LimitMetrics::register(r),
+            renewal: RenewalMetrics::register(r),
             registry,
-            issuance,
-            issuance_latency,
-            validations,
-            tokenreview_latency,
-            root_expiry,
-            issuer_expiry,
-            in_flight,
-            bundle_version,
         }
     }
 
@@ -446,27 +391,30 @@ impl Metrics {
         latency: Duration,
     ) {
         self.issuance
+            .decisions
             .get_or_create(&IssuanceLabels {
                 api,
                 result: if granted { "granted" } else { "refused" },
                 reason,
             })
             .inc();
-        self.issuance_latency
+        self.issuance
+            .latency
             .get_or_create(&ApiLabel { api })
             .observe(latency.as_secs_f64());
     }
 
     /// Records one credential validation.
     pub fn validation(&self, method: &'static str, result: &'static str) {
-        self.validations
+        self.issuance
+            .validations
             .get_or_create(&ValidationLabels { method, result })
             .inc();
     }
 
     /// Records one TokenReview round trip.
     pub fn observe_tokenreview(&self, d: Duration) {
-        self.tokenreview_latency.observe(d.as_secs_f64());
+        self.issuance.tokenreview_latency.observe(d.as_secs_f64());
     }
 
     /// Sets the expiry gauges and bundle version.
@@ -476,17 +424,17 @@ impl Metrics {
         issuer_expiry_unix: u64,
         bundle_version: u64,
     ) {
-        self.root_expiry.set(root_expiry_unix as i64);
-        self.issuer_expiry.set(issuer_expiry_unix as i64);
-        self.bundle_version.set(bundle_version as i64);
+        self.trust.root_expiry.set(root_expiry_unix as i64);
+        self.trust.issuer_expiry.set(issuer_expiry_unix as i64);
+        self.trust.bundle_version.set(bundle_version as i64);
     }
 
-    /// Sets the issuer expiry gauge (after a renewal).
     /// Replaces the per-root gauges and the bundle version.
     pub fn set_roots(&self, roots: &[RootGauge], bundle_version: u64) {
-        self.roots.clear();
+        self.trust.roots.clear();
         for r in roots {
-            self.roots
+            self.trust
+                .roots
                 .get_or_create(&RootLabels {
                     root: r.root.clone(),
                     state: r.state.clone(),
@@ -494,9 +442,9 @@ impl Metrics {
                 .set(r.expiry_unix as i64);
         }
         if let Some(min) = roots.iter().map(|r| r.expiry_unix).min() {
-            self.root_expiry.set(min as i64);
+            self.trust.root_expiry.set(min as i64);
         }
-        self.bundle_version.set(bundle_version as i64);
+        self.trust.bundle_version.set(bundle_version as i64);
     }
 
     /// Replaces the propagation gauges.
@@ -506,16 +454,18 @@ impl Metrics {
         watchers: usize,
         leaves_by_root: &std::collections::BTreeMap<String, usize>,
     ) {
-        self.bundle_clients.clear();
+        self.trust.bundle_clients.clear();
         for (v, n) in by_version {
-            self.bundle_clients
+            self.trust
+                .bundle_clients
                 .get_or_create(&VersionLabel { version: *v })
                 .set(*n as i64);
         }
-        self.bundle_watchers.set(watchers as i64);
-        self.leaves_alive.clear();
+        self.trust.bundle_watchers.set(watchers as i64);
+        self.trust.leaves_alive.clear();
         for (r, n) in leaves_by_root {
-            self.leaves_alive
+            self.trust
+                .leaves_alive
                 .get_or_create(&RootLabel { root: r.clone() })
                 .set(*n as i64);
         }
@@ -523,31 +473,34 @@ impl Metrics {
 
     /// Records one rotation step and how long it took.
     pub fn rotation_step(&self, step: &'static str, took: Duration) {
-        self.rotation_steps
+        self.trust
+            .steps
             .get_or_create(&StepLabel { step })
             .observe(took.as_secs_f64());
     }
 
     /// Counts a transition.
     pub fn rotation_transition(&self, kind: &'static str) {
-        self.rotation_transitions
+        self.trust
+            .transitions
             .get_or_create(&StepLabel { step: kind })
             .inc();
     }
 
     /// How many certificates are within the warning threshold.
     pub fn set_expiry_warnings(&self, n: usize) {
-        self.expiry_warnings.set(n as i64);
+        self.trust.expiry_warnings.set(n as i64);
     }
 
     /// The agent's certificate expiry.
     pub fn agent_expiry(&self, unix: u64) {
-        self.agent_expiry.set(unix as i64);
+        self.agent.expiry.set(unix as i64);
     }
 
     /// Counts an agent certificate request.
     pub fn agent_renewal(&self, ok: bool) {
-        self.agent_renewals
+        self.agent
+            .renewals
             .get_or_create(&ResultLabel {
                 result: if ok { "ok" } else { "error" },
             })
@@ -556,12 +509,13 @@ impl Metrics {
 
     /// The agent's bundle version.
     pub fn agent_bundle(&self, version: u64) {
-        self.agent_bundle_version.set(version as i64);
+        self.agent.bundle_version.set(version as i64);
     }
 
     /// Counts a proxy handshake outcome.
     pub fn proxy_handshake(&self, direction: &'static str, ok: bool, reason: &'static str) {
-        self.proxy_handshakes
+        self.proxy
+            .handshakes
             .get_or_create(&HandshakeLabels {
                 direction,
                 result: if ok { "ok" } else { "refused" },
@@ -572,7 +526,8 @@ impl Metrics {
 
     /// Counts an established connection by peer identity.
     pub fn proxy_peer(&self, direction: &'static str, peer: &str) {
-        self.proxy_peers
+        self.proxy
+            .peers
             .get_or_create(&PeerLabels {
                 direction,
                 peer: peer.to_string(),
@@ -582,7 +537,8 @@ impl Metrics {
 
     /// Counts bytes copied.
     pub fn proxy_bytes(&self, direction: &'static str, n: u64) {
-        self.proxy_bytes
+        self.proxy
+            .bytes
             .get_or_create(&DirectionLabel { direction })
             .inc_by(n);
     }
@@ -590,7 +546,8 @@ impl Metrics {
     /// Marks a proxied connection open until the guard drops.
     pub fn proxy_open(&self, direction: &'static str) -> OpenGuard {
         let g = self
-            .proxy_open
+            .proxy
+            .open
             .get_or_create(&DirectionLabel { direction })
             .clone();
         g.inc();
@@ -599,12 +556,13 @@ impl Metrics {
 
     /// Whether this replica leads.
     pub fn set_leader(&self, leading: bool) {
-        self.leader.set(i64::from(leading));
+        self.kubernetes.leader.set(i64::from(leading));
     }
 
     /// Counts bundle ConfigMap writes.
     pub fn bundle_configmap_writes(&self, result: &'static str, n: usize) {
-        self.bundle_configmaps
+        self.kubernetes
+            .bundle_configmaps
             .get_or_create(&ResultLabel { result })
             .inc_by(n as u64);
     }
@@ -649,45 +607,47 @@ impl Metrics {
 
     /// Counts a refused Secret version.
     pub fn secret_refused(&self, secret: &'static str) {
-        self.secrets_refused
+        self.kubernetes
+            .secrets_refused
             .get_or_create(&SecretLabel { secret })
             .inc();
     }
 
     /// Counts a restarted Kubernetes watch.
     pub fn kubernetes_watch_restart(&self, resource: &'static str, reason: &'static str) {
-        self.watch_restarts
+        self.kubernetes
+            .watch_restarts
             .get_or_create(&WatchLabels { resource, reason })
             .inc();
     }
 
     /// Missing Kubernetes permissions found at start-up.
     pub fn set_rbac_missing(&self, n: usize) {
-        self.rbac_missing.set(n as i64);
+        self.kubernetes.rbac_missing.set(n as i64);
     }
 
     /// Records the outcome of an audit log write.
     pub fn audit_write(&self, ok: bool) {
         if !ok {
-            self.audit_write_failures.inc();
+            self.audit.write_failures.inc();
         }
-        self.audit_storage_ok.set(i64::from(ok));
+        self.audit.storage_ok.set(i64::from(ok));
     }
 
     /// Counts a refusal folded into a summary entry.
     pub fn audit_refusal_folded(&self) {
-        self.audit_refusals_folded.inc();
+        self.audit.refusals_folded.inc();
     }
 
     /// Sets the issuer's expiry (Unix seconds).
     pub fn set_issuer_expiry(&self, unix: u64) {
-        self.issuer_expiry.set(unix as i64);
+        self.trust.issuer_expiry.set(unix as i64);
     }
 
     /// Marks a request in flight until the guard drops.
     pub fn in_flight(&self) -> InFlight<'_> {
-        self.in_flight.inc();
-        InFlight(&self.in_flight)
+        self.issuance.in_flight.inc();
+        InFlight(&self.issuance.in_flight)
     }
 
     /// Prometheus text exposition (format 0.0.4).
@@ -718,10 +678,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The process-wide instruments.
-pub fn global() -> &'static Metrics {
-    static M: OnceLock<Metrics> = OnceLock::new();
-    M.get_or_init(Metrics::new)
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

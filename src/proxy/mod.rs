@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::agent::State;
+use crate::metrics::Metrics;
 use balance::Balancer;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,8 +81,12 @@ struct Configs {
     client: ArcSwapOption<rustls::ClientConfig>,
 }
 
-/// Starts the listeners.
-pub async fn start(cfg: ProxyConfig, identity: watch::Receiver<State>) -> Result<Proxy, String> {
+/// Starts the listeners, reporting to `metrics`.
+pub async fn start(
+    cfg: ProxyConfig,
+    identity: watch::Receiver<State>,
+    metrics: Arc<Metrics>,
+) -> Result<Proxy, String> {
     if cfg.inbound.is_none() && cfg.outbound.is_none() {
         return Err("nothing to proxy: give --inbound and/or --outbound".into());
     }
@@ -138,6 +143,7 @@ pub async fn start(cfg: ProxyConfig, identity: watch::Receiver<State>) -> Result
         proxy.inbound_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
         let allow = Arc::new(cfg.allow.clone());
         let configs = configs.clone();
+        let metrics = metrics.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             loop {
@@ -146,7 +152,8 @@ pub async fn start(cfg: ProxyConfig, identity: watch::Receiver<State>) -> Result
                     _ = stop.wait_for(|s| *s) => return,
                 };
                 let (configs, allow, app) = (configs.clone(), allow.clone(), app.clone());
-                tokio::spawn(async move { inbound(tcp, peer, &configs, &allow, &app).await });
+                let m = metrics.clone();
+                tokio::spawn(async move { inbound(tcp, peer, &configs, &allow, &app, &m).await });
             }
         });
     }
@@ -185,7 +192,8 @@ pub async fn start(cfg: ProxyConfig, identity: watch::Receiver<State>) -> Result
                     _ = stop.wait_for(|s| *s) => return,
                 };
                 let (configs, balancer, host) = (configs.clone(), balancer.clone(), host.clone());
-                tokio::spawn(async move { outbound(tcp, &configs, &balancer, &host).await });
+                let m = metrics.clone();
+                tokio::spawn(async move { outbound(tcp, &configs, &balancer, &host, &m).await });
             }
         });
     }
@@ -204,8 +212,14 @@ async fn resolve(upstream: &str, balancer: &Balancer) -> Result<(), String> {
     Ok(())
 }
 
-async fn inbound(tcp: TcpStream, peer: SocketAddr, configs: &Configs, allow: &[String], app: &str) {
-    let m = crate::metrics::global();
+async fn inbound(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    configs: &Configs,
+    allow: &[String],
+    app: &str,
+    m: &Metrics,
+) {
     let Some(cfg) = configs.server.load_full() else {
         m.proxy_handshake("inbound", false, "no_certificate_yet");
         return;
@@ -257,11 +271,16 @@ async fn inbound(tcp: TcpStream, peer: SocketAddr, configs: &Configs, allow: &[S
         }
     };
     let _ = upstream.set_nodelay(true);
-    pipe("inbound", tls, upstream).await;
+    pipe("inbound", tls, upstream, m).await;
 }
 
-async fn outbound(mut app: TcpStream, configs: &Configs, balancer: &Balancer, host: &str) {
-    let m = crate::metrics::global();
+async fn outbound(
+    mut app: TcpStream,
+    configs: &Configs,
+    balancer: &Balancer,
+    host: &str,
+    m: &Metrics,
+) {
     let Some(cfg) = configs.client.load_full() else {
         m.proxy_handshake("outbound", false, "no_certificate_yet");
         return;
@@ -324,15 +343,14 @@ async fn outbound(mut app: TcpStream, configs: &Configs, balancer: &Balancer, ho
     {
         m.proxy_peer("outbound", &id);
     }
-    pipe("outbound", app, tls).await;
+    pipe("outbound", app, tls, m).await;
 }
 
-async fn pipe<A, B>(direction: &'static str, mut a: A, mut b: B)
+async fn pipe<A, B>(direction: &'static str, mut a: A, mut b: B, m: &Metrics)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let m = crate::metrics::global();
     let _open = m.proxy_open(direction);
     match tokio::io::copy_bidirectional(&mut a, &mut b).await {
         Ok((ab, ba)) => m.proxy_bytes(direction, ab + ba),

@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Workload;
+use crate::metrics::Metrics;
 
 /// The file in the data directory.
 pub const FILE: &str = "revocations.json";
@@ -160,12 +161,7 @@ pub fn parse_identity(s: &str) -> Result<Workload, RevocationError> {
 pub struct Revocations {
     path: Option<PathBuf>,
     list: ArcSwap<RevocationList>,
-}
-
-impl Default for Revocations {
-    fn default() -> Self {
-        Self::in_memory()
-    }
+    metrics: Arc<Metrics>,
 }
 
 impl crate::trust::service::StateObserver for Revocations {
@@ -176,20 +172,22 @@ impl crate::trust::service::StateObserver for Revocations {
 
 impl Revocations {
     /// An empty list kept nowhere (tests, and cores built without a data directory).
-    pub fn in_memory() -> Self {
+    pub fn in_memory(metrics: Arc<Metrics>) -> Self {
         Self {
             path: None,
             list: ArcSwap::from_pointee(RevocationList::default()),
+            metrics,
         }
     }
 
     /// Loads the list of `data_dir` (empty if it has none). A file that does
     /// not parse is an error: starting without the operator's denials would
     /// silently re-admit what they shut out.
-    pub fn open(data_dir: &Path) -> Result<Self, String> {
+    pub fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<Self, String> {
         let r = Self {
             path: Some(data_dir.join(FILE)),
             list: ArcSwap::from_pointee(RevocationList::default()),
+            metrics,
         };
         r.reload()?;
         Ok(r)
@@ -294,7 +292,8 @@ impl Revocations {
 
     fn publish_metrics(&self) {
         let l = self.list.load();
-        crate::metrics::global().set_revocations(l.serials.len(), l.identities.len());
+        self.metrics
+            .set_revocations(l.serials.len(), l.identities.len());
     }
 }
 
@@ -372,7 +371,7 @@ impl RevocationService {
                 .await
                 .map_err(|e| RevocationError::Storage(e.to_string()))??,
         }
-        crate::metrics::global().revocation_change(change.action());
+        self.revs.metrics.revocation_change(change.action());
         tracing::warn!(action = change.action(), actor, "{}", change.describe());
         self.audit(&change, actor, now).await;
         Ok(())
@@ -439,7 +438,7 @@ mod tests {
     fn changes_persist_and_reload_and_inputs_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let now = std::time::SystemTime::now();
-        let r = Revocations::open(dir.path()).unwrap();
+        let r = Revocations::open(dir.path(), Arc::default()).unwrap();
         assert!(r.is_empty());
         let web = parse_identity("shop/web").unwrap();
         r.apply(
@@ -467,7 +466,7 @@ mod tests {
             Err(RevocationError::NotFound(_))
         ));
         // A restart sees the same list.
-        let again = Revocations::open(dir.path()).unwrap();
+        let again = Revocations::open(dir.path(), Arc::default()).unwrap();
         assert_eq!(again.denied(&web).unwrap().reason, "compromised");
         assert!(again.is_revoked("0a1b"));
         assert!(again.denied(&parse_identity("shop/db").unwrap()).is_none());
@@ -475,7 +474,7 @@ mod tests {
         again
             .apply(&Change::LiftIdentity(web.clone()), "t", now)
             .unwrap();
-        assert!(Revocations::open(dir.path())
+        assert!(Revocations::open(dir.path(), Arc::default())
             .unwrap()
             .denied(&web)
             .is_none());
@@ -490,6 +489,6 @@ mod tests {
         assert!(validate(br#"{"serials":{"XYZ":{"time":"t"}}}"#).is_err());
         // A file that does not parse stops the start instead of re-admitting.
         std::fs::write(dir.path().join(FILE), b"{not json").unwrap();
-        assert!(Revocations::open(dir.path()).is_err());
+        assert!(Revocations::open(dir.path(), Arc::default()).is_err());
     }
 }

@@ -26,6 +26,7 @@ use crate::ca::store::{lock_data_dir, DataDir, InitOptions};
 use crate::ca::{Authority, Policy};
 use crate::config::{AuthnSource, ServeConfig};
 use crate::identity::Workload;
+use crate::metrics::Metrics;
 use crate::proto;
 use crate::tls::crypto_provider;
 use crate::util::clock::{Clock, SystemClock};
@@ -48,6 +49,8 @@ pub struct Running {
     pub audit: Option<crate::audit::AuditLog>,
     /// Whether this replica leads (with `publish_bundle` or `state_secret`).
     pub leading: Option<watch::Receiver<bool>>,
+    /// This server's instruments (what its `/metrics` renders).
+    pub metrics: Arc<Metrics>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -79,6 +82,7 @@ pub async fn build_authenticator(
     cfg: &ServeConfig,
     data: &DataDir,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 ) -> Result<Authenticator, String> {
     let mut sources = Vec::new();
     let dev_mode = cfg.jwks_file.is_none()
@@ -179,6 +183,7 @@ pub async fn build_authenticator(
                             cfg.tokenreview_burst,
                             issuers,
                             cfg.allow_legacy_tokens,
+                            metrics.clone(),
                         ),
                     )));
                 }
@@ -347,6 +352,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         );
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::new());
     let data = DataDir::new(&cfg.data_dir);
     // Replicated: the shared state (a Secret), when it exists, is the CA;
     // this replica's data directory becomes a copy of it.
@@ -363,6 +369,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 name,
                 &cfg.replica,
                 data.clone(),
+                metrics.clone(),
             ));
             if ss.pull().await? {
                 tracing::info!(secret = %name, "loaded the CA state shared by the other replicas");
@@ -419,9 +426,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         loaded.roots,
     ));
     ca.set_bundle(mgr.bundle()?);
-    crate::metrics::global()
-        .set_issuer_expiry(crate::util::clock::unix_secs(ca.issuer().not_after));
-    let mut authn = build_authenticator(&cfg, &data, clock.clone()).await?;
+    metrics.set_issuer_expiry(crate::util::clock::unix_secs(ca.issuer().not_after));
+    let mut authn = build_authenticator(&cfg, &data, clock.clone(), metrics.clone()).await?;
     // A token whose pod or service account is gone must stop working
     // within seconds, even when verified locally: keep a metadata-only
     // watch of both (started below, once there is a stop signal).
@@ -430,7 +436,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             let client = crate::authn::tokenreview::TokenReviewer::client_from_kubeconfig(kc)
                 .await
                 .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
-            let objects = Arc::new(crate::kubernetes::bindings::BoundObjects::default());
+            let objects = Arc::new(crate::kubernetes::bindings::BoundObjects::new(
+                metrics.clone(),
+            ));
             authn = authn.with_bindings(objects.clone());
             Some((client, objects))
         }
@@ -448,13 +456,15 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         });
     }
     let tracker = Arc::new(crate::trust::propagation::Tracker::default());
-    let connections = api::connections::Connections::new(cfg.limits.max_connections);
+    let connections =
+        api::connections::Connections::new(cfg.limits.max_connections, metrics.clone());
     let mut core = Core::new(
         ca.clone(),
         authn,
         cfg.audiences.clone(),
         cfg.rate_limit,
         cfg.rate_burst,
+        metrics.clone(),
     )
     .with_identity_limit(
         cfg.limits.identity_rate_limit,
@@ -465,8 +475,14 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     .with_tracker(tracker.clone());
     // The operator's revocations: a list that does not parse stops the
     // start rather than re-admitting what was shut out.
-    let revocations = Arc::new(crate::revocation::Revocations::open(&cfg.data_dir)?);
-    let renewal = Arc::new(crate::authn::renewal::Renewal::new(cfg.renewal_max_age));
+    let revocations = Arc::new(crate::revocation::Revocations::open(
+        &cfg.data_dir,
+        metrics.clone(),
+    )?);
+    let renewal = Arc::new(crate::authn::renewal::Renewal::new(
+        cfg.renewal_max_age,
+        metrics.clone(),
+    ));
     core = core
         .with_revocations(revocations.clone())
         .with_renewal(renewal.clone());
@@ -498,6 +514,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             &cfg.data_dir,
             &log_name,
             clock.clone(),
+            metrics.clone(),
             cfg.audit_max_bytes,
         )?;
         let every = cfg.audit_checkpoint_interval;
@@ -539,6 +556,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         tracker.clone(),
         audit_log.clone(),
         cfg.rotation_settings(),
+        metrics.clone(),
     );
     rotation.observe(renewal.clone());
     rotation.observe(revocations.clone());
@@ -608,6 +626,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             },
             wake.clone(),
             stop_rx.clone(),
+            metrics.clone(),
         ));
         rotation.follow_shared(cfg.state_poll_interval, wake, stop_rx.clone());
     }
@@ -649,7 +668,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 tracing::info!(checked = needs.len(), "Kubernetes permissions: all present")
             }
             Ok(Ok(missing)) => {
-                crate::metrics::global().set_rbac_missing(missing.len());
+                metrics.set_rbac_missing(missing.len());
                 tracing::error!(missing = ?missing, "Kubernetes permissions missing: grant them (see deploy/rbac.yaml) or these features will fail");
             }
             Ok(Err(e)) => {
@@ -678,6 +697,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 retry_period: (lease_duration / 5).max(Duration::from_millis(100)),
             },
             stop_rx.clone(),
+            metrics.clone(),
         );
         if cfg.state_secret.is_some() {
             rotation.set_leader(leader.clone());
@@ -695,6 +715,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 },
                 wake.clone(),
                 stop_rx.clone(),
+                metrics.clone(),
             ));
             tokio::spawn(crate::kubernetes::watch::follow(
                 kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::all(client.clone()),
@@ -705,6 +726,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 },
                 wake.clone(),
                 stop_rx.clone(),
+                metrics.clone(),
             ));
             tokio::spawn(crate::kubernetes::publish::run(
                 client.clone(),
@@ -715,6 +737,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 ca.watch_bundle(),
                 leader.clone(),
                 wake,
+                metrics.clone(),
             ));
         }
         if cfg.state_secret.is_some() {
@@ -730,6 +753,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 tracker.clone(),
                 Some(leader.clone()),
                 stop_rx.clone(),
+                metrics.clone(),
             ));
         }
         if let Some(name) = cfg.issuer_secret.clone() {
@@ -815,6 +839,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         cfg.limits.handshake_timeout,
         conn_tx,
         stop_rx.clone(),
+        metrics.clone(),
     ));
     if let Some(idle) = cfg.limits.idle_timeout {
         let conns = connections.clone();
@@ -864,6 +889,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         }
     });
 
+    let open_metrics = metrics.clone();
     let ready_ca = ca.clone();
     let ready_authn = core.authn.clone();
     let ready_audit = audit_log.clone();
@@ -871,13 +897,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     let open = axum::Router::new()
         .route(
             "/metrics",
-            get(|| async {
+            get(move || async move {
                 (
                     [(
                         axum::http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    crate::metrics::global().render(),
+                    open_metrics.render(),
                 )
             }),
         )
@@ -993,6 +1019,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     tracing::info!(%grpc_addr, %admin_addr, server_name = %server_name, trust_domain = %cfg.mesh.trust_domain, "meshca serving");
     Ok(Running {
         leading,
+        metrics,
         grpc_addr,
         admin_addr,
         ca,
@@ -1040,8 +1067,8 @@ async fn accept_loop(
         >,
     >,
     mut stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
 ) {
-    let metrics = crate::metrics::global();
     let mut last_warning: Option<std::time::Instant> = None;
     loop {
         let (tcp, peer) = tokio::select! {
@@ -1068,6 +1095,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.load_full());
         let conn_tx = conn_tx.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let io = api::connections::Guarded::new(tcp, slot);
             match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {

@@ -21,6 +21,7 @@ use super::propagation::{Propagation, Tracker};
 use super::rotation::{Command, Event, Observations, Phase, RotationError};
 use crate::audit::{AuditLog, Entry};
 use crate::ca::Authority;
+use crate::metrics::Metrics;
 use crate::util::clock::{rfc3339, unix_millis, unix_secs};
 
 /// Rotation settings (from `serve`'s configuration).
@@ -102,6 +103,7 @@ pub struct RotationService {
     /// Told the root states after every step and the shared state's
     /// changes (renewal by certificate, the revocation list).
     observers: std::sync::Mutex<Vec<Arc<dyn StateObserver>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Something that follows the CA's trust state without `trust` knowing it
@@ -125,8 +127,10 @@ impl RotationService {
         tracker: Arc<Tracker>,
         audit: Option<AuditLog>,
         settings: Settings,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let s = Arc::new(Self {
+            metrics,
             mgr,
             ca,
             tracker,
@@ -141,6 +145,11 @@ impl RotationService {
         });
         s.publish_metrics();
         s
+    }
+
+    /// The registry this service (and what it drives) reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// From now on the background singleton work (issuer renewal,
@@ -179,7 +188,7 @@ impl RotationService {
             );
         }
         self.mark_external_issuer(&fp);
-        crate::metrics::global().rotation_transition("issuer_installed");
+        self.metrics.rotation_transition("issuer_installed");
         tracing::info!(old = %old, new = %fp, source, "issuer installed from outside meshca");
         self.audit_entry(
             "issuer_installed",
@@ -430,7 +439,7 @@ impl RotationService {
         .await
         .map_err(|e| TrustError::Storage(format!("rotation step panicked: {e}")))??;
         self.publish(&rec).await.map_err(TrustError::Storage)?;
-        crate::metrics::global().rotation_step(name, started.elapsed());
+        self.metrics.rotation_step(name, started.elapsed());
         Ok((events, obs))
     }
 
@@ -445,7 +454,7 @@ impl RotationService {
         if let Some((report, why)) = &rec.issuer_renewed {
             self.load_issuer().await?;
             tracing::info!(issuer = %report.fingerprint, not_after = %rfc3339(report.not_after), reason = why, "rotation: new issuer under the active root");
-            crate::metrics::global().rotation_transition("issuer_renewed");
+            self.metrics.rotation_transition("issuer_renewed");
             self.audit_entry(
                 "issuer_renewed",
                 why,
@@ -478,7 +487,8 @@ impl RotationService {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        crate::metrics::global().set_issuer_expiry(unix_secs(loaded.issuer.not_after));
+        self.metrics
+            .set_issuer_expiry(unix_secs(loaded.issuer.not_after));
         self.ca.set_issuer(loaded.issuer.with_root(active));
         self.issuer_changed.notify_waiters();
         Ok(())
@@ -498,7 +508,7 @@ impl RotationService {
                 expiry_unix: unix_secs(r.not_after),
             })
             .collect();
-        let m = crate::metrics::global();
+        let m = &self.metrics;
         m.set_roots(&roots, s.bundle_version);
         let p = self.propagation(self.ca.clock().now());
         let short: std::collections::BTreeMap<String, usize> = p
@@ -510,7 +520,7 @@ impl RotationService {
     }
 
     async fn record(&self, events: &[Event], actor: &str, obs: &Observations) {
-        let m = crate::metrics::global();
+        let m = &self.metrics;
         for e in events {
             let (kind, root, detail) = match e {
                 Event::Prepared(id) => (
@@ -665,8 +675,9 @@ impl RotationService {
                             tracing::error!(error = %e, "the renewed issuer could not be shared with other replicas")
                         }
                     }
-                    crate::metrics::global().rotation_step("issuer_renewal", started.elapsed());
-                    crate::metrics::global().rotation_transition("issuer_renewed");
+                    self.metrics
+                        .rotation_step("issuer_renewal", started.elapsed());
+                    self.metrics.rotation_transition("issuer_renewed");
                     if report.clamped_to_root {
                         tracing::warn!(issuer = %report.fingerprint, not_after = %rfc3339(report.not_after), "the new issuer's lifetime was cut to the root's expiry: rotate the root (meshca rotation prepare)");
                     }
@@ -800,7 +811,7 @@ impl RotationService {
                 tracing::warn!(certificate = %what, expires_at = %rfc3339(at), "expires soon: see `meshca rotation status`");
             }
         }
-        crate::metrics::global().set_expiry_warnings(n);
+        self.metrics.set_expiry_warnings(n);
     }
 }
 

@@ -337,6 +337,7 @@ fn store_seed() -> &'static StoreSeed {
             dir.path(),
             "cluster.local",
             std::sync::Arc::new(meshca::util::clock::SystemClock),
+            Default::default(),
         )
         .expect("open");
         super::harness::block_on(async {

@@ -106,6 +106,7 @@ fn build() -> World {
             Audiences::default(),
             1e9,
             u32::MAX,
+            Default::default(),
         )
         .with_identity_limit(1e9, u32::MAX),
     );

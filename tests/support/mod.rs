@@ -126,14 +126,36 @@ impl Ca {
         std::fs::write(&token, self.token("shop", "web", "meshca")).unwrap();
         let bundle = dir.join("bundle.pem");
         std::fs::write(&bundle, self.bundle_pem()).unwrap();
-        meshca::agent::start(meshca::agent::AgentConfig {
-            ca_address: self.addr(),
-            server_name: self.running.server_name.clone(),
-            bootstrap_bundle: bundle,
-            token_file: token,
-            requested_ttl: Some(ttl),
-        })
+        meshca::agent::start(
+            meshca::agent::AgentConfig {
+                ca_address: self.addr(),
+                server_name: self.running.server_name.clone(),
+                bootstrap_bundle: bundle,
+                token_file: token,
+                requested_ttl: Some(ttl),
+            },
+            std::sync::Arc::default(),
+        )
         .unwrap()
+    }
+
+    /// One sample of this server's own registry (0 when absent).
+    pub fn metric(&self, name_and_labels: &str) -> f64 {
+        metric_value(&self.running.metrics.render(), name_and_labels).unwrap_or(0.0)
+    }
+
+    /// `GET /metrics` from this server's admin endpoint (what Prometheus scrapes).
+    pub async fn scrape(&self) -> String {
+        let (status, text) = meshca::client::admin::request(
+            "GET",
+            &format!("http://{}/metrics", self.running.admin_addr),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{text}");
+        text
     }
 
     /// A valid token for ns/sa with `aud`.
@@ -147,6 +169,36 @@ impl Ca {
         let mut c = claims(ns, sa);
         edit(&mut c);
         sign_es256(&pem, &kid, &c)
+    }
+}
+
+/// The value of the sample `name_and_labels` (exactly as exposed, e.g.
+/// `meshca_issuance_total{api="native",result="granted",reason="ok"}`) in a
+/// Prometheus text exposition; None when there is no such sample.
+pub fn metric_value(exposition: &str, name_and_labels: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    })
+}
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after
+/// `limit`. For conditions reached by background tasks (a watch event, a
+/// renewal), instead of a fixed sleep that is either too short on a loaded
+/// machine or wastes time on an idle one.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
