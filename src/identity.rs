@@ -233,7 +233,7 @@ pub struct Mesh {
 
 /// The service account the CA itself runs as: its serving certificate is
 /// issued to this workload in the control-plane namespace.
-pub const CA_SERVICE_ACCOUNT: &str = "meshca";
+pub(crate) const CA_SERVICE_ACCOUNT: &str = "meshca";
 
 /// The TLS server name of the CA (what its serving certificate carries and
 /// what clients verify): the DNS identity of [`CA_SERVICE_ACCOUNT`] in the
@@ -241,7 +241,7 @@ pub const CA_SERVICE_ACCOUNT: &str = "meshca";
 ///
 /// Takes plain strings because clients (`certify`, `agent`) derive it from
 /// flags the CA validates, not they.
-pub fn ca_server_name(control_plane_ns: &str, trust_domain: &str) -> String {
+pub(crate) fn ca_server_name(control_plane_ns: &str, trust_domain: &str) -> String {
     format!(
         "{CA_SERVICE_ACCOUNT}.{control_plane_ns}.serviceaccount.identity.{control_plane_ns}.{trust_domain}"
     )
@@ -266,7 +266,7 @@ impl Workload {
     }
 
     /// Parses a Kubernetes username `system:serviceaccount:NS:SA`.
-    pub fn from_username(username: &str) -> Result<Self, NameError> {
+    pub(crate) fn from_username(username: &str) -> Result<Self, NameError> {
         let rest = username
             .strip_prefix("system:serviceaccount:")
             .ok_or_else(|| {

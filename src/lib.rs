@@ -35,7 +35,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod metrics;
 pub mod proxy;
-pub mod revocation;
+pub(crate) mod revocation;
 pub mod server;
 pub mod tls;
 pub mod trust;

@@ -24,11 +24,11 @@ use crate::audit::store::{AuditStore, Filter, SqliteStore};
 use crate::audit::{query, AuditLog};
 
 /// Entries per page of `/audit/entries` when the request names no `limit`.
-pub const DEFAULT_LIMIT: u64 = 100;
+pub(crate) const DEFAULT_LIMIT: u64 = 100;
 /// The largest page `/audit/entries` serves.
-pub const MAX_LIMIT: u64 = 1000;
+pub(crate) const MAX_LIMIT: u64 = 1000;
 /// The response header naming the next page's `before` cursor.
-pub const NEXT_CURSOR: &str = "meshca-next-cursor";
+pub(crate) const NEXT_CURSOR: &str = "meshca-next-cursor";
 
 /// Query parameters of `/audit/entries`.
 #[derive(Debug, Default, Deserialize)]
@@ -44,7 +44,7 @@ pub struct ListParams {
 
 /// Query parameters of `/audit/consistency`.
 #[derive(Debug, Deserialize)]
-pub struct ProveParams {
+pub(crate) struct ProveParams {
     from: u64,
     to: u64,
 }

@@ -6,6 +6,6 @@
 //! the domain service (`trust`, `audit`, `revocation`) that owns the state.
 
 pub mod audit;
-pub mod guard;
-pub mod revocation;
-pub mod rotation;
+pub(crate) mod guard;
+pub(crate) mod revocation;
+pub(crate) mod rotation;

@@ -12,7 +12,7 @@
 //! sockets itself, or trust anything but the bootstrap bundle and what
 //! arrives over TLS verified by it.
 
-pub mod endpoints;
+pub(crate) mod endpoints;
 pub mod files;
 pub mod workload_api;
 

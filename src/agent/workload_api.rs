@@ -22,11 +22,11 @@ use crate::proto::spiffe as pb;
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 
 /// The metadata every Workload API request must carry.
-pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+pub(crate) const SECURITY_HEADER: &str = "workload.spiffe.io";
 
 /// The service.
 #[derive(Debug, Clone)]
-pub struct WorkloadApi {
+pub(crate) struct WorkloadApi {
     state: watch::Receiver<State>,
     trust_domain: String,
 }
@@ -131,7 +131,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
 
 /// Accepts `unix:///path`, `unix:/path` or a plain path (the
 /// `SPIFFE_ENDPOINT_SOCKET` conventions).
-pub fn socket_path(spec: &str) -> Result<PathBuf, String> {
+pub(crate) fn socket_path(spec: &str) -> Result<PathBuf, String> {
     let p = spec
         .strip_prefix("unix://")
         .or_else(|| spec.strip_prefix("unix:"))

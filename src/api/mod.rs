@@ -6,12 +6,12 @@
 //! become gRPC statuses in exactly one place, `status`. Must not: sign
 //! anything itself, or talk to Kubernetes except through `authn`.
 
-pub mod connections;
+pub(crate) mod connections;
 pub mod istio;
 pub mod linkerd;
 pub mod native;
-pub mod status;
-pub mod watchers;
+pub(crate) mod status;
+pub(crate) mod watchers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -20,9 +20,9 @@ use crate::util::clock::Clock;
 
 /// Bytes kept of one untrusted word (a run of non-space characters) in a
 /// refusal's detail.
-pub const MAX_WORD: usize = 128;
+pub(crate) const MAX_WORD: usize = 128;
 /// Bytes kept of a whole refusal detail.
-pub const MAX_DETAIL: usize = 1024;
+pub(crate) const MAX_DETAIL: usize = 1024;
 /// Peers tracked at once; refusals from further new peers share one bucket.
 const MAX_PEERS: usize = 65_536;
 const SHARDS: usize = 16;
@@ -63,7 +63,7 @@ pub fn truncate(s: &str, max: usize) -> String {
 /// Bounds the untrusted strings a refusal's detail may echo (an `iss`, a
 /// `kid`, a claimed name): each word to [`MAX_WORD`] bytes, the whole to
 /// [`MAX_DETAIL`], each cut marked.
-pub fn bound_detail(detail: &str) -> String {
+pub(crate) fn bound_detail(detail: &str) -> String {
     let mut out = String::with_capacity(detail.len().min(MAX_DETAIL + 64));
     let mut rest = detail;
     while !rest.is_empty() && out.len() <= MAX_DETAIL {
@@ -92,7 +92,7 @@ pub fn bound_detail(detail: &str) -> String {
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// Append it now.
     Record,
     /// Counted into a later summary entry (see [`RefusalGate::drain`]).
@@ -175,7 +175,7 @@ impl RefusalGate {
     }
 
     /// Decides whether the refusal `e` is appended now or folded.
-    pub fn admit(&self, e: &Entry) -> Admit {
+    pub(crate) fn admit(&self, e: &Entry) -> Admit {
         let now = self.clock.now();
         let mut ip = peer_ip(e);
         let mut shard = self.shards[self.shard(&ip)]

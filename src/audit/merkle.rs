@@ -22,7 +22,7 @@ fn sha256(parts: &[&[u8]]) -> Hash {
 }
 
 /// The hash of an empty tree: `SHA-256()`.
-pub fn empty_root() -> Hash {
+pub(crate) fn empty_root() -> Hash {
     sha256(&[])
 }
 
@@ -32,7 +32,7 @@ pub fn leaf_hash(entry: &[u8]) -> Hash {
 }
 
 /// `SHA-256(0x01 || left || right)`.
-pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+pub(crate) fn node_hash(left: &Hash, right: &Hash) -> Hash {
     sha256(&[&[1u8], left, right])
 }
 
@@ -73,7 +73,7 @@ pub fn inclusion_proof(m: usize, leaves: &[Hash]) -> Vec<Hash> {
 }
 
 /// The consistency proof from size `m` to `leaves.len()` (RFC 9162 §2.1.4.1).
-pub fn consistency_proof(m: usize, leaves: &[Hash]) -> Vec<Hash> {
+pub(crate) fn consistency_proof(m: usize, leaves: &[Hash]) -> Vec<Hash> {
     if m == 0 || m >= leaves.len() {
         return Vec::new();
     }
@@ -210,7 +210,7 @@ pub fn verify_consistency(
 /// An append-only tree summary: the roots of the perfect subtrees that make
 /// up the tree, left to right. Appending is O(log n) amortized; so is the root.
 #[derive(Debug, Clone, Default)]
-pub struct Frontier {
+pub(crate) struct Frontier {
     size: u64,
     /// (subtree size, subtree root), sizes strictly decreasing.
     nodes: Vec<(u64, Hash)>,
@@ -218,7 +218,7 @@ pub struct Frontier {
 
 impl Frontier {
     /// Builds a frontier over existing leaf hashes.
-    pub fn from_leaves(leaves: &[Hash]) -> Self {
+    pub(crate) fn from_leaves(leaves: &[Hash]) -> Self {
         let mut f = Self::default();
         for l in leaves {
             f.push(*l);

@@ -6,13 +6,13 @@
 //! Never stores a token, key or secret (see [`entry::Entry`]). Must not:
 //! decide policy; it records what `api` decided.
 
-pub mod entry;
+pub(crate) mod entry;
 pub mod intake;
 pub mod merkle;
 pub mod note;
 pub mod query;
 pub mod store;
-pub mod tiles;
+pub(crate) mod tiles;
 pub mod verify;
 
 use std::path::{Path, PathBuf};

@@ -74,7 +74,7 @@ pub struct Indexed {
 }
 
 /// Errors from storage.
-pub type StoreResult<T> = Result<T, String>;
+pub(crate) type StoreResult<T> = Result<T, String>;
 
 /// Where the audit log lives.
 pub trait AuditStore: Send {
@@ -209,7 +209,7 @@ impl SqliteStore {
 
     /// Copies the whole WAL into the database and truncates it to nothing
     /// (waits for readers; used only near `audit_max_bytes`).
-    pub fn truncate_wal(&mut self) -> StoreResult<()> {
+    pub(crate) fn truncate_wal(&mut self) -> StoreResult<()> {
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(e)

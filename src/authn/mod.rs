@@ -7,11 +7,11 @@
 //! (clients retry), never a pass and never a false "bad token". Must not:
 //! build gRPC statuses (see `api::status`) or store tokens (only hashes).
 
-pub mod binding;
+pub(crate) mod binding;
 pub mod devtoken;
 pub mod fetch;
 pub mod jwt;
-pub mod renewal;
+pub(crate) mod renewal;
 pub mod tokenreview;
 
 use std::time::SystemTime;
@@ -19,9 +19,9 @@ use std::time::SystemTime;
 use crate::identity::Workload;
 
 /// The issuer of legacy secret-based service-account tokens.
-pub const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+pub(crate) const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 /// The largest token accepted, in bytes.
-pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
 /// How a caller was authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,7 @@ pub enum Source {
 
 impl Source {
     /// Name for logs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Source::Jwks(j) => format!("JWKS (issuers {:?})", j.issuers()),
             Source::TokenReview(_) => "TokenReview".into(),
@@ -139,7 +139,10 @@ impl Authenticator {
     /// service account no longer exists, as `bindings` (an in-memory cache)
     /// says. The development signer is left alone: its tokens name no
     /// real objects.
-    pub fn with_bindings(mut self, bindings: std::sync::Arc<dyn binding::BindingCheck>) -> Self {
+    pub(crate) fn with_bindings(
+        mut self,
+        bindings: std::sync::Arc<dyn binding::BindingCheck>,
+    ) -> Self {
         for s in &mut self.sources {
             match s {
                 Source::Jwks(j) if j.method() == Method::Jwks => j.set_bindings(bindings.clone()),
@@ -151,13 +154,8 @@ impl Authenticator {
         self
     }
 
-    /// True when at least one source is configured.
-    pub fn is_configured(&self) -> bool {
-        !self.sources.is_empty()
-    }
-
     /// The JWKS verifiers whose keys come from a URL (for periodic refresh).
-    pub fn remote_jwks(&self) -> Vec<std::sync::Arc<jwt::JwksVerifier>> {
+    pub(crate) fn remote_jwks(&self) -> Vec<std::sync::Arc<jwt::JwksVerifier>> {
         self.sources
             .iter()
             .filter_map(|s| match s {
@@ -172,7 +170,7 @@ impl Authenticator {
     /// as UNAVAILABLE answers and in the metrics, not here, so that an outage
     /// does not take every replica out of its Service at once). The error
     /// says what is missing.
-    pub fn readiness(&self) -> Result<(), String> {
+    pub(crate) fn readiness(&self) -> Result<(), String> {
         let mut why = Vec::new();
         let has_review = self
             .sources
@@ -199,7 +197,7 @@ impl Authenticator {
     }
 
     /// Names of the sources, in order.
-    pub fn describe(&self) -> Vec<String> {
+    pub(crate) fn describe(&self) -> Vec<String> {
         self.sources.iter().map(Source::describe).collect()
     }
 
@@ -215,7 +213,7 @@ impl Authenticator {
 
     /// Authenticates `token` for `audience` for the caller at `peer` (whose
     /// fair share of the TokenReview budget it uses).
-    pub async fn authenticate_from(
+    pub(crate) async fn authenticate_from(
         &self,
         token: &str,
         audience: &str,
@@ -266,7 +264,7 @@ pub fn unverified_claims(token: &str) -> Option<serde_json::Value> {
 
 /// At most 128 bytes of an untrusted string (cut at a character boundary),
 /// marked when cut, for error messages that echo it.
-pub fn clip(s: &str) -> String {
+pub(crate) fn clip(s: &str) -> String {
     if s.len() <= 128 {
         return s.to_string();
     }
@@ -278,7 +276,7 @@ pub fn clip(s: &str) -> String {
 }
 
 /// SHA-256 of a token, hex: the only form in which a token is ever kept.
-pub fn token_hash(token: &str) -> String {
+pub(crate) fn token_hash(token: &str) -> String {
     hex::encode(ring::digest::digest(
         &ring::digest::SHA256,
         token.as_bytes(),

@@ -15,7 +15,7 @@ use x509_parser::public_key::PublicKey;
 use super::CaError;
 
 /// The largest CSR accepted, in bytes (DER or PEM).
-pub const MAX_CSR_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_CSR_BYTES: usize = 16 * 1024;
 
 /// The kind of public key in a CSR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,18 +28,6 @@ pub enum KeyKind {
     Ed25519,
     /// RSA with this modulus size in bits (2048–4096).
     Rsa(usize),
-}
-
-impl KeyKind {
-    /// A short human name, e.g. `ECDSA P-256`.
-    pub fn describe(&self) -> String {
-        match self {
-            KeyKind::EcdsaP256 => "ECDSA P-256".into(),
-            KeyKind::EcdsaP384 => "ECDSA P-384".into(),
-            KeyKind::Ed25519 => "Ed25519".into(),
-            KeyKind::Rsa(bits) => format!("RSA {bits}"),
-        }
-    }
 }
 
 /// The names the authenticated caller may appear under in its certificate.

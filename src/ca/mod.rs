@@ -6,8 +6,8 @@
 //! [`Workload`] and CSR bytes; keys come in from `ca::store`.
 
 pub mod csr;
-pub mod keys;
-pub mod profile;
+pub(crate) mod keys;
+pub(crate) mod profile;
 pub mod store;
 
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::util::clock::Clock;
 pub use keys::CaKey;
 
 /// Backdating applied to every leaf, to tolerate clock skew between peers.
-pub const BACKDATE: Duration = Duration::from_secs(60);
+pub(crate) const BACKDATE: Duration = Duration::from_secs(60);
 
 /// Why the CA refused or failed to issue. Mapped to gRPC codes in `api::status`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -130,7 +130,7 @@ impl ActiveIssuer {
     }
 
     /// Names the root this issuer chains to.
-    pub fn with_root(mut self, root_fingerprint: String) -> Self {
+    pub(crate) fn with_root(mut self, root_fingerprint: String) -> Self {
         self.root_fingerprint = Some(root_fingerprint);
         self
     }
@@ -248,7 +248,7 @@ impl Authority {
     }
 
     /// A receiver that sees every new bundle.
-    pub fn watch_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+    pub(crate) fn watch_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
         self.bundle.subscribe()
     }
 
@@ -258,7 +258,7 @@ impl Authority {
     }
 
     /// Replaces the issuer (new leaves are signed by it at once).
-    pub fn set_issuer(&self, issuer: ActiveIssuer) {
+    pub(crate) fn set_issuer(&self, issuer: ActiveIssuer) {
         self.issuer.store(Arc::new(issuer));
     }
 
@@ -276,7 +276,10 @@ impl Authority {
     }
 
     /// Resolves the lifetime to grant: `(ttl, clamped)`.
-    pub fn resolve_ttl(&self, requested: Option<Duration>) -> Result<(Duration, bool), CaError> {
+    pub(crate) fn resolve_ttl(
+        &self,
+        requested: Option<Duration>,
+    ) -> Result<(Duration, bool), CaError> {
         let p = &self.policy;
         match requested {
             None => Ok((p.default_ttl.min(p.max_ttl), false)),
@@ -302,7 +305,7 @@ impl Authority {
     }
 
     /// Like [`Authority::issue`], with extra DNS SANs (for the CA's own server certificate).
-    pub fn issue_with_dns(
+    pub(crate) fn issue_with_dns(
         &self,
         workload: &Workload,
         extra_dns: &[String],

@@ -152,7 +152,7 @@ impl DataDir {
     }
 
     /// True when a CA has been created here.
-    pub fn is_initialized(&self) -> bool {
+    pub(crate) fn is_initialized(&self) -> bool {
         self.file("issuer.crt").exists()
     }
 
@@ -275,7 +275,11 @@ impl DataDir {
 
     /// Installs an issuer made elsewhere (shared state from another
     /// replica), with the same crash-safe pending-then-rename switch.
-    pub fn install_issuer(&self, cert_pem: &[u8], key_pem: &SecretBytes) -> Result<(), StoreError> {
+    pub(crate) fn install_issuer(
+        &self,
+        cert_pem: &[u8],
+        key_pem: &SecretBytes,
+    ) -> Result<(), StoreError> {
         self.finish_pending_issuer()?;
         self.write_key("issuer.pending.key", key_pem)?;
         self.write_pub("issuer.pending.crt", cert_pem)?;
@@ -330,13 +334,13 @@ impl DataDir {
     }
 
     /// `roots/<id>.crt` and `roots/<id>.key`.
-    pub fn root_paths(&self, id: &str) -> (PathBuf, PathBuf) {
+    pub(crate) fn root_paths(&self, id: &str) -> (PathBuf, PathBuf) {
         let d = self.file("roots");
         (d.join(format!("{id}.crt")), d.join(format!("{id}.key")))
     }
 
     /// Stores a root under its fingerprint (key first) and returns the fingerprint.
-    pub fn write_root(
+    pub(crate) fn write_root(
         &self,
         der: &CertificateDer<'static>,
         key: &CaKey,
@@ -397,7 +401,7 @@ impl DataDir {
     }
 
     /// Replaces `bundle.pem` (atomically).
-    pub fn write_bundle(&self, roots: &[CertificateDer<'static>]) -> Result<(), StoreError> {
+    pub(crate) fn write_bundle(&self, roots: &[CertificateDer<'static>]) -> Result<(), StoreError> {
         let pem: String = roots.iter().map(|r| der_to_pem(r)).collect();
         self.write_pub("bundle.pem", pem.as_bytes())
     }
@@ -409,7 +413,10 @@ impl DataDir {
     }
 
     /// Reads a PEM certificate file of the directory.
-    pub fn read_cert_file(&self, name: &str) -> Result<Vec<CertificateDer<'static>>, StoreError> {
+    pub(crate) fn read_cert_file(
+        &self,
+        name: &str,
+    ) -> Result<Vec<CertificateDer<'static>>, StoreError> {
         self.read_certs(name)
     }
 
@@ -532,7 +539,7 @@ pub fn import_root(
 ///
 /// `Locked` when another process holds it (a running server: the caller
 /// should talk to it instead); `Io` when the lock file cannot be opened.
-pub fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, StoreError> {
+pub(crate) fn lock_data_dir(data: &DataDir) -> Result<std::fs::File, StoreError> {
     let p = data.file(".lock");
     let io = |source| StoreError::Io {
         path: p.clone(),

@@ -184,7 +184,7 @@ fn print(v: &serde_json::Value, output: Output) -> Result<(), String> {
 }
 
 /// The list as a table.
-pub fn print_table(list: &serde_json::Value) {
+pub(crate) fn print_table(list: &serde_json::Value) {
     let rows: Vec<[String; 5]> = ["serials", "identities"]
         .iter()
         .flat_map(|k| {

@@ -13,17 +13,17 @@
 //! (`--kubeconfig`, or `in-cluster`). Must not: issue certificates or decide
 //! rotation steps.
 
-pub mod audit_key;
+pub(crate) mod audit_key;
 pub mod bindings;
-pub mod detect;
-pub mod event;
-pub mod issuer_secret;
-pub mod lease;
+pub(crate) mod detect;
+pub(crate) mod event;
+pub(crate) mod issuer_secret;
+pub(crate) mod lease;
 pub mod publish;
 pub mod rbac;
 pub mod reports;
 pub mod state;
-pub mod watch;
+pub(crate) mod watch;
 
 /// The label every object meshca writes carries.
 pub(crate) fn managed_by() -> std::collections::BTreeMap<String, String> {

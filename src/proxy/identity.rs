@@ -19,7 +19,7 @@ use crate::util::backoff::Backoff;
 use crate::util::secret::SecretBytes;
 
 /// Splits concatenated DER certificates.
-pub fn split_der(mut b: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn split_der(mut b: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut out = Vec::new();
     while !b.is_empty() {
         let (rest, _) = X509Certificate::from_der(b).map_err(|e| format!("certificate: {e}"))?;

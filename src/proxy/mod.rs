@@ -10,9 +10,9 @@
 //! [`State`] stream, from an in-process agent or the Workload API
 //! (`identity`). Must not: obtain certificates itself.
 
-pub mod balance;
+pub(crate) mod balance;
 pub mod identity;
-pub mod spiffe_tls;
+pub(crate) mod spiffe_tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

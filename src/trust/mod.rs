@@ -10,5 +10,5 @@ pub mod journal;
 pub mod manager;
 pub mod propagation;
 pub mod rotation;
-pub mod service;
+pub(crate) mod service;
 pub mod status;

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 const SHARDS: usize = 16;
 
 /// How long a stalled client is remembered as stalled with no stream open.
-pub const STALLED_MEMORY: std::time::Duration = std::time::Duration::from_secs(3600);
+pub(crate) const STALLED_MEMORY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 struct Client {
@@ -151,7 +151,7 @@ pub struct WatchHandle {
 impl WatchHandle {
     /// Records that `version` was sent to this watcher (it is caught up:
     /// a stream always sends the current version).
-    pub fn delivered(&self, version: u64) {
+    pub(crate) fn delivered(&self, version: u64) {
         self.tracker.with(&self.key, |c| {
             c.version = c.version.max(version);
             c.stalled = None;
@@ -180,7 +180,7 @@ impl Drop for WatchHandle {
 
 /// A connected anonymous watcher; dropping it ends the watch.
 #[derive(Debug)]
-pub struct AnonymousHandle(Arc<Tracker>);
+pub(crate) struct AnonymousHandle(Arc<Tracker>);
 
 impl Drop for AnonymousHandle {
     fn drop(&mut self) {
@@ -190,7 +190,7 @@ impl Drop for AnonymousHandle {
 
 impl Tracker {
     /// Notes an anonymous watcher (reported, not counted by the gate).
-    pub fn watch_anonymous(self: &Arc<Self>) -> AnonymousHandle {
+    pub(crate) fn watch_anonymous(self: &Arc<Self>) -> AnonymousHandle {
         self.anonymous.fetch_add(1, Ordering::AcqRel);
         AnonymousHandle(self.clone())
     }
@@ -266,7 +266,7 @@ impl Tracker {
     }
 
     /// Forgets every replica not in `keep`.
-    pub fn retain_remote(&self, keep: &std::collections::BTreeSet<String>) {
+    pub(crate) fn retain_remote(&self, keep: &std::collections::BTreeSet<String>) {
         self.remote
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -343,7 +343,7 @@ impl Tracker {
 }
 
 /// The key a client is tracked under.
-pub fn client_key(spiffe_id: &str, peer: Option<std::net::SocketAddr>) -> String {
+pub(crate) fn client_key(spiffe_id: &str, peer: Option<std::net::SocketAddr>) -> String {
     match peer {
         Some(p) => format!("{spiffe_id} {}", p.ip()),
         None => spiffe_id.to_string(),

@@ -72,7 +72,7 @@ pub fn from_unix_secs(secs: u64) -> SystemTime {
 /// panicking: for lifetimes an operator (or an admin request) chose, such as
 /// a root lifetime of 10^17 days. 9999-12-31T23:59:59Z is what RFC 5280
 /// (4.1.2.5) prescribes for a certificate with no well-defined expiry.
-pub fn add_clamped(t: SystemTime, d: Duration) -> SystemTime {
+pub(crate) fn add_clamped(t: SystemTime, d: Duration) -> SystemTime {
     let max = from_unix_secs(MAX_UNIX_SECS);
     t.checked_add(d).map_or(max, |end| end.min(max))
 }
@@ -80,7 +80,7 @@ pub fn add_clamped(t: SystemTime, d: Duration) -> SystemTime {
 /// RFC 3339 rendering in UTC, for humans and JSON. Total: a time the
 /// format cannot express (before year 0, after 9999) prints as Unix seconds
 /// instead of panicking, as `OffsetDateTime::from(SystemTime)` would.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let nanos = match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i128::try_from(d.as_nanos()).unwrap_or(i128::MAX),
         Err(e) => -i128::try_from(e.duration().as_nanos()).unwrap_or(i128::MAX),

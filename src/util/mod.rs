@@ -8,5 +8,5 @@ pub mod backoff;
 pub mod clock;
 pub mod duration;
 pub mod pem;
-pub mod ratelimit;
+pub(crate) mod ratelimit;
 pub mod secret;

@@ -60,7 +60,7 @@ pub fn encode(label: &str, der: &[u8]) -> String {
 
 /// [`encode`] for key material: the intermediate base64 and the result are
 /// zeroized when dropped.
-pub fn encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
+pub(crate) fn encode_secret(label: &str, der: &[u8]) -> Zeroizing<String> {
     let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(der));
     // Sized up front so the string never reallocates (a reallocation would
     // leave a copy of the key in freed memory).

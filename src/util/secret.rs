@@ -37,17 +37,17 @@ impl fmt::Debug for SecretBytes {
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically.
-pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, bytes, 0o600)
 }
 
 /// Writes `bytes` to `path` with mode 0644, atomically.
-pub fn write_public(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_public(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic(path, bytes, 0o644)
 }
 
 /// Reads a private file, keeping its content in zeroizing memory.
-pub fn read_private(path: &Path) -> io::Result<SecretBytes> {
+pub(crate) fn read_private(path: &Path) -> io::Result<SecretBytes> {
     Ok(SecretBytes::new(fs::read(path)?))
 }
 
