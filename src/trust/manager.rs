@@ -89,8 +89,11 @@ pub struct TrustManager {
 /// Test hook: `MESHCA_FAILPOINT=before-commit:<step>` or
 /// `after-commit:<step>` makes the process SIGKILL itself at that point, so
 /// the crash-resume tests kill a real server exactly around the state write.
+/// Compiled only with the `failpoints` feature (tests/rotation_crash.rs):
+/// a default build neither reads the variable nor contains the hook.
 // The process is about to SIGKILL itself, so the line must reach stderr
 // synchronously (a tracing writer thread would never flush it).
+#[cfg(feature = "failpoints")]
 #[allow(clippy::print_stderr)]
 fn failpoint(stage: &str, step: &str) {
     let Ok(v) = std::env::var("MESHCA_FAILPOINT") else {
@@ -104,6 +107,11 @@ fn failpoint(stage: &str, step: &str) {
         std::thread::sleep(Duration::from_secs(60));
     }
 }
+
+/// Without the `failpoints` feature the hook is nothing at all.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+fn failpoint(_stage: &str, _step: &str) {}
 
 fn step_name(cmd: &Command) -> &'static str {
     match cmd {
