@@ -64,7 +64,7 @@ pub enum AuditMode {
 
 /// The figures `meshca bench` prints.
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchReport {
+pub(crate) struct BenchReport {
     /// Concurrent clients.
     pub clients: usize,
     /// Cores available.

@@ -166,11 +166,7 @@ async fn offline(
 
 fn print(v: &serde_json::Value, output: Output) -> Result<(), String> {
     if output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return crate::cli::output::print_json(v);
     }
     let list = match v.get("done") {
         Some(d) => {

@@ -107,7 +107,7 @@ pub enum RotationCommand {
 }
 
 /// Runs a rotation command.
-pub async fn run(cmd: RotationCommand) -> Result<(), crate::cli::Error> {
+pub(crate) async fn run(cmd: RotationCommand) -> Result<(), crate::cli::Error> {
     let (target, req): (Target, Request) = match cmd {
         RotationCommand::Status {
             target,
@@ -335,11 +335,7 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, cra
 
 fn print_reply(v: &serde_json::Value, output: Output) -> Result<(), String> {
     if output == Output::Json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
-        );
-        return Ok(());
+        return crate::cli::output::print_json(v);
     }
     let status = if v.get("status").is_some() {
         for e in v["events"].as_array().into_iter().flatten() {

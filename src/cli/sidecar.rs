@@ -191,7 +191,7 @@ async fn admin(
 }
 
 /// Runs `meshca agent` until a signal.
-pub async fn run_agent(args: AgentArgs) -> Result<(), String> {
+pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), String> {
     let _log = crate::cli::init_logging(args.log_format);
     let a = agent::start(args.ca.agent_config()?, Arc::new(Metrics::new()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -241,7 +241,7 @@ pub async fn run_agent(args: AgentArgs) -> Result<(), String> {
 }
 
 /// Runs `meshca proxy` until a signal.
-pub async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
+pub(crate) async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
     let _log = crate::cli::init_logging(args.log_format);
     let cfg = ProxyConfig {
         inbound: args
