@@ -22,13 +22,13 @@ use crate::identity::Workload;
 use crate::util::clock::{unix_secs, Clock};
 
 /// Clock-skew tolerance for `exp`, `nbf` and `iat`.
-pub const LEEWAY: Duration = Duration::from_secs(60);
+pub(crate) const LEEWAY: Duration = Duration::from_secs(60);
 /// The shortest interval between two JWKS refreshes triggered by unknown `kid`s.
-pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The claims of a Kubernetes projected service-account token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct K8sClaims {
+pub(crate) struct K8sClaims {
     /// Issuer.
     pub iss: String,
     /// `system:serviceaccount:NS:SA`.
@@ -51,7 +51,7 @@ pub struct K8sClaims {
 
 /// The `kubernetes.io` claim.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct K8sInfo {
+pub(crate) struct K8sInfo {
     /// The service account's namespace.
     pub namespace: String,
     /// The service account.
@@ -63,7 +63,7 @@ pub struct K8sInfo {
 
 /// A `{name, uid}` reference.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NameUid {
+pub(crate) struct NameUid {
     /// Object name.
     pub name: String,
     /// Object UID.
@@ -212,7 +212,7 @@ impl JwksVerifier {
 
     /// Refuse verified tokens whose bound pod or service account is gone,
     /// as `bindings` says. Set once, before serving.
-    pub fn set_bindings(&self, bindings: Arc<dyn BindingCheck>) {
+    pub(crate) fn set_bindings(&self, bindings: Arc<dyn BindingCheck>) {
         let _ = self.bindings.set(bindings);
     }
 
@@ -227,17 +227,17 @@ impl JwksVerifier {
     }
 
     /// How many keys are loaded.
-    pub fn key_count(&self) -> usize {
+    pub(crate) fn key_count(&self) -> usize {
         self.keys.load().len()
     }
 
     /// True when the keys come from a URL (and so want periodic refresh).
-    pub fn is_remote(&self) -> bool {
+    pub(crate) fn is_remote(&self) -> bool {
         self.source.is_remote()
     }
 
     /// Re-reads the key source now, keeping the old keys if that fails.
-    pub async fn refresh_now(&self) {
+    pub(crate) async fn refresh_now(&self) {
         match read_source(&self.source).await.and_then(|j| parse_jwks(&j)) {
             Ok(k) if !k.is_empty() => {
                 self.keys.store(Arc::new(k));
@@ -400,7 +400,7 @@ async fn read_source(source: &JwksSource) -> Result<String, String> {
 }
 
 /// GETs a non-resource path from the API server through `client`.
-pub async fn kube_get(client: &kube::Client, path: &str) -> Result<String, String> {
+pub(crate) async fn kube_get(client: &kube::Client, path: &str) -> Result<String, String> {
     let req = http::Request::get(path)
         .body(Vec::new())
         .map_err(|e| format!("{path}: {e}"))?;
@@ -412,7 +412,7 @@ pub async fn kube_get(client: &kube::Client, path: &str) -> Result<String, Strin
 
 /// The service-account issuer the API server announces
 /// (`/.well-known/openid-configuration`), fetched through `client`.
-pub async fn kube_issuer(client: &kube::Client) -> Result<String, String> {
+pub(crate) async fn kube_issuer(client: &kube::Client) -> Result<String, String> {
     let doc = kube_get(client, "/.well-known/openid-configuration").await?;
     let v: serde_json::Value =
         serde_json::from_str(&doc).map_err(|e| format!("OIDC discovery document: {e}"))?;

@@ -26,20 +26,20 @@ use crate::util::clock::Clock;
 use crate::util::ratelimit::{KeyedLimiter, TokenBucket};
 
 /// How long a positive review is reused at most.
-pub const CACHE_TTL: Duration = Duration::from_secs(300);
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(300);
 /// How long one review may take before the API server counts as unavailable.
-pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 const SHARDS: usize = 16;
 /// One caller (peer IP) may use at most 1/PEER_SHARE of the QPS and burst
 /// toward the API server, so a caller sending junk cannot starve the rest.
-pub const PEER_SHARE: u32 = 4;
+pub(crate) const PEER_SHARE: u32 = 4;
 
 /// A cached positive review: who, until when, and the service account's UID.
 type Entry = (Authenticated, SystemTime, Option<String>);
 type Shard = Mutex<HashMap<String, Entry>>;
 
 /// The `kubeconfig` value that means: use the pod's own service account.
-pub const IN_CLUSTER: &str = "in-cluster";
+pub(crate) const IN_CLUSTER: &str = "in-cluster";
 
 /// Reviews tokens with the API server.
 pub struct TokenReviewer {
@@ -86,7 +86,7 @@ impl TokenReviewer {
 
     /// Re-checks cached answers against the binding cache: a positive
     /// review is not reused once the token's pod or service account is gone.
-    pub fn set_bindings(&mut self, bindings: Arc<dyn BindingCheck>) {
+    pub(crate) fn set_bindings(&mut self, bindings: Arc<dyn BindingCheck>) {
         self.bindings = Some(bindings);
     }
 

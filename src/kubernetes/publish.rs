@@ -34,7 +34,7 @@ pub struct Settings {
 
 /// What one sync did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Synced {
+pub(crate) struct Synced {
     /// ConfigMaps created.
     pub created: usize,
     /// ConfigMaps updated.
@@ -46,7 +46,7 @@ pub struct Synced {
 }
 
 /// Parses `k=v,k2=v2`.
-pub fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+pub(crate) fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
     s.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
@@ -77,7 +77,7 @@ fn desired(ns: &str, pem: &str, version: u64) -> ConfigMap {
 }
 
 /// Makes every selected namespace hold the bundle once.
-pub async fn sync_once(
+pub(crate) async fn sync_once(
     client: &kube::Client,
     s: &Settings,
     bundle: &TrustBundle,

@@ -91,7 +91,7 @@ struct StepLabel {
 
 /// One root as the rotation metrics show it.
 #[derive(Debug, Clone)]
-pub struct RootGauge {
+pub(crate) struct RootGauge {
     /// Fingerprint (hex, shortened by the caller).
     pub root: String,
     /// Phase (`prepared`, `active`, `retired`), with `-tainted` appended when tainted.
@@ -413,24 +413,12 @@ impl Metrics {
     }
 
     /// Records one TokenReview round trip.
-    pub fn observe_tokenreview(&self, d: Duration) {
+    pub(crate) fn observe_tokenreview(&self, d: Duration) {
         self.issuance.tokenreview_latency.observe(d.as_secs_f64());
     }
 
-    /// Sets the expiry gauges and bundle version.
-    pub fn set_ca_state(
-        &self,
-        root_expiry_unix: u64,
-        issuer_expiry_unix: u64,
-        bundle_version: u64,
-    ) {
-        self.trust.root_expiry.set(root_expiry_unix as i64);
-        self.trust.issuer_expiry.set(issuer_expiry_unix as i64);
-        self.trust.bundle_version.set(bundle_version as i64);
-    }
-
     /// Replaces the per-root gauges and the bundle version.
-    pub fn set_roots(&self, roots: &[RootGauge], bundle_version: u64) {
+    pub(crate) fn set_roots(&self, roots: &[RootGauge], bundle_version: u64) {
         self.trust.roots.clear();
         for r in roots {
             self.trust
@@ -448,7 +436,7 @@ impl Metrics {
     }
 
     /// Replaces the propagation gauges.
-    pub fn set_propagation(
+    pub(crate) fn set_propagation(
         &self,
         by_version: &std::collections::BTreeMap<u64, usize>,
         watchers: usize,
@@ -480,7 +468,7 @@ impl Metrics {
     }
 
     /// Counts a transition.
-    pub fn rotation_transition(&self, kind: &'static str) {
+    pub(crate) fn rotation_transition(&self, kind: &'static str) {
         self.trust
             .transitions
             .get_or_create(&StepLabel { step: kind })
@@ -488,17 +476,17 @@ impl Metrics {
     }
 
     /// How many certificates are within the warning threshold.
-    pub fn set_expiry_warnings(&self, n: usize) {
+    pub(crate) fn set_expiry_warnings(&self, n: usize) {
         self.trust.expiry_warnings.set(n as i64);
     }
 
     /// The agent's certificate expiry.
-    pub fn agent_expiry(&self, unix: u64) {
+    pub(crate) fn agent_expiry(&self, unix: u64) {
         self.agent.expiry.set(unix as i64);
     }
 
     /// Counts an agent certificate request.
-    pub fn agent_renewal(&self, ok: bool) {
+    pub(crate) fn agent_renewal(&self, ok: bool) {
         self.agent
             .renewals
             .get_or_create(&ResultLabel {
@@ -508,12 +496,12 @@ impl Metrics {
     }
 
     /// The agent's bundle version.
-    pub fn agent_bundle(&self, version: u64) {
+    pub(crate) fn agent_bundle(&self, version: u64) {
         self.agent.bundle_version.set(version as i64);
     }
 
     /// Counts a proxy handshake outcome.
-    pub fn proxy_handshake(&self, direction: &'static str, ok: bool, reason: &'static str) {
+    pub(crate) fn proxy_handshake(&self, direction: &'static str, ok: bool, reason: &'static str) {
         self.proxy
             .handshakes
             .get_or_create(&HandshakeLabels {
@@ -525,7 +513,7 @@ impl Metrics {
     }
 
     /// Counts an established connection by peer identity.
-    pub fn proxy_peer(&self, direction: &'static str, peer: &str) {
+    pub(crate) fn proxy_peer(&self, direction: &'static str, peer: &str) {
         self.proxy
             .peers
             .get_or_create(&PeerLabels {
@@ -536,7 +524,7 @@ impl Metrics {
     }
 
     /// Counts bytes copied.
-    pub fn proxy_bytes(&self, direction: &'static str, n: u64) {
+    pub(crate) fn proxy_bytes(&self, direction: &'static str, n: u64) {
         self.proxy
             .bytes
             .get_or_create(&DirectionLabel { direction })
@@ -544,7 +532,7 @@ impl Metrics {
     }
 
     /// Marks a proxied connection open until the guard drops.
-    pub fn proxy_open(&self, direction: &'static str) -> OpenGuard {
+    pub(crate) fn proxy_open(&self, direction: &'static str) -> OpenGuard {
         let g = self
             .proxy
             .open
@@ -555,12 +543,12 @@ impl Metrics {
     }
 
     /// Whether this replica leads.
-    pub fn set_leader(&self, leading: bool) {
+    pub(crate) fn set_leader(&self, leading: bool) {
         self.kubernetes.leader.set(i64::from(leading));
     }
 
     /// Counts bundle ConfigMap writes.
-    pub fn bundle_configmap_writes(&self, result: &'static str, n: usize) {
+    pub(crate) fn bundle_configmap_writes(&self, result: &'static str, n: usize) {
         self.kubernetes
             .bundle_configmaps
             .get_or_create(&ResultLabel { result })
@@ -568,12 +556,12 @@ impl Metrics {
     }
 
     /// The number of grants in the renewal index.
-    pub fn set_renewal_index(&self, n: usize) {
+    pub(crate) fn set_renewal_index(&self, n: usize) {
         self.renewal.index.set(n as i64);
     }
 
     /// Counts a renewal by certificate refused for `reason`.
-    pub fn renewal_refused(&self, reason: &'static str) {
+    pub(crate) fn renewal_refused(&self, reason: &'static str) {
         self.renewal
             .refusals
             .get_or_create(&ReasonLabel { reason })
@@ -581,7 +569,7 @@ impl Metrics {
     }
 
     /// The size of the revocation list.
-    pub fn set_revocations(&self, serials: usize, identities: usize) {
+    pub(crate) fn set_revocations(&self, serials: usize, identities: usize) {
         let r = &self.renewal.revocations;
         r.get_or_create(&KindLabel { kind: "serial" })
             .set(serials as i64);
@@ -590,7 +578,7 @@ impl Metrics {
     }
 
     /// Counts a request refused by the revocation list (`serial` or `identity`).
-    pub fn revocation_refused(&self, kind: &'static str) {
+    pub(crate) fn revocation_refused(&self, kind: &'static str) {
         self.renewal
             .revocation_refusals
             .get_or_create(&KindLabel { kind })
@@ -598,7 +586,7 @@ impl Metrics {
     }
 
     /// Counts an operator change to the revocation list.
-    pub fn revocation_change(&self, action: &'static str) {
+    pub(crate) fn revocation_change(&self, action: &'static str) {
         self.renewal
             .revocation_changes
             .get_or_create(&ActionLabel { action })
@@ -606,7 +594,7 @@ impl Metrics {
     }
 
     /// Counts a refused Secret version.
-    pub fn secret_refused(&self, secret: &'static str) {
+    pub(crate) fn secret_refused(&self, secret: &'static str) {
         self.kubernetes
             .secrets_refused
             .get_or_create(&SecretLabel { secret })
@@ -614,7 +602,7 @@ impl Metrics {
     }
 
     /// Counts a restarted Kubernetes watch.
-    pub fn kubernetes_watch_restart(&self, resource: &'static str, reason: &'static str) {
+    pub(crate) fn kubernetes_watch_restart(&self, resource: &'static str, reason: &'static str) {
         self.kubernetes
             .watch_restarts
             .get_or_create(&WatchLabels { resource, reason })
@@ -622,12 +610,12 @@ impl Metrics {
     }
 
     /// Missing Kubernetes permissions found at start-up.
-    pub fn set_rbac_missing(&self, n: usize) {
+    pub(crate) fn set_rbac_missing(&self, n: usize) {
         self.kubernetes.rbac_missing.set(n as i64);
     }
 
     /// Records the outcome of an audit log write.
-    pub fn audit_write(&self, ok: bool) {
+    pub(crate) fn audit_write(&self, ok: bool) {
         if !ok {
             self.audit.write_failures.inc();
         }
@@ -635,17 +623,17 @@ impl Metrics {
     }
 
     /// Counts a refusal folded into a summary entry.
-    pub fn audit_refusal_folded(&self) {
+    pub(crate) fn audit_refusal_folded(&self) {
         self.audit.refusals_folded.inc();
     }
 
     /// Sets the issuer's expiry (Unix seconds).
-    pub fn set_issuer_expiry(&self, unix: u64) {
+    pub(crate) fn set_issuer_expiry(&self, unix: u64) {
         self.trust.issuer_expiry.set(unix as i64);
     }
 
     /// Marks a request in flight until the guard drops.
-    pub fn in_flight(&self) -> InFlight<'_> {
+    pub(crate) fn in_flight(&self) -> InFlight<'_> {
         self.issuance.in_flight.inc();
         InFlight(&self.issuance.in_flight)
     }
@@ -661,7 +649,7 @@ impl Metrics {
 
 /// Decrements an open-connections gauge on drop.
 #[derive(Debug)]
-pub struct OpenGuard(Gauge);
+pub(crate) struct OpenGuard(Gauge);
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -670,7 +658,7 @@ impl Drop for OpenGuard {
 }
 
 /// Decrements the in-flight gauge on drop.
-pub struct InFlight<'a>(&'a Gauge);
+pub(crate) struct InFlight<'a>(&'a Gauge);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
@@ -738,7 +726,7 @@ impl AuthnEdgeMetrics {
 
 impl Metrics {
     /// How many objects of `kind` the token-binding cache knows.
-    pub fn set_binding_objects(&self, kind: &'static str, n: usize) {
+    pub(crate) fn set_binding_objects(&self, kind: &'static str, n: usize) {
         self.authn_edges
             .binding_objects
             .get_or_create(&KindLabel { kind })
@@ -746,7 +734,7 @@ impl Metrics {
     }
 
     /// A verified token refused because its bound `kind` object is gone.
-    pub fn binding_refused(&self, kind: &'static str) {
+    pub(crate) fn binding_refused(&self, kind: &'static str) {
         self.authn_edges
             .binding_refusals
             .get_or_create(&KindLabel { kind })
@@ -754,7 +742,7 @@ impl Metrics {
     }
 
     /// A token refused before TokenReview.
-    pub fn tokenreview_refused_locally(&self, reason: &'static str) {
+    pub(crate) fn tokenreview_refused_locally(&self, reason: &'static str) {
         self.authn_edges
             .tokenreview_local_refusals
             .get_or_create(&ReasonLabel { reason })
@@ -762,7 +750,7 @@ impl Metrics {
     }
 
     /// A TokenReview not sent because the `scope` budget was spent.
-    pub fn tokenreview_throttled(&self, scope: &'static str) {
+    pub(crate) fn tokenreview_throttled(&self, scope: &'static str) {
         self.authn_edges
             .tokenreview_throttled
             .get_or_create(&ScopeLabel { scope })
@@ -831,7 +819,7 @@ impl LimitMetrics {
 
 /// Decrements a labelled gauge on drop.
 #[derive(Debug)]
-pub struct GaugeGuard(Gauge);
+pub(crate) struct GaugeGuard(Gauge);
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
@@ -841,12 +829,12 @@ impl Drop for GaugeGuard {
 
 impl Metrics {
     /// Sets the number of open gRPC connections.
-    pub fn set_grpc_connections(&self, n: usize) {
+    pub(crate) fn set_grpc_connections(&self, n: usize) {
         self.limits.grpc_connections.set(n as i64);
     }
 
     /// Counts a connection refused at accept.
-    pub fn grpc_connection_refused(&self, reason: &'static str) {
+    pub(crate) fn grpc_connection_refused(&self, reason: &'static str) {
         self.limits
             .grpc_refused
             .get_or_create(&ReasonLabel { reason })
@@ -854,7 +842,7 @@ impl Metrics {
     }
 
     /// Counts a connection meshca closed.
-    pub fn grpc_connection_closed(&self, reason: &'static str) {
+    pub(crate) fn grpc_connection_closed(&self, reason: &'static str) {
         self.limits
             .grpc_closed
             .get_or_create(&ReasonLabel { reason })
@@ -862,7 +850,7 @@ impl Metrics {
     }
 
     /// Marks a bundle stream open until the guard drops.
-    pub fn bundle_watch_open(&self, authenticated: bool) -> GaugeGuard {
+    pub(crate) fn bundle_watch_open(&self, authenticated: bool) -> GaugeGuard {
         let auth = if authenticated {
             "authenticated"
         } else {
@@ -878,7 +866,7 @@ impl Metrics {
     }
 
     /// Counts a bundle stream refused or closed.
-    pub fn bundle_watch_refused(&self, reason: &'static str) {
+    pub(crate) fn bundle_watch_refused(&self, reason: &'static str) {
         self.limits
             .watch_refused
             .get_or_create(&ReasonLabel { reason })
@@ -886,7 +874,7 @@ impl Metrics {
     }
 
     /// Counts a request refused by the rate limit.
-    pub fn rate_limited(&self, scope: &'static str) {
+    pub(crate) fn rate_limited(&self, scope: &'static str) {
         self.limits
             .rate_limited
             .get_or_create(&ScopeLabel { scope })
