@@ -240,14 +240,14 @@ impl Drop for Slot {
 /// A socket that fails once its connection is closed by meshca, and frees
 /// its slot when dropped.
 #[derive(Debug)]
-pub struct Guarded<T> {
+pub(crate) struct Guarded<T> {
     inner: T,
     slot: Slot,
 }
 
 impl<T> Guarded<T> {
     /// Wraps `inner`, which holds `slot`.
-    pub fn new(inner: T, slot: Slot) -> Self {
+    pub(crate) fn new(inner: T, slot: Slot) -> Self {
         Self { inner, slot }
     }
 
@@ -312,7 +312,7 @@ impl<T: Connected> Connected for Guarded<T> {
 }
 
 /// The peer address tonic recorded for a request.
-pub fn peer_of<B>(req: &http::Request<B>) -> Option<SocketAddr> {
+pub(crate) fn peer_of<B>(req: &http::Request<B>) -> Option<SocketAddr> {
     req.extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|i| i.get_ref().remote_addr())
@@ -325,14 +325,14 @@ pub fn peer_of<B>(req: &http::Request<B>) -> Option<SocketAddr> {
 
 /// The tower layer in front of the gRPC services (see [`RequestService`]).
 #[derive(Debug, Clone)]
-pub struct RequestLayer {
+pub(crate) struct RequestLayer {
     conns: Arc<Connections>,
     max_message_bytes: usize,
 }
 
 impl RequestLayer {
     /// Accounts requests on the connections of `conns`.
-    pub fn new(conns: Arc<Connections>, max_message_bytes: usize) -> Self {
+    pub(crate) fn new(conns: Arc<Connections>, max_message_bytes: usize) -> Self {
         Self {
             conns,
             max_message_bytes,
@@ -356,7 +356,7 @@ impl<S> tower::Layer<S> for RequestLayer {
 /// RESOURCE_EXHAUSTED, the code gRPC specifies for a message over the
 /// limit (grpc-go and grpc-java answer so).
 #[derive(Debug, Clone)]
-pub struct RequestService<S> {
+pub(crate) struct RequestService<S> {
     inner: S,
     layer: RequestLayer,
 }

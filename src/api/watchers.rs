@@ -159,7 +159,7 @@ impl Drop for AnonymousSlot {
 
 /// How a watchdog ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Watchdog {
+pub(crate) enum Watchdog {
     /// The stream ended by itself.
     Ended,
     /// The client left bundle `version` unconsumed for the stall timeout.
@@ -174,7 +174,7 @@ pub enum Watchdog {
 /// Watches one stream: `delivered` carries the last version handed to the
 /// client's connection (its sender lives in the stream, so the stream's end
 /// ends this). Returns when the stream ends or stalls.
-pub async fn watchdog(
+pub(crate) async fn watchdog(
     mut bundle: watch::Receiver<Arc<TrustBundle>>,
     mut delivered: watch::Receiver<u64>,
     stall: Duration,

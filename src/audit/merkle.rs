@@ -227,7 +227,7 @@ impl Frontier {
     }
 
     /// Appends a leaf hash.
-    pub fn push(&mut self, leaf: Hash) {
+    pub(crate) fn push(&mut self, leaf: Hash) {
         self.size += 1;
         self.nodes.push((1, leaf));
         while self.nodes.len() >= 2 {
@@ -242,12 +242,12 @@ impl Frontier {
     }
 
     /// Number of leaves.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.size
     }
 
     /// The tree root (MTH).
-    pub fn root(&self) -> Hash {
+    pub(crate) fn root(&self) -> Hash {
         let mut it = self.nodes.iter().rev();
         let Some((_, last)) = it.next() else {
             return empty_root();

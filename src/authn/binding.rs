@@ -12,7 +12,7 @@
 
 /// A `{name, uid}` reference as a token carries it.
 #[derive(Debug, Clone, Copy)]
-pub struct ObjectRef<'a> {
+pub(crate) struct ObjectRef<'a> {
     /// Object name.
     pub name: &'a str,
     /// Object UID.
@@ -21,7 +21,7 @@ pub struct ObjectRef<'a> {
 
 /// What a token is bound to.
 #[derive(Debug, Clone, Copy)]
-pub struct Binding<'a> {
+pub(crate) struct Binding<'a> {
     /// The namespace of the service account (and of the pod).
     pub namespace: &'a str,
     /// The service account, when the token names its UID.
@@ -32,7 +32,7 @@ pub struct Binding<'a> {
 
 /// The answer of a [`BindingCheck`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Presence {
+pub(crate) enum Presence {
     /// Every object the token is bound to exists, with the same UID.
     Present,
     /// An object the token is bound to is gone (or was recreated): the token
@@ -49,7 +49,7 @@ pub enum Presence {
 }
 
 /// Answers whether a token's bound objects still exist, from memory.
-pub trait BindingCheck: Send + Sync {
+pub(crate) trait BindingCheck: Send + Sync {
     /// Checks `binding`. Must not block or do I/O.
     fn check(&self, binding: &Binding<'_>) -> Presence;
     /// True when the answers are current (synced, watch healthy).

@@ -12,7 +12,7 @@ use rcgen::{
 };
 
 /// A fresh random positive serial of 128 bits (RFC 5280 §4.1.2.2 allows up to 20 octets).
-pub fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut b: [u8; 16] = rand::random();
     // Positive and always 16 octets long, so serials sort and print uniformly.
     b[0] = (b[0] & 0x7f) | 0x40;
@@ -27,7 +27,7 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 /// A self-signed root: CA, any path length below it, keyCertSign + cRLSign.
-pub fn root(cn: &str, not_before: SystemTime, lifetime: Duration) -> CertificateParams {
+pub(crate) fn root(cn: &str, not_before: SystemTime, lifetime: Duration) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = dn(cn);
     p.serial_number = Some(random_serial());
@@ -39,7 +39,7 @@ pub fn root(cn: &str, not_before: SystemTime, lifetime: Duration) -> Certificate
 }
 
 /// An issuing intermediate: CA with pathlen 0 (it signs only leaves).
-pub fn issuer(cn: &str, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
+pub(crate) fn issuer(cn: &str, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = dn(cn);
     p.serial_number = Some(random_serial());
@@ -55,7 +55,7 @@ pub fn issuer(cn: &str, not_before: SystemTime, not_after: SystemTime) -> Certif
 /// critical; exactly one URI SAN (the SPIFFE ID) plus the DNS identity and any
 /// extra DNS names; CA:false; digitalSignature (+ keyEncipherment for RSA
 /// keys); serverAuth + clientAuth; SKI and AKI.
-pub fn leaf(
+pub(crate) fn leaf(
     spiffe_id: &str,
     dns_names: &[&str],
     rsa_key: bool,

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 /// Where the kubelet mounts the service account's credentials.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+pub(crate) const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// What the pod's environment says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -19,7 +19,7 @@ pub struct Pod {
 }
 
 /// The current process's pod, if it runs in one.
-pub fn pod() -> Option<Pod> {
+pub(crate) fn pod() -> Option<Pod> {
     pod_from(
         std::env::var("KUBERNETES_SERVICE_HOST").ok().as_deref(),
         std::env::var("POD_NAMESPACE").ok().as_deref(),
@@ -28,7 +28,7 @@ pub fn pod() -> Option<Pod> {
 }
 
 /// The detection rule on explicit inputs.
-pub fn pod_from(
+pub(crate) fn pod_from(
     service_host: Option<&str>,
     pod_namespace: Option<&str>,
     sa_dir: &Path,

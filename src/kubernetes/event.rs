@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, PostParams};
 
 /// Records a Warning Event about Secret `name` in `namespace`.
-pub async fn warn_secret(
+pub(crate) async fn warn_secret(
     client: kube::Client,
     namespace: &str,
     name: &str,

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 /// What to do with the Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// No Lease exists: create it, holding it.
     Create,
     /// We hold it: renew.
@@ -50,7 +50,7 @@ fn micro(t: SystemTime) -> MicroTime {
 }
 
 /// Decides what `me` should do with `lease` at `now`.
-pub fn decide(lease: Option<&LeaseSpec>, me: &str, now: SystemTime) -> Action {
+pub(crate) fn decide(lease: Option<&LeaseSpec>, me: &str, now: SystemTime) -> Action {
     let Some(spec) = lease else {
         return Action::Create;
     };
@@ -76,7 +76,7 @@ pub fn decide(lease: Option<&LeaseSpec>, me: &str, now: SystemTime) -> Action {
 
 /// Leader-election settings.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Namespace of the Lease.
     pub namespace: String,
     /// Name of the Lease.
@@ -91,7 +91,7 @@ pub struct Settings {
 
 /// Runs leader election until `stop` flips; the receiver says whether this
 /// replica leads. On stop, a held Lease is released.
-pub fn run(
+pub(crate) fn run(
     client: kube::Client,
     s: Settings,
     mut stop: watch::Receiver<bool>,

@@ -17,7 +17,7 @@ use rand::Rng;
 
 /// One upstream address and what we know about it.
 #[derive(Debug)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     /// The address.
     pub addr: SocketAddr,
     outstanding: AtomicUsize,
@@ -36,7 +36,7 @@ impl Endpoint {
     }
 
     /// Connections open through it.
-    pub fn outstanding(&self) -> usize {
+    pub(crate) fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }
 
@@ -48,11 +48,11 @@ impl Endpoint {
 
 /// Holds one outstanding connection on an endpoint; dropping it releases it.
 #[derive(Debug)]
-pub struct Lease(Arc<Endpoint>);
+pub(crate) struct Lease(Arc<Endpoint>);
 
 impl Lease {
     /// The endpoint.
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
+    pub(crate) fn endpoint(&self) -> &Arc<Endpoint> {
         &self.0
     }
 }
@@ -65,7 +65,7 @@ impl Drop for Lease {
 
 /// The endpoints of one upstream.
 #[derive(Debug)]
-pub struct Balancer {
+pub(crate) struct Balancer {
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
 }
 
@@ -79,7 +79,7 @@ impl Default for Balancer {
 
 impl Balancer {
     /// Replaces the address set, keeping the state of addresses still present.
-    pub fn set_addresses(&self, addrs: &[SocketAddr]) {
+    pub(crate) fn set_addresses(&self, addrs: &[SocketAddr]) {
         let old = self.endpoints.load();
         let next: Vec<Arc<Endpoint>> = addrs
             .iter()
@@ -103,7 +103,7 @@ impl Balancer {
     /// healthy candidates, the one with fewer outstanding connections wins.
     /// When every endpoint is ejected, the one whose ejection ends first is
     /// tried (better than refusing outright).
-    pub fn pick(&self, now: Instant, tried: &[SocketAddr]) -> Option<Lease> {
+    pub(crate) fn pick(&self, now: Instant, tried: &[SocketAddr]) -> Option<Lease> {
         let all = self.endpoints.load();
         let open: Vec<&Arc<Endpoint>> = all.iter().filter(|e| !tried.contains(&e.addr)).collect();
         if open.is_empty() {
@@ -138,7 +138,7 @@ impl Balancer {
 
     /// A connection attempt failed: eject for 1 s, doubling per consecutive
     /// failure up to 30 s.
-    pub fn failed(&self, ep: &Endpoint, now: Instant) -> Duration {
+    pub(crate) fn failed(&self, ep: &Endpoint, now: Instant) -> Duration {
         let f = ep.failures.fetch_add(1, Ordering::Relaxed);
         let wait = Duration::from_secs(1 << f.min(5)).min(Duration::from_secs(30));
         *ep.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(now + wait);
@@ -146,7 +146,7 @@ impl Balancer {
     }
 
     /// A connection attempt succeeded: the endpoint is healthy again.
-    pub fn succeeded(&self, ep: &Endpoint) {
+    pub(crate) fn succeeded(&self, ep: &Endpoint) {
         ep.failures.store(0, Ordering::Relaxed);
         *ep.ejected_until.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }

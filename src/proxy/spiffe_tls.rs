@@ -26,7 +26,7 @@ fn key_of(state: &State) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<
 
 /// The inbound configuration: our certificate; clients must present one
 /// that chains to the bundle.
-pub fn server_config(state: &State) -> Result<Arc<rustls::ServerConfig>, String> {
+pub(crate) fn server_config(state: &State) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = crate::tls::crypto_provider();
     let roots = crate::tls::root_store(&state.bundle.roots);
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -47,7 +47,10 @@ pub fn server_config(state: &State) -> Result<Arc<rustls::ServerConfig>, String>
 
 /// The outbound configuration: our certificate as the client's; the server
 /// must chain to the bundle and carry `expected` as its SPIFFE ID.
-pub fn client_config(state: &State, expected: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn client_config(
+    state: &State,
+    expected: &str,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = crate::tls::crypto_provider();
     let anchors: Vec<_> = state
         .bundle
@@ -85,7 +88,7 @@ struct SpiffeServerVerifier {
 }
 
 /// Why a server failed the SPIFFE ID check (carried in `Error::General`).
-pub const IDENTITY_MISMATCH: &str = "peer SPIFFE ID is not the expected one";
+pub(crate) const IDENTITY_MISMATCH: &str = "peer SPIFFE ID is not the expected one";
 
 fn webpki_error(e: webpki::Error) -> Error {
     use webpki::Error as W;
@@ -152,7 +155,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 }
 
 /// A short, stable reason for a failed handshake (a metric label).
-pub fn failure_reason(e: &std::io::Error) -> &'static str {
+pub(crate) fn failure_reason(e: &std::io::Error) -> &'static str {
     let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
         return match e.kind() {
             std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {

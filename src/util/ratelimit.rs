@@ -36,7 +36,7 @@ impl Bucket {
 }
 
 /// One token bucket: `rate` tokens per second, at most `burst` banked.
-pub struct TokenBucket {
+pub(crate) struct TokenBucket {
     rate: f64,
     burst: f64,
     state: Mutex<Bucket>,
@@ -45,7 +45,7 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate: f64, burst: u32, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn new(rate: f64, burst: u32, clock: Arc<dyn Clock>) -> Self {
         let burst = f64::from(burst.max(1));
         Self {
             rate,
@@ -59,7 +59,7 @@ impl TokenBucket {
     }
 
     /// Takes a token if one is available.
-    pub fn try_take(&self) -> bool {
+    pub(crate) fn try_take(&self) -> bool {
         let now = self.clock.now();
         self.state
             .lock()
@@ -71,7 +71,7 @@ impl TokenBucket {
 const SHARDS: usize = 32;
 
 /// One bucket per key.
-pub struct KeyedLimiter<K> {
+pub(crate) struct KeyedLimiter<K> {
     rate: f64,
     burst: f64,
     shards: Vec<Mutex<HashMap<K, Bucket>>>,
@@ -80,7 +80,7 @@ pub struct KeyedLimiter<K> {
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// `rate` per second and `burst` per key.
-    pub fn new(rate: f64, burst: u32, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn new(rate: f64, burst: u32, clock: Arc<dyn Clock>) -> Self {
         Self {
             rate,
             burst: f64::from(burst.max(1)),
@@ -90,7 +90,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     }
 
     /// Takes a token from `key`'s bucket if one is available.
-    pub fn try_take(&self, key: &K) -> bool {
+    pub(crate) fn try_take(&self, key: &K) -> bool {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         let shard = &self.shards[(h.finish() as usize) % SHARDS];
