@@ -450,17 +450,44 @@ async fn admin_endpoint_serves_metrics_and_health() {
     };
     let m = get("/metrics").await;
     assert!(m.starts_with("HTTP/1.1 200"), "{m}");
-    for needle in [
-        "meshca_issuance_total{api=\"native\",result=\"granted\",reason=\"ok\"}",
-        "meshca_issuance_total{api=\"native\",result=\"refused\",reason=\"bad_token\"}",
-        "meshca_issuance_duration_seconds_bucket",
-        "meshca_token_validations_total{method=\"dev_key\",result=\"ok\"}",
-        "meshca_issuer_expiry_timestamp_seconds",
-        "meshca_root_expiry_timestamp_seconds",
-        "meshca_in_flight_requests",
-    ] {
-        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
-    }
+    // This server's registry saw exactly one grant and one refusal: every
+    // value below is what a registry that missed (or double-counted) a
+    // decision, or kept a stale gauge, would get wrong.
+    let value = |sample: &str| {
+        metric_value(&m, sample).unwrap_or_else(|| panic!("no sample {sample}:\n{m}"))
+    };
+    let native = |result: &str, reason: &str| {
+        value(&format!(
+            "meshca_issuance_total{{api=\"native\",result=\"{result}\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(native("granted", "ok"), 1.0);
+    assert_eq!(native("refused", "bad_token"), 1.0);
+    assert_eq!(
+        value("meshca_issuance_duration_seconds_count{api=\"native\"}"),
+        2.0,
+        "one latency per decision"
+    );
+    assert_eq!(
+        value("meshca_token_validations_total{method=\"dev_key\",result=\"ok\"}"),
+        1.0
+    );
+    // Nothing in flight once both answers are in (the guard decrements).
+    assert_eq!(value("meshca_in_flight_requests"), 0.0);
+    // The gauges are the CA's actual state.
+    let unix = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() as f64;
+    let issuer = ca.running.ca.issuer();
+    assert_eq!(
+        value("meshca_issuer_expiry_timestamp_seconds"),
+        unix(issuer.not_after)
+    );
+    let bundle = ca.running.ca.bundle();
+    let (_, root) = X509Certificate::from_der(&bundle.roots[0]).unwrap();
+    assert_eq!(
+        value("meshca_root_expiry_timestamp_seconds"),
+        root.validity().not_after.timestamp() as f64
+    );
+    assert_eq!(value("meshca_trust_bundle_version"), bundle.version as f64);
     assert!(get("/live").await.starts_with("HTTP/1.1 200"));
     assert!(get("/ready").await.starts_with("HTTP/1.1 200"));
 }
