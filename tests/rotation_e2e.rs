@@ -661,22 +661,62 @@ async fn the_automatic_policy_walks_the_same_gated_steps() {
         .map(|r| r.entry.result)
         .collect();
     assert_eq!(&auto[..3], ["prepared", "activated", "removed"], "{auto:?}");
-    // The metrics show the rotation.
-    let (_, m) = meshca::client::admin::request(
-        "GET",
-        &format!("http://{}/metrics", ca.running.admin_addr),
-        None,
-        None,
-    )
-    .await
-    .unwrap();
-    for name in [
-        "meshca_trust_bundle_version",
-        "meshca_trust_root_expiry_timestamp_seconds{",
-        "meshca_rotation_step_duration_seconds_count{step=\"activate\"}",
-        "meshca_rotation_transitions_total{step=\"activated\"}",
-        "meshca_expiry_warnings",
-    ] {
-        assert!(m.contains(name), "{name} in /metrics");
-    }
+    // The metrics show the rotation, with the values of the CA's state. The
+    // policy keeps rotating (every 2 s), so take a scrape during which the
+    // bundle did not change.
+    let (bundle, m) = loop {
+        let before = ca.running.ca.bundle();
+        let m = ca.scrape().await;
+        if ca.running.ca.bundle().version == before.version {
+            break (before, m);
+        }
+    };
+    let value = |sample: &str| metric_value(&m, sample).unwrap_or(0.0);
+    assert_eq!(value("meshca_trust_bundle_version"), bundle.version as f64);
+    // One expiry gauge per root in the bundle, the active one labelled so,
+    // at its certificate's expiry.
+    let root_samples = m
+        .lines()
+        .filter(|l| l.starts_with("meshca_trust_root_expiry_timestamp_seconds{"))
+        .count();
+    assert_eq!(root_samples, bundle.roots.len(), "{m}");
+    let active = ca.running.ca.issuer().root_fingerprint.clone().unwrap();
+    let active_der = bundle
+        .roots
+        .iter()
+        .find(|r| meshca::ca::fingerprint(r) == active)
+        .unwrap();
+    let (_, active_cert) = x509_parser::parse_x509_certificate(active_der).unwrap();
+    assert_eq!(
+        value(&format!(
+            "meshca_trust_root_expiry_timestamp_seconds{{root=\"{}\",state=\"active\"}}",
+            &active[..16]
+        )),
+        active_cert.validity().not_after.timestamp() as f64,
+        "{m}"
+    );
+    // Every root but the first was prepared, and the removed ones left: the
+    // counters account for the bundle exactly.
+    let transitions = |kind: &str| {
+        value(&format!(
+            "meshca_rotation_transitions_total{{step=\"{kind}\"}}"
+        ))
+    };
+    let (prepared, activated, removed) = (
+        transitions("prepared"),
+        transitions("activated"),
+        transitions("removed"),
+    );
+    assert!(
+        removed >= 1.0 && activated >= removed && prepared >= activated,
+        "{m}"
+    );
+    assert_eq!(1.0 + prepared - removed, bundle.roots.len() as f64, "{m}");
+    // Each activation step was timed once.
+    assert_eq!(
+        value("meshca_rotation_step_duration_seconds_count{step=\"activate\"}"),
+        activated
+    );
+    // Roots of one hour (and their issuers) are within the 7-day warning.
+    assert!(value("meshca_expiry_warnings") >= 1.0, "{m}");
 }
