@@ -21,6 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use meshca::metrics::Metrics;
 use support::*;
 
 const TD: &str = "cluster.local";
@@ -249,14 +250,6 @@ async fn direct(
     }
 }
 
-fn metric(text: &str, line_prefix: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     let ca = short_lived_ca().await;
@@ -275,7 +268,9 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     .await
     .unwrap();
     let api_identity = proxy::identity::follow(sock);
-    let proxy_metrics: Arc<meshca::metrics::Metrics> = Arc::default();
+    // Each proxy reports to its own registry, as separate processes would.
+    let (in_metrics, out_metrics, wrong_metrics): (Arc<Metrics>, Arc<Metrics>, Arc<Metrics>) =
+        Default::default();
     let inbound = proxy::start(
         ProxyConfig {
             inbound: Some(("127.0.0.1:0".parse().unwrap(), echo_addr.to_string())),
@@ -283,7 +278,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             ..Default::default()
         },
         api_identity,
-        proxy_metrics.clone(),
+        in_metrics.clone(),
     )
     .await
     .unwrap();
@@ -302,7 +297,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             ..Default::default()
         },
         web_agent.watch(),
-        proxy_metrics.clone(),
+        out_metrics.clone(),
     )
     .await
     .unwrap();
@@ -401,7 +396,6 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
     }
     let roots = ca.running.ca.bundle().roots.clone();
 
-    let before = proxy_metrics.render();
     // A workload whose identity is not allowed is refused.
     let batch = agent_for(&ca, dir.path(), "batch").await;
     let e = direct(&batch.watch().borrow().clone(), &roots, in_addr)
@@ -424,42 +418,104 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             ..Default::default()
         },
         web_agent.watch(),
-        proxy_metrics.clone(),
+        wrong_metrics.clone(),
     )
     .await
     .unwrap();
-    let mut s = TcpStream::connect(wrong.outbound_addr.unwrap())
-        .await
-        .unwrap();
-    assert!(roundtrip(&mut s, b"x").await.is_err());
-    tokio::time::sleep(Duration::from_millis(200)).await;
-
-    // Each refusal is counted with its reason.
-    let after = proxy_metrics.render();
-    for (labels, what) in [
-        (
-            "direction=\"inbound\",result=\"refused\",reason=\"identity_not_allowed\"",
-            "not allowed",
-        ),
-        (
-            "direction=\"inbound\",result=\"refused\",reason=\"unknown_ca\"",
-            "other CA",
-        ),
-        (
-            "direction=\"outbound\",result=\"refused\",reason=\"identity_mismatch\"",
-            "wrong upstream",
-        ),
-    ] {
-        let key = format!("meshca_proxy_handshakes_total{{{labels}}}");
+    let handshakes = |m: &Metrics, labels: &str| {
+        let text = m.render();
+        metric_value(&text, &format!("meshca_proxy_handshakes_total{{{labels}}}")).unwrap_or(0.0)
+    };
+    // Until its first certificate arrives the new proxy refuses with
+    // no_certificate_yet; after that, for the identity. Never does a
+    // connection get through. (The proxy counts before it closes the
+    // application's connection, so a failed round trip has been counted.)
+    const MISMATCH: &str = "direction=\"outbound\",result=\"refused\",reason=\"identity_mismatch\"";
+    const NO_CERT: &str = "direction=\"outbound\",result=\"refused\",reason=\"no_certificate_yet\"";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut attempts = 0.0;
+    while handshakes(&wrong_metrics, MISMATCH) == 0.0 {
         assert!(
-            metric(&after, &key) > metric(&before, &key),
-            "{what}: {key} counted\n{after}"
+            tokio::time::Instant::now() < deadline,
+            "never refused for its identity"
         );
+        let mut s = TcpStream::connect(wrong.outbound_addr.unwrap())
+            .await
+            .unwrap();
+        assert!(roundtrip(&mut s, b"x").await.is_err());
+        attempts += 1.0;
     }
-    assert!(after.contains(&format!(
-        "meshca_proxy_peer_connections_total{{direction=\"inbound\",peer=\"{}\"}}",
-        id("web")
-    )));
+    assert_eq!(handshakes(&wrong_metrics, MISMATCH), 1.0);
+    assert_eq!(handshakes(&wrong_metrics, NO_CERT), attempts - 1.0);
+    assert_eq!(
+        handshakes(
+            &wrong_metrics,
+            "direction=\"outbound\",result=\"ok\",reason=\"ok\""
+        ),
+        0.0
+    );
+
+    // The inbound proxy counts each refusal once, with its reason (its side
+    // of a handshake may end after the client saw the alert: polled).
+    for labels in [
+        "direction=\"inbound\",result=\"refused\",reason=\"identity_not_allowed\"",
+        "direction=\"inbound\",result=\"refused\",reason=\"unknown_ca\"",
+    ] {
+        wait_until(labels, Duration::from_secs(5), || async {
+            handshakes(&in_metrics, labels) >= 1.0
+        })
+        .await;
+        assert_eq!(handshakes(&in_metrics, labels), 1.0, "{labels}");
+    }
+    // The other proxies refused nothing for those reasons.
+    assert_eq!(
+        handshakes(
+            &out_metrics,
+            "direction=\"outbound\",result=\"refused\",reason=\"identity_mismatch\""
+        ),
+        0.0
+    );
+    // Established connections: the outbound proxy's handshakes (all to
+    // api) and the inbound proxy's peers (web, through the proxy or
+    // directly) are counted by identity; batch never got in.
+    let out_text = out_metrics.render();
+    let out_ok = handshakes(
+        &out_metrics,
+        "direction=\"outbound\",result=\"ok\",reason=\"ok\"",
+    );
+    assert!(out_ok >= f64::from(new_conns), "{out_ok} < {new_conns}");
+    assert_eq!(
+        metric_value(
+            &out_text,
+            &format!(
+                "meshca_proxy_peer_connections_total{{direction=\"outbound\",peer=\"{}\"}}",
+                id("api")
+            )
+        ),
+        Some(out_ok),
+        "{out_text}"
+    );
+    let in_text = in_metrics.render();
+    let in_peer = |sa: &str| {
+        metric_value(
+            &in_text,
+            &format!(
+                "meshca_proxy_peer_connections_total{{direction=\"inbound\",peer=\"{}\"}}",
+                id(sa)
+            ),
+        )
+    };
+    assert!(in_peer("web").unwrap_or(0.0) >= out_ok, "{in_text}");
+    assert_eq!(in_peer("batch"), None, "{in_text}");
+    assert!(
+        metric_value(
+            &out_text,
+            "meshca_proxy_bytes_total{direction=\"outbound\"}"
+        )
+        .unwrap_or(0.0)
+            > 0.0,
+        "{out_text}"
+    );
     roundtrip(&mut held, b"bye").await.unwrap();
 }
 
@@ -509,12 +565,30 @@ async fn the_agent_recertifies_at_once_when_its_root_is_tainted() {
         SystemTime::now(),
     )
     .expect("the new leaf chains to the new root alone");
-    let m = a.metrics().render();
-    for name in [
-        "meshca_agent_certificate_expiry_timestamp_seconds",
-        "meshca_agent_renewals_total{result=\"ok\"}",
-        "meshca_agent_trust_bundle_version",
-    ] {
-        assert!(m.contains(name), "{name}");
-    }
+    // The agent's own registry: two certificates (the first, and the one
+    // the taint forced), the expiry of the one it holds, the bundle it holds.
+    let value = |sample: &str| metric_value(&a.metrics().render(), sample);
+    let ok = "meshca_agent_renewals_total{result=\"ok\"}";
+    // Counted after the new certificate is published: polled.
+    wait_until(
+        "the second renewal is counted",
+        Duration::from_secs(5),
+        || async { value(ok) == Some(2.0) },
+    )
+    .await;
+    assert_eq!(value("meshca_agent_renewals_total{result=\"error\"}"), None);
+    let svid = st.svid.as_ref().unwrap();
+    let not_after = svid
+        .not_after
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert_eq!(
+        value("meshca_agent_certificate_expiry_timestamp_seconds"),
+        Some(not_after as f64)
+    );
+    assert_eq!(
+        value("meshca_agent_trust_bundle_version"),
+        Some(st.bundle.version as f64)
+    );
 }
