@@ -734,11 +734,21 @@ async fn killing_the_leader_process_hands_the_singleton_work_over() {
     )
     .await
     .unwrap();
-    assert!(metrics.contains("meshca_kubernetes_leader 1"), "{metrics}");
-    assert!(
-        metrics.contains("meshca_bundle_configmap_writes_total{result=\"created\"}"),
+    assert_eq!(
+        metric_value(&metrics, "meshca_kubernetes_leader"),
+        Some(1.0),
         "{metrics}"
     );
+    // It created exactly the two missing ConfigMaps (the deleted one and the
+    // new namespace's); every other one was its predecessor's.
+    let writes = |r: &str| {
+        metric_value(
+            &metrics,
+            &format!("meshca_bundle_configmap_writes_total{{result=\"{r}\"}}"),
+        )
+    };
+    assert_eq!(writes("created"), Some(2.0), "{metrics}");
+    assert_eq!(writes("failed").unwrap_or(0.0), 0.0, "{metrics}");
 
     // And it issues: a token signed by a key the JWKS does not hold (say,
     // one the API server just started using) goes to TokenReview, the
