@@ -252,133 +252,21 @@ impl RotationState {
 
     /// Applies a command. On success returns the next state (with `seq`
     /// incremented) and what happened; on refusal the state is unchanged.
+    /// Each command is its own function working on a copy of the state, so
+    /// a refusal simply drops the copy.
     pub fn apply(
         &self,
         cmd: &Command,
         obs: &Observations,
     ) -> Result<(RotationState, Vec<Event>), RotationError> {
         let mut next = self.clone();
-        let mut events = Vec::new();
-        let now = obs.now;
-        match cmd {
-            Command::Prepare { id, not_after } => {
-                if let Some(p) = self.prepared() {
-                    return Err(RotationError::AlreadyPrepared(p.id.clone()));
-                }
-                next.bundle_version += 1;
-                next.roots.push(RootRecord {
-                    id: id.clone(),
-                    not_after: *not_after,
-                    phase: Phase::Prepared,
-                    tainted: false,
-                    added_in_bundle: next.bundle_version,
-                    prepared_at: now,
-                    activated_at: None,
-                    retired_at: None,
-                    last_leaf_not_after: None,
-                });
-                events.push(Event::Prepared(id.clone()));
-            }
-            Command::Activate { force } => {
-                let pi = self
-                    .roots
-                    .iter()
-                    .position(|r| r.phase == Phase::Prepared)
-                    .ok_or(RotationError::NothingPrepared)?;
-                let p = &self.roots[pi];
-                if p.tainted {
-                    return Err(RotationError::TaintedPrepared(p.id.clone()));
-                }
-                let waited = now.duration_since(p.prepared_at).unwrap_or_default();
-                let all_acked = obs.all_acked(p.added_in_bundle);
-                if !force && (!all_acked || waited < obs.propagation_wait) {
-                    return Err(RotationError::NotPropagated {
-                        acked: if obs.acked_version >= p.added_in_bundle {
-                            obs.watchers_acked
-                        } else {
-                            0
-                        },
-                        total: obs.watchers,
-                        version: p.added_in_bundle,
-                        waited: waited.as_secs(),
-                        wait: obs.propagation_wait.as_secs(),
-                    });
-                }
-                let ai = self
-                    .roots
-                    .iter()
-                    .position(|r| r.phase == Phase::Active)
-                    .ok_or(RotationError::NoActiveRoot)?;
-                next.roots[ai].phase = Phase::Retired;
-                next.roots[ai].retired_at = Some(now);
-                // Leaves it signed up to now live at most max_leaf_ttl more
-                // (and never past the root itself): a bound that needs no
-                // per-leaf bookkeeping and survives restarts.
-                let bound = (now + obs.max_leaf_ttl).min(self.roots[ai].not_after);
-                next.roots[ai].last_leaf_not_after = Some(bound);
-                next.roots[pi].phase = Phase::Active;
-                next.roots[pi].activated_at = Some(now);
-                events.push(Event::Activated {
-                    new: p.id.clone(),
-                    old: self.roots[ai].id.clone(),
-                    forced: *force && !(all_acked && waited >= obs.propagation_wait),
-                });
-            }
-            Command::Retire => {
-                let mut removed = 0;
-                let mut waiting = Vec::new();
-                for r in next.roots.iter_mut().filter(|r| r.phase == Phase::Retired) {
-                    let at = Self::safe_to_remove_at(r);
-                    if now >= at {
-                        r.phase = Phase::Removed;
-                        removed += 1;
-                        events.push(Event::Removed(r.id.clone()));
-                    } else {
-                        waiting.push(format!(
-                            "root {} still has live leaves until {}",
-                            &r.id[..16.min(r.id.len())],
-                            crate::util::clock::rfc3339(at)
-                        ));
-                    }
-                }
-                if removed == 0 {
-                    return Err(RotationError::NothingToRetire(if waiting.is_empty() {
-                        "no root is retired".into()
-                    } else {
-                        waiting.join("; ")
-                    }));
-                }
-                next.bundle_version += 1;
-            }
-            Command::Taint { id } => {
-                let i = self.find(id)?;
-                if self.roots[i].phase == Phase::Removed {
-                    return Err(RotationError::AlreadyRemoved(self.roots[i].id.clone()));
-                }
-                if self.roots[i].tainted {
-                    return Err(RotationError::AlreadyTainted(self.roots[i].id.clone()));
-                }
-                next.roots[i].tainted = true;
-                // The bundle message lists tainted roots: clients must see a
-                // new version to learn they have to re-certify.
-                next.bundle_version += 1;
-                events.push(Event::Tainted(self.roots[i].id.clone()));
-            }
-            Command::Tick => {
-                let mut changed = false;
-                for r in next.roots.iter_mut() {
-                    let idle = matches!(r.phase, Phase::Retired | Phase::Prepared);
-                    if r.tainted && idle && now >= Self::safe_to_remove_at(r) {
-                        r.phase = Phase::Removed;
-                        changed = true;
-                        events.push(Event::Removed(r.id.clone()));
-                    }
-                }
-                if changed {
-                    next.bundle_version += 1;
-                }
-            }
-        }
+        let events = match cmd {
+            Command::Prepare { id, not_after } => next.prepare(id, *not_after, obs.now)?,
+            Command::Activate { force } => next.activate(*force, obs)?,
+            Command::Retire => next.retire(obs.now)?,
+            Command::Taint { id } => next.taint(id)?,
+            Command::Tick => next.tick(obs.now),
+        };
         if next != *self {
             next.seq = self.seq + 1;
         }
@@ -390,6 +278,146 @@ impl RotationState {
                 <= 1
         );
         Ok((next, events))
+    }
+
+    /// `prepare`: a new root joins the bundle (one prepared root at a time).
+    fn prepare(
+        &mut self,
+        id: &str,
+        not_after: SystemTime,
+        now: SystemTime,
+    ) -> Result<Vec<Event>, RotationError> {
+        if let Some(p) = self.prepared() {
+            return Err(RotationError::AlreadyPrepared(p.id.clone()));
+        }
+        self.bundle_version += 1;
+        self.roots.push(RootRecord {
+            id: id.to_string(),
+            not_after,
+            phase: Phase::Prepared,
+            tainted: false,
+            added_in_bundle: self.bundle_version,
+            prepared_at: now,
+            activated_at: None,
+            retired_at: None,
+            last_leaf_not_after: None,
+        });
+        Ok(vec![Event::Prepared(id.to_string())])
+    }
+
+    /// `activate`: the prepared root starts signing, gated on propagation
+    /// unless forced; the active root retires.
+    fn activate(&mut self, force: bool, obs: &Observations) -> Result<Vec<Event>, RotationError> {
+        let now = obs.now;
+        let pi = self
+            .roots
+            .iter()
+            .position(|r| r.phase == Phase::Prepared)
+            .ok_or(RotationError::NothingPrepared)?;
+        let p = &self.roots[pi];
+        if p.tainted {
+            return Err(RotationError::TaintedPrepared(p.id.clone()));
+        }
+        let waited = now.duration_since(p.prepared_at).unwrap_or_default();
+        let propagated = obs.all_acked(p.added_in_bundle) && waited >= obs.propagation_wait;
+        if !force && !propagated {
+            return Err(RotationError::NotPropagated {
+                acked: if obs.acked_version >= p.added_in_bundle {
+                    obs.watchers_acked
+                } else {
+                    0
+                },
+                total: obs.watchers,
+                version: p.added_in_bundle,
+                waited: waited.as_secs(),
+                wait: obs.propagation_wait.as_secs(),
+            });
+        }
+        let ai = self
+            .roots
+            .iter()
+            .position(|r| r.phase == Phase::Active)
+            .ok_or(RotationError::NoActiveRoot)?;
+        let event = Event::Activated {
+            new: self.roots[pi].id.clone(),
+            old: self.roots[ai].id.clone(),
+            forced: force && !propagated,
+        };
+        let old = &mut self.roots[ai];
+        old.phase = Phase::Retired;
+        old.retired_at = Some(now);
+        // Leaves it signed up to now live at most max_leaf_ttl more (and
+        // never past the root itself): a bound that needs no per-leaf
+        // bookkeeping and survives restarts.
+        old.last_leaf_not_after = Some((now + obs.max_leaf_ttl).min(old.not_after));
+        let new = &mut self.roots[pi];
+        new.phase = Phase::Active;
+        new.activated_at = Some(now);
+        Ok(vec![event])
+    }
+
+    /// `retire`: every retired root whose leaves have all expired leaves
+    /// the bundle; refused when none can.
+    fn retire(&mut self, now: SystemTime) -> Result<Vec<Event>, RotationError> {
+        let mut events = Vec::new();
+        let mut waiting = Vec::new();
+        for r in self.roots.iter_mut().filter(|r| r.phase == Phase::Retired) {
+            let at = Self::safe_to_remove_at(r);
+            if now >= at {
+                r.phase = Phase::Removed;
+                events.push(Event::Removed(r.id.clone()));
+            } else {
+                waiting.push(format!(
+                    "root {} still has live leaves until {}",
+                    &r.id[..16.min(r.id.len())],
+                    crate::util::clock::rfc3339(at)
+                ));
+            }
+        }
+        if events.is_empty() {
+            return Err(RotationError::NothingToRetire(if waiting.is_empty() {
+                "no root is retired".into()
+            } else {
+                waiting.join("; ")
+            }));
+        }
+        self.bundle_version += 1;
+        Ok(events)
+    }
+
+    /// `taint`: mark a root compromised (by fingerprint or unique prefix).
+    fn taint(&mut self, id: &str) -> Result<Vec<Event>, RotationError> {
+        let i = self.find(id)?;
+        let r = &mut self.roots[i];
+        if r.phase == Phase::Removed {
+            return Err(RotationError::AlreadyRemoved(r.id.clone()));
+        }
+        if r.tainted {
+            return Err(RotationError::AlreadyTainted(r.id.clone()));
+        }
+        r.tainted = true;
+        let event = Event::Tainted(r.id.clone());
+        // The bundle message lists tainted roots: clients must see a new
+        // version to learn they have to re-certify.
+        self.bundle_version += 1;
+        Ok(vec![event])
+    }
+
+    /// Housekeeping: tainted roots that no longer matter (not active, no
+    /// live leaves) leave the bundle. Never refused.
+    fn tick(&mut self, now: SystemTime) -> Vec<Event> {
+        let mut events = Vec::new();
+        for r in self.roots.iter_mut() {
+            let idle = matches!(r.phase, Phase::Retired | Phase::Prepared);
+            if r.tainted && idle && now >= Self::safe_to_remove_at(r) {
+                r.phase = Phase::Removed;
+                events.push(Event::Removed(r.id.clone()));
+            }
+        }
+        if !events.is_empty() {
+            self.bundle_version += 1;
+        }
+        events
     }
 
     /// The next routine step and when it becomes safe (for `rotation status`).
