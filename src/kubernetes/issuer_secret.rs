@@ -115,7 +115,8 @@ pub async fn reconcile(
     let mgr = rotation.manager().clone();
     let files = tokio::task::spawn_blocking(move || mgr.issuer_files())
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let write = |rv: Option<String>| super::KeySecret(desired(s, &files, rv));
     let Some(cur) = api.get_opt(&s.name).await.map_err(|e| e.to_string())? else {
         return match api.create(&PostParams::default(), &write(None).0).await {

@@ -207,7 +207,9 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
     }
     data.install_issuer(issuer_pem, &SecretBytes::new(issuer_key.clone()))
         .map_err(|e| e.to_string())?;
-    Journal::new(data.path()).adopt(&state)
+    Journal::new(data.path())
+        .adopt(&state)
+        .map_err(|e| e.to_string())
 }
 
 impl SecretState {

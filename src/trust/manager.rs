@@ -17,13 +17,19 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
-use super::journal::Journal;
+use super::journal::{Journal, JournalError};
 use super::rotation::{Command, Event, Observations, RotationError, RotationState};
-use crate::ca::store::{DataDir, RenewReport};
+use crate::ca::store::{DataDir, RenewReport, StoreError};
 use crate::ca::{fingerprint, signed_by, to_system_time, TrustBundle};
 
-/// Why a rotation command did not happen.
+/// Why a rotation command (or reading the rotation state) did not happen.
+///
+/// `Refused`: a safety gate said no (retrying later may pass the gate);
+/// `BadInput`: the operator's input is unusable; `Journal(OutOfOrder)`:
+/// another writer committed first (reload and retry); the rest: the data
+/// directory is damaged or unwritable.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrustError {
     /// The state machine refused it (a safety gate or an illegal step).
     #[error("{0}")]
@@ -34,6 +40,15 @@ pub enum TrustError {
     /// Files could not be read or written.
     #[error("{0}")]
     Storage(String),
+    /// The data directory (a root, the issuer, the bundle).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The rotation journal.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The journal names no active root: it was edited or damaged.
+    #[error("the rotation state has no active root")]
+    NoActiveRoot,
 }
 
 /// Where a prepared root comes from.
@@ -123,8 +138,8 @@ fn step_name(cmd: &Command) -> &'static str {
     }
 }
 
-fn not_after(der: &[u8]) -> Result<SystemTime, String> {
-    let (_, c) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+fn not_after(der: &[u8]) -> Result<SystemTime, TrustError> {
+    let (_, c) = X509Certificate::from_der(der).map_err(|e| TrustError::Storage(e.to_string()))?;
     Ok(to_system_time(c.validity().not_after))
 }
 
@@ -132,7 +147,7 @@ impl TrustManager {
     /// Opens the rotation state of `data`, creating it on first use: the
     /// root that signed the current issuer becomes the active root (a
     /// pre-rotation `root.crt`/`root.key` is moved into `roots/`).
-    pub fn open(data: DataDir, now: SystemTime) -> Result<Self, String> {
+    pub fn open(data: DataDir, now: SystemTime) -> Result<Self, TrustError> {
         let journal = Journal::new(data.path());
         let state = match journal.load()? {
             Some(s) => s,
@@ -142,10 +157,7 @@ impl TrustManager {
         // are copies of a root now in roots/.
         let legacy = data.file("root.crt");
         if legacy.exists() {
-            let der = data
-                .read_cert_file("root.crt")
-                .map_err(|e| e.to_string())?
-                .swap_remove(0);
+            let der = data.read_cert_file("root.crt")?.swap_remove(0);
             if data.root_paths(&fingerprint(&der)).1.exists() {
                 let _ = std::fs::remove_file(data.file("root.key"));
                 let _ = std::fs::remove_file(&legacy);
@@ -158,49 +170,56 @@ impl TrustManager {
         })
     }
 
-    fn adopt(data: &DataDir, journal: &Journal, now: SystemTime) -> Result<RotationState, String> {
-        let issuer = data.issuer_chain().map_err(|e| e.to_string())?;
+    fn adopt(
+        data: &DataDir,
+        journal: &Journal,
+        now: SystemTime,
+    ) -> Result<RotationState, TrustError> {
+        let issuer = data.issuer_chain()?;
         let id = if data.file("root.crt").exists() {
-            let der = data
-                .read_cert_file("root.crt")
-                .map_err(|e| e.to_string())?
-                .swap_remove(0);
-            let key =
-                crate::ca::CaKey::from_pem(&data.read_key("root.key").map_err(|e| e.to_string())?)
-                    .map_err(|e| format!("{}: {e}", data.file("root.key").display()))?;
-            data.write_root(&der, &key).map_err(|e| e.to_string())?
+            let der = data.read_cert_file("root.crt")?.swap_remove(0);
+            let key = crate::ca::CaKey::from_pem(&data.read_key("root.key")?).map_err(|e| {
+                StoreError::Invalid {
+                    path: data.file("root.key"),
+                    reason: e.to_string(),
+                }
+            })?;
+            data.write_root(&der, &key)?
         } else {
             let dir = data.file("roots");
             let mut found = None;
-            for e in std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
-                let name = e.map_err(|e| e.to_string())?.file_name();
+            let io = |source| StoreError::Io {
+                path: dir.clone(),
+                source,
+            };
+            for e in std::fs::read_dir(&dir).map_err(io)? {
+                let name = e.map_err(io)?.file_name();
                 let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".crt")) else {
                     continue;
                 };
-                let der = data.read_root_cert(id).map_err(|e| e.to_string())?;
+                let der = data.read_root_cert(id)?;
                 if signed_by(&issuer[0], &der) {
                     found = Some(id.to_string());
                 }
             }
             found.ok_or_else(|| {
-                format!(
+                TrustError::Storage(format!(
                     "{}: no root in roots/ signed issuer.crt, and there is no rotation.json saying which root is active",
                     data.path().display()
-                )
+                ))
             })?
         };
-        let der = data.read_root_cert(&id).map_err(|e| e.to_string())?;
+        let der = data.read_root_cert(&id)?;
         let state = RotationState::new(id, not_after(&der)?, now);
         journal.create(&state)?;
         Ok(state)
     }
 
     /// Re-reads the journal (after the shared state replaced it).
-    pub fn reload(&self) -> Result<(), String> {
-        let s = self
-            .journal
-            .load()?
-            .ok_or("rotation.json disappeared from the data directory")?;
+    pub fn reload(&self) -> Result<(), TrustError> {
+        let s = self.journal.load()?.ok_or_else(|| {
+            TrustError::Storage("rotation.json disappeared from the data directory".into())
+        })?;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
         Ok(())
     }
@@ -216,12 +235,12 @@ impl TrustManager {
     }
 
     /// The trust bundle the state describes.
-    pub fn bundle(&self) -> Result<TrustBundle, String> {
+    pub fn bundle(&self) -> Result<TrustBundle, TrustError> {
         let s = self.state();
         let mut roots = Vec::new();
         let mut tainted = Vec::new();
         for r in s.in_bundle() {
-            let der = self.data.read_root_cert(&r.id).map_err(|e| e.to_string())?;
+            let der = self.data.read_root_cert(&r.id)?;
             if r.tainted {
                 tainted.push(der.clone());
             }
@@ -240,26 +259,19 @@ impl TrustManager {
         &self,
         issuer_lifetime: Duration,
         now: SystemTime,
-    ) -> Result<Reconciled, String> {
+    ) -> Result<Reconciled, TrustError> {
         let mut out = Reconciled::default();
         let bundle = self.bundle()?;
         let current: Vec<CertificateDer<'static>> =
             self.data.read_cert_file("bundle.pem").unwrap_or_default();
         if current != bundle.roots {
-            self.data
-                .write_bundle(&bundle.roots)
-                .map_err(|e| e.to_string())?;
+            self.data.write_bundle(&bundle.roots)?;
             out.bundle_written = true;
         }
         let state = self.state();
-        let active = state
-            .active()
-            .ok_or("the rotation state has no active root")?;
-        let root = self
-            .data
-            .read_root_cert(&active.id)
-            .map_err(|e| e.to_string())?;
-        let issuer = self.data.issuer_chain().map_err(|e| e.to_string())?;
+        let active = state.active().ok_or(TrustError::NoActiveRoot)?;
+        let root = self.data.read_root_cert(&active.id)?;
+        let issuer = self.data.issuer_chain()?;
         let reason = if !signed_by(&issuer[0], &root) {
             Some("the active root changed")
         } else if not_after(&issuer[0])? <= now {
@@ -275,10 +287,7 @@ impl TrustManager {
                     crate::util::clock::rfc3339(active.not_after)
                 ));
             } else {
-                let r = self
-                    .data
-                    .renew_issuer(&active.id, issuer_lifetime, now)
-                    .map_err(|e| e.to_string())?;
+                let r = self.data.renew_issuer(&active.id, issuer_lifetime, now)?;
                 out.issuer_renewed = Some((r, reason));
             }
         }
@@ -287,30 +296,24 @@ impl TrustManager {
 
     /// The current issuer as files: for mirroring it into a
     /// `kubernetes.io/tls` Secret.
-    pub fn issuer_files(&self) -> Result<IssuerFiles, String> {
+    pub fn issuer_files(&self) -> Result<IssuerFiles, TrustError> {
         let state = self.state();
-        let active = state
-            .active()
-            .ok_or("the rotation state has no active root")?;
-        let cert_pem =
-            std::fs::read(self.data.file("issuer.crt")).map_err(|e| format!("issuer.crt: {e}"))?;
-        let der = crate::ca::pem_to_certs(&cert_pem)?
+        let active = state.active().ok_or(TrustError::NoActiveRoot)?;
+        let cert_pem = std::fs::read(self.data.file("issuer.crt"))
+            .map_err(|e| TrustError::Storage(format!("issuer.crt: {e}")))?;
+        let der = crate::ca::pem_to_certs(&cert_pem)
+            .map_err(TrustError::Storage)?
             .into_iter()
             .next()
-            .ok_or("issuer.crt holds no certificate")?;
-        let (_, cert) = X509Certificate::from_der(&der).map_err(|e| e.to_string())?;
-        let root = self
-            .data
-            .read_root_cert(&active.id)
-            .map_err(|e| e.to_string())?;
+            .ok_or_else(|| TrustError::Storage("issuer.crt holds no certificate".into()))?;
+        let (_, cert) =
+            X509Certificate::from_der(&der).map_err(|e| TrustError::Storage(e.to_string()))?;
+        let root = self.data.read_root_cert(&active.id)?;
         Ok(IssuerFiles {
             fingerprint: fingerprint(&der),
             not_before: to_system_time(cert.validity().not_before),
             cert_pem,
-            key_pem: self
-                .data
-                .read_key("issuer.key")
-                .map_err(|e| e.to_string())?,
+            key_pem: self.data.read_key("issuer.key")?,
             root_pem: crate::ca::der_to_pem(&root),
         })
     }
@@ -325,7 +328,26 @@ impl TrustManager {
         chain_pem: &[u8],
         key_pem: &crate::util::secret::SecretBytes,
         now: SystemTime,
-    ) -> Result<String, String> {
+    ) -> Result<String, TrustError> {
+        self.check_external_issuer(chain_pem, key_pem, now)
+            .map_err(TrustError::BadInput)?;
+        let der = crate::ca::pem_to_certs(chain_pem)
+            .map_err(TrustError::BadInput)?
+            .swap_remove(0);
+        self.data.install_issuer(
+            crate::ca::der_to_pem(&der).as_bytes(),
+            &crate::util::secret::SecretBytes::new(key_pem.expose().to_vec()),
+        )?;
+        Ok(fingerprint(&der))
+    }
+
+    /// Why a foreign issuer may not be installed (Ok: it may).
+    fn check_external_issuer(
+        &self,
+        chain_pem: &[u8],
+        key_pem: &crate::util::secret::SecretBytes,
+        now: SystemTime,
+    ) -> Result<(), String> {
         let state = self.state();
         let active = state
             .active()
@@ -366,24 +388,18 @@ impl TrustManager {
                 &active.id[..16]
             ));
         }
-        self.data
-            .install_issuer(
-                crate::ca::der_to_pem(&der).as_bytes(),
-                &crate::util::secret::SecretBytes::new(key_pem.expose().to_vec()),
-            )
-            .map_err(|e| e.to_string())?;
-        Ok(fingerprint(&der))
+        Ok(())
     }
 
     /// Makes a new issuer under the active root (scheduled renewal).
-    pub fn renew_issuer(&self, lifetime: Duration, now: SystemTime) -> Result<RenewReport, String> {
+    pub fn renew_issuer(
+        &self,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<RenewReport, TrustError> {
         let state = self.state();
-        let active = state
-            .active()
-            .ok_or("the rotation state has no active root")?;
-        self.data
-            .renew_issuer(&active.id, lifetime, now)
-            .map_err(|e| e.to_string())
+        let active = state.active().ok_or(TrustError::NoActiveRoot)?;
+        Ok(self.data.renew_issuer(&active.id, lifetime, now)?)
     }
 
     /// Adds a new root to the bundle (generated or imported), not signing yet.
@@ -409,16 +425,14 @@ impl TrustManager {
                 &id[..16]
             )));
         }
-        let na = not_after(&der).map_err(TrustError::BadInput)?;
+        let na = not_after(&der).map_err(|e| TrustError::BadInput(e.to_string()))?;
         if na <= obs.now + obs.propagation_wait + obs.max_leaf_ttl {
             return Err(TrustError::BadInput(format!(
                 "the new root expires at {}, before it could be activated and sign a full-lifetime leaf; use a longer-lived root",
                 crate::util::clock::rfc3339(na)
             )));
         }
-        self.data
-            .write_root(&der, &key)
-            .map_err(|e| TrustError::Storage(e.to_string()))?;
+        self.data.write_root(&der, &key)?;
         self.apply(&Command::Prepare { id, not_after: na }, obs)
     }
 
@@ -432,7 +446,7 @@ impl TrustManager {
         }
         let step = step_name(cmd);
         failpoint("before-commit", step);
-        self.journal.commit(&next).map_err(TrustError::Storage)?;
+        self.journal.commit(&next)?;
         failpoint("after-commit", step);
         *guard = next;
         Ok(events)

@@ -179,7 +179,8 @@ impl RotationService {
             mgr.install_external_issuer(&chain_pem, &key_pem, now)
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         self.load_issuer().await?;
         if !self.push_shared().await? {
             return Err(
@@ -285,7 +286,8 @@ impl RotationService {
             mgr.reconcile(lifetime, now)
         })
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         self.publish(&rec).await?;
         self.load_issuer().await?;
         for o in self.observers() {
@@ -433,7 +435,7 @@ impl RotationService {
                 Step::Retire => mgr.apply(&Command::Retire, &obs)?,
                 Step::Taint(id) => mgr.apply(&Command::Taint { id: id.clone() }, &obs)?,
             };
-            let rec = mgr.reconcile(lifetime, now).map_err(TrustError::Storage)?;
+            let rec = mgr.reconcile(lifetime, now)?;
             Ok::<_, TrustError>((events, rec))
         })
         .await
@@ -445,7 +447,7 @@ impl RotationService {
 
     /// Applies the journal's state to the running CA after a step or at start.
     pub async fn publish(&self, rec: &Reconciled) -> Result<(), String> {
-        let bundle = self.mgr.bundle()?;
+        let bundle = self.mgr.bundle().map_err(|e| e.to_string())?;
         self.ca.set_bundle(bundle);
         let state = self.mgr.state();
         for o in self.observers() {
@@ -656,7 +658,7 @@ impl RotationService {
             let r = tokio::task::spawn_blocking(move || mgr.renew_issuer(lifetime, now))
                 .await
                 .map_err(|e| e.to_string())
-                .and_then(|r| r);
+                .and_then(|r| r.map_err(|e| e.to_string()));
             match r {
                 Ok(report) => {
                     if let Err(e) = self.load_issuer().await {
@@ -727,7 +729,7 @@ impl RotationService {
                 let rec = if ev.is_empty() {
                     None
                 } else {
-                    Some(mgr.reconcile(lifetime, now).map_err(TrustError::Storage)?)
+                    Some(mgr.reconcile(lifetime, now)?)
                 };
                 Ok::<_, TrustError>((ev, rec, obs))
             })

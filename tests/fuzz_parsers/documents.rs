@@ -438,7 +438,12 @@ fn install_foreign(crt: &[u8], key: &[u8]) -> Result<(), TestCaseError> {
     )?;
     match r {
         Err(why) => {
-            prop_assert!(!why.is_empty());
+            // A refused foreign issuer is the input's fault, never storage.
+            prop_assert!(
+                matches!(why, meshca::trust::manager::TrustError::BadInput(_)),
+                "{why:?}"
+            );
+            prop_assert!(!why.to_string().is_empty());
             prop_assert!(
                 tree(dir.path()) == before,
                 "a refused issuer changed the data directory: {why}"
