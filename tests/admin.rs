@@ -341,6 +341,8 @@ struct Counting {
     leaves_read: std::cell::Cell<u64>,
 }
 
+use meshca::audit::AuditError;
+
 impl meshca::audit::store::AuditStore for Counting {
     fn append(
         &mut self,
@@ -350,10 +352,10 @@ impl meshca::audit::store::AuditStore for Counting {
             meshca::audit::merkle::Hash,
             meshca::audit::store::Indexed,
         )],
-    ) -> Result<(), String> {
-        Err("read-only".into())
+    ) -> Result<(), AuditError> {
+        Err(AuditError::Storage("read-only".into()))
     }
-    fn leaf_hashes(&self) -> Result<Vec<meshca::audit::merkle::Hash>, String> {
+    fn leaf_hashes(&self) -> Result<Vec<meshca::audit::merkle::Hash>, AuditError> {
         let v = self.inner.leaf_hashes()?;
         self.all_leaves.set(self.all_leaves.get() + 1);
         self.leaves_read
@@ -364,31 +366,34 @@ impl meshca::audit::store::AuditStore for Counting {
         &self,
         from: u64,
         limit: u64,
-    ) -> Result<Vec<meshca::audit::store::StoredEntry>, String> {
+    ) -> Result<Vec<meshca::audit::store::StoredEntry>, AuditError> {
         self.inner.entries(from, limit)
     }
     fn query(
         &self,
         f: &meshca::audit::store::Filter,
-    ) -> Result<Vec<meshca::audit::store::StoredEntry>, String> {
+    ) -> Result<Vec<meshca::audit::store::StoredEntry>, AuditError> {
         self.inner.query(f)
     }
-    fn by_serial(&self, s: &str) -> Result<Option<meshca::audit::store::StoredEntry>, String> {
+    fn by_serial(&self, s: &str) -> Result<Option<meshca::audit::store::StoredEntry>, AuditError> {
         self.inner.by_serial(s)
     }
-    fn count(&self) -> Result<u64, String> {
+    fn count(&self) -> Result<u64, AuditError> {
         self.inner.count()
     }
-    fn serial_index_fault(&self) -> Result<Option<String>, String> {
+    fn serial_index_fault(&self) -> Result<Option<String>, AuditError> {
         self.inner.serial_index_fault()
     }
-    fn add_checkpoint(&mut self, _: &meshca::audit::store::StoredCheckpoint) -> Result<(), String> {
-        Err("read-only".into())
+    fn add_checkpoint(
+        &mut self,
+        _: &meshca::audit::store::StoredCheckpoint,
+    ) -> Result<(), AuditError> {
+        Err(AuditError::Storage("read-only".into()))
     }
-    fn checkpoints(&self) -> Result<Vec<meshca::audit::store::StoredCheckpoint>, String> {
+    fn checkpoints(&self) -> Result<Vec<meshca::audit::store::StoredCheckpoint>, AuditError> {
         self.inner.checkpoints()
     }
-    fn leaf_range(&self, a: u64, b: u64) -> Result<Vec<meshca::audit::merkle::Hash>, String> {
+    fn leaf_range(&self, a: u64, b: u64) -> Result<Vec<meshca::audit::merkle::Hash>, AuditError> {
         let v = self.inner.leaf_range(a, b)?;
         self.leaves_read
             .set(self.leaves_read.get() + v.len() as u64);
@@ -398,16 +403,18 @@ impl meshca::audit::store::AuditStore for Counting {
         &self,
         a: u64,
         b: u64,
-    ) -> Result<Option<meshca::audit::store::StoredCheckpoint>, String> {
+    ) -> Result<Option<meshca::audit::store::StoredCheckpoint>, AuditError> {
         self.inner.checkpoint_between(a, b)
     }
     fn checkpoint_of_size(
         &self,
         s: u64,
-    ) -> Result<Option<meshca::audit::store::StoredCheckpoint>, String> {
+    ) -> Result<Option<meshca::audit::store::StoredCheckpoint>, AuditError> {
         self.inner.checkpoint_of_size(s)
     }
-    fn latest_checkpoint(&self) -> Result<Option<meshca::audit::store::StoredCheckpoint>, String> {
+    fn latest_checkpoint(
+        &self,
+    ) -> Result<Option<meshca::audit::store::StoredCheckpoint>, AuditError> {
         self.inner.latest_checkpoint()
     }
 }

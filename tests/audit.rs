@@ -464,7 +464,11 @@ async fn a_tampered_serial_index_is_refused_by_lookups_and_caught_by_verify() {
             // The lookup itself refuses: renewal and `show` never get db's entry for web.
             let store = SqliteStore::open_read_only(&copy.join(DB_FILE)).unwrap();
             let err = store.by_serial(&web).unwrap_err();
-            assert!(err.contains("integrity failure"), "{err}");
+            assert!(
+                matches!(err, meshca::audit::AuditError::Integrity(_)),
+                "a lying index is an integrity failure, not a miss: {err:?}"
+            );
+            assert!(err.to_string().contains("integrity failure"), "{err}");
             let show = meshca()
                 .args(["audit", "show", &web, "--data-dir"])
                 .arg(&copy)

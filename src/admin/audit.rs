@@ -14,14 +14,14 @@
 //! Every route needs the admin token (see `admin_guard`).
 
 use axum::extract::{Path, Query};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
+use crate::admin::AdminError;
 use crate::audit::store::{AuditStore, Filter, SqliteStore};
-use crate::audit::{query, AuditLog};
+use crate::audit::{query, AuditError, AuditLog};
 
 /// Entries per page of `/audit/entries` when the request names no `limit`.
 pub(crate) const DEFAULT_LIMIT: u64 = 100;
@@ -52,18 +52,8 @@ pub(crate) struct ProveParams {
 fn json(v: &impl serde::Serialize) -> Response {
     match serde_json::to_string_pretty(v) {
         Ok(s) => ([("content-type", "application/json")], s + "\n").into_response(),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => AdminError::Internal(e.to_string()).into_response(),
     }
-}
-
-/// Errors in the admin guard's shape: `{"error": "…"}`.
-fn err(code: StatusCode, msg: String) -> Response {
-    (
-        code,
-        [("content-type", "application/json")],
-        format!("{}\n", serde_json::json!({ "error": msg })),
-    )
-        .into_response()
 }
 
 /// An untrusted path word as it may appear in an error: at most 128 bytes,
@@ -81,37 +71,35 @@ fn shown(word: &str) -> String {
     out
 }
 
-/// A lookup by serial failed: not found (404), the log is inconsistent
-/// (500), or the store could not be read (503); never the caller's fault.
-fn serial_error(serial: &str, e: String) -> Response {
-    if e.starts_with("no entry for serial") {
-        err(
-            StatusCode::NOT_FOUND,
-            format!("no entry for serial {}", shown(serial)),
-        )
-    } else if e.contains("integrity failure") {
-        err(StatusCode::INTERNAL_SERVER_ERROR, e)
-    } else {
-        err(StatusCode::SERVICE_UNAVAILABLE, e)
+/// A lookup by serial failed: not found (404, naming the caller's word
+/// escaped, not echoed), else as any audit failure (an inconsistent log 500,
+/// an unreadable store 503); never the caller's fault.
+fn serial_error(serial: &str, e: AuditError) -> AdminError {
+    match e {
+        AuditError::NotFound { .. } => {
+            AdminError::NotFound(format!("no entry for serial {}", shown(serial)))
+        }
+        other => other.into(),
     }
 }
 
+/// Runs `f` on a read-only connection, off the reactor.
 async fn with_store<T: Send + 'static>(
     log: &AuditLog,
-    f: impl FnOnce(&dyn AuditStore) -> Result<T, String> + Send + 'static,
-) -> Result<T, Response> {
+    f: impl FnOnce(&dyn AuditStore) -> Result<T, AuditError> + Send + 'static,
+) -> Result<T, AdminError> {
     let path = log.db_path().to_path_buf();
     tokio::task::spawn_blocking(move || {
         let store = SqliteStore::open_read_only(&path)?;
         f(&store)
     })
     .await
-    .map_err(|e| err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| err(StatusCode::BAD_REQUEST, e))
+    .map_err(|e| AdminError::Internal(e.to_string()))?
+    .map_err(AdminError::from)
 }
 
 /// Builds the filter from parameters.
-pub fn filter(p: ListParams, now: std::time::SystemTime) -> Result<Filter, String> {
+pub fn filter(p: ListParams, now: std::time::SystemTime) -> Result<Filter, AuditError> {
     Ok(Filter {
         identity: p.identity,
         namespace: p.namespace,
@@ -128,11 +116,11 @@ pub fn filter(p: ListParams, now: std::time::SystemTime) -> Result<Filter, Strin
             .transpose()?,
         limit: Some(match p.limit {
             None => DEFAULT_LIMIT,
-            Some(0) => return Err("limit must be at least 1".into()),
+            Some(0) => return Err(AuditError::BadRequest("limit must be at least 1".into())),
             Some(n) if n > MAX_LIMIT => {
-                return Err(format!(
+                return Err(AuditError::BadRequest(format!(
                     "limit {n} is over the maximum of {MAX_LIMIT}; page with the {NEXT_CURSOR} header's value as `before`"
-                ))
+                )))
             }
             Some(n) => n,
         }),
@@ -154,7 +142,7 @@ pub fn routes(log: AuditLog) -> Router {
                 async move {
                     let f = match filter(p, std::time::SystemTime::now()) {
                         Ok(f) => f,
-                        Err(e) => return err(StatusCode::BAD_REQUEST, e),
+                        Err(e) => return AdminError::from(e).into_response(),
                     };
                     let limit = f.limit.unwrap_or(DEFAULT_LIMIT);
                     match with_store(&log, move |s| query::list(s, &f)).await {
@@ -176,7 +164,7 @@ pub fn routes(log: AuditLog) -> Router {
                             }
                             resp
                         }
-                        Err(r) => r,
+                        Err(r) => r.into_response(),
                     }
                 }
             }),
@@ -194,8 +182,8 @@ pub fn routes(log: AuditLog) -> Router {
                     };
                     match with_store(&log, show).await {
                         Ok(Ok(shown)) => json(&shown),
-                        Ok(Err(e)) => serial_error(&asked, e),
-                        Err(r) => r,
+                        Ok(Err(e)) => serial_error(&asked, e).into_response(),
+                        Err(r) => r.into_response(),
                     }
                 }
             }),
@@ -208,9 +196,11 @@ pub fn routes(log: AuditLog) -> Router {
                     match with_store(&log, |s| s.latest_checkpoint()).await {
                         Ok(cp) => match cp {
                             Some(c) => c.note.clone().into_response(),
-                            None => err(StatusCode::NOT_FOUND, "no checkpoint yet".into()),
+                            None => {
+                                AdminError::NotFound("no checkpoint yet".into()).into_response()
+                            }
                         },
-                        Err(r) => r,
+                        Err(r) => r.into_response(),
                     }
                 }
             }),
@@ -227,7 +217,7 @@ pub fn routes(log: AuditLog) -> Router {
                     };
                     match with_store(&log, prove).await {
                         Ok(proved) => json(&proved),
-                        Err(r) => r,
+                        Err(r) => r.into_response(),
                     }
                 }
             }),

@@ -12,25 +12,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+
+use super::AdminError;
 
 fn sha256(b: &[u8]) -> [u8; 32] {
     let d = ring::digest::digest(&ring::digest::SHA256, b);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
-}
-
-fn error(code: StatusCode, msg: &str) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        format!("{}\n", serde_json::json!({ "error": msg })),
-    )
-        .into_response()
 }
 
 /// The credentials of `Bearer <token>`; the scheme is case-insensitive
@@ -85,14 +78,7 @@ impl TokenCheck {
 async fn require_token(State(check): State<Arc<TokenCheck>>, req: Request, next: Next) -> Response {
     match check.refuse(req.headers()) {
         None => next.run(req).await,
-        Some(why) => {
-            let mut r = error(StatusCode::UNAUTHORIZED, why);
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer realm=\"meshca-admin\""),
-            );
-            r
-        }
+        Some(why) => AdminError::Unauthorized(why).into_response(),
     }
 }
 
@@ -175,24 +161,22 @@ const OPEN_PATHS: &[&str] = &["/live", "/ready", "/metrics"];
 /// (`GET http://name/path`) the URI's authority is the target and `Host` is
 /// ignored (RFC 9112 §3.2.2), so that is what is checked; HTTP/2 carries it
 /// there too.
-fn host_verdict(rule: &HostRule, req: &Request) -> Result<(), Box<Response>> {
+fn host_verdict(rule: &HostRule, req: &Request) -> Result<(), AdminError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
-        return Err(Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "the request has more than one Host header (RFC 9112 §3.2: answer 400)",
-        )));
+        return Err(AdminError::BadRequest(
+            "the request has more than one Host header (RFC 9112 §3.2: answer 400)".into(),
+        ));
     }
     let host = match req.uri().authority() {
         Some(a) => Some(a.as_str().to_string()),
         None => match first.map(|v| v.to_str()) {
             Some(Ok(h)) => Some(h.to_string()),
             Some(Err(_)) => {
-                return Err(Box::new(error(
-                    StatusCode::BAD_REQUEST,
-                    "the Host header is not visible ASCII",
-                )))
+                return Err(AdminError::BadRequest(
+                    "the Host header is not visible ASCII".into(),
+                ))
             }
             None => None,
         },
@@ -201,27 +185,23 @@ fn host_verdict(rule: &HostRule, req: &Request) -> Result<(), Box<Response>> {
         Some(h) if rule.allows(&h) => Ok(()),
         Some(h) => {
             let shown: String = h.chars().take(64).collect();
-            Err(Box::new(error(
-                StatusCode::MISDIRECTED_REQUEST,
-                &format!("Host {shown:?} is not an address or name this admin endpoint serves (a guard against DNS rebinding); if it is yours, add it to admin_allowed_hosts (--admin-allowed-hosts)"),
-            )))
+            Err(AdminError::MisdirectedHost(format!("Host {shown:?} is not an address or name this admin endpoint serves (a guard against DNS rebinding); if it is yours, add it to admin_allowed_hosts (--admin-allowed-hosts)")))
         }
         None if req.version() == axum::http::Version::HTTP_10
             && OPEN_PATHS.contains(&req.uri().path()) =>
         {
             Ok(())
         }
-        None => Err(Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "the request has no Host header; send the address you connect to",
-        ))),
+        None => Err(AdminError::BadRequest(
+            "the request has no Host header; send the address you connect to".into(),
+        )),
     }
 }
 
 async fn check_host(State(rule): State<Arc<HostRule>>, req: Request, next: Next) -> Response {
     match host_verdict(&rule, &req) {
         Ok(()) => next.run(req).await,
-        Err(refusal) => *refusal,
+        Err(refusal) => refusal.into_response(),
     }
 }
 
@@ -272,7 +252,7 @@ mod tests {
         let req = b.body(axum::body::Body::empty()).unwrap();
         match host_verdict(rule, &req) {
             Ok(()) => 200,
-            Err(r) => r.status().as_u16(),
+            Err(r) => r.into_response().status().as_u16(),
         }
     }
 

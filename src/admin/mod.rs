@@ -6,6 +6,9 @@
 //! the domain service (`trust`, `audit`, `revocation`) that owns the state.
 
 pub mod audit;
+mod error;
 pub(crate) mod guard;
 pub(crate) mod revocation;
 pub(crate) mod rotation;
+
+pub(crate) use error::AdminError;

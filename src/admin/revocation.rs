@@ -14,12 +14,13 @@
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use crate::admin::rotation::{bearer_refusal, error, json, sha256};
+use crate::admin::rotation::{bearer_refusal, json, sha256};
+use crate::admin::AdminError;
 use crate::revocation::{
     list_json, parse_identity, parse_serial, Change, RevocationError, RevocationService,
 };
@@ -44,7 +45,7 @@ pub fn routes(svc: RevocationService, admin_token: &str) -> Router {
 
 async fn list(State(ctx): State<Ctx>, headers: HeaderMap) -> Response {
     if let Some(why) = bearer_refusal(&ctx.token_sha256, &headers) {
-        return error(StatusCode::UNAUTHORIZED, why);
+        return AdminError::Unauthorized(why).into_response();
     }
     json(StatusCode::OK, &list_json(&ctx.svc.revocations().list()))
 }
@@ -92,7 +93,7 @@ fn target(b: &Bytes, lift: bool) -> Result<Change, RevocationError> {
 
 async fn run(ctx: &Ctx, headers: &HeaderMap, b: &Bytes, lift: bool) -> Response {
     if let Some(why) = bearer_refusal(&ctx.token_sha256, headers) {
-        return error(StatusCode::UNAUTHORIZED, why);
+        return AdminError::Unauthorized(why).into_response();
     }
     let r = match target(b, lift) {
         Ok(change) => ctx
@@ -110,10 +111,7 @@ async fn run(ctx: &Ctx, headers: &HeaderMap, b: &Bytes, lift: bool) -> Response 
                 "list": list_json(&ctx.svc.revocations().list()),
             }),
         ),
-        Err(RevocationError::BadInput(e)) => error(StatusCode::BAD_REQUEST, e),
-        Err(RevocationError::Conflict(e)) => error(StatusCode::CONFLICT, e),
-        Err(RevocationError::NotFound(e)) => error(StatusCode::NOT_FOUND, e),
-        Err(RevocationError::Storage(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => AdminError::from(e).into_response(),
     }
 }
 

@@ -29,7 +29,8 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Deserialize;
 
-use crate::trust::manager::{RootSource, TrustError};
+use crate::admin::AdminError;
+use crate::trust::manager::RootSource;
 use crate::trust::rotation::Event;
 use crate::trust::service::{RotationService, Step};
 
@@ -75,11 +76,6 @@ pub(crate) fn json(code: StatusCode, v: &serde_json::Value) -> Response {
         format!("{}\n", serde_json::to_string_pretty(v).unwrap_or_default()),
     )
         .into_response()
-}
-
-/// A JSON `{"error": …}` reply.
-pub(crate) fn error(code: StatusCode, msg: impl std::fmt::Display) -> Response {
-    json(code, &serde_json::json!({ "error": msg.to_string() }))
 }
 
 /// The admin routes for rotation.
@@ -133,11 +129,11 @@ async fn status(State(ctx): State<Ctx>, Query(q): Query<StatusParams>) -> Respon
     {
         None => Duration::from_secs(7 * 86400),
         Some(Ok(d)) => d,
-        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("warn_within: {e}")),
+        Some(Err(e)) => return AdminError::BadRequest(format!("warn_within: {e}")).into_response(),
     };
     match status_json(&ctx.svc, warn).await {
         Ok(v) => json(StatusCode::OK, &v),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => AdminError::Internal(e).into_response(),
     }
 }
 
@@ -175,7 +171,7 @@ pub fn event_text(e: &Event) -> String {
 
 async fn run(ctx: &Ctx, headers: &HeaderMap, step: Step) -> Response {
     if let Some(why) = unauthorized(ctx, headers) {
-        return error(StatusCode::UNAUTHORIZED, why);
+        return AdminError::Unauthorized(why).into_response();
     }
     match ctx.svc.step(step, "operator (admin endpoint)").await {
         Ok(events) => {
@@ -190,17 +186,15 @@ async fn run(ctx: &Ctx, headers: &HeaderMap, step: Step) -> Response {
                 }),
             )
         }
-        Err(TrustError::Refused(e)) => error(StatusCode::CONFLICT, e),
-        Err(TrustError::BadInput(e)) => error(StatusCode::BAD_REQUEST, e),
-        Err(TrustError::Storage(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => AdminError::from(e).into_response(),
     }
 }
 
-fn body<T: for<'de> Deserialize<'de> + Default>(b: &Bytes) -> Result<T, String> {
+fn body<T: for<'de> Deserialize<'de> + Default>(b: &Bytes) -> Result<T, AdminError> {
     if b.iter().all(|c| c.is_ascii_whitespace()) {
         return Ok(T::default());
     }
-    serde_json::from_slice(b).map_err(|e| format!("request body: {e}"))
+    serde_json::from_slice(b).map_err(|e| AdminError::BadRequest(format!("request body: {e}")))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,7 +208,7 @@ struct PrepareBody {
 async fn prepare(State(ctx): State<Ctx>, headers: HeaderMap, b: Bytes) -> Response {
     let p: PrepareBody = match body(&b) {
         Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(e) => return e.into_response(),
     };
     let source = match (p.root_cert, p.root_key) {
         (Some(c), Some(k)) => RootSource::Import(c, k),
@@ -227,16 +221,17 @@ async fn prepare(State(ctx): State<Ctx>, headers: HeaderMap, b: Bytes) -> Respon
                 None => ctx.svc.settings().root_lifetime,
                 Some(Ok(d)) => d,
                 Some(Err(e)) => {
-                    return error(StatusCode::BAD_REQUEST, format!("root_lifetime: {e}"))
+                    return AdminError::BadRequest(format!("root_lifetime: {e}")).into_response()
                 }
             };
             RootSource::Generate(life)
         }
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "give both root_cert and root_key to import a root, or neither to generate one",
+            return AdminError::BadRequest(
+                "give both root_cert and root_key to import a root, or neither to generate one"
+                    .into(),
             )
+            .into_response()
         }
     };
     run(&ctx, &headers, Step::Prepare(source)).await
@@ -252,7 +247,7 @@ struct ActivateBody {
 async fn activate(State(ctx): State<Ctx>, headers: HeaderMap, b: Bytes) -> Response {
     match body::<ActivateBody>(&b) {
         Ok(a) => run(&ctx, &headers, Step::Activate { force: a.force }).await,
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -269,10 +264,8 @@ struct TaintBody {
 async fn taint(State(ctx): State<Ctx>, headers: HeaderMap, b: Bytes) -> Response {
     match body::<TaintBody>(&b) {
         Ok(t) if !t.root.is_empty() => run(&ctx, &headers, Step::Taint(t.root)).await,
-        Ok(_) => error(
-            StatusCode::BAD_REQUEST,
-            "body must name the root: {\"root\": FINGERPRINT}",
-        ),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+        Ok(_) => AdminError::BadRequest("body must name the root: {\"root\": FINGERPRINT}".into())
+            .into_response(),
+        Err(e) => e.into_response(),
     }
 }

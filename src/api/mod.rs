@@ -312,7 +312,7 @@ impl Core {
             } else {
                 match (log.append(entry).await, &result) {
                     (Ok(_), _) => {}
-                    (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e)),
+                    (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e.to_string())),
                     (Err(e), Err(_)) => {
                         tracing::error!(error = %e, "could not record a refusal in the audit log")
                     }

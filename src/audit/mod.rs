@@ -7,6 +7,7 @@
 //! decide policy; it records what `api` decided.
 
 pub(crate) mod entry;
+mod error;
 pub mod intake;
 pub mod merkle;
 pub mod note;
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::util::clock::{unix_millis, Clock};
 use crate::util::secret::SecretBytes;
 pub use entry::Entry;
+pub use error::AuditError;
 use merkle::{leaf_hash, Frontier};
 use note::{Checkpoint, NoteSigner};
 use store::{AuditStore, Indexed, SqliteStore, StoredCheckpoint};
@@ -91,8 +93,8 @@ impl Health {
 }
 
 enum Msg {
-    Append(Box<Entry>, oneshot::Sender<Result<u64, String>>),
-    Checkpoint(Option<oneshot::Sender<Result<u64, String>>>),
+    Append(Box<Entry>, oneshot::Sender<Result<u64, AuditError>>),
+    Checkpoint(Option<oneshot::Sender<Result<u64, AuditError>>>),
     Shutdown,
 }
 
@@ -123,22 +125,22 @@ pub fn origin(trust_domain: &str) -> String {
 }
 
 /// Loads the signing key from the data directory, creating it on first use.
-pub fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, String> {
+pub fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, AuditError> {
     let path = data_dir.join(KEY_FILE);
     let pkcs8 = if path.exists() {
-        crate::util::secret::read_private(&path).map_err(|e| format!("{}: {e}", path.display()))?
+        crate::util::secret::read_private(&path).map_err(|e| AuditError::io(&path, e))?
     } else {
-        let k = NoteSigner::generate_pkcs8()?;
+        let k = NoteSigner::generate_pkcs8().map_err(AuditError::Key)?;
         crate::util::secret::write_private(&path, k.expose())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|e| AuditError::io(&path, e))?;
         k
     };
-    let signer = NoteSigner::from_pkcs8(origin, &pkcs8)?;
+    let signer = NoteSigner::from_pkcs8(origin, &pkcs8).map_err(AuditError::Key)?;
     let pub_path = data_dir.join(PUB_FILE);
     let vkey = format!("{}\n", signer.verifier_key());
     if std::fs::read_to_string(&pub_path).ok().as_deref() != Some(vkey.as_str()) {
         crate::util::secret::write_public(&pub_path, vkey.as_bytes())
-            .map_err(|e| format!("{}: {e}", pub_path.display()))?;
+            .map_err(|e| AuditError::io(&pub_path, e))?;
     }
     Ok(signer)
 }
@@ -178,7 +180,7 @@ impl AuditLog {
         trust_domain: &str,
         clock: std::sync::Arc<dyn Clock>,
         metrics: std::sync::Arc<Metrics>,
-    ) -> Result<(AuditLog, WriterGuard), String> {
+    ) -> Result<(AuditLog, WriterGuard), AuditError> {
         Self::open_limited(data_dir, trust_domain, clock, metrics, None)
     }
 
@@ -192,7 +194,7 @@ impl AuditLog {
         clock: std::sync::Arc<dyn Clock>,
         metrics: std::sync::Arc<Metrics>,
         max_bytes: Option<u64>,
-    ) -> Result<(AuditLog, WriterGuard), String> {
+    ) -> Result<(AuditLog, WriterGuard), AuditError> {
         let origin = origin(trust_domain);
         let signer = load_or_create_key(data_dir, &origin)?;
         let verifier_key = signer.verifier_key();
@@ -201,7 +203,7 @@ impl AuditLog {
         let leaves = store.leaf_hashes()?;
         // Entries past the last index would mean a gap: refuse to append onto a damaged log.
         if store.count()? != leaves.len() as u64 {
-            return Err("audit log is inconsistent (entry count differs from leaves); run `meshca audit verify`".into());
+            return Err(AuditError::Integrity("audit log is inconsistent (entry count differs from leaves); run `meshca audit verify`".into()));
         }
         let frontier = Frontier::from_leaves(&leaves);
         let tiles: SharedTiles =
@@ -210,14 +212,31 @@ impl AuditLog {
         tracing::info!(entries = frontier.size(), db = %db_path.display(), "audit log opened");
         let (tx, rx) = mpsc::channel();
         let health = std::sync::Arc::new(Health::new(metrics));
-        let (h, t, db) = (health.clone(), tiles.clone(), db_path.clone());
+        let last_checkpoint = store
+            .checkpoints()
+            .ok()
+            .and_then(|c| c.last().map(|c| c.size))
+            .unwrap_or(0);
+        let writer = Writer {
+            store,
+            frontier,
+            signer,
+            origin,
+            clock,
+            health: health.clone(),
+            tiles: tiles.clone(),
+            limit: Limit::new(&db_path, max_bytes),
+            untiled: Vec::new(),
+            last_checkpoint,
+            last_batch: 0,
+            since_fold: (0, 0),
+            failing: false,
+            stats: WriterStats::default(),
+        };
         let thread = std::thread::Builder::new()
             .name("meshca-audit".into())
-            .spawn(move || {
-                let limit = Limit::new(&db, max_bytes);
-                writer(store, frontier, signer, origin, clock, rx, &h, &t, &limit)
-            })
-            .map_err(|e| format!("cannot start the audit writer: {e}"))?;
+            .spawn(move || writer.run(&rx))
+            .map_err(|e| AuditError::Storage(format!("cannot start the audit writer: {e}")))?;
         Ok((
             AuditLog {
                 tx: tx.clone(),
@@ -234,23 +253,21 @@ impl AuditLog {
     }
 
     /// Appends an entry; resolves once it is durable, with its index.
-    pub async fn append(&self, entry: Entry) -> Result<u64, String> {
+    pub async fn append(&self, entry: Entry) -> Result<u64, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Append(Box::new(entry), tx))
-            .map_err(|_| "the audit writer has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the audit writer has stopped".to_string())?
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)?
     }
 
     /// Signs a checkpoint now (if the tree grew); resolves with the tree size.
-    pub async fn checkpoint(&self) -> Result<u64, String> {
+    pub async fn checkpoint(&self) -> Result<u64, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Msg::Checkpoint(Some(tx)))
-            .map_err(|_| "the audit writer has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the audit writer has stopped".to_string())?
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)?
     }
 
     /// Asks for a checkpoint without waiting.
@@ -288,7 +305,7 @@ struct Limit {
 impl Limit {
     /// [`Limit::check`]; when over, first folds the WAL into the database
     /// and truncates it (the WAL alone can hold a few MiB), then checks again.
-    fn check_or_shrink(&self, more: u64, store: &mut SqliteStore) -> Result<(), String> {
+    fn check_or_shrink(&self, more: u64, store: &mut SqliteStore) -> Result<(), AuditError> {
         self.check(more).or_else(|_| {
             let _ = store.truncate_wal();
             self.check(more)
@@ -306,7 +323,7 @@ impl Limit {
 
     /// Whether `more` bytes of entries may be added (pages and index cost
     /// about twice the body size, hence the margin).
-    fn check(&self, more: u64) -> Result<(), String> {
+    fn check(&self, more: u64) -> Result<(), AuditError> {
         let Some(max) = self.max else { return Ok(()) };
         let used: u64 = self
             .files
@@ -315,109 +332,64 @@ impl Limit {
             .sum();
         if used + 2 * more > max {
             // The DB-or-disk wording is SQLite's own for a full disk.
-            return Err(format!(
+            return Err(AuditError::Storage(format!(
                 "the audit log reached its size limit (audit_max_bytes = {max} bytes, {used} used): database or disk is full"
-            ));
+            )));
         }
         Ok(())
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn writer(
-    mut store: SqliteStore,
-    mut frontier: Frontier,
+/// The writer thread's state: the store, the tree, and the counters that
+/// decide when to fold the WAL and what the stop line reports.
+struct Writer {
+    store: SqliteStore,
+    frontier: Frontier,
     signer: NoteSigner,
     origin: String,
     clock: std::sync::Arc<dyn Clock>,
-    rx: mpsc::Receiver<Msg>,
-    health: &Health,
-    tiles: &SharedTiles,
-    limit: &Limit,
-) {
-    // Leaves committed but not yet in `tiles` (a proof held the lock): the
-    // writer never waits for a reader, except on the checkpoint tick.
-    let mut untiled: Vec<merkle::Hash> = Vec::new();
-    let mut add_tiles = |leaves: &mut dyn Iterator<Item = merkle::Hash>, wait: bool| {
-        untiled.extend(leaves);
-        let guard = if wait {
-            Some(tiles.write().unwrap_or_else(|p| p.into_inner()))
-        } else {
-            tiles.try_write().ok()
-        };
-        if let Some(mut t) = guard {
-            for l in untiled.drain(..) {
-                t.push(l);
-            }
-        }
-    };
-    let mut last_checkpoint = store
-        .checkpoints()
-        .ok()
-        .and_then(|c| c.last().map(|c| c.size))
-        .unwrap_or(0);
-    let mut sign = |store: &mut SqliteStore, frontier: &Frontier| -> Result<u64, String> {
-        if frontier.size() == last_checkpoint {
-            return Ok(last_checkpoint);
-        }
-        let cp = Checkpoint {
-            origin: origin.clone(),
-            size: frontier.size(),
-            root: frontier.root(),
-        };
-        let note = signer.sign(&cp);
-        store.add_checkpoint(&StoredCheckpoint {
-            size: cp.size,
-            root: cp.root,
-            note,
-            time_unix_ms: unix_millis(clock.now()),
-        })?;
-        last_checkpoint = cp.size;
-        Ok(cp.size)
-    };
-    let (mut batches, mut appended, mut commit_time) = (0u64, 0u64, std::time::Duration::ZERO);
-    let mut last_batch = 0usize;
-    let (mut commits_since_fold, mut entries_since_fold) = (0u64, 0u64);
-    let mut failing = false;
-    loop {
-        let first = if failing {
-            match rx.recv_timeout(PROBE_EVERY) {
-                Ok(m) => m,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if limit.check_or_shrink(0, &mut store).is_ok() && store.probe().is_ok() {
-                        failing = false;
-                        health.set(None);
-                    }
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        } else {
-            match rx.recv() {
-                Ok(m) => m,
-                Err(_) => break,
-            }
-        };
-        let mut msgs = vec![first];
-        if last_batch > 1 {
-            std::thread::sleep(LINGER);
-        }
-        while msgs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(m) => msgs.push(m),
-                Err(_) => break,
-            }
-        }
-        let mut appends = Vec::new();
-        let mut rows = Vec::new();
-        let mut checkpoints = Vec::new();
-        let mut shutdown = false;
+    health: std::sync::Arc<Health>,
+    tiles: SharedTiles,
+    limit: Limit,
+    /// Leaves committed but not yet in `tiles` (a proof held the lock): the
+    /// writer never waits for a reader, except on the checkpoint tick.
+    untiled: Vec<merkle::Hash>,
+    last_checkpoint: u64,
+    /// Entries in the previous batch (a lone request is committed at once).
+    last_batch: usize,
+    /// Commits and entries since the WAL was last folded in.
+    since_fold: (u64, u64),
+    /// The store cannot write: probe it until it can.
+    failing: bool,
+    stats: WriterStats,
+}
+
+/// What the writer logs when it stops.
+#[derive(Default)]
+struct WriterStats {
+    batches: u64,
+    appended: u64,
+    commit_time: std::time::Duration,
+}
+
+/// One drained batch of messages, sorted by kind.
+#[derive(Default)]
+struct Batch {
+    rows: Vec<(Vec<u8>, merkle::Hash, Indexed)>,
+    appends: Vec<oneshot::Sender<Result<u64, AuditError>>>,
+    checkpoints: Vec<Option<oneshot::Sender<Result<u64, AuditError>>>>,
+    shutdown: bool,
+}
+
+impl Batch {
+    fn sort(msgs: Vec<Msg>) -> Self {
+        let mut b = Batch::default();
         for m in msgs {
             match m {
                 Msg::Append(entry, reply) => {
                     let body = entry.canonical();
                     let leaf = leaf_hash(&body);
-                    rows.push((
+                    b.rows.push((
                         body,
                         leaf,
                         Indexed {
@@ -428,93 +400,201 @@ fn writer(
                             serial: entry.serial.clone(),
                         },
                     ));
-                    appends.push(reply);
+                    b.appends.push(reply);
                 }
-                Msg::Checkpoint(reply) => checkpoints.push(reply),
-                Msg::Shutdown => shutdown = true,
+                Msg::Checkpoint(reply) => b.checkpoints.push(reply),
+                Msg::Shutdown => b.shutdown = true,
             }
         }
-        last_batch = rows.len();
-        if !rows.is_empty() {
-            let first_index = frontier.size();
-            // One transaction, one fsync, for the whole batch.
-            let t = std::time::Instant::now();
-            let bytes: u64 = rows.iter().map(|(b, _, _)| b.len() as u64).sum();
-            let r = limit
-                .check_or_shrink(bytes, &mut store)
-                .and_then(|()| store.append(first_index, &rows));
-            commit_time += t.elapsed();
-            batches += 1;
-            appended += rows.len() as u64;
-            match r {
-                Ok(()) => {
-                    if failing {
-                        failing = false;
-                        health.set(None);
-                    }
-                    commits_since_fold += 1;
-                    entries_since_fold += rows.len() as u64;
-                    add_tiles(&mut rows.iter().map(|(_, leaf, _)| *leaf), false);
-                    for (i, ((_, leaf, _), reply)) in rows.iter().zip(appends).enumerate() {
-                        frontier.push(*leaf);
-                        let _ = reply.send(Ok(first_index + i as u64));
+        b
+    }
+}
+
+impl Writer {
+    /// The loop: take a batch, commit it, fold the WAL when due, answer
+    /// checkpoint requests; on shutdown sign a last checkpoint. Ends without
+    /// one when every sender is gone.
+    fn run(mut self, rx: &mpsc::Receiver<Msg>) {
+        while let Some(first) = self.next(rx) {
+            let batch = Batch::sort(self.gather(first, rx));
+            self.last_batch = batch.rows.len();
+            if !batch.rows.is_empty() {
+                self.commit(&batch.rows, batch.appends);
+            }
+            let tick = !batch.checkpoints.is_empty();
+            if tick {
+                self.add_tiles(std::iter::empty(), true);
+            }
+            self.fold_if_due(tick);
+            for reply in batch.checkpoints {
+                let r = self.sign();
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "audit checkpoint failed");
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(r);
+                }
+            }
+            if batch.shutdown {
+                self.stop();
+                return;
+            }
+        }
+    }
+
+    /// The next message; while the store is failing, probes it every
+    /// [`PROBE_EVERY`] so the server becomes ready again by itself.
+    fn next(&mut self, rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
+        if !self.failing {
+            return rx.recv().ok();
+        }
+        loop {
+            match rx.recv_timeout(PROBE_EVERY) {
+                Ok(m) => return Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.limit.check_or_shrink(0, &mut self.store).is_ok()
+                        && self.store.probe().is_ok()
+                    {
+                        self.failing = false;
+                        self.health.set(None);
+                        return rx.recv().ok();
                     }
                 }
-                Err(e) => {
-                    // The transaction rolled back: nothing of this batch is
-                    // in the tree, and no caller was told it is.
-                    tracing::error!(error = %e, entries = rows.len(), "audit append failed");
-                    health.metrics.audit_write(false);
-                    if !failing {
-                        failing = true;
-                        health.set(Some(e.clone()));
-                    }
-                    for reply in appends {
-                        let _ = reply.send(Err(e.clone()));
-                    }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// `first` and whatever else is queued (up to [`MAX_BATCH`]), after
+    /// lingering when the previous batch showed concurrent load.
+    fn gather(&self, first: Msg, rx: &mpsc::Receiver<Msg>) -> Vec<Msg> {
+        let mut msgs = vec![first];
+        if self.last_batch > 1 {
+            std::thread::sleep(LINGER);
+        }
+        while msgs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        msgs
+    }
+
+    /// Commits the rows in one transaction (one fsync) and answers each
+    /// caller with its index, or every caller with the error.
+    fn commit(
+        &mut self,
+        rows: &[(Vec<u8>, merkle::Hash, Indexed)],
+        appends: Vec<oneshot::Sender<Result<u64, AuditError>>>,
+    ) {
+        let first_index = self.frontier.size();
+        let t = std::time::Instant::now();
+        let bytes: u64 = rows.iter().map(|(b, _, _)| b.len() as u64).sum();
+        let r = self
+            .limit
+            .check_or_shrink(bytes, &mut self.store)
+            .and_then(|()| self.store.append(first_index, rows));
+        self.stats.commit_time += t.elapsed();
+        self.stats.batches += 1;
+        self.stats.appended += rows.len() as u64;
+        match r {
+            Ok(()) => {
+                if self.failing {
+                    self.failing = false;
+                    self.health.set(None);
+                }
+                self.since_fold.0 += 1;
+                self.since_fold.1 += rows.len() as u64;
+                self.add_tiles(rows.iter().map(|(_, leaf, _)| *leaf), false);
+                for (i, ((_, leaf, _), reply)) in rows.iter().zip(appends).enumerate() {
+                    self.frontier.push(*leaf);
+                    let _ = reply.send(Ok(first_index + i as u64));
+                }
+            }
+            Err(e) => {
+                // The transaction rolled back: nothing of this batch is
+                // in the tree, and no caller was told it is.
+                tracing::error!(error = %e, entries = rows.len(), "audit append failed");
+                self.health.metrics.audit_write(false);
+                if !self.failing {
+                    self.failing = true;
+                    self.health.set(Some(e.to_string()));
+                }
+                for reply in appends {
+                    let _ = reply.send(Err(e.clone()));
                 }
             }
         }
-        if !checkpoints.is_empty() {
-            add_tiles(&mut std::iter::empty(), true);
+    }
+
+    /// Adds committed leaves to the subtree hashes; waits for readers only
+    /// when `wait` (the checkpoint tick), else keeps them for next time.
+    fn add_tiles(&mut self, leaves: impl Iterator<Item = merkle::Hash>, wait: bool) {
+        self.untiled.extend(leaves);
+        let guard = if wait {
+            Some(self.tiles.write().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            self.tiles.try_write().ok()
+        };
+        if let Some(mut t) = guard {
+            for l in self.untiled.drain(..) {
+                t.push(l);
+            }
         }
-        if !checkpoints.is_empty()
-            || commits_since_fold >= FOLD_COMMITS
-            || entries_since_fold >= FOLD_ENTRIES
-        {
-            (commits_since_fold, entries_since_fold) = (0, 0);
-            // The periodic checkpoint tick is also when the WAL is folded in.
-            if let Err(e) = store.fold_wal() {
+    }
+
+    /// Folds the WAL into the database on the checkpoint tick, or after
+    /// [`FOLD_COMMITS`] commits / [`FOLD_ENTRIES`] entries.
+    fn fold_if_due(&mut self, tick: bool) {
+        let (commits, entries) = self.since_fold;
+        if tick || commits >= FOLD_COMMITS || entries >= FOLD_ENTRIES {
+            self.since_fold = (0, 0);
+            if let Err(e) = self.store.fold_wal() {
                 tracing::warn!(error = %e, "folding the audit WAL failed");
             }
         }
-        for reply in checkpoints {
-            let r = sign(&mut store, &frontier);
-            if let Err(e) = &r {
-                tracing::error!(error = %e, "audit checkpoint failed");
-            }
-            if let Some(reply) = reply {
-                let _ = reply.send(r);
-            }
+    }
+
+    /// Signs a checkpoint of the current tree (if it grew since the last).
+    fn sign(&mut self) -> Result<u64, AuditError> {
+        if self.frontier.size() == self.last_checkpoint {
+            return Ok(self.last_checkpoint);
         }
-        if shutdown {
-            tracing::info!(
-                batches,
-                entries = appended,
-                mean_batch = appended as f64 / batches.max(1) as f64,
-                mean_commit_ms = commit_time.as_secs_f64() * 1000.0 / batches.max(1) as f64,
-                "audit writer stopping"
-            );
-            if let Err(e) = sign(&mut store, &frontier) {
-                tracing::error!(error = %e, "final audit checkpoint failed");
-            }
-            return;
+        let cp = Checkpoint {
+            origin: self.origin.clone(),
+            size: self.frontier.size(),
+            root: self.frontier.root(),
+        };
+        let note = self.signer.sign(&cp);
+        self.store.add_checkpoint(&StoredCheckpoint {
+            size: cp.size,
+            root: cp.root,
+            note,
+            time_unix_ms: unix_millis(self.clock.now()),
+        })?;
+        self.last_checkpoint = cp.size;
+        Ok(cp.size)
+    }
+
+    /// Logs the batching figures and signs a final checkpoint.
+    fn stop(&mut self) {
+        let s = &self.stats;
+        tracing::info!(
+            batches = s.batches,
+            entries = s.appended,
+            mean_batch = s.appended as f64 / s.batches.max(1) as f64,
+            mean_commit_ms = s.commit_time.as_secs_f64() * 1000.0 / s.batches.max(1) as f64,
+            "audit writer stopping"
+        );
+        if let Err(e) = self.sign() {
+            tracing::error!(error = %e, "final audit checkpoint failed");
         }
     }
 }
 
 /// Reads a PKCS#8 key file into zeroizing memory (exposed for tests).
-pub fn read_key(data_dir: &Path) -> Result<SecretBytes, String> {
+pub fn read_key(data_dir: &Path) -> Result<SecretBytes, AuditError> {
     let p = data_dir.join(KEY_FILE);
-    crate::util::secret::read_private(&p).map_err(|e| format!("{}: {e}", p.display()))
+    crate::util::secret::read_private(&p).map_err(|e| AuditError::io(&p, e))
 }

@@ -17,6 +17,7 @@ use super::note::NoteVerifier;
 use super::store::{AuditStore, Filter, StoredCheckpoint, StoredEntry};
 use super::tiles::Tiles;
 use super::verify::{self, CheckpointInput, Problem, Report};
+use super::AuditError;
 
 /// An entry with its index.
 #[derive(Debug, Clone, Serialize)]
@@ -29,7 +30,7 @@ pub struct Listed {
 }
 
 /// Lists entries matching `f`.
-pub fn list(store: &dyn AuditStore, f: &Filter) -> Result<Vec<Listed>, String> {
+pub fn list(store: &dyn AuditStore, f: &Filter) -> Result<Vec<Listed>, AuditError> {
     store
         .query(f)?
         .into_iter()
@@ -39,7 +40,9 @@ pub fn list(store: &dyn AuditStore, f: &Filter) -> Result<Vec<Listed>, String> {
                     index: s.index,
                     entry,
                 })
-                .map_err(|e| format!("entry {} does not parse: {e}", s.index))
+                .map_err(|e| {
+                    AuditError::Integrity(format!("entry {} does not parse: {e}", s.index))
+                })
         })
         .collect()
 }
@@ -70,24 +73,26 @@ fn b64s(hs: &[Hash]) -> Vec<String> {
 /// The entry for a serial, refusing one whose signed content names another
 /// serial (whatever store answered, a lookup must never show the wrong
 /// certificate).
-fn find(store: &dyn AuditStore, serial: &str) -> Result<(StoredEntry, Entry), String> {
+fn find(store: &dyn AuditStore, serial: &str) -> Result<(StoredEntry, Entry), AuditError> {
     let serial = serial.replace(':', "").to_lowercase();
     let s = store
         .by_serial(&serial)?
-        .ok_or_else(|| format!("no entry for serial {serial}"))?;
-    let entry: Entry =
-        serde_json::from_slice(&s.body).map_err(|e| format!("entry {}: {e}", s.index))?;
+        .ok_or_else(|| AuditError::NotFound {
+            serial: serial.clone(),
+        })?;
+    let entry: Entry = serde_json::from_slice(&s.body)
+        .map_err(|e| AuditError::Integrity(format!("entry {}: {e}", s.index)))?;
     if entry.serial.as_deref() != Some(serial.as_str()) {
-        return Err(format!(
+        return Err(AuditError::Integrity(format!(
             "audit log integrity failure: the lookup for serial {serial} led to entry {}, which is for another certificate (run `meshca audit verify`)",
             s.index
-        ));
+        )));
     }
     Ok((s, entry))
 }
 
 /// Finds the entry for a serial (hex, any case, colons allowed) and proves it.
-pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, String> {
+pub fn show(store: &dyn AuditStore, serial: &str) -> Result<Shown, AuditError> {
     let (s, entry) = find(store, serial)?;
     let leaves = store.leaf_hashes()?;
     let cp = store
@@ -131,7 +136,11 @@ fn shown(
 /// [`show`] for a running server: the proof comes from the writer's
 /// in-memory subtree hashes and at most a tile of leaves read from `store`,
 /// not from every leaf (`audit/tiles.rs`).
-pub fn show_tiled(store: &dyn AuditStore, tiles: &Tiles, serial: &str) -> Result<Shown, String> {
+pub fn show_tiled(
+    store: &dyn AuditStore,
+    tiles: &Tiles,
+    serial: &str,
+) -> Result<Shown, AuditError> {
     let (s, entry) = find(store, serial)?;
     let mut read = |a, b| store.leaf_range(a, b);
     let proven = match store.checkpoint_between(s.index, tiles.size())? {
@@ -150,12 +159,12 @@ pub fn prove_tiled(
     tiles: &Tiles,
     from: u64,
     to: u64,
-) -> Result<Proved, String> {
+) -> Result<Proved, AuditError> {
     if from == 0 || from > to || to > tiles.size() {
-        return Err(format!(
+        return Err(AuditError::BadRequest(format!(
             "need 0 < from <= to <= {} (the log's size)",
             tiles.size()
-        ));
+        )));
     }
     let mut read = |a, b| store.leaf_range(a, b);
     let a = tiles.root(from, &mut read)?;
@@ -196,13 +205,13 @@ pub struct Proved {
 }
 
 /// Proves that the tree at `to` extends the tree at `from`.
-pub fn prove(store: &dyn AuditStore, from: u64, to: u64) -> Result<Proved, String> {
+pub fn prove(store: &dyn AuditStore, from: u64, to: u64) -> Result<Proved, AuditError> {
     let leaves = store.leaf_hashes()?;
     if from == 0 || from > to || to as usize > leaves.len() {
-        return Err(format!(
+        return Err(AuditError::BadRequest(format!(
             "need 0 < from <= to <= {} (the log's size)",
             leaves.len()
-        ));
+        )));
     }
     let a = merkle::root(&leaves[..from as usize]);
     let b = merkle::root(&leaves[..to as usize]);
@@ -227,7 +236,7 @@ pub fn verify_store(
     store: &dyn AuditStore,
     verifier: &NoteVerifier,
     progress: impl FnMut(u64),
-) -> Result<Report, String> {
+) -> Result<Report, AuditError> {
     let cps = store
         .checkpoints()?
         .into_iter()
@@ -264,7 +273,8 @@ pub fn verify_store(
             }
         }
     });
-    let r = verify::verify(iter, cps, verifier, progress).map_err(|p: Problem| p.to_string());
+    let r = verify::verify(iter, cps, verifier, progress)
+        .map_err(|p: Problem| AuditError::Integrity(p.to_string()));
     // A read error ends the stream early: never report that as a pass.
     if let Some(e) = err {
         return Err(e);
@@ -273,7 +283,7 @@ pub fn verify_store(
     // The columns now match the signed entries, so the serial index can be
     // checked against them (a wrong index makes lookups lie).
     match store.serial_index_fault()? {
-        Some(fault) => Err(fault),
+        Some(fault) => Err(AuditError::Integrity(fault)),
         None => Ok(report),
     }
 }
@@ -284,8 +294,8 @@ pub fn export(
     store: &dyn AuditStore,
     verifier_key: &str,
     out: &mut dyn Write,
-) -> Result<u64, String> {
-    let io = |e: std::io::Error| format!("export: {e}");
+) -> Result<u64, AuditError> {
+    let io = |e: std::io::Error| AuditError::Export(std::sync::Arc::new(e));
     writeln!(
         out,
         "{}",
@@ -322,16 +332,18 @@ pub fn verify_export(
     input: &mut dyn BufRead,
     verifier: &NoteVerifier,
     progress: impl FnMut(u64),
-) -> Result<Report, String> {
+) -> Result<Report, AuditError> {
+    let bad = |n: usize, e: &dyn std::fmt::Display| {
+        AuditError::Integrity(format!("export line {}: {e}", n + 1))
+    };
     let mut entries = Vec::new();
     let mut cps = Vec::new();
     for (n, line) in input.lines().enumerate() {
-        let line = line.map_err(|e| format!("export line {}: {e}", n + 1))?;
+        let line = line.map_err(|e| bad(n, &e))?;
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| format!("export line {}: {e}", n + 1))?;
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(n, &e))?;
         if let Some(note) = v["checkpoint"].as_str() {
             cps.push(CheckpointInput {
                 note: note.to_string(),
@@ -339,17 +351,16 @@ pub fn verify_export(
                 stored_root: None,
             });
         } else if let (Some(i), Some(b)) = (v["index"].as_u64(), v["body"].as_str()) {
-            let body = B64
-                .decode(b)
-                .map_err(|_| format!("export line {}: bad base64 body", n + 1))?;
+            let body = B64.decode(b).map_err(|_| bad(n, &"bad base64 body"))?;
             entries.push((i, body, None, None));
         }
     }
-    verify::verify(entries, cps, verifier, progress).map_err(|p| p.to_string())
+    verify::verify(entries, cps, verifier, progress)
+        .map_err(|p| AuditError::Integrity(p.to_string()))
 }
 
 /// Parses a time bound: RFC 3339, Unix milliseconds, or a duration ago (`1h`).
-pub fn parse_time(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
+pub fn parse_time(s: &str, now: std::time::SystemTime) -> Result<u64, AuditError> {
     if let Ok(d) = s.parse::<crate::util::duration::HumanDuration>() {
         if s.chars().any(|c| c.is_ascii_alphabetic()) {
             // Saturate: `as u64` would wrap a huge duration into a recent time.
@@ -362,7 +373,9 @@ pub fn parse_time(s: &str, now: std::time::SystemTime) -> Result<u64, String> {
     }
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map_err(|_| {
-            format!("{s:?} is not a time (use RFC 3339, Unix ms, or a duration ago like 1h)")
+            AuditError::BadRequest(format!(
+                "{s:?} is not a time (use RFC 3339, Unix ms, or a duration ago like 1h)"
+            ))
         })?;
     Ok((t.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
 }

@@ -11,6 +11,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 use super::entry::Entry;
 use super::merkle::Hash;
+use super::AuditError;
 
 /// A stored entry.
 #[derive(Debug, Clone)]
@@ -74,7 +75,7 @@ pub struct Indexed {
 }
 
 /// Errors from storage.
-pub(crate) type StoreResult<T> = Result<T, String>;
+pub(crate) type StoreResult<T> = Result<T, AuditError>;
 
 /// Where the audit log lives.
 pub trait AuditStore: Send {
@@ -147,8 +148,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 );
 ";
 
-fn e(err: rusqlite::Error) -> String {
-    format!("audit store: {err}")
+fn e(err: rusqlite::Error) -> AuditError {
+    AuditError::Storage(format!("audit store: {err}"))
 }
 
 fn hash_of(v: Vec<u8>) -> Hash {
@@ -178,7 +179,9 @@ impl SqliteStore {
     /// Opens an existing log read-only (auditor commands; works beside a running server).
     pub fn open_read_only(path: &Path) -> StoreResult<Self> {
         if !path.exists() {
-            return Err(format!("no audit log at {}", path.display()));
+            return Err(AuditError::NoLog {
+                path: path.to_path_buf(),
+            });
         }
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(e)?;
@@ -264,16 +267,21 @@ fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredCheckpoint> {
 /// lookup index or the serial column was edited outside the log).
 fn carrying(serial: &str, found: StoredEntry) -> StoreResult<StoredEntry> {
     let carried = serde_json::from_slice::<Entry>(&found.body)
-        .map_err(|err| format!("audit log entry {} does not parse: {err}", found.index))?
+        .map_err(|err| {
+            AuditError::Integrity(format!(
+                "audit log entry {} does not parse: {err}",
+                found.index
+            ))
+        })?
         .serial;
     if carried.as_deref() == Some(serial) {
         return Ok(found);
     }
-    Err(format!(
+    Err(AuditError::Integrity(format!(
         "audit log integrity failure: the lookup for serial {serial} led to entry {}, which is for {}; the log's index was edited outside meshca (run `meshca audit verify`)",
         found.index,
         carried.map_or_else(|| "no certificate".to_string(), |s| format!("serial {s}"))
-    ))
+    )))
 }
 
 fn indexed_upto(conn: &Connection) -> StoreResult<u64> {

@@ -10,12 +10,13 @@
 //! over the whole leaf list (tested). Must not: touch storage itself.
 
 use super::merkle::{empty_root, node_hash, root, Hash};
+use super::AuditError;
 
 /// Leaves per tile (a power of two).
 pub const TILE: u64 = 256;
 
 /// Reads the leaf hashes `a..b` (at most one tile) from storage.
-pub type ReadLeaves<'a> = dyn FnMut(u64, u64) -> Result<Vec<Hash>, String> + 'a;
+pub type ReadLeaves<'a> = dyn FnMut(u64, u64) -> Result<Vec<Hash>, AuditError> + 'a;
 
 /// The in-memory subtree hashes of a log.
 #[derive(Debug, Clone, Default)]
@@ -69,7 +70,7 @@ impl Tiles {
 
     /// MTH(D[a:b]) for a range the recursion of RFC 9162 produces (`a` is a
     /// multiple of the largest power of two not above `b - a`).
-    fn mth(&self, a: u64, b: u64, read: &mut ReadLeaves<'_>) -> Result<Hash, String> {
+    fn mth(&self, a: u64, b: u64, read: &mut ReadLeaves<'_>) -> Result<Hash, AuditError> {
         let n = b - a;
         if n == 0 {
             return Ok(empty_root());
@@ -88,10 +89,10 @@ impl Tiles {
             }
             let leaves = read(a, b)?;
             if leaves.len() as u64 != n {
-                return Err(format!(
+                return Err(AuditError::Integrity(format!(
                     "the store holds {} leaves in {a}..{b}",
                     leaves.len()
-                ));
+                )));
             }
             return Ok(root(&leaves));
         }
@@ -102,7 +103,13 @@ impl Tiles {
         ))
     }
 
-    fn path(&self, m: u64, a: u64, b: u64, read: &mut ReadLeaves<'_>) -> Result<Vec<Hash>, String> {
+    fn path(
+        &self,
+        m: u64,
+        a: u64,
+        b: u64,
+        read: &mut ReadLeaves<'_>,
+    ) -> Result<Vec<Hash>, AuditError> {
         let n = b - a;
         if n <= 1 {
             return Ok(Vec::new());
@@ -125,12 +132,12 @@ impl Tiles {
         m: u64,
         size: u64,
         read: &mut ReadLeaves<'_>,
-    ) -> Result<Vec<Hash>, String> {
+    ) -> Result<Vec<Hash>, AuditError> {
         if size > self.size() {
-            return Err(format!(
+            return Err(AuditError::BadRequest(format!(
                 "tree size {size} is beyond the log ({})",
                 self.size()
-            ));
+            )));
         }
         if m >= size {
             return Ok(Vec::new());
@@ -139,12 +146,12 @@ impl Tiles {
     }
 
     /// The root of the tree of the first `size` leaves.
-    pub fn root(&self, size: u64, read: &mut ReadLeaves<'_>) -> Result<Hash, String> {
+    pub fn root(&self, size: u64, read: &mut ReadLeaves<'_>) -> Result<Hash, AuditError> {
         if size > self.size() {
-            return Err(format!(
+            return Err(AuditError::BadRequest(format!(
                 "tree size {size} is beyond the log ({})",
                 self.size()
-            ));
+            )));
         }
         // MTH(D[0:size]) splits into aligned subtrees, as `mth` requires.
         self.mth(0, size, read)
@@ -157,7 +164,7 @@ impl Tiles {
         b: u64,
         whole: bool,
         read: &mut ReadLeaves<'_>,
-    ) -> Result<Vec<Hash>, String> {
+    ) -> Result<Vec<Hash>, AuditError> {
         let n = b - a;
         if m == n {
             return Ok(if whole {
@@ -184,9 +191,12 @@ impl Tiles {
         m: u64,
         n: u64,
         read: &mut ReadLeaves<'_>,
-    ) -> Result<Vec<Hash>, String> {
+    ) -> Result<Vec<Hash>, AuditError> {
         if n > self.size() {
-            return Err(format!("tree size {n} is beyond the log ({})", self.size()));
+            return Err(AuditError::BadRequest(format!(
+                "tree size {n} is beyond the log ({})",
+                self.size()
+            )));
         }
         if m == 0 || m >= n {
             return Ok(Vec::new());

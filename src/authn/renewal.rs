@@ -374,7 +374,7 @@ impl Renewal {
         store: &dyn crate::audit::store::AuditStore,
         now: SystemTime,
         horizon: Duration,
-    ) -> Result<usize, String> {
+    ) -> Result<usize, crate::audit::AuditError> {
         let since = now.checked_sub(horizon).unwrap_or(SystemTime::UNIX_EPOCH);
         let rows = store.query(&crate::audit::store::Filter {
             result: Some("granted".into()),

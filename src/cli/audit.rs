@@ -100,7 +100,7 @@ pub enum AuditCommand {
 fn open(data_dir: &Path) -> Result<SqliteStore, String> {
     SqliteStore::open_read_only(&data_dir.join(audit::DB_FILE)).map_err(|e| {
         if data_dir.join(audit::DB_FILE).exists() {
-            e
+            e.to_string()
         } else {
             format!("{e}: pass --data-dir with the data directory of the server that wrote it")
         }
@@ -122,7 +122,7 @@ fn verifier(data_dir: &Path, key: Option<String>) -> Result<NoteVerifier, String
 }
 
 /// Runs an audit command.
-pub(crate) fn run(cmd: AuditCommand) -> Result<(), String> {
+pub(crate) fn run(cmd: AuditCommand) -> Result<(), crate::cli::Error> {
     match cmd {
         AuditCommand::List {
             identity,
@@ -178,7 +178,11 @@ pub(crate) fn run(cmd: AuditCommand) -> Result<(), String> {
 }
 
 /// `audit list`: a table, or one JSON object per line.
-fn list(data_dir: &Path, f: &audit::store::Filter, output: Output) -> Result<(), String> {
+fn list(
+    data_dir: &Path,
+    f: &audit::store::Filter,
+    output: Output,
+) -> Result<(), crate::cli::Error> {
     let rows = query::list(&open(data_dir)?, f)?;
     match output {
         Output::Json => {
@@ -211,7 +215,7 @@ fn list(data_dir: &Path, f: &audit::store::Filter, output: Output) -> Result<(),
 }
 
 /// `audit show`: `what` is a serial in hex, or a PEM certificate file.
-fn show(what: &str, data_dir: &Path, output: Output) -> Result<(), String> {
+fn show(what: &str, data_dir: &Path, output: Output) -> Result<(), crate::cli::Error> {
     let serial = if Path::new(what).exists() {
         let pem = std::fs::read(what).map_err(|e| format!("{what}: {e}"))?;
         let der = crate::ca::pem_to_certs(&pem)?.swap_remove(0);
@@ -222,7 +226,7 @@ fn show(what: &str, data_dir: &Path, output: Output) -> Result<(), String> {
     };
     let shown = query::show(&open(data_dir)?, &serial)?;
     if output == Output::Json {
-        return print_json(&shown);
+        return Ok(print_json(&shown)?);
     }
     let e = &shown.entry;
     let or_dash = |v: &Option<String>| v.as_deref().unwrap_or("-").to_string();
@@ -272,7 +276,7 @@ fn verify(
     export: Option<&Path>,
     public_key: Option<String>,
     output: Output,
-) -> Result<(), String> {
+) -> Result<(), crate::cli::Error> {
     let progress = |n: u64| eprint!("\rchecking: {n} entries read");
     let report = match export {
         Some(f) => {
@@ -292,7 +296,7 @@ fn verify(
     eprint!("\r{:60}\r", "");
     let report = report.map_err(|e| format!("VERIFICATION FAILED: {e}"))?;
     if output == Output::Json {
-        return print_json(&report);
+        return Ok(print_json(&report)?);
     }
     println!("audit log OK");
     println!("  entries              {}", report.entries);
@@ -310,10 +314,10 @@ fn verify(
 }
 
 /// `audit prove`: the consistency proof between two tree sizes.
-fn prove(data_dir: &Path, from: u64, to: u64, output: Output) -> Result<(), String> {
+fn prove(data_dir: &Path, from: u64, to: u64, output: Output) -> Result<(), crate::cli::Error> {
     let p = query::prove(&open(data_dir)?, from, to)?;
     if output == Output::Json {
-        return print_json(&p);
+        return Ok(print_json(&p)?);
     }
     let signed = |c: bool| if c { "  (signed checkpoint)" } else { "" };
     println!(
@@ -341,7 +345,7 @@ fn prove(data_dir: &Path, from: u64, to: u64, output: Output) -> Result<(), Stri
 }
 
 /// `audit export`: every entry and checkpoint as JSON lines, to a file or stdout.
-fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), String> {
+fn export(data_dir: &Path, out: Option<&Path>) -> Result<(), crate::cli::Error> {
     let store = open(data_dir)?;
     let key = std::fs::read_to_string(data_dir.join(audit::PUB_FILE)).map_err(|e| e.to_string())?;
     let n = match out {

@@ -288,7 +288,7 @@ fn load_renewal_index(
     now: std::time::SystemTime,
     max_ttl: Duration,
 ) -> Result<(), String> {
-    let store = crate::audit::store::SqliteStore::open_read_only(db)?;
+    let store = crate::audit::store::SqliteStore::open_read_only(db).map_err(|e| e.to_string())?;
     let n = renewal
         .load_from_audit(&store, now, max_ttl + crate::ca::BACKDATE)
         .map_err(|e| format!("rebuilding the renewal index from the audit log: {e}"))?;
@@ -399,14 +399,16 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     // One server per data directory: offline `meshca rotation` commands
     // take the same lock, so they cannot race a running server.
     let lock = lock_data_dir(&data).map_err(|e| e.to_string())?;
-    let mgr = Arc::new(crate::trust::manager::TrustManager::open(
-        data.clone(),
-        clock.now(),
-    )?);
+    let mgr = Arc::new(
+        crate::trust::manager::TrustManager::open(data.clone(), clock.now())
+            .map_err(|e| e.to_string())?,
+    );
     // Finish whatever a crash interrupted, renew an expired issuer under a
     // still-valid root; an expired root is reported, not fatal (recovery is
     // `rotation prepare` + `activate --force` against this running server).
-    let reconciled = mgr.reconcile(cfg.issuer_lifetime, clock.now())?;
+    let reconciled = mgr
+        .reconcile(cfg.issuer_lifetime, clock.now())
+        .map_err(|e| e.to_string())?;
     let loaded = data.load().map_err(|e| e.to_string())?;
     let active_root = mgr
         .state()
@@ -425,7 +427,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
         loaded.issuer.with_root(active_root),
         loaded.roots,
     ));
-    ca.set_bundle(mgr.bundle()?);
+    ca.set_bundle(mgr.bundle().map_err(|e| e.to_string())?);
     metrics.set_issuer_expiry(crate::util::clock::unix_secs(ca.issuer().not_after));
     let mut authn = build_authenticator(&cfg, &data, clock.clone(), metrics.clone()).await?;
     // A token whose pod or service account is gone must stop working
@@ -516,7 +518,8 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             clock.clone(),
             metrics.clone(),
             cfg.audit_max_bytes,
-        )?;
+        )
+        .map_err(|e| e.to_string())?;
         let every = cfg.audit_checkpoint_interval;
         let ticker = log.clone();
         tokio::spawn(async move {

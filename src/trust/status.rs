@@ -84,7 +84,7 @@ fn live_leaves(
     if !db.exists() {
         return Ok(None);
     }
-    let store = SqliteStore::open_read_only(&db)?;
+    let store = SqliteStore::open_read_only(&db).map_err(|e| e.to_string())?;
     let since = now.checked_sub(max_ttl + Duration::from_secs(3600));
     let rows = crate::audit::query::list(
         &store,
@@ -93,7 +93,8 @@ fn live_leaves(
             since_ms: since.map(crate::util::clock::unix_millis),
             ..Default::default()
         },
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let (mut by_root, mut by_issuer) = (HashMap::new(), HashMap::new());
     for r in rows {
         let alive = r

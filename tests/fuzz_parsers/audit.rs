@@ -378,10 +378,10 @@ fn read_back(db: &[u8], verifier: &NoteVerifier) -> Result<(u64, String), String
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let path = dir.path().join("audit.db");
     std::fs::write(&path, db).map_err(|e| e.to_string())?;
-    let store = SqliteStore::open_read_only(&path)?;
+    let store = SqliteStore::open_read_only(&path).map_err(|e| e.to_string())?;
     let _ = query::list(&store, &Filter::default());
     let _ = query::show(&store, &format!("{:032x}", 4));
-    let r = query::verify_store(&store, verifier, |_| {})?;
+    let r = query::verify_store(&store, verifier, |_| {}).map_err(|e| e.to_string())?;
     Ok((r.entries, r.root))
 }
 
