@@ -69,7 +69,7 @@ async fn renew(ca: &Ca, held: &Held) -> Result<Held, tonic::Status> {
         Some((chain_pem, held.key_pem.clone())),
     )
     .await
-    .map_err(tonic::Status::unavailable)?;
+    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();

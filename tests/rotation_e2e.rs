@@ -122,7 +122,9 @@ async fn certify(mesh: &Mesh, sa: &str, bundle_pem: &str) -> Result<Material, St
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
-    let ch = meshca::client::connect(&mesh.ca_addr, bundle_pem, &mesh.server_name, None).await?;
+    let ch = meshca::client::connect(&mesh.ca_addr, bundle_pem, &mesh.server_name, None)
+        .await
+        .map_err(|e| e.to_string())?;
     let r = pb::identity_client::IdentityClient::new(ch)
         .certify(pb::CertifyRequest {
             token: dev_token(&mesh.data, "shop", sa),

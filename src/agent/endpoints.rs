@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use rand::seq::SliceRandom;
 
+use super::AgentError;
+
 /// How long one endpoint may take before the next is tried.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -23,7 +25,7 @@ pub struct Endpoints {
 
 impl Endpoints {
     /// Parses `host:port[,host:port…]`.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, AgentError> {
         let targets: Vec<String> = spec
             .split(',')
             .map(str::trim)
@@ -31,21 +33,25 @@ impl Endpoints {
             .map(str::to_string)
             .collect();
         if targets.is_empty() {
-            return Err("the CA address is empty: give host:port".into());
+            return Err(AgentError::BadAddress(
+                "the CA address is empty: give host:port".into(),
+            ));
         }
         for t in &targets {
             if t.rsplit_once(':')
                 .and_then(|(_, p)| p.parse::<u16>().ok())
                 .is_none()
             {
-                return Err(format!("CA address {t:?} is not host:port"));
+                return Err(AgentError::BadAddress(format!(
+                    "CA address {t:?} is not host:port"
+                )));
             }
         }
         Ok(Self { targets })
     }
 
     /// Resolves every target now, in a random order without duplicates.
-    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, String> {
+    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, AgentError> {
         let mut out = Vec::new();
         let mut errors = Vec::new();
         for t in &self.targets {
@@ -61,7 +67,7 @@ impl Endpoints {
             }
         }
         if out.is_empty() {
-            return Err(format!("no CA address resolved: {}", errors.join("; ")));
+            return Err(AgentError::Unresolved(errors.join("; ")));
         }
         out.shuffle(&mut rand::rng());
         Ok(out)
@@ -69,24 +75,21 @@ impl Endpoints {
 
     /// Runs `attempt` against each resolved address in turn; the first
     /// success wins. Fails with every address's error.
-    pub async fn first_answer<T, F, Fut>(&self, attempt: F) -> Result<T, String>
+    pub async fn first_answer<T, F, Fut>(&self, attempt: F) -> Result<T, AgentError>
     where
         F: Fn(SocketAddr) -> Fut,
-        Fut: Future<Output = Result<T, String>>,
+        Fut: Future<Output = Result<T, AgentError>>,
     {
         let addrs = self.resolve().await?;
         let mut errors = Vec::new();
         for a in addrs {
             match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(a)).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) => errors.push(format!("{a}: {e}")),
-                Err(_) => errors.push(format!(
-                    "{a}: no answer within {}s",
-                    ATTEMPT_TIMEOUT.as_secs()
-                )),
+                Ok(Err(e)) => errors.push((a, e)),
+                Err(_) => errors.push((a, AgentError::Timeout(ATTEMPT_TIMEOUT.as_secs()))),
             }
         }
-        Err(errors.join("; "))
+        Err(AgentError::AllFailed(errors))
     }
 }
 
@@ -96,9 +99,12 @@ mod tests {
 
     #[test]
     fn addresses_must_name_a_port() {
-        assert!(Endpoints::parse("").is_err());
-        assert!(Endpoints::parse("meshca.svc").is_err());
-        assert!(Endpoints::parse("meshca.svc:80,10.0.0.1:x").is_err());
+        for bad in ["", "meshca.svc", "meshca.svc:80,10.0.0.1:x"] {
+            assert!(
+                matches!(Endpoints::parse(bad), Err(AgentError::BadAddress(_))),
+                "{bad:?}"
+            );
+        }
         assert_eq!(
             Endpoints::parse(" a:1 , b:2 ").unwrap().targets,
             ["a:1", "b:2"]
@@ -118,12 +124,12 @@ mod tests {
                         if a.port() == 1002 {
                             Ok(a.port())
                         } else {
-                            Err("connection refused".to_string())
+                            Err(AgentError::StreamClosed)
                         }
                     }
                 })
                 .await;
-            assert_eq!(r, Ok(1002), "the live replica answers");
+            assert_eq!(r.unwrap(), 1002, "the live replica answers");
             first_tried.insert(tried.lock().unwrap()[0]);
         }
         assert_eq!(
@@ -133,9 +139,19 @@ mod tests {
         );
         let e = Endpoints::parse("127.0.0.1:1001").unwrap();
         let err = e
-            .first_answer(|_| async { Err::<(), _>("refused".to_string()) })
+            .first_answer(|_| async {
+                Err::<(), _>(AgentError::Ca {
+                    code: tonic::Code::Unavailable,
+                    message: "refused".into(),
+                })
+            })
             .await
             .unwrap_err();
-        assert!(err.contains("127.0.0.1:1001: refused"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("127.0.0.1:1001: Unavailable: refused"),
+            "{err}"
+        );
+        assert!(matches!(err, AgentError::AllFailed(v) if v.len() == 1));
     }
 }

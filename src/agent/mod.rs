@@ -13,6 +13,7 @@
 //! arrives over TLS verified by it.
 
 pub(crate) mod endpoints;
+mod error;
 pub mod files;
 pub mod workload_api;
 
@@ -29,6 +30,7 @@ use crate::proto::meshca as pb;
 use crate::util::backoff::Backoff;
 use crate::util::secret::SecretBytes;
 use endpoints::Endpoints;
+pub use error::AgentError;
 
 /// How the agent is set up.
 #[derive(Debug, Clone)]
@@ -128,16 +130,13 @@ impl Agent {
     }
 
     /// Waits for the first certificate (or fails after `timeout`).
-    pub async fn ready(&self, timeout: Duration) -> Result<Arc<Svid>, String> {
+    pub async fn ready(&self, timeout: Duration) -> Result<Arc<Svid>, AgentError> {
         let mut rx = self.state.clone();
         let r = tokio::time::timeout(timeout, rx.wait_for(|s| s.svid.is_some())).await;
         match r {
             Ok(Ok(s)) => Ok(s.svid.clone().expect("waited for it")),
-            Ok(Err(_)) => Err("the agent stopped".into()),
-            Err(_) => Err(format!(
-                "no certificate within {}s (see the agent's log)",
-                timeout.as_secs()
-            )),
+            Ok(Err(_)) => Err(AgentError::Stopped),
+            Err(_) => Err(AgentError::NotReady(timeout.as_secs())),
         }
     }
 
@@ -163,11 +162,13 @@ struct Inner {
 
 /// Starts the agent: reads the bootstrap bundle, then runs the renewal and
 /// bundle-watch loops in the background, reporting to `metrics`.
-pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, String> {
-    let pem = std::fs::read(&cfg.bootstrap_bundle)
-        .map_err(|e| format!("bootstrap bundle {}: {e}", cfg.bootstrap_bundle.display()))?;
-    let roots = pem_to_certs(&pem)
-        .map_err(|e| format!("bootstrap bundle {}: {e}", cfg.bootstrap_bundle.display()))?;
+pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, AgentError> {
+    let bootstrap = |reason: String| AgentError::Bootstrap {
+        path: cfg.bootstrap_bundle.clone(),
+        reason,
+    };
+    let pem = std::fs::read(&cfg.bootstrap_bundle).map_err(|e| bootstrap(e.to_string()))?;
+    let roots = pem_to_certs(&pem).map_err(bootstrap)?;
     let endpoints = Endpoints::parse(&cfg.ca_address)?;
     let (state, rx) = watch::channel(State {
         svid: None,
@@ -213,10 +214,6 @@ pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, String> {
 }
 
 /// True when the CA refused because the operator denied this identity.
-fn is_denied(error: &str) -> bool {
-    error.contains("PermissionDenied")
-}
-
 /// True when the top of `chain` (the issuer) is signed by one of `roots`.
 fn chains_to(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> bool {
     chain
@@ -286,7 +283,7 @@ impl Inner {
                     }
                     Err(e) => {
                         self.metrics.agent_renewal(false);
-                        let wait = if is_denied(&e) {
+                        let wait = if e.is_denied() {
                             backoff.wait_at_cap()
                         } else {
                             backoff.next_wait()
@@ -334,9 +331,12 @@ impl Inner {
     }
 
     /// One certificate request, tried against each CA endpoint in turn.
-    async fn certify(&self) -> Result<(), String> {
-        let token = std::fs::read_to_string(&self.cfg.token_file)
-            .map_err(|e| format!("token file {}: {e}", self.cfg.token_file.display()))?;
+    async fn certify(&self) -> Result<(), AgentError> {
+        let token =
+            std::fs::read_to_string(&self.cfg.token_file).map_err(|source| AgentError::Token {
+                path: self.cfg.token_file.clone(),
+                source,
+            })?;
         let (key, csr) = crate::client::new_key_and_csr(None)?;
         let state = self.current();
         let bundle_pem = state.bundle.to_pem();
@@ -365,7 +365,7 @@ impl Inner {
                         .certify(req)
                         .await
                         .map(|r| r.into_inner())
-                        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+                        .map_err(AgentError::from)
                 }
             })
             .await?;
@@ -380,7 +380,8 @@ impl Inner {
                     + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
             })
         };
-        let not_after = ts(resp.not_after).ok_or("response without not_after")?;
+        let not_after =
+            ts(resp.not_after).ok_or(AgentError::BadResponse("response without not_after"))?;
         let refresh = ts(resp.refresh_at).unwrap_or(not_after);
         // Jitter of ±10% of the lifetime around the server's suggestion
         // (which is 60%), so replicas of a workload do not renew in step.
@@ -415,7 +416,7 @@ impl Inner {
         loop {
             let r = self.watch_once(&mut backoff).await;
             let wait = match &r {
-                Err(e) if is_denied(e) => backoff.wait_at_cap(),
+                Err(e) if e.is_denied() => backoff.wait_at_cap(),
                 _ => backoff.next_wait(),
             };
             tracing::debug!(error = ?r.err(), retry_in_ms = wait.as_millis() as u64, "bundle watch ended; reconnecting");
@@ -425,9 +426,9 @@ impl Inner {
 
     /// One bundle stream, over mTLS with the current certificate (so the CA
     /// counts this workload as a watcher under its own identity).
-    async fn watch_once(&self, backoff: &mut Backoff) -> Result<(), String> {
+    async fn watch_once(&self, backoff: &mut Backoff) -> Result<(), AgentError> {
         let state = self.current();
-        let svid = state.svid.clone().ok_or("no certificate yet")?;
+        let svid = state.svid.clone().ok_or(AgentError::NoCertificate)?;
         let identity = (
             svid.chain_pem(),
             String::from_utf8_lossy(svid.key_pem.expose()).into_owned(),
@@ -449,7 +450,7 @@ impl Inner {
                         .watch_trust_bundle(pb::WatchTrustBundleRequest {})
                         .await
                         .map(|r| r.into_inner())
-                        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+                        .map_err(AgentError::from)
                 }
             })
             .await?;
@@ -459,8 +460,8 @@ impl Inner {
                     backoff.reset();
                     self.adopt_bundle(b);
                 }
-                Ok(None) => return Err("the CA closed the stream".into()),
-                Err(s) => return Err(format!("{:?}: {}", s.code(), s.message())),
+                Ok(None) => return Err(AgentError::StreamClosed),
+                Err(s) => return Err(s.into()),
             }
         }
     }

@@ -258,7 +258,11 @@ async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, String> {
     let addr = running.grpc_addr.to_string();
     let mut channels = Vec::new();
     for _ in 0..inputs.len() {
-        channels.push(client::connect(&addr, &bundle_pem, &running.server_name, None).await?);
+        channels.push(
+            client::connect(&addr, &bundle_pem, &running.server_name, None)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
     }
     let started = Instant::now();
     let (mut all, errors) = load(inputs, channels, started + args.duration.0).await?;
@@ -311,7 +315,8 @@ fn client_inputs(signer: &DevSigner, clients: usize) -> Result<Vec<ClientInput>,
         )?;
         let csrs: Vec<Vec<u8>> = (0..8)
             .map(|_| client::new_key_and_csr(None).map(|(_, c)| c))
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
         inputs.push((w, token, csrs));
     }
     Ok(inputs)
@@ -408,7 +413,8 @@ fn audit_figures(
         return Ok((None, None));
     };
     let n = crate::audit::store::SqliteStore::open_read_only(log.db_path())
-        .and_then(|s| crate::audit::store::AuditStore::count(&s))?;
+        .and_then(|s| crate::audit::store::AuditStore::count(&s))
+        .map_err(|e| e.to_string())?;
     if n == 0 {
         return Ok((Some(0), None));
     }

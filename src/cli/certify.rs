@@ -121,7 +121,7 @@ pub(crate) async fn run(a: CertifyArgs) -> Result<(), Error> {
         ApiChoice::Linkerd => linkerd(call).await?,
         ApiChoice::Istio => istio(call).await?,
     };
-    Ok(finish(&a.out, issued)?)
+    finish(&a.out, issued)
 }
 
 /// A gRPC status as the operator reads it.
@@ -130,7 +130,7 @@ fn status(s: tonic::Status) -> String {
 }
 
 /// meshca.v1.Identity/Certify: the chain and the bundle come in the answer.
-async fn native(c: Call) -> Result<Issued, String> {
+async fn native(c: Call) -> Result<Issued, Error> {
     let (key, csr) = client::new_key_and_csr(None)?;
     let mut grpc = proto::meshca::identity_client::IdentityClient::new(c.channel);
     let r = grpc
@@ -168,7 +168,7 @@ fn unverified_workload(token: &str) -> Result<Workload, String> {
 
 /// io.linkerd.proxy.identity: the CSR names the DNS identity; the answer has
 /// no roots, so the chain is verified against the bundle we connected with.
-async fn linkerd(c: Call) -> Result<Issued, String> {
+async fn linkerd(c: Call) -> Result<Issued, Error> {
     let identity = unverified_workload(&c.token)?
         .dns_identity(&c.mesh)
         .map_err(|e| e.to_string())?;
@@ -197,7 +197,7 @@ async fn linkerd(c: Call) -> Result<Issued, String> {
 
 /// istio.v1.auth: the token rides in `authorization` metadata and the answer
 /// is one PEM list (leaf first, self-signed roots last).
-async fn istio(c: Call) -> Result<Issued, String> {
+async fn istio(c: Call) -> Result<Issued, Error> {
     let (key, csr_der) = client::new_key_and_csr(None)?;
     let csr_pem = crate::util::pem::encode("CERTIFICATE REQUEST", &csr_der);
     let mut grpc =
@@ -245,7 +245,7 @@ fn is_self_signed(der: &[u8]) -> bool {
 }
 
 /// Verifies the chain, writes the three files, and prints a summary.
-fn finish(out: &Path, i: Issued) -> Result<(), String> {
+fn finish(out: &Path, i: Issued) -> Result<(), Error> {
     client::verify_chain(&i.leaf, &i.intermediates, &i.roots, SystemTime::now())?;
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     let key_pem = zeroize::Zeroizing::new(i.key.serialize_pem());

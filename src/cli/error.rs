@@ -12,8 +12,11 @@
 //! server cannot be reached, or a running server holds the data directory:
 //! retry later or give `--server`).
 
+use crate::audit::AuditError;
 use crate::ca::store::StoreError;
+use crate::client::ClientError;
 use crate::revocation::RevocationError;
+use crate::trust::journal::JournalError;
 use crate::trust::manager::TrustError;
 
 /// Exit code of a generic failure (I/O, unusable data, anything else).
@@ -41,6 +44,12 @@ pub enum Error {
     /// A revocation change.
     #[error(transparent)]
     Revocation(#[from] RevocationError),
+    /// The audit log.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Talking to a server.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// A running server answered with an HTTP error.
     #[error("{message}")]
     Remote {
@@ -60,6 +69,12 @@ impl From<String> for Error {
     }
 }
 
+impl From<&str> for Error {
+    fn from(e: &str) -> Self {
+        Error::Failed(e.to_string())
+    }
+}
+
 impl Error {
     /// The process exit code (see the module doc).
     pub fn exit_code(&self) -> u8 {
@@ -67,12 +82,19 @@ impl Error {
             Error::Usage(_) => EXIT_USAGE,
             Error::Store(StoreError::Locked { .. }) => EXIT_UNAVAILABLE,
             Error::Store(StoreError::AlreadyInitialized(..)) => EXIT_REFUSED,
-            Error::Trust(TrustError::Refused(_)) => EXIT_REFUSED,
+            Error::Trust(
+                TrustError::Refused(_) | TrustError::Journal(JournalError::OutOfOrder { .. }),
+            ) => EXIT_REFUSED,
             Error::Trust(TrustError::BadInput(_)) => EXIT_USAGE,
             Error::Revocation(RevocationError::BadInput(_)) => EXIT_USAGE,
             Error::Revocation(RevocationError::Conflict(_) | RevocationError::NotFound(_)) => {
                 EXIT_REFUSED
             }
+            Error::Audit(AuditError::BadRequest(_)) => EXIT_USAGE,
+            Error::Audit(AuditError::NotFound { .. }) => EXIT_REFUSED,
+            Error::Audit(AuditError::Storage(_)) => EXIT_UNAVAILABLE,
+            Error::Client(e) if e.is_unreachable() => EXIT_UNAVAILABLE,
+            Error::Client(ClientError::BadAddress { .. }) => EXIT_USAGE,
             Error::Remote { status, .. } => match status {
                 400 => EXIT_USAGE,
                 404 | 409 => EXIT_REFUSED,
@@ -134,10 +156,38 @@ mod tests {
             ),
             (TrustError::BadInput("root".into()).into(), EXIT_USAGE),
             (TrustError::Storage("write".into()).into(), EXIT_FAILURE),
+            (
+                TrustError::Journal(JournalError::OutOfOrder {
+                    stored: 3,
+                    follows: 2,
+                })
+                .into(),
+                EXIT_REFUSED,
+            ),
+            (AuditError::BadRequest("--since".into()).into(), EXIT_USAGE),
+            (
+                AuditError::NotFound {
+                    serial: "ab".into(),
+                }
+                .into(),
+                EXIT_REFUSED,
+            ),
+            (
+                AuditError::Storage("database is locked".into()).into(),
+                EXIT_UNAVAILABLE,
+            ),
+            (
+                AuditError::Integrity("root mismatch".into()).into(),
+                EXIT_FAILURE,
+            ),
         ];
         for (e, code) in cases {
             assert_eq!(e.exit_code(), code, "{e:?}");
         }
+        let unreachable = Error::from(ClientError::Unreachable("no answer within 60s".into()));
+        assert_eq!(unreachable.exit_code(), EXIT_UNAVAILABLE);
+        let chain = Error::from(ClientError::Chain("chain does not verify".into()));
+        assert_eq!(chain.exit_code(), EXIT_FAILURE);
         let remote = |status| Error::Remote {
             status,
             message: "m".into(),

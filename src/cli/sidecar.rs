@@ -193,7 +193,8 @@ async fn admin(
 /// Runs `meshca agent` until a signal.
 pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), String> {
     let _log = crate::cli::init_logging(args.log_format);
-    let a = agent::start(args.ca.agent_config()?, Arc::new(Metrics::new()))?;
+    let a = agent::start(args.ca.agent_config()?, Arc::new(Metrics::new()))
+        .map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(addr) = args.admin_listen {
         admin(addr, a.watch(), a.metrics().clone()).await?;
@@ -226,7 +227,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), String> {
         );
     }
     tokio::select! {
-        r = a.ready(Duration::from_secs(3600 * 24 * 365)) => { r?; }
+        r = a.ready(Duration::from_secs(3600 * 24 * 365)) => { r.map_err(|e| e.to_string())?; }
         _ = shutdown_signal() => return Ok(()),
     }
     shutdown_signal().await;
@@ -267,7 +268,8 @@ pub(crate) async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
             None,
         ),
         None => {
-            let a = agent::start(args.ca.agent_config()?, metrics.clone())?;
+            let a = agent::start(args.ca.agent_config()?, metrics.clone())
+                .map_err(|e| e.to_string())?;
             (a.watch(), Some(a))
         }
     };

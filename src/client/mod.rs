@@ -8,6 +8,43 @@ pub mod admin;
 
 use std::time::SystemTime;
 
+/// Why talking to a CA (or checking what it returned) failed.
+///
+/// `Unreachable` is the one to retry (or to point elsewhere); `BadAddress`
+/// is the caller's input; `Chain` means the answer must not be trusted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server address does not parse.
+    #[error("bad server address {addr:?}: {reason}")]
+    BadAddress {
+        /// What was given.
+        addr: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The TLS settings (bundle, client identity) are unusable.
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    /// No connection, or no answer in time.
+    #[error("{0}")]
+    Unreachable(String),
+    /// Making the local key or CSR failed.
+    #[error("{0}")]
+    Key(String),
+    /// The returned chain does not verify to the trusted roots.
+    #[error("{0}")]
+    Chain(String),
+}
+
+impl ClientError {
+    /// True when the server could not be reached (worth retrying later or
+    /// elsewhere), as opposed to a refusal or unusable input.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, ClientError::Unreachable(_))
+    }
+}
+
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -20,7 +57,7 @@ pub async fn connect(
     bundle_pem: &str,
     server_name: &str,
     identity: Option<(String, String)>,
-) -> Result<Channel, String> {
+) -> Result<Channel, ClientError> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(bundle_pem))
         .domain_name(server_name);
@@ -33,26 +70,30 @@ pub async fn connect(
         format!("https://{addr}")
     };
     Endpoint::from_shared(url)
-        .map_err(|e| format!("bad server address {addr:?}: {e}"))?
+        .map_err(|e| ClientError::BadAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?
         .tls_config(tls)
-        .map_err(|e| format!("TLS configuration: {e}"))?
+        .map_err(|e| ClientError::Tls(e.to_string()))?
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {addr}: {e:?}"))
+        .map_err(|e| ClientError::Unreachable(format!("cannot connect to {addr}: {e:?}")))
 }
 
 /// A fresh P-256 key and a DER CSR for it, naming `dns` (CN and DNS SAN) when given.
-pub fn new_key_and_csr(dns: Option<&str>) -> Result<(KeyPair, Vec<u8>), String> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+pub fn new_key_and_csr(dns: Option<&str>) -> Result<(KeyPair, Vec<u8>), ClientError> {
+    let key_err = |e: rcgen::Error| ClientError::Key(e.to_string());
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(key_err)?;
     let mut params = match dns {
-        Some(d) => CertificateParams::new(vec![d.to_string()]).map_err(|e| e.to_string())?,
+        Some(d) => CertificateParams::new(vec![d.to_string()]).map_err(key_err)?,
         None => CertificateParams::default(),
     };
     params.distinguished_name = DistinguishedName::new();
     if let Some(d) = dns {
         params.distinguished_name.push(rcgen::DnType::CommonName, d);
     }
-    let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+    let csr = params.serialize_request(&key).map_err(key_err)?;
     Ok((key, csr.der().to_vec()))
 }
 
@@ -63,9 +104,10 @@ pub fn verify_chain(
     intermediates: &[Vec<u8>],
     roots: &[Vec<u8>],
     now: SystemTime,
-) -> Result<(), String> {
+) -> Result<(), ClientError> {
+    let bad = |e: String| ClientError::Chain(e);
     let leaf = CertificateDer::from(leaf.to_vec());
-    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| format!("leaf: {e}"))?;
+    let ee = webpki::EndEntityCert::try_from(&leaf).map_err(|e| bad(format!("leaf: {e}")))?;
     let root_ders: Vec<CertificateDer<'static>> = roots
         .iter()
         .map(|r| CertificateDer::from(r.clone()))
@@ -74,14 +116,14 @@ pub fn verify_chain(
         .iter()
         .map(webpki::anchor_from_trusted_cert)
         .collect();
-    let anchors = anchors.map_err(|e| format!("trust anchor: {e}"))?;
+    let anchors = anchors.map_err(|e| bad(format!("trust anchor: {e}")))?;
     let inter: Vec<CertificateDer<'static>> = intermediates
         .iter()
         .map(|c| CertificateDer::from(c.clone()))
         .collect();
     let t = UnixTime::since_unix_epoch(
         now.duration_since(SystemTime::UNIX_EPOCH)
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| bad(e.to_string()))?,
     );
     for usage in [
         webpki::KeyUsage::client_auth(),
@@ -96,7 +138,7 @@ pub fn verify_chain(
             None,
             None,
         )
-        .map_err(|e| format!("chain does not verify: {e}"))?;
+        .map_err(|e| bad(format!("chain does not verify: {e}")))?;
     }
     Ok(())
 }

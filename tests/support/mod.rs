@@ -451,7 +451,7 @@ pub async fn rotation_step(
     data_dir: &Path,
     step: &str,
     body: &str,
-) -> Result<(u16, String), String> {
+) -> Result<(u16, String), meshca::client::ClientError> {
     let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
     meshca::client::admin::request(
         "POST",
