@@ -195,10 +195,6 @@ const LONG_FN_ALLOWED: &[(&str, &str)] = &[
     ("server/mod.rs", "build_authenticator"),
     // TODO(issue 12): being split (engineer "server", per-domain settings).
     ("config/mod.rs", "resolve_detected"),
-    // TODO(issue 12): the audit writer loop, to be split.
-    ("audit/mod.rs", "writer"),
-    // TODO(issue 12): the rotation state machine's transitions, to be split.
-    ("trust/rotation.rs", "apply"),
 ];
 
 /// `text` with comments and the contents of string and char literals
