@@ -117,6 +117,13 @@ impl From<String> for RevocationError {
     }
 }
 
+/// Sharing a change failed (the shared state, the data directory).
+impl From<crate::trust::manager::TrustError> for RevocationError {
+    fn from(e: crate::trust::manager::TrustError) -> Self {
+        RevocationError::Storage(e.to_string())
+    }
+}
+
 /// Normalizes an operator-given serial (`0A:1b…`, `0x0a1b…`) to the
 /// lowercase hex meshca records.
 pub fn parse_serial(s: &str) -> Result<String, RevocationError> {

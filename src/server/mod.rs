@@ -563,7 +563,10 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
     );
     rotation.observe(renewal.clone());
     rotation.observe(revocations.clone());
-    rotation.publish(&reconciled).await?;
+    rotation
+        .publish(&reconciled)
+        .await
+        .map_err(|e| e.to_string())?;
     spawn_renewal_pruning(renewal.clone(), clock.clone());
     if let Some(ss) = shared {
         rotation.set_shared(ss.clone());
@@ -573,7 +576,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             match crate::trust::service::SharedState::push(ss.as_ref()).await? {
                 true => tracing::info!("created the shared CA state"),
                 false => {
-                    rotation.pull_shared().await?;
+                    rotation.pull_shared().await.map_err(|e| e.to_string())?;
                     tracing::info!("another replica created the shared CA state first; adopted it");
                 }
             }

@@ -49,6 +49,10 @@ pub enum TrustError {
     /// The journal names no active root: it was edited or damaged.
     #[error("the rotation state has no active root")]
     NoActiveRoot,
+    /// The state shared with other replicas could not be read or written
+    /// (the Kubernetes API): retry.
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// Where a prepared root comes from.

@@ -181,8 +181,8 @@ impl RotationService {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-        self.load_issuer().await?;
-        if !self.push_shared().await? {
+        self.load_issuer().await.map_err(|e| e.to_string())?;
+        if !self.push_shared().await.map_err(|e| e.to_string())? {
             return Err(
                 "another replica changed the CA state meanwhile; its state is loaded, try again"
                     .into(),
@@ -227,7 +227,7 @@ impl RotationService {
     ) -> Result<T, E>
     where
         T: Send + 'static,
-        E: From<String> + Send + 'static,
+        E: From<String> + From<TrustError> + Send + 'static,
     {
         let _one_at_a_time = self.steps.lock().await;
         let change = Arc::new(change);
@@ -277,7 +277,7 @@ impl RotationService {
 
     /// Re-reads the state from the data directory (after the shared state
     /// changed it) and publishes it to the running CA.
-    pub async fn reload(&self) -> Result<(), String> {
+    pub async fn reload(&self) -> Result<(), TrustError> {
         let mgr = self.mgr.clone();
         let lifetime = self.settings.issuer_lifetime;
         let now = self.ca.clock().now();
@@ -286,14 +286,14 @@ impl RotationService {
             mgr.reconcile(lifetime, now)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| TrustError::Storage(e.to_string()))??;
         self.publish(&rec).await?;
         self.load_issuer().await?;
         for o in self.observers() {
             tokio::task::spawn_blocking(move || o.reload())
                 .await
-                .map_err(|e| e.to_string())??;
+                .map_err(|e| TrustError::Storage(e.to_string()))?
+                .map_err(TrustError::Storage)?;
         }
         tracing::info!(
             bundle_version = self.mgr.state().bundle_version,
@@ -303,9 +303,9 @@ impl RotationService {
     }
 
     /// Pulls the shared state (if any); reloads when it changed.
-    pub async fn pull_shared(&self) -> Result<(), String> {
+    pub async fn pull_shared(&self) -> Result<(), TrustError> {
         if let Some(s) = self.shared.get() {
-            if s.pull().await? {
+            if s.pull().await.map_err(TrustError::Shared)? {
                 self.reload().await?;
             }
         }
@@ -314,11 +314,11 @@ impl RotationService {
 
     /// Pushes after a local change. Ok(false): another replica won; its
     /// state has been pulled and loaded.
-    async fn push_shared(&self) -> Result<bool, String> {
+    async fn push_shared(&self) -> Result<bool, TrustError> {
         let Some(s) = self.shared.get() else {
             return Ok(true);
         };
-        if s.push().await? {
+        if s.push().await.map_err(TrustError::Shared)? {
             return Ok(true);
         }
         self.pull_shared().await?;
@@ -394,7 +394,7 @@ impl RotationService {
     pub async fn step(&self, step: Step, actor: &str) -> Result<Vec<Event>, TrustError> {
         let _one_at_a_time = self.steps.lock().await;
         for attempt in 1..=SHARED_ATTEMPTS {
-            self.pull_shared().await.map_err(TrustError::Storage)?;
+            self.pull_shared().await?;
             let (events, obs) = self.step_locally(step.clone()).await?;
             match self.push_shared().await {
                 Ok(true) => {
@@ -440,14 +440,14 @@ impl RotationService {
         })
         .await
         .map_err(|e| TrustError::Storage(format!("rotation step panicked: {e}")))??;
-        self.publish(&rec).await.map_err(TrustError::Storage)?;
+        self.publish(&rec).await?;
         self.metrics.rotation_step(name, started.elapsed());
         Ok((events, obs))
     }
 
     /// Applies the journal's state to the running CA after a step or at start.
-    pub async fn publish(&self, rec: &Reconciled) -> Result<(), String> {
-        let bundle = self.mgr.bundle().map_err(|e| e.to_string())?;
+    pub async fn publish(&self, rec: &Reconciled) -> Result<(), TrustError> {
+        let bundle = self.mgr.bundle()?;
         self.ca.set_bundle(bundle);
         let state = self.mgr.state();
         for o in self.observers() {
@@ -477,18 +477,17 @@ impl RotationService {
     }
 
     /// Loads the issuer from disk into the CA.
-    pub async fn load_issuer(&self) -> Result<(), String> {
+    pub async fn load_issuer(&self) -> Result<(), TrustError> {
         let data = self.mgr.data().clone();
         let active = self
             .mgr
             .state()
             .active()
             .map(|r| r.id.clone())
-            .ok_or("no active root")?;
+            .ok_or(TrustError::NoActiveRoot)?;
         let loaded = tokio::task::spawn_blocking(move || data.load())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TrustError::Storage(e.to_string()))??;
         self.metrics
             .set_issuer_expiry(unix_secs(loaded.issuer.not_after));
         self.ca.set_issuer(loaded.issuer.with_root(active));
