@@ -530,6 +530,7 @@ async fn sigkill_mid_load_loses_nothing_a_client_received() {
             }
         }));
     }
+    // Real time: a child process under load for 1.5 s before SIGKILL.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     signal(&serve.child, "KILL");
     let _ = serve.child.wait();

@@ -109,6 +109,7 @@ async fn a_flood_of_refusals_with_a_9kb_iss_cannot_fill_the_log() {
         if represented >= sent || Instant::now() > deadline {
             break (all, represented);
         }
+        // Poll interval (deadline above): the drain runs on the server's own timer.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(represented, sent, "every refusal counted");
@@ -263,6 +264,7 @@ async fn a_full_disk_withholds_certificates_says_why_and_heals_by_itself() {
             break;
         }
         assert!(t.elapsed() < Duration::from_secs(10), "not ready again");
+        // Poll interval (deadline above): the writer probes the disk every 500 ms.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, m) = get(&ca, "/metrics").await;

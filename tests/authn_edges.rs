@@ -113,11 +113,7 @@ where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let t = Instant::now();
-    while !f().await {
-        assert!(t.elapsed() < limit, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(what, limit, f).await;
 }
 
 /// A sample of `ca`'s own registry (0 when absent).
@@ -179,6 +175,7 @@ async fn a_token_dies_with_its_pod_or_service_account_within_seconds() {
         match certify_native(&ch, token.clone()).await {
             Ok(_) => {
                 assert!(t.elapsed() < Duration::from_secs(5), "still valid");
+                // Poll interval (deadline above): the deletion arrives by watch.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => break e,
@@ -625,6 +622,7 @@ async fn a_deletion_missed_during_a_partition_is_caught_by_the_relist_after_410(
     let gone_before = api.gone_served.load(Ordering::SeqCst);
     // The watch is cut (and its reconnection held) before the deletion.
     api.partition();
+    // Real time: let the cut reach the server's open watch before the deletion.
     tokio::time::sleep(Duration::from_millis(300)).await;
     api.remove(PODS, POD);
     api.compact();

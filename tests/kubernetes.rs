@@ -53,11 +53,7 @@ async fn replica(kc: &std::path::Path, name: &str) -> Ca {
 }
 
 async fn until<F: Fn() -> bool>(what: &str, limit: Duration, f: F) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < limit, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(what, limit, || std::future::ready(f())).await;
 }
 
 fn leading(ca: &Ca) -> bool {
@@ -75,6 +71,7 @@ async fn one_leader_publishes_the_bundle_and_a_successor_takes_over() {
     let a = replica(&kc, "replica-a").await;
     until("replica-a leads", Duration::from_secs(5), || leading(&a)).await;
     let b = replica(&kc, "replica-b").await;
+    // Real time: a negative check (b must not take the Lease within 600 ms).
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(!leading(&b), "exactly one leader");
     let lease = api.get(LEASES, "meshca-leader").unwrap();
@@ -153,6 +150,7 @@ async fn one_leader_publishes_the_bundle_and_a_successor_takes_over() {
 
     // A leader that dies without releasing is replaced once its Lease expires.
     let c = replica(&kc, "replica-c").await;
+    // Real time: a negative check (c must not lead while b holds the Lease).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!leading(&c));
     let mut lease = api.get(LEASES, "meshca-leader").unwrap();
@@ -177,6 +175,7 @@ async fn one_leader_publishes_the_bundle_and_a_successor_takes_over() {
     );
     println!("hand-over on shutdown: {handover:?}; takeover after a crash: {took:?}");
     let leaders = [leading(&b), leading(&c)].iter().filter(|x| **x).count();
+    // Real time: a negative check (no second leader appears within 800 ms).
     tokio::time::sleep(Duration::from_millis(800)).await;
     let leaders_now = [leading(&b), leading(&c)].iter().filter(|x| **x).count();
     assert!(
@@ -523,6 +522,7 @@ async fn two_replicas_share_one_ca_through_a_secret() {
             })
     })
     .await;
+    // Real time: a negative check (a refused Secret is not adopted later).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(a.root_ids(), before);
     assert_eq!(b.root_ids(), before);
@@ -606,6 +606,7 @@ async fn watches_list_again_after_410_gone() {
     api.remove(&cm_path("shop"), CONFIGMAP);
     api.add_namespace("billing", json!({"mesh": "on"}));
     api.compact();
+    // Real time: a negative check (b must not see the change during the partition).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(b.root_ids().len(), 1, "b cannot have seen the change yet");
     api.heal();
@@ -1095,12 +1096,14 @@ async fn the_activation_gate_counts_the_clients_of_every_replica() {
             t.elapsed() < Duration::from_secs(5),
             "a never counted b's client"
         );
+        // Poll interval (deadline above): reports travel through ConfigMaps.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // A new root through a: a must not activate while b's client has not
     // seen the bundle carrying it.
     assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    // Real time: past the replicas' report interval, so the refusal below is the gate's.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (code, body) = a.rotation("activate", "{}").await;
     assert_eq!(code, 409, "{body}");
@@ -1131,6 +1134,7 @@ async fn the_activation_gate_counts_the_clients_of_every_replica() {
             t.elapsed() < Duration::from_secs(5),
             "never allowed: {body}"
         );
+        // Poll interval (deadline above): the gate is decided on the server's clock.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A replica that stops takes its report with it.

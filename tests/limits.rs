@@ -174,8 +174,11 @@ async fn connections_over_the_cap_are_closed_at_accept() {
     for _ in 0..3 {
         held.push(tokio::net::TcpStream::connect(ca.addr()).await.unwrap());
     }
-    // Let the server take all three before the fourth arrives.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The server has taken all three before the fourth arrives.
+    support::wait_until("three connections open", Duration::from_secs(5), || async {
+        metric(&ca, "meshca_grpc_connections") == 3
+    })
+    .await;
     let mut fourth = tokio::net::TcpStream::connect(ca.addr()).await.unwrap();
     assert!(
         closed_within(&mut fourth, Duration::from_secs(3))
@@ -198,7 +201,10 @@ async fn connections_over_the_cap_are_closed_at_accept() {
     );
     // A freed place is usable.
     held.pop();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::wait_until("the place is freed", Duration::from_secs(5), || async {
+        metric(&ca, "meshca_grpc_connections") == 2
+    })
+    .await;
     let mut c = pb::identity_client::IdentityClient::new(ca.channel().await);
     c.get_trust_bundle(pb::GetTrustBundleRequest {})
         .await
@@ -292,6 +298,8 @@ async fn an_idle_connection_is_closed_but_an_open_stream_keeps_its_connection() 
         .unwrap()
         .into_inner();
     let v0 = stream.message().await.unwrap().unwrap().version;
+    // Real time: the watcher's connection must outlive the idle timeout (a
+    // negative check), and connections.rs measures idleness with Instant.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(
         metric(&ca, "meshca_grpc_connections_closed_total{reason=\"idle\"}") - before,

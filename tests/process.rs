@@ -180,6 +180,7 @@ async fn server_certificate_renews_itself() {
     let first = server_serial(&ca).await;
     let mut renewed = false;
     for _ in 0..40 {
+        // Poll interval: a child process renews on the system clock.
         tokio::time::sleep(Duration::from_millis(250)).await;
         if server_serial(&ca).await != first {
             renewed = true;
@@ -229,6 +230,7 @@ async fn the_agent_binary_serves_files_and_the_workload_api_and_stops_cleanly() 
                 break;
             }
         }
+        // Poll interval: a child process becomes ready on its own.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(

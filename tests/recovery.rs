@@ -35,6 +35,7 @@ async fn an_expired_root_is_recovered_without_a_crash_loop() {
             SystemTime::now(),
         )
         .unwrap();
+    // Real time: the certificates made above must expire (TLS checks the OS clock).
     std::thread::sleep(Duration::from_millis(2500));
 
     let mut srv = spawn_serve(&data, &[]);
@@ -111,6 +112,7 @@ async fn an_expired_root_is_recovered_without_a_crash_loop() {
                 break;
             }
         }
+        // Poll interval: a child process recovers on its own.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let r = resp.expect("issuance is back");
@@ -204,6 +206,7 @@ fn an_offline_root_is_imported_with_checks_and_the_bundle_file_follows() {
         if n == 2 {
             break;
         }
+        // Poll interval: a child process rewrites bundle.pem on its own.
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(n, 2, "the bundle file holds the old and the imported root");

@@ -298,6 +298,7 @@ async fn renewal_is_bounded_by_renewal_max_age_and_a_token_then_works() {
     assert_eq!(e3.renewed_from.as_deref(), Some(second.serial().as_str()));
     assert_eq!(e3.auth_method.as_deref(), Some("certificate"));
 
+    // Real time: past renewal_max_age, checked against the certificate times TLS sees.
     tokio::time::sleep(Duration::from_millis(2700)).await;
     assert_refused_with_hint(
         renew(&ca, &third).await,

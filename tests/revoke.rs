@@ -443,6 +443,7 @@ async fn a_denied_agent_backs_off_and_stops_serving_its_certificate_at_expiry() 
     .unwrap();
     // Three more seconds of being refused: at most a couple of attempts
     // (a hot loop would make one every few hundred milliseconds).
+    // Real time: count a real agent's retries over 3 s (a negative check on its backoff).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let refusals = (metric(&ca, DENIED).await - denied0) as u64;
     assert!(

@@ -27,6 +27,7 @@ async fn issuer_renews_itself_without_restart() {
 
     let mut renewed = None;
     for _ in 0..60 {
+        // Poll interval: the server renews its issuer on the system clock.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let now = running.ca.issuer().fingerprint.clone();
         if now != first {

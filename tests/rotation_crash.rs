@@ -125,6 +125,7 @@ async fn crash_case(step: &'static str, stage: &'static str) {
     setup(&data, step);
     if step == "retire" {
         // Leaves under the old root live at most max_ttl (2 s) after activation.
+        // Real time: leaves under the old root (max_ttl 2 s) must expire in a child process.
         tokio::time::sleep(Duration::from_millis(2100)).await;
     }
     let body = match step {
@@ -185,6 +186,7 @@ async fn crash_case(step: &'static str, stage: &'static str) {
         .iter()
         .any(|r| r.phase == Phase::Retired)
     {
+        // Real time: leaves under the old root (max_ttl 2 s) must expire in a child process.
         tokio::time::sleep(Duration::from_millis(2100)).await;
         let (code, text) = rotation_step(&srv.admin_addr, &data, "retire", "{}")
             .await

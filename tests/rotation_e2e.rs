@@ -184,6 +184,7 @@ async fn agent(mesh: Arc<Mesh>, w: Arc<Workload>, watch: bool) {
                 .unwrap_or_default();
         let mut renew = false;
         tokio::select! {
+            // Real time: a workload renews at its certificate's refresh time (TLS checks real time).
             _ = tokio::time::sleep(wait.min(Duration::from_millis(200))) => {
                 renew = SystemTime::now() >= w.m.load().refresh_at;
             }
@@ -315,6 +316,7 @@ async fn traffic(mesh: Arc<Mesh>, me: Arc<Workload>, peers: Vec<Arc<Workload>>) 
                 mesh.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
+        // Pacing: one new handshake per 15 ms of simulated traffic.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
 }
@@ -328,6 +330,7 @@ async fn long_lived(mesh: Arc<Mesh>, me: Arc<Workload>, to: Arc<Workload>) -> Re
             .await
             .map_err(|e| format!("long-lived {} -> {}: {e}", me.sa, to.sa))?;
         n += 1;
+        // Pacing: one ping per 100 ms on the long-lived connection.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(n)
@@ -384,6 +387,7 @@ async fn scenario(
         tokio::spawn(agent(mesh.clone(), w.clone(), *watch));
     }
     while workloads.iter().any(|w| w.addr.lock().unwrap().is_none()) {
+        // Poll interval: until every workload has bound its listener.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Scenario {
@@ -413,6 +417,7 @@ impl Scenario {
                 200 => return refused,
                 409 if start.elapsed() < limit => {
                     refused += 1;
+                    // Poll interval (deadline above): the gate opens on the server's clock.
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
                 _ => panic!("{step}: HTTP {code}: {v}"),
@@ -437,7 +442,10 @@ async fn rotation_and_taint_under_mtls_traffic_with_zero_failed_handshakes() {
         tasks.push(tokio::spawn(traffic(s.mesh.clone(), me.clone(), peers)));
     }
     let held = tokio::spawn(long_lived(s.mesh.clone(), w[0].clone(), w[1].clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("traffic flows", Duration::from_secs(5), || async {
+        s.mesh.ok.load(Ordering::Relaxed) > 0
+    })
+    .await;
     let root_a = s.bundle_ids()[0].clone();
 
     // Routine: prepare → (gate) → activate → (leaves expire) → retire.
@@ -462,8 +470,19 @@ async fn rotation_and_taint_under_mtls_traffic_with_zero_failed_handshakes() {
         .await;
     assert_eq!(s.bundle_ids(), vec![root_b.clone()]);
     assert!(!s.bundle_ids().contains(&root_a));
-    // Every workload now holds a leaf under the new root.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every workload now holds a leaf under the new root (they renew on
+    // their own schedule: polled).
+    wait_until(
+        "every leaf is under the new root",
+        Duration::from_secs(5),
+        || async {
+            w.iter().all(|x| {
+                let m = x.m.load();
+                signed_by(&m.chain[1], &m.roots[0])
+            })
+        },
+    )
+    .await;
     for x in w {
         let m = x.m.load();
         assert!(
@@ -489,6 +508,7 @@ async fn rotation_and_taint_under_mtls_traffic_with_zero_failed_handshakes() {
             t.elapsed() < Duration::from_secs(5),
             "watchers never acknowledged: {st}"
         );
+        // Poll interval (deadline above).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (code, v) = s.admin("activate", "{\"force\": true}").await;
@@ -517,6 +537,7 @@ async fn rotation_and_taint_under_mtls_traffic_with_zero_failed_handshakes() {
             tainted_at.elapsed() < Duration::from_secs(2),
             "workloads did not re-certify promptly"
         );
+        // Poll interval (deadline above).
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let recertified_in = tainted_at.elapsed();
@@ -534,9 +555,11 @@ async fn rotation_and_taint_under_mtls_traffic_with_zero_failed_handshakes() {
             t.elapsed() < Duration::from_secs(15),
             "tainted root never removed"
         );
+        // Poll interval (deadline above).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(s.bundle_ids(), vec![root_c]);
+    // Real time: keep traffic running after the last step to catch late failures.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     s.mesh.stop.store(true, Ordering::Relaxed);
@@ -592,6 +615,7 @@ async fn a_workload_that_does_not_watch_blocks_activation() {
     .await;
     let (code, v) = s.admin("prepare", "{}").await;
     assert_eq!(code, 200, "{v}");
+    // Real time: past the 1 s propagation wait, so only the client gate refuses.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (code, v) = s.admin("activate", "{}").await;
     assert_eq!(code, 409, "{v}");
@@ -646,6 +670,7 @@ async fn the_automatic_policy_walks_the_same_gated_steps() {
             t.elapsed() < Duration::from_secs(20),
             "no automatic rotation"
         );
+        // Poll interval (deadline above): the policy acts every 200 ms.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took = t.elapsed();

@@ -62,6 +62,7 @@ async fn until_status(ca: &Ca, what: &str, f: impl Fn(&serde_json::Value) -> boo
             "{what}: {}",
             st["propagation"]
         );
+        // Poll interval (deadline above).
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -174,6 +175,7 @@ async fn a_lagging_authenticated_watcher_blocks_activation_until_it_stalls_out()
     // It reconnects and still does not read: it does not count again...
     let ch = connect(&ca, true, None).await;
     let _again = watch(&ch, Some(&token)).await.unwrap();
+    // Real time: a negative check (the reconnected stalled watcher is not counted).
     tokio::time::sleep(Duration::from_millis(300)).await;
     let p = &ca.rotation_status().await["propagation"];
     assert_eq!(

@@ -172,6 +172,7 @@ async fn the_agent_writes_files_atomically_and_runs_the_update_command() {
         if n >= 2 {
             break;
         }
+        // Poll interval: the update command runs in a child process.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(n >= 2, "written at start and again after a renewal ({n})");
@@ -312,6 +313,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
                 break;
             }
         }
+        // Poll interval: until the proxies have their certificates.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut held = held.expect("traffic flows through both proxies");
@@ -334,16 +336,18 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             .await
             .expect("new connections keep working");
         new_conns += 1;
+        // Pacing: new connections through the renewals.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     next_leaf(&mut rx, &old).await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // the proxy rebuilds its config
+    // The proxy rebuilds its config from the new certificate: polled.
     let web_state = web_agent.watch().borrow().clone();
-    let later_served = direct(&web_state, &roots, in_addr).await.unwrap();
-    assert_ne!(
-        first_served, later_served,
-        "new handshakes present the renewed certificate"
-    );
+    wait_until(
+        "new handshakes present the renewed certificate",
+        Duration::from_secs(5),
+        || async { direct(&web_state, &roots, in_addr).await.unwrap() != first_served },
+    )
+    .await;
     assert!(new_conns > 20, "{new_conns}");
 
     // A root rotation mid-traffic: the new bundle reaches both agents (and so
@@ -369,6 +373,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
             tokio::time::Instant::now() < deadline,
             "activation never allowed: {body}"
         );
+        // Poll interval (deadline above): the gate opens on the server's clock.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut rx = api_agent.watch();
@@ -392,6 +397,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
         roundtrip(&mut s, b"new")
             .await
             .expect("works under the new root");
+        // Pacing: traffic after the rotation.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let roots = ca.running.ca.bundle().roots.clone();
@@ -538,6 +544,7 @@ async fn the_agent_recertifies_at_once_when_its_root_is_tainted() {
     post("prepare", "{}".into()).await;
     post("activate", "{\"force\": true}".into()).await;
     // Activation alone does not make the agent renew (its leaf is valid for 24 h).
+    // Real time: a negative check (the agent does not renew on activation).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(leaf_of(&rx), old_leaf);
     let t = std::time::Instant::now();

@@ -459,6 +459,7 @@ impl Store {
             }
         };
         if let Some(t) = delay {
+            // The fake API server's configured response delay (a slow API server).
             tokio::time::sleep(t).await;
         }
         let (status, mut out) = self.handle(&method, &uri, &body);
