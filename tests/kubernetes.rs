@@ -649,6 +649,51 @@ async fn watches_list_again_after_410_gone() {
     drop(p);
 }
 
+/// A 410 can also come as the HTTP status of the watch request (not as an
+/// `ERROR` event in a 200 stream). kube-runtime's watcher then retries the
+/// same expired version forever; meshca must list again instead, or a
+/// change made while its watch was cut off (here: a deleted ConfigMap and a
+/// new namespace, with a one-hour resync) is never seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_410_answered_to_the_watch_request_also_lists_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    api.add_namespace("shop", json!({"mesh": "on"}));
+    api.gone_as_status
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let p = Ca::start_with(move |c| {
+        c.kubeconfig = Some(kc);
+        c.publish = Some(PublishConfig {
+            namespace_labels: Default::default(),
+            resync: Duration::from_secs(3600),
+            lease: "meshca-publisher".into(),
+            lease_duration: Duration::from_secs(2),
+        });
+    })
+    .await;
+    until("the bundle is published", Duration::from_secs(5), || {
+        published_in(&api, &["shop"])
+    })
+    .await;
+    until("both watches are open", Duration::from_secs(5), || {
+        api.watches_opened.load(std::sync::atomic::Ordering::SeqCst) >= 2
+    })
+    .await;
+    api.partition();
+    api.remove(&cm_path("shop"), CONFIGMAP);
+    api.add_namespace("billing", json!({"mesh": "on"}));
+    api.compact();
+    api.heal();
+    until(
+        "the deleted ConfigMap is back and the new namespace has one",
+        Duration::from_secs(5),
+        || published_in(&api, &["shop", "billing"]),
+    )
+    .await;
+    assert!(api.gone_served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    drop(p);
+}
+
 /// Two `meshca serve --kubernetes` processes against the fake API server:
 /// SIGKILL the one holding the Lease; the other must take it over once it
 /// expires and carry on the singleton work (publishing the bundle).

@@ -21,6 +21,8 @@ use crate::audit::note::NoteSigner;
 use crate::audit::{KEY_FILE, PUB_FILE};
 use crate::util::secret::SecretBytes;
 
+use super::error::{kube_err, Error};
+
 /// The Secret's data key.
 pub const DATA_KEY: &str = "audit-signer.key";
 
@@ -35,30 +37,31 @@ pub enum Outcome {
 
 fn check(bytes: &[u8]) -> Result<SecretBytes, String> {
     let k = SecretBytes::new(bytes.to_vec());
-    NoteSigner::from_pkcs8("check", &k)?;
+    NoteSigner::from_pkcs8("check", &k).map_err(|e| e.to_string())?;
     Ok(k)
 }
 
 /// Installs `key` as the data directory's signing key, keeping a different
 /// existing key beside it.
-fn install(data_dir: &Path, key: &SecretBytes, now_unix: u64) -> Result<(), String> {
+fn install(data_dir: &Path, key: &SecretBytes, now_unix: u64) -> Result<(), Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
     let path = data_dir.join(KEY_FILE);
     if let Ok(cur) = crate::util::secret::read_private(&path) {
         if cur.expose() == key.expose() {
             return Ok(());
         }
         let kept = data_dir.join(format!("{KEY_FILE}.replaced-{now_unix}"));
-        crate::util::secret::write_private(&kept, cur.expose())
-            .map_err(|e| format!("{}: {e}", kept.display()))?;
+        crate::util::secret::write_private(&kept, cur.expose()).map_err(io(&kept))?;
         if let Ok(p) = std::fs::read(data_dir.join(PUB_FILE)) {
             let kept_pub = data_dir.join(format!("{PUB_FILE}.replaced-{now_unix}"));
-            crate::util::secret::write_public(&kept_pub, &p)
-                .map_err(|e| format!("{}: {e}", kept_pub.display()))?;
+            crate::util::secret::write_public(&kept_pub, &p).map_err(io(&kept_pub))?;
         }
         tracing::warn!(kept = %kept.display(), "this replica's audit signing key differs from the shared one: the old key is kept for verifying what it signed");
     }
-    crate::util::secret::write_private(&path, key.expose())
-        .map_err(|e| format!("{}: {e}", path.display()))
+    crate::util::secret::write_private(&path, key.expose()).map_err(io(&path))
 }
 
 /// Makes the local signing key the one in Secret `name`.
@@ -67,31 +70,37 @@ pub async fn sync(
     namespace: &str,
     name: &str,
     data_dir: &Path,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Error> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
     let now = crate::util::clock::unix_secs(std::time::SystemTime::now());
-    let from_secret = |s: Secret| -> Result<SecretBytes, String> {
+    let secret = format!("Secret {namespace}/{name}");
+    let from_secret = |s: Secret| -> Result<SecretBytes, Error> {
         let s = super::KeySecret(s);
         let bytes =
             s.0.data
                 .as_ref()
                 .and_then(|d| d.get(DATA_KEY))
-                .ok_or_else(|| format!("Secret {namespace}/{name} has no {DATA_KEY}"))?;
-        check(&bytes.0).map_err(|e| format!("Secret {namespace}/{name}: {e}"))
+                .ok_or_else(|| Error::invalid(&secret, format_args!("has no {DATA_KEY}")))?;
+        check(&bytes.0).map_err(|e| Error::invalid(&secret, e))
     };
-    let get = |e: kube::Error| format!("reading Secret {namespace}/{name}: {e}");
-    if let Some(s) = api.get_opt(name).await.map_err(get)? {
+    let get = || kube_err(format!("reading {secret}"));
+    if let Some(s) = api.get_opt(name).await.map_err(get())? {
         install(data_dir, &from_secret(s)?, now)?;
         return Ok(Outcome::Loaded);
     }
-    std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
-    let local = match crate::util::secret::read_private(&data_dir.join(KEY_FILE)) {
+    std::fs::create_dir_all(data_dir).map_err(|source| Error::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    let key_file = data_dir.join(KEY_FILE);
+    let local = match crate::util::secret::read_private(&key_file) {
         Ok(k) => {
-            check(k.expose()).map_err(|e| format!("{}: {e}", data_dir.join(KEY_FILE).display()))?
+            check(k.expose()).map_err(|e| Error::invalid(key_file.display().to_string(), e))?
         }
-        Err(_) => NoteSigner::generate_pkcs8()?,
+        Err(_) => NoteSigner::generate_pkcs8()
+            .map_err(|e| Error::invalid("a new audit signing key", e))?,
     };
-    let secret = super::KeySecret(Secret {
+    let new = super::KeySecret(Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
             namespace: Some(namespace.into()),
@@ -106,19 +115,23 @@ pub async fn sync(
         ),
         ..Default::default()
     });
-    match api.create(&PostParams::default(), &secret.0).await {
+    let created = api
+        .create(&PostParams::default(), &new.0)
+        .await
+        .map_err(kube_err(format!("creating {secret}")));
+    match created {
         Ok(created) => {
             drop(super::KeySecret(created));
             install(data_dir, &local, now)?;
             Ok(Outcome::Created)
         }
         // Another replica created it first: theirs is the shared key.
-        Err(kube::Error::Api(st)) if st.code == 409 => {
-            let s = api.get(name).await.map_err(get)?;
+        Err(e) if e.is_conflict() => {
+            let s = api.get(name).await.map_err(get())?;
             install(data_dir, &from_secret(s)?, now)?;
             Ok(Outcome::Loaded)
         }
-        Err(e) => Err(format!("creating Secret {namespace}/{name}: {e}")),
+        Err(e) => Err(e),
     }
 }
 

@@ -5,10 +5,10 @@
 //! without an API-server call per request.
 //!
 //! Owns: [`BoundObjects`] (two UID tables, sharded, behind
-//! [`crate::authn::binding::BindingCheck`]), and [`follow`], the
-//! list/watch loop that fills them. Lists and watches ask for
-//! `PartialObjectMetadata` (`Api::list_metadata`/`watch_metadata`), so the
-//! API server sends metadata only, never pod specs. Must not: decide
+//! [`crate::authn::binding::BindingCheck`]), and [`follow`], which fills
+//! them through the shared list/watch loop ([`super::watch::run`]). Lists
+//! and watches ask for `PartialObjectMetadata`, so the API server sends
+//! metadata only, never pod specs. Must not: decide
 //! authentication (that is `authn`), or keep more than a UID and a digest
 //! of namespace/name per object.
 //!
@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
-use kube::api::{Api, ListParams, WatchEvent, WatchParams};
+use kube::api::{Api, PartialObjectMeta};
 use kube::core::ObjectMeta;
 use tokio::sync::watch;
 
@@ -33,8 +32,6 @@ use crate::metrics::Metrics;
 /// How long a watch may keep failing before the tables count as stale
 /// (deletions could be missed) and checks answer `Unknown`.
 pub const STALE_AFTER: Duration = Duration::from_secs(30);
-/// Page size of the initial list.
-const PAGE: u32 = 500;
 const SHARDS: usize = 16;
 
 /// A UID in 16 bytes: a UUID's value, or the digest of anything else.
@@ -253,15 +250,15 @@ impl BindingCheck for BoundObjects {
 
 /// Keeps `objects` in step with the cluster until `stop` flips.
 pub fn follow(client: kube::Client, objects: Arc<BoundObjects>, stop: watch::Receiver<bool>) {
-    tokio::spawn(follow_table(
-        Api::<Pod>::all(client.clone()),
+    tokio::spawn(follow_table::<Pod>(
+        client.clone(),
         "pods",
         objects.clone(),
         |o| &o.pods,
         stop.clone(),
     ));
-    tokio::spawn(follow_table(
-        Api::<ServiceAccount>::all(client),
+    tokio::spawn(follow_table::<ServiceAccount>(
+        client,
         "serviceaccounts",
         objects,
         |o| &o.service_accounts,
@@ -277,154 +274,108 @@ fn triple(meta: &ObjectMeta) -> Option<(String, String, String)> {
     ))
 }
 
-/// Lists every object (page by page), returning them and the list's version.
-async fn list_all<K>(api: &Api<K>) -> Result<(Vec<(String, String, String)>, String), kube::Error>
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let mut out = Vec::new();
-    let mut lp = ListParams {
-        limit: Some(PAGE),
-        ..Default::default()
-    };
-    loop {
-        let page = api.list_metadata(&lp).await?;
-        out.extend(page.items.iter().filter_map(|o| triple(&o.metadata)));
-        match page.metadata.continue_.filter(|c| !c.is_empty()) {
-            Some(c) => lp.continue_token = Some(c),
-            None => return Ok((out, page.metadata.resource_version.unwrap_or_default())),
-        }
-    }
-}
-
-/// How a watch ended.
-enum End {
-    /// The server closed the stream: resume from the last version.
-    Closed,
-    /// 410 Gone: events were lost; list again.
-    Gone,
-    /// Something failed; back off, then resume.
-    Failed(String),
-}
-
-/// List, then watch from the list's version; 410 forces a fresh list,
-/// errors back off (and, past [`STALE_AFTER`], make checks answer Unknown).
+/// Lists and watches one kind (metadata only) with [`watch::run`] into
+/// its table; 410 forces a fresh list, errors back off and, past
+/// [`STALE_AFTER`], make checks answer Unknown.
 async fn follow_table<K>(
-    api: Api<K>,
+    client: kube::Client,
     resource: &'static str,
     objects: Arc<BoundObjects>,
     pick: fn(&BoundObjects) -> &Table,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Send + Sync + 'static,
 {
-    let table = pick(&objects);
-    let metrics = &objects.metrics;
-    let mut backoff = Duration::from_millis(200);
-    'list: loop {
-        let listed = tokio::select! {
-            r = list_all(&api) => r,
-            _ = stop.changed() => return,
-        };
-        let mut rv = match listed {
-            Ok((items, rv)) => {
-                table.replace_all(&items);
-                table.healthy();
-                backoff = Duration::from_millis(200);
-                metrics.set_binding_objects(table.kind, items.len());
-                tracing::info!(
-                    resource,
-                    objects = items.len(),
-                    "token-binding cache synced"
-                );
-                rv
-            }
-            Err(e) => {
-                table.failing();
-                tracing::warn!(resource, error = %e, "token-binding list failed; retrying");
-                metrics.kubernetes_watch_restart(resource, "error");
-                if pause(&mut backoff, &mut stop).await {
-                    return;
-                }
-                continue 'list;
-            }
-        };
-        loop {
-            let end = tokio::select! {
-                end = watch_once(&api, table, &mut rv, metrics) => end,
-                _ = stop.changed() => return,
-            };
-            match end {
-                End::Closed => metrics.kubernetes_watch_restart(resource, "closed"),
-                End::Gone => {
-                    metrics.kubernetes_watch_restart(resource, "gone");
-                    continue 'list;
-                }
-                End::Failed(e) => {
-                    table.failing();
-                    tracing::warn!(resource, error = %e, "token-binding watch failed; retrying");
-                    metrics.kubernetes_watch_restart(resource, "error");
-                    if pause(&mut backoff, &mut stop).await {
-                        return;
-                    }
-                }
-            }
-        }
+    let target = super::watch::Target {
+        resource,
+        name: None,
+        labels: None,
+    };
+    // A watch that opens again is healthy even before its first event.
+    let o = objects.clone();
+    let on_open: super::watch::OnOpen = Arc::new(move || pick(&o).healthy());
+    let mut filler = Filler {
+        resource,
+        objects,
+        pick,
+        listing: Vec::new(),
+    };
+    let spec = super::watch::Spec {
+        target: &target,
+        on_open: Some(on_open),
+        metrics: filler.objects.metrics.clone(),
+    };
+    super::watch::run(
+        client,
+        Api::<PartialObjectMeta<K>>::all,
+        spec,
+        &mut filler,
+        stop,
+    )
+    .await
+}
+
+/// Fills one table from the watch: a list replaces the table at once when
+/// complete (so a deletion missed during an outage disappears), events
+/// then add and remove single objects.
+struct Filler {
+    resource: &'static str,
+    objects: Arc<BoundObjects>,
+    pick: fn(&BoundObjects) -> &Table,
+    /// The list in progress.
+    listing: Vec<(String, String, String)>,
+}
+
+impl Filler {
+    fn table(&self) -> &Table {
+        (self.pick)(&self.objects)
+    }
+
+    fn count(&self) {
+        let t = self.table();
+        self.objects.metrics.set_binding_objects(t.kind, t.len());
     }
 }
 
-/// Sleeps for the backoff (doubling it up to 30 s); true when stopping.
-async fn pause(backoff: &mut Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    let d = *backoff;
-    *backoff = (*backoff * 2).min(Duration::from_secs(30));
-    tokio::select! {
-        _ = tokio::time::sleep(d) => false,
-        _ = stop.changed() => true,
+impl<K: kube::Resource> super::watch::Follower<PartialObjectMeta<K>> for Filler {
+    fn relisting(&mut self) {
+        self.listing.clear();
     }
-}
 
-async fn watch_once<K>(api: &Api<K>, table: &Table, rv: &mut String, metrics: &Metrics) -> End
-where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let wp = WatchParams {
-        timeout: Some(290),
-        bookmarks: true,
-        ..Default::default()
-    };
-    let stream = match api.watch_metadata(&wp, rv).await {
-        Ok(s) => s,
-        Err(kube::Error::Api(st)) if st.code == 410 => return End::Gone,
-        Err(e) => return End::Failed(e.to_string()),
-    };
-    table.healthy();
-    futures_util::pin_mut!(stream);
-    while let Some(ev) = stream.next().await {
-        let (meta, deleted): (&ObjectMeta, bool) = match &ev {
-            Ok(WatchEvent::Added(o)) | Ok(WatchEvent::Modified(o)) => (&o.metadata, false),
-            Ok(WatchEvent::Deleted(o)) => (&o.metadata, true),
-            Ok(WatchEvent::Bookmark(b)) => {
-                *rv = b.metadata.resource_version.clone();
-                continue;
-            }
-            Ok(WatchEvent::Error(st)) if st.code == 410 => return End::Gone,
-            Ok(WatchEvent::Error(st)) => return End::Failed(st.message.clone()),
-            Err(kube::Error::Api(st)) if st.code == 410 => return End::Gone,
-            Err(e) => return End::Failed(e.to_string()),
-        };
-        if let Some((uid, ns, name)) = triple(meta) {
-            if deleted {
-                table.remove(&uid);
-            } else {
-                table.insert(&uid, &ns, &name);
-            }
-            metrics.set_binding_objects(table.kind, table.len());
-        }
-        if let Some(v) = &meta.resource_version {
-            *rv = v.clone();
+    fn listed(&mut self, o: PartialObjectMeta<K>) {
+        self.listing.extend(triple(&o.metadata));
+    }
+
+    fn synced(&mut self) {
+        let items = std::mem::take(&mut self.listing);
+        self.table().replace_all(&items);
+        self.table().healthy();
+        self.count();
+        tracing::info!(
+            resource = self.resource,
+            objects = items.len(),
+            "token-binding cache synced"
+        );
+    }
+
+    fn applied(&mut self, o: PartialObjectMeta<K>) {
+        if let Some((uid, ns, name)) = triple(&o.metadata) {
+            self.table().insert(&uid, &ns, &name);
+            self.count();
         }
     }
-    End::Closed
+
+    fn deleted(&mut self, o: PartialObjectMeta<K>) {
+        if let Some((uid, _, _)) = triple(&o.metadata) {
+            self.table().remove(&uid);
+            self.count();
+        }
+    }
+
+    fn failing(&mut self) {
+        self.table().failing();
+    }
 }
 
 #[cfg(test)]

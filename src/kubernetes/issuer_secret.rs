@@ -28,6 +28,8 @@ use x509_parser::prelude::*;
 use crate::trust::service::RotationService;
 use crate::util::secret::SecretBytes;
 
+use super::error::{kube_err, Error};
+
 /// The annotation naming the issuer meshca last wrote.
 pub const ANNOTATION: &str = "meshca.io/issuer-fingerprint";
 
@@ -111,22 +113,29 @@ pub async fn reconcile(
     s: &Settings,
     rotation: &RotationService,
     handled: &mut Handled,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Error> {
     let mgr = rotation.manager().clone();
+    let what = |verb: &str| format!("{verb} Secret {}/{}", s.namespace, s.name);
     let files = tokio::task::spawn_blocking(move || mgr.issuer_files())
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::invalid("the local issuer", e))?
+        .map_err(|e| Error::invalid("the local issuer", e))?;
     let write = |rv: Option<String>| super::KeySecret(desired(s, &files, rv));
-    let Some(cur) = api.get_opt(&s.name).await.map_err(|e| e.to_string())? else {
+    let Some(cur) = api
+        .get_opt(&s.name)
+        .await
+        .map_err(kube_err(what("reading")))?
+    else {
         return match api.create(&PostParams::default(), &write(None).0).await {
             Ok(created) => {
                 drop(super::KeySecret(created));
                 Ok(Outcome::Written)
             }
             // Someone created it meanwhile: the next event looks at theirs.
-            Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Unchanged),
-            Err(e) => Err(e.to_string()),
+            Err(e) => match Error::from_kube(what("creating"), e) {
+                e if e.is_conflict() => Ok(Outcome::Unchanged),
+                e => Err(e),
+            },
         };
     };
     // Wiped on every return path.
@@ -159,8 +168,10 @@ pub async fn reconcile(
                 Ok(Outcome::Written)
             }
             // Changed meanwhile: the watch event brings the new content.
-            Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Unchanged),
-            Err(e) => Err(e.to_string()),
+            Err(e) => match Error::from_kube(what("updating"), e) {
+                e if e.is_conflict() => Ok(Outcome::Unchanged),
+                e => Err(e),
+            },
         }
     };
     let (fp, not_before) = match theirs {
@@ -221,8 +232,10 @@ pub async fn run(
 ) {
     let api: Api<Secret> = Api::namespaced(client.clone(), &s.namespace);
     let wake = Arc::new(Notify::new());
-    tokio::spawn(super::watch::follow(
-        api.clone(),
+    let ns = s.namespace.clone();
+    tokio::spawn(super::watch::follow::<Secret>(
+        client.clone(),
+        move |c| Api::namespaced(c, &ns),
         super::watch::Target {
             resource: "secrets",
             name: Some(s.name.clone()),

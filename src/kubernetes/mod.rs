@@ -16,6 +16,7 @@
 pub(crate) mod audit_key;
 pub mod bindings;
 pub(crate) mod detect;
+pub mod error;
 pub(crate) mod event;
 pub(crate) mod issuer_secret;
 pub(crate) mod lease;
@@ -24,6 +25,8 @@ pub mod rbac;
 pub mod reports;
 pub mod state;
 pub(crate) mod watch;
+
+pub use error::Error;
 
 /// The label every object meshca writes carries.
 pub(crate) fn managed_by() -> std::collections::BTreeMap<String, String> {

@@ -23,6 +23,8 @@ use tokio::sync::{watch, Notify};
 
 use crate::trust::propagation::{ClientView, Tracker};
 
+use super::error::{kube_err, Error};
+
 /// The label that marks a report.
 pub const LABEL: &str = "meshca.io/propagation-report";
 /// The data key holding the report.
@@ -69,7 +71,7 @@ pub fn configmap_name(replica: &str) -> String {
     name.trim_end_matches(['-', '.']).to_string()
 }
 
-fn report_cm(s: &Settings, r: &Report, rv: Option<String>) -> Result<ConfigMap, String> {
+fn report_cm(s: &Settings, r: &Report, rv: Option<String>) -> Result<ConfigMap, Error> {
     Ok(ConfigMap {
         metadata: ObjectMeta {
             name: Some(configmap_name(&s.replica)),
@@ -84,7 +86,7 @@ fn report_cm(s: &Settings, r: &Report, rv: Option<String>) -> Result<ConfigMap, 
         },
         data: Some(BTreeMap::from([(
             KEY.to_string(),
-            serde_json::to_string(r).map_err(|e| e.to_string())?,
+            serde_json::to_string(r).map_err(|e| Error::invalid("this replica's report", e))?,
         )])),
         ..Default::default()
     })
@@ -92,24 +94,25 @@ fn report_cm(s: &Settings, r: &Report, rv: Option<String>) -> Result<ConfigMap, 
 
 /// Writes this replica's report (create, or replace on top of the current
 /// version).
-pub async fn publish(api: &Api<ConfigMap>, s: &Settings, r: &Report) -> Result<(), String> {
+pub async fn publish(api: &Api<ConfigMap>, s: &Settings, r: &Report) -> Result<(), Error> {
     let name = configmap_name(&s.replica);
+    let what = |verb: &str| format!("{verb} ConfigMap {}/{name}", s.namespace);
     let rv = api
         .get_opt(&name)
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(kube_err(what("reading")))?
         .and_then(|c| c.metadata.resource_version);
     let cm = report_cm(s, r, rv.clone())?;
     let res = match rv {
         None => api.create(&PostParams::default(), &cm).await,
         Some(_) => api.replace(&name, &PostParams::default(), &cm).await,
     };
-    match res {
+    match res.map_err(kube_err(what("writing"))) {
         Ok(_) => Ok(()),
         // Only this replica writes its report; a conflict is a leftover
         // from a previous pod with the same name. The next round wins.
-        Err(kube::Error::Api(st)) if st.code == 409 => Ok(()),
-        Err(e) => Err(e.to_string()),
+        Err(e) if e.is_conflict() => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -120,9 +123,12 @@ pub async fn load(
     s: &Settings,
     tracker: &Tracker,
     now: SystemTime,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<String>, Error> {
     let lp = ListParams::default().labels(&format!("{LABEL}=true"));
-    let list = api.list(&lp).await.map_err(|e| e.to_string())?;
+    let list = api.list(&lp).await.map_err(kube_err(format!(
+        "listing the propagation reports in namespace {}",
+        s.namespace
+    )))?;
     let now_s = crate::util::clock::unix_secs(now);
     let fresh_s = (s.interval * STALE_INTERVALS).as_secs().max(1);
     let mut keep = BTreeSet::new();
@@ -160,10 +166,12 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
-    let api: Api<ConfigMap> = Api::namespaced(client, &s.namespace);
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &s.namespace);
     let wake = Arc::new(Notify::new());
-    tokio::spawn(super::watch::follow(
-        api.clone(),
+    let ns = s.namespace.clone();
+    tokio::spawn(super::watch::follow::<ConfigMap>(
+        client,
+        move |c| Api::namespaced(c, &ns),
         super::watch::Target {
             resource: "configmaps",
             name: None,

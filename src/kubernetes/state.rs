@@ -28,16 +28,7 @@ use crate::trust::journal::Journal;
 use crate::trust::rotation::RotationState;
 use crate::util::secret::SecretBytes;
 
-/// Why a push did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    /// Another replica wrote first; pull and retry the step.
-    #[error("another replica changed the CA state first")]
-    Conflict,
-    /// The API or the files failed.
-    #[error("{0}")]
-    Failed(String),
-}
+use super::error::{kube_err, Error};
 
 /// Secret data, private keys included: zeroized when dropped.
 #[derive(Default, PartialEq, Eq)]
@@ -249,12 +240,12 @@ impl SecretState {
     /// Brings the data directory to the Secret's state. Ok(true) when files
     /// changed; Ok(false) when there is no Secret or nothing new. A Secret
     /// that fails validation is reported (Event + error) and not applied.
-    pub async fn pull(&self) -> Result<bool, String> {
+    pub async fn pull(&self) -> Result<bool, Error> {
         let Some(secret) = self
             .api
             .get_opt(&self.name)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(kube_err(self.what("reading")))?
         else {
             if self.is_shared() {
                 // It was deleted (e.g. by an operator removing a bad edit):
@@ -267,10 +258,8 @@ impl SecretState {
                     Ok(()) => {
                         tracing::warn!(secret = %self.name, "the shared CA state Secret was deleted; recreated it from this replica's last good state")
                     }
-                    Err(SyncError::Conflict) => {}
-                    Err(SyncError::Failed(e)) => {
-                        return Err(format!("recreating Secret {}: {e}", self.name))
-                    }
+                    Err(e) if e.is_conflict() => {}
+                    Err(e) => return Err(e),
                 }
             }
             return Ok(false);
@@ -280,10 +269,12 @@ impl SecretState {
             return Ok(false);
         }
         if rv.is_some() && *self.refused.lock().unwrap_or_else(|e| e.into_inner()) == rv {
-            return Err(format!(
-                "the CA state in Secret {} (resourceVersion {}) was refused; keeping the last good state",
-                self.name,
-                rv.unwrap_or_default()
+            return Err(Error::invalid(
+                format!("the CA state in Secret {}", self.name),
+                format_args!(
+                    "resourceVersion {} was refused; keeping the last good state",
+                    rv.unwrap_or_default()
+                ),
             ));
         }
         let secret = super::KeySecret(secret);
@@ -301,7 +292,7 @@ impl SecretState {
             apply(&data, &remote).map(|_| true)
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Error::invalid(format!("applying Secret {}", self.name), e))?;
         match r {
             Ok(changed) => {
                 self.set_based_on(rv);
@@ -316,19 +307,24 @@ impl SecretState {
                 self.event("InvalidCAState", &msg).await;
                 self.metrics.secret_refused("state");
                 *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = rv;
-                Err(msg)
+                Err(Error::invalid(
+                    format!("refused the CA state in Secret {}", self.name),
+                    format_args!("{e}; keeping the last good state"),
+                ))
             }
         }
     }
 
     /// Writes the local state to the Secret, on top of the version it was
-    /// based on. A 409 is a [`SyncError::Conflict`].
-    pub async fn push(&self) -> Result<(), SyncError> {
+    /// based on. A 409 (another replica wrote first: pull and retry the
+    /// step) is [`Error::Conflict`].
+    pub async fn push(&self) -> Result<(), Error> {
         let data = self.data.clone();
+        let local = || format!("the local CA state for Secret {}", self.name);
         let snap = tokio::task::spawn_blocking(move || snapshot(&data))
             .await
-            .map_err(|e| SyncError::Failed(e.to_string()))?
-            .map_err(SyncError::Failed)?;
+            .map_err(|e| Error::invalid(local(), e))?
+            .map_err(|e| Error::invalid(local(), e))?;
         let secret = super::KeySecret(Secret {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -346,21 +342,25 @@ impl SecretState {
             ..Default::default()
         });
         let r = match self.based_on() {
-            None => self.api.create(&PostParams::default(), &secret.0).await,
-            Some(_) => {
-                self.api
-                    .replace(&self.name, &PostParams::default(), &secret.0)
-                    .await
-            }
+            None => self
+                .api
+                .create(&PostParams::default(), &secret.0)
+                .await
+                .map_err(kube_err(self.what("creating"))),
+            Some(_) => self
+                .api
+                .replace(&self.name, &PostParams::default(), &secret.0)
+                .await
+                .map_err(kube_err(self.what("updating"))),
         };
-        match r.map(super::KeySecret) {
-            Ok(s) => {
-                self.set_based_on(s.0.metadata.resource_version.clone());
-                Ok(())
-            }
-            Err(kube::Error::Api(st)) if st.code == 409 => Err(SyncError::Conflict),
-            Err(e) => Err(SyncError::Failed(e.to_string())),
-        }
+        let s = super::KeySecret(r?);
+        self.set_based_on(s.0.metadata.resource_version.clone());
+        Ok(())
+    }
+
+    /// `verb Secret ns/name`, for errors.
+    fn what(&self, verb: &str) -> String {
+        format!("{verb} Secret {}/{}", self.namespace, self.name)
     }
 
     async fn event(&self, reason: &str, message: &str) {
@@ -379,14 +379,14 @@ impl SecretState {
 #[tonic::async_trait]
 impl crate::trust::service::SharedState for SecretState {
     async fn pull(&self) -> Result<bool, String> {
-        SecretState::pull(self).await
+        SecretState::pull(self).await.map_err(|e| e.to_string())
     }
 
     async fn push(&self) -> Result<bool, String> {
         match SecretState::push(self).await {
             Ok(()) => Ok(true),
-            Err(SyncError::Conflict) => Ok(false),
-            Err(SyncError::Failed(e)) => Err(e),
+            Err(e) if e.is_conflict() => Ok(false),
+            Err(e) => Err(e.to_string()),
         }
     }
 }

@@ -371,7 +371,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 data.clone(),
                 metrics.clone(),
             ));
-            if ss.pull().await? {
+            if ss.pull().await.map_err(|e| e.to_string())? {
                 tracing::info!(secret = %name, "loaded the CA state shared by the other replicas");
             }
             Some(ss)
@@ -620,11 +620,12 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             .await
             .map_err(|e| format!("invalid setting kubeconfig: {e}"))?;
         let wake = Arc::new(tokio::sync::Notify::new());
-        tokio::spawn(crate::kubernetes::watch::follow(
-            kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
-                client,
-                cfg.mesh.control_plane_ns.as_str(),
-            ),
+        let ns = cfg.mesh.control_plane_ns.to_string();
+        tokio::spawn(crate::kubernetes::watch::follow::<
+            k8s_openapi::api::core::v1::Secret,
+        >(
+            client,
+            move |c| kube::Api::namespaced(c, &ns),
             crate::kubernetes::watch::Target {
                 resource: "secrets",
                 name: Some(name.clone()),
@@ -712,8 +713,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
             // New namespaces and deleted or edited ConfigMaps wake the
             // publisher at once; the resync period is the safety net.
             let wake = Arc::new(tokio::sync::Notify::new());
-            tokio::spawn(crate::kubernetes::watch::follow(
-                kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone()),
+            tokio::spawn(crate::kubernetes::watch::follow::<
+                k8s_openapi::api::core::v1::Namespace,
+            >(
+                client.clone(),
+                kube::Api::all,
                 crate::kubernetes::watch::Target {
                     resource: "namespaces",
                     name: None,
@@ -723,8 +727,11 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, String> {
                 stop_rx.clone(),
                 metrics.clone(),
             ));
-            tokio::spawn(crate::kubernetes::watch::follow(
-                kube::Api::<k8s_openapi::api::core::v1::ConfigMap>::all(client.clone()),
+            tokio::spawn(crate::kubernetes::watch::follow::<
+                k8s_openapi::api::core::v1::ConfigMap,
+            >(
+                client.clone(),
+                kube::Api::all,
                 crate::kubernetes::watch::Target {
                     resource: "configmaps",
                     name: Some(crate::kubernetes::publish::CONFIGMAP.to_string()),

@@ -102,16 +102,6 @@ impl Backoff {
     }
 }
 
-/// Backoff as an endless iterator of waits (what `kube::runtime`'s
-/// `WatchStreamExt::backoff` drives).
-impl Iterator for Backoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(self.next_wait())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,12 +155,6 @@ mod tests {
         assert_eq!(b.next_wait(), Duration::from_secs(30));
         b.reset();
         assert_eq!(b.next_wait(), ms(200));
-    }
-
-    #[test]
-    fn the_iterator_is_the_same_sequence() {
-        let b = Backoff::new(ms(1), ms(5));
-        assert_eq!(b.take(5).collect::<Vec<_>>(), [1, 2, 4, 5, 5].map(ms));
     }
 
     #[tokio::test]

@@ -45,6 +45,10 @@ pub struct Store {
     partitioned: tokio::sync::watch::Sender<bool>,
     /// Watch requests answered with 410 Gone.
     pub gone_served: AtomicUsize,
+    /// Answer a watch from a compacted version with the HTTP status 410
+    /// itself (as an API server behind some proxies, or an older one,
+    /// does) instead of a 200 stream carrying an `ERROR` event.
+    pub gone_as_status: std::sync::atomic::AtomicBool,
     /// Watch streams opened.
     pub watches_opened: AtomicUsize,
     /// Writes (create/replace) seen, by collection.
@@ -92,6 +96,7 @@ impl Default for Store {
             compacted: Default::default(),
             partitioned: tokio::sync::watch::channel(false).0,
             gone_served: Default::default(),
+            gone_as_status: Default::default(),
             watches_opened: Default::default(),
             writes: Default::default(),
             tokens: Default::default(),
@@ -393,6 +398,29 @@ impl Store {
         }
     }
 
+    /// With [`Store::gone_as_status`]: once not partitioned, a watch from
+    /// a compacted version gets the HTTP status 410.
+    async fn gone_response(&self, from: Option<u64>) -> Option<hyper::Response<super::Body>> {
+        let mut partitioned = self.partitioned.subscribe();
+        while *partitioned.borrow_and_update() {
+            if partitioned.changed().await.is_err() {
+                break;
+            }
+        }
+        let now = *self.rv.lock().unwrap();
+        let last = from.filter(|v| *v != 0).unwrap_or(now);
+        if last >= *self.compacted.lock().unwrap() {
+            return None;
+        }
+        self.gone_served.fetch_add(1, Ordering::SeqCst);
+        let (code, st) = status(
+            410,
+            "Expired",
+            format!("too old resource version: {last} ({now})"),
+        );
+        Some(super::json_response(code, &st))
+    }
+
     /// Answers one HTTP request: a watch stream, or [`Store::handle`].
     async fn respond(
         self: Arc<Self>,
@@ -432,6 +460,11 @@ impl Store {
         if method == "GET" && query_param(query, "watch") == Some("true") {
             let (tx, rx) = tokio::sync::mpsc::channel(64);
             let from = query_param(query, "resourceVersion").and_then(|v| v.parse().ok());
+            if self.gone_as_status.load(Ordering::SeqCst) {
+                if let Some(gone) = self.gone_response(from).await {
+                    return gone;
+                }
+            }
             tokio::spawn(self.clone().serve_watch(
                 path.to_string(),
                 name_selector(query),
