@@ -105,7 +105,7 @@ pub async fn status_json(
 ) -> Result<serde_json::Value, String> {
     let svc = svc.clone();
     tokio::task::spawn_blocking(move || {
-        let now = std::time::SystemTime::now();
+        let now = svc.clock().now();
         let obs = svc.observations(now);
         let p = svc.propagation(now);
         let s = crate::trust::status::status(

@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
@@ -254,7 +254,7 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, cra
     }
     let lock = crate::ca::store::lock_data_dir(&data)?;
     let clock: Arc<dyn crate::util::clock::Clock> = Arc::new(crate::util::clock::SystemClock);
-    let now = SystemTime::now();
+    let now = clock.now();
     let mgr = Arc::new(TrustManager::open(data.clone(), now)?);
     let settings = Settings {
         issuer_lifetime: target.issuer_lifetime.0,
@@ -318,7 +318,7 @@ async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, cra
         let _ = tokio::task::spawn_blocking(move || g.stop()).await;
     }
     let events = r?;
-    let obs = svc.observations(SystemTime::now());
+    let obs = svc.observations(svc.clock().now());
     let s = crate::trust::status::status(
         &data,
         &svc.manager().state(),

@@ -147,6 +147,11 @@ impl RotationService {
         s
     }
 
+    /// The clock the service decides by (the CA's).
+    pub fn clock(&self) -> &Arc<dyn crate::util::clock::Clock> {
+        self.ca.clock()
+    }
+
     /// The registry this service (and what it drives) reports to.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
