@@ -12,9 +12,11 @@
 //! server cannot be reached, or a running server holds the data directory:
 //! retry later or give `--server`).
 
+use crate::agent::AgentError;
 use crate::audit::AuditError;
 use crate::ca::store::StoreError;
 use crate::client::ClientError;
+use crate::proxy::ProxyError;
 use crate::revocation::RevocationError;
 use crate::trust::journal::JournalError;
 use crate::trust::manager::TrustError;
@@ -50,6 +52,12 @@ pub enum Error {
     /// Talking to a server.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// The agent could not start.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The proxy could not start.
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
     /// A running server answered with an HTTP error.
     #[error("{message}")]
     Remote {
@@ -95,6 +103,8 @@ impl Error {
             Error::Audit(AuditError::Storage(_)) => EXIT_UNAVAILABLE,
             Error::Client(e) if e.is_unreachable() => EXIT_UNAVAILABLE,
             Error::Client(ClientError::BadAddress { .. }) => EXIT_USAGE,
+            Error::Agent(AgentError::BadAddress(_)) => EXIT_USAGE,
+            Error::Proxy(ProxyError::Config(_)) => EXIT_USAGE,
             Error::Remote { status, .. } => match status {
                 400 => EXIT_USAGE,
                 404 | 409 => EXIT_REFUSED,
@@ -188,6 +198,16 @@ mod tests {
         assert_eq!(unreachable.exit_code(), EXIT_UNAVAILABLE);
         let chain = Error::from(ClientError::Chain("chain does not verify".into()));
         assert_eq!(chain.exit_code(), EXIT_FAILURE);
+        let proxy_flags = Error::from(ProxyError::Config("nothing to proxy".into()));
+        assert_eq!(proxy_flags.exit_code(), EXIT_USAGE);
+        let port_taken = Error::from(ProxyError::Listen {
+            addr: "127.0.0.1:1".parse().unwrap(),
+            side: "inbound",
+            source: std::io::ErrorKind::AddrInUse.into(),
+        });
+        assert_eq!(port_taken.exit_code(), EXIT_FAILURE);
+        let ca_address = Error::from(AgentError::BadAddress("not host:port".into()));
+        assert_eq!(ca_address.exit_code(), EXIT_USAGE);
         let remote = |status| Error::Remote {
             status,
             message: "m".into(),

@@ -191,10 +191,9 @@ async fn admin(
 }
 
 /// Runs `meshca agent` until a signal.
-pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), String> {
+pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), crate::cli::Error> {
     let _log = crate::cli::init_logging(args.log_format);
-    let a = agent::start(args.ca.agent_config()?, Arc::new(Metrics::new()))
-        .map_err(|e| e.to_string())?;
+    let a = agent::start(args.ca.agent_config()?, Arc::new(Metrics::new()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     if let Some(addr) = args.admin_listen {
         admin(addr, a.watch(), a.metrics().clone()).await?;
@@ -227,7 +226,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), String> {
         );
     }
     tokio::select! {
-        r = a.ready(Duration::from_secs(3600 * 24 * 365)) => { r.map_err(|e| e.to_string())?; }
+        r = a.ready(Duration::from_secs(3600 * 24 * 365)) => { r?; }
         _ = shutdown_signal() => return Ok(()),
     }
     shutdown_signal().await;
@@ -242,7 +241,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), String> {
 }
 
 /// Runs `meshca proxy` until a signal.
-pub(crate) async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
+pub(crate) async fn run_proxy(args: ProxyArgs) -> Result<(), crate::cli::Error> {
     let _log = crate::cli::init_logging(args.log_format);
     let cfg = ProxyConfig {
         inbound: args
@@ -268,8 +267,7 @@ pub(crate) async fn run_proxy(args: ProxyArgs) -> Result<(), String> {
             None,
         ),
         None => {
-            let a = agent::start(args.ca.agent_config()?, metrics.clone())
-                .map_err(|e| e.to_string())?;
+            let a = agent::start(args.ca.agent_config()?, metrics.clone())?;
             (a.watch(), Some(a))
         }
     };

@@ -81,22 +81,60 @@ struct Configs {
     client: ArcSwapOption<rustls::ClientConfig>,
 }
 
+/// Why the proxy could not start (or re-resolve its upstream).
+///
+/// `Config` is the operator's flags (fix them); `Listen` is the host (the
+/// port is taken, or not ours to bind); `Resolve` is DNS (retried while
+/// running, fatal only at start).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The settings do not describe a usable proxy.
+    #[error("{0}")]
+    Config(String),
+    /// A listener could not be opened.
+    #[error("cannot listen on {addr} ({side}): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// `inbound` or `outbound`.
+        side: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The upstream name did not resolve.
+    #[error("{0}")]
+    Resolve(String),
+}
+
+/// Binds `addr` for one side of the proxy.
+async fn bind(
+    addr: SocketAddr,
+    side: &'static str,
+) -> Result<(TcpListener, SocketAddr), ProxyError> {
+    let err = |source| ProxyError::Listen { addr, side, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
+}
+
 /// Starts the listeners, reporting to `metrics`.
 pub async fn start(
     cfg: ProxyConfig,
     identity: watch::Receiver<State>,
     metrics: Arc<Metrics>,
-) -> Result<Proxy, String> {
+) -> Result<Proxy, ProxyError> {
+    let config = |s: &str| Err(ProxyError::Config(s.to_string()));
     if cfg.inbound.is_none() && cfg.outbound.is_none() {
-        return Err("nothing to proxy: give --inbound and/or --outbound".into());
+        return config("nothing to proxy: give --inbound and/or --outbound");
     }
     if cfg.inbound.is_some() && cfg.allow.is_empty() {
-        return Err(
-            "--inbound needs at least one --allow SPIFFE-ID (or prefix ending in / or *)".into(),
+        return config(
+            "--inbound needs at least one --allow SPIFFE-ID (or prefix ending in / or *)",
         );
     }
     let expected = match (&cfg.outbound, &cfg.upstream_identity) {
-        (Some(_), None) => return Err("--outbound needs --upstream-identity spiffe://…".into()),
+        (Some(_), None) => return config("--outbound needs --upstream-identity spiffe://…"),
         (_, e) => e.clone(),
     };
     let (stop, stop_rx) = watch::channel(false);
@@ -137,10 +175,8 @@ pub async fn start(
         stop,
     };
     if let Some((listen, app)) = cfg.inbound.clone() {
-        let l = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen} (inbound): {e}"))?;
-        proxy.inbound_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let (l, local) = bind(listen, "inbound").await?;
+        proxy.inbound_addr = Some(local);
         let allow = Arc::new(cfg.allow.clone());
         let configs = configs.clone();
         let metrics = metrics.clone();
@@ -158,15 +194,13 @@ pub async fn start(
         });
     }
     if let Some((listen, upstream)) = cfg.outbound.clone() {
-        let l = TcpListener::bind(listen)
-            .await
-            .map_err(|e| format!("cannot listen on {listen} (outbound): {e}"))?;
-        proxy.outbound_addr = Some(l.local_addr().map_err(|e| e.to_string())?);
+        let (l, local) = bind(listen, "outbound").await?;
+        proxy.outbound_addr = Some(local);
         let balancer = Arc::new(Balancer::default());
         let host = upstream
             .rsplit_once(':')
             .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
-            .ok_or_else(|| format!("upstream {upstream:?} is not host:port"))?;
+            .ok_or_else(|| ProxyError::Config(format!("upstream {upstream:?} is not host:port")))?;
         resolve(&upstream, &balancer).await?;
         {
             let (balancer, upstream) = (balancer.clone(), upstream.clone());
@@ -200,13 +234,13 @@ pub async fn start(
     Ok(proxy)
 }
 
-async fn resolve(upstream: &str, balancer: &Balancer) -> Result<(), String> {
+async fn resolve(upstream: &str, balancer: &Balancer) -> Result<(), ProxyError> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(upstream)
         .await
-        .map_err(|e| format!("{upstream}: {e}"))?
+        .map_err(|e| ProxyError::Resolve(format!("{upstream}: {e}")))?
         .collect();
     if addrs.is_empty() {
-        return Err(format!("{upstream}: no addresses"));
+        return Err(ProxyError::Resolve(format!("{upstream}: no addresses")));
     }
     balancer.set_addresses(&addrs);
     Ok(())
@@ -375,5 +409,47 @@ mod tests {
         assert!(!allowed("spiffe://td/ns/batchx/sa/x", &allow));
         assert!(allowed("spiffe://td/ns/ops/sa/anything", &allow));
         assert!(!allowed("spiffe://other/ns/shop/sa/web", &allow));
+    }
+
+    /// Flags that describe no proxy and a port someone else holds are
+    /// different failures: the first is the operator's to fix, the second
+    /// the host's.
+    #[tokio::test]
+    async fn bad_flags_and_a_taken_port_are_different_errors() {
+        let (_tx, identity) = watch::channel(State {
+            svid: None,
+            bundle: Arc::new(crate::agent::Bundle {
+                version: 0,
+                trust_domain: String::new(),
+                roots: Vec::new(),
+                tainted: Vec::new(),
+            }),
+        });
+        let m = Arc::new(Metrics::new());
+        let start = |cfg| start(cfg, identity.clone(), m.clone());
+        let e = start(ProxyConfig::default()).await.unwrap_err();
+        assert!(matches!(e, ProxyError::Config(_)), "{e:?}");
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let e = start(ProxyConfig {
+            inbound: Some((addr, "127.0.0.1:1".into())),
+            allow: vec!["spiffe://td/".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::Listen { side: "inbound", source, .. }
+                if source.kind() == std::io::ErrorKind::AddrInUse),
+            "{e:?}"
+        );
+        let e = start(ProxyConfig {
+            outbound: Some(("127.0.0.1:0".parse().unwrap(), "no-port".into())),
+            upstream_identity: Some("spiffe://td/ns/a/sa/b".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ProxyError::Config(_)), "{e:?}");
     }
 }
