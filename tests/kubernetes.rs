@@ -651,9 +651,8 @@ async fn watches_list_again_after_410_gone() {
 
 /// A 410 can also come as the HTTP status of the watch request (not as an
 /// `ERROR` event in a 200 stream). kube-runtime's watcher then retries the
-/// same expired version forever; meshca must list again instead, or a
-/// change made while its watch was cut off (here: a deleted ConfigMap and a
-/// new namespace, with a one-hour resync) is never seen.
+/// same expired version forever, so the watch never comes back; meshca
+/// must list again instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_410_answered_to_the_watch_request_also_lists_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -679,18 +678,46 @@ async fn a_410_answered_to_the_watch_request_also_lists_again() {
         api.watches_opened.load(std::sync::atomic::Ordering::SeqCst) >= 2
     })
     .await;
+    let restarts = |resource: &str, reason: &str| {
+        p.metric(&format!(
+            "meshca_kubernetes_watch_restarts_total{{resource=\"{resource}\",reason=\"{reason}\"}}"
+        ))
+    };
+    // Cut: both watches end, and their resumes wait for the server.
     api.partition();
+    until(
+        "both watches are cut and resuming",
+        Duration::from_secs(5),
+        || restarts("namespaces", "closed") == 1.0 && restarts("configmaps", "closed") == 1.0,
+    )
+    .await;
     api.remove(&cm_path("shop"), CONFIGMAP);
     api.add_namespace("billing", json!({"mesh": "on"}));
     api.compact();
     api.heal();
+    // Each resumed watch is answered 410 once; after a fresh list, the
+    // watch from the new version opens. (Retrying the expired version
+    // would get 410 forever and never open a watch again.)
+    until(
+        "both watches are open again from a fresh list",
+        Duration::from_secs(5),
+        || api.watches_opened.load(std::sync::atomic::Ordering::SeqCst) >= 4,
+    )
+    .await;
+    assert_eq!(api.gone_served.load(std::sync::atomic::Ordering::SeqCst), 2);
     until(
         "the deleted ConfigMap is back and the new namespace has one",
         Duration::from_secs(5),
         || published_in(&api, &["shop", "billing"]),
     )
     .await;
-    assert!(api.gone_served.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    // In p's own registry, per watch: one clean close (resumed), one 410
+    // (listed again), no error.
+    for resource in ["namespaces", "configmaps"] {
+        assert_eq!(restarts(resource, "closed"), 1.0, "{resource}");
+        assert_eq!(restarts(resource, "gone"), 1.0, "{resource}");
+        assert_eq!(restarts(resource, "error"), 0.0, "{resource}");
+    }
     drop(p);
 }
 

@@ -433,4 +433,66 @@ mod tests {
         o.pods.healthy();
         assert_eq!(o.check(&b), Presence::Present);
     }
+
+    fn meta(uid: &str, name: &str) -> PartialObjectMeta<Pod> {
+        PartialObjectMeta {
+            metadata: ObjectMeta {
+                uid: Some(uid.into()),
+                namespace: Some("shop".into()),
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_list_replaces_the_table_and_events_edit_it() {
+        use super::super::watch::Follower;
+        let objects = Arc::new(BoundObjects::new(Arc::default()));
+        let mut filler = Filler {
+            resource: "pods",
+            objects: objects.clone(),
+            pick: |o| &o.pods,
+            listing: Vec::new(),
+        };
+        let f: &mut dyn Follower<PartialObjectMeta<Pod>> = &mut filler;
+        let gauge = || {
+            objects
+                .metrics
+                .render()
+                .lines()
+                .find(|l| l.starts_with("meshca_token_binding_objects{kind=\"pod\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        };
+        f.relisting();
+        f.listed(meta("a", "web-a"));
+        f.listed(meta("b", "web-b"));
+        assert!(
+            !objects.pods.is_current(),
+            "not synced before the list ends"
+        );
+        f.synced();
+        assert!(objects.pods.is_current());
+        assert_eq!(objects.pods.len(), 2);
+        f.applied(meta("c", "web-c"));
+        f.deleted(meta("a", "web-a"));
+        assert_eq!(objects.pods.len(), 2);
+        assert_eq!(gauge(), Some(2.0));
+        // A re-list (after 410) that no longer has c: c is gone, even
+        // though its deletion event was never seen.
+        f.relisting();
+        f.listed(meta("b", "web-b"));
+        f.synced();
+        assert_eq!(objects.pods.len(), 1);
+        assert_eq!(gauge(), Some(1.0));
+        let r = |uid| ObjectRef { name: "web-c", uid };
+        assert!(!objects.pods.has("shop", &r("c")));
+        // A failure starts the stale clock; a synced list stops it.
+        f.failing();
+        assert_ne!(objects.pods.failing_since.load(Ordering::Acquire), 0);
+        f.relisting();
+        f.synced();
+        assert_eq!(objects.pods.failing_since.load(Ordering::Acquire), 0);
+    }
 }

@@ -374,6 +374,11 @@ impl Store {
         let mut tick = self.tick.subscribe();
         loop {
             tick.borrow_and_update();
+            // A cut-off server sends nothing more, even for changes made
+            // after the cut that woke this loop before the cut did.
+            if *partitioned.borrow() {
+                return;
+            }
             let due: Vec<Change> = self
                 .changes
                 .lock()
