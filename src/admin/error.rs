@@ -21,7 +21,7 @@ use crate::trust::manager::TrustError;
 /// Why an admin request failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum AdminError {
+pub(crate) enum AdminError {
     /// The request itself is malformed (a parameter, the body).
     #[error("{0}")]
     BadRequest(String),
@@ -51,7 +51,7 @@ pub enum AdminError {
 
 impl AdminError {
     /// The HTTP status (see the module doc).
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Unauthorized(_) => StatusCode::UNAUTHORIZED,

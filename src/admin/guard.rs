@@ -35,7 +35,7 @@ fn bearer(v: &str) -> Option<&str> {
 
 /// The digest of the admin token, checked on every protected request.
 #[derive(Clone)]
-pub struct TokenCheck {
+pub(crate) struct TokenCheck {
     sha256: [u8; 32],
 }
 
@@ -47,14 +47,14 @@ impl std::fmt::Debug for TokenCheck {
 
 impl TokenCheck {
     /// Keeps only the digest of `token`.
-    pub fn new(token: &str) -> Self {
+    pub(crate) fn new(token: &str) -> Self {
         Self {
             sha256: sha256(token.trim().as_bytes()),
         }
     }
 
     /// Why `headers` do not carry the admin token (None: they do).
-    pub fn refuse(&self, headers: &HeaderMap) -> Option<&'static str> {
+    pub(crate) fn refuse(&self, headers: &HeaderMap) -> Option<&'static str> {
         let Some(given) = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -83,7 +83,7 @@ async fn require_token(State(check): State<Arc<TokenCheck>>, req: Request, next:
 }
 
 /// Puts every route of `router` behind the admin token (all methods).
-pub fn protect(router: Router, token: &str) -> Router {
+pub(crate) fn protect(router: Router, token: &str) -> Router {
     router.layer(middleware::from_fn_with_state(
         Arc::new(TokenCheck::new(token)),
         require_token,
@@ -99,7 +99,7 @@ pub fn protect(router: Router, token: &str) -> Router {
 /// when the listener is on loopback or all interfaces, and names only when
 /// configured (`admin_allowed_hosts`).
 #[derive(Debug, Clone)]
-pub struct HostRule {
+pub(crate) struct HostRule {
     listen: SocketAddr,
     names: Vec<String>,
 }
@@ -123,7 +123,7 @@ fn host_part(h: &str) -> Option<&str> {
 
 impl HostRule {
     /// The rule for a listener bound to `listen`, plus extra `names`.
-    pub fn new(listen: SocketAddr, names: &[String]) -> Self {
+    pub(crate) fn new(listen: SocketAddr, names: &[String]) -> Self {
         Self {
             listen,
             names: names
@@ -135,7 +135,7 @@ impl HostRule {
     }
 
     /// Whether a request with this `Host` header value is for us.
-    pub fn allows(&self, host: &str) -> bool {
+    pub(crate) fn allows(&self, host: &str) -> bool {
         let Some(h) = host_part(host.trim()) else {
             return false;
         };
@@ -206,7 +206,7 @@ async fn check_host(State(rule): State<Arc<HostRule>>, req: Request, next: Next)
 }
 
 /// Answers only requests whose `Host` the rule allows (421 otherwise).
-pub fn check_hosts(router: Router, rule: HostRule) -> Router {
+pub(crate) fn check_hosts(router: Router, rule: HostRule) -> Router {
     router.layer(middleware::from_fn_with_state(Arc::new(rule), check_host))
 }
 

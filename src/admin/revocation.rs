@@ -32,7 +32,7 @@ struct Ctx {
 }
 
 /// The admin routes for revocation.
-pub fn routes(svc: RevocationService, admin_token: &str) -> Router {
+pub(crate) fn routes(svc: RevocationService, admin_token: &str) -> Router {
     Router::new()
         .route("/revocations", get(list))
         .route("/revocations/revoke", post(revoke))

@@ -19,13 +19,13 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The configured CA addresses.
 #[derive(Debug, Clone)]
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     targets: Vec<String>,
 }
 
 impl Endpoints {
     /// Parses `host:port[,host:port…]`.
-    pub fn parse(spec: &str) -> Result<Self, AgentError> {
+    pub(crate) fn parse(spec: &str) -> Result<Self, AgentError> {
         let targets: Vec<String> = spec
             .split(',')
             .map(str::trim)
@@ -51,7 +51,7 @@ impl Endpoints {
     }
 
     /// Resolves every target now, in a random order without duplicates.
-    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, AgentError> {
+    pub(crate) async fn resolve(&self) -> Result<Vec<SocketAddr>, AgentError> {
         let mut out = Vec::new();
         let mut errors = Vec::new();
         for t in &self.targets {
@@ -75,7 +75,7 @@ impl Endpoints {
 
     /// Runs `attempt` against each resolved address in turn; the first
     /// success wins. Fails with every address's error.
-    pub async fn first_answer<T, F, Fut>(&self, attempt: F) -> Result<T, AgentError>
+    pub(crate) async fn first_answer<T, F, Fut>(&self, attempt: F) -> Result<T, AgentError>
     where
         F: Fn(SocketAddr) -> Fut,
         Fut: Future<Output = Result<T, AgentError>>,

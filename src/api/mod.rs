@@ -28,15 +28,15 @@ use crate::util::ratelimit::KeyedLimiter;
 pub use status::ApiError;
 
 /// The largest gRPC message accepted, in bytes.
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 
 /// Default ceiling for all pods of one service account: certificates per
 /// second. A 1,000-replica Deployment restarted at once asks for 1,000
 /// certificates within seconds; the burst admits all of them, and the rate
 /// refills it in 10 s, so the next rollout is not throttled either.
-pub const IDENTITY_RATE: f64 = 100.0;
+pub(crate) const IDENTITY_RATE: f64 = 100.0;
 /// Default burst of the per-service-account ceiling (see [`IDENTITY_RATE`]).
-pub const IDENTITY_BURST: u32 = 1000;
+pub(crate) const IDENTITY_BURST: u32 = 1000;
 
 /// Which wire API a request came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub enum WireApi {
 
 impl WireApi {
     /// Label for logs and metrics.
-    pub fn as_str(&self) -> &'static str {
+    pub(crate) fn as_str(&self) -> &'static str {
         match self {
             WireApi::Native => "native",
             WireApi::Linkerd => "linkerd",
@@ -184,13 +184,16 @@ impl Core {
     }
 
     /// Uses `renewal` to decide renewals by certificate (and feeds it every grant).
-    pub fn with_renewal(mut self, renewal: Arc<crate::authn::renewal::Renewal>) -> Self {
+    pub(crate) fn with_renewal(mut self, renewal: Arc<crate::authn::renewal::Renewal>) -> Self {
         self.renewal = renewal;
         self
     }
 
     /// Enforces `revocations` (revoked serials, denied identities).
-    pub fn with_revocations(mut self, revocations: Arc<crate::revocation::Revocations>) -> Self {
+    pub(crate) fn with_revocations(
+        mut self,
+        revocations: Arc<crate::revocation::Revocations>,
+    ) -> Self {
         self.revocations = revocations;
         self
     }
@@ -202,7 +205,7 @@ impl Core {
 
     /// Refuses a bundle request from a caller whose client certificate names
     /// a denied identity (anonymous callers get the public bundle).
-    pub fn check_bundle_caller(&self, peer_leaf: Option<&[u8]>) -> Result<(), ApiError> {
+    pub(crate) fn check_bundle_caller(&self, peer_leaf: Option<&[u8]>) -> Result<(), ApiError> {
         if self.revocations.is_empty() {
             return Ok(());
         }
@@ -231,14 +234,14 @@ impl Core {
     }
 
     /// Sets the bundle-watcher limits.
-    pub fn with_watch_settings(mut self, settings: watchers::WatchSettings) -> Self {
+    pub(crate) fn with_watch_settings(mut self, settings: watchers::WatchSettings) -> Self {
         self.watchers = watchers::Watchers::new(settings);
         self
     }
 
     /// The gRPC listener's connections (so a stalled stream's connection
     /// can be closed).
-    pub fn with_connections(mut self, conns: Arc<connections::Connections>) -> Self {
+    pub(crate) fn with_connections(mut self, conns: Arc<connections::Connections>) -> Self {
         self.connections = Some(conns);
         self
     }
@@ -254,7 +257,7 @@ impl Core {
     }
 
     /// Shares the bundle-propagation tracker (the rotation gate reads it).
-    pub fn with_tracker(mut self, tracker: Arc<crate::trust::propagation::Tracker>) -> Self {
+    pub(crate) fn with_tracker(mut self, tracker: Arc<crate::trust::propagation::Tracker>) -> Self {
         self.tracker = tracker;
         self
     }
@@ -266,14 +269,17 @@ impl Core {
 
     /// Records every decision in `log`; certificates are returned only once
     /// their entry is durable.
-    pub fn with_audit(mut self, log: crate::audit::AuditLog) -> Self {
+    pub(crate) fn with_audit(mut self, log: crate::audit::AuditLog) -> Self {
         self.audit = Some(log);
         self
     }
 
     /// Passes refusals through `gate` before they reach the audit log (a
     /// per-peer budget, identical repeats folded into one counted entry).
-    pub fn with_refusal_gate(mut self, gate: Arc<crate::audit::intake::RefusalGate>) -> Self {
+    pub(crate) fn with_refusal_gate(
+        mut self,
+        gate: Arc<crate::audit::intake::RefusalGate>,
+    ) -> Self {
         self.refusals = Some(gate);
         self
     }
@@ -632,7 +638,7 @@ impl From<AuthnError> for ApiError {
 }
 
 /// Converts a `SystemTime` to a protobuf timestamp.
-pub fn to_timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
+pub(crate) fn to_timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp {
         seconds: d.as_secs() as i64,

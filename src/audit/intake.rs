@@ -117,7 +117,7 @@ struct Peer {
 }
 
 /// The gate (one per server; sharded, so concurrent refusals rarely share a lock).
-pub struct RefusalGate {
+pub(crate) struct RefusalGate {
     limits: Limits,
     clock: Arc<dyn Clock>,
     shards: Vec<Mutex<HashMap<Option<IpAddr>, Peer>>>,
@@ -155,17 +155,12 @@ fn peer_ip(e: &Entry) -> Option<IpAddr> {
 
 impl RefusalGate {
     /// A gate with these limits.
-    pub fn new(limits: Limits, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn new(limits: Limits, clock: Arc<dyn Clock>) -> Self {
         Self {
             limits,
             clock,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        self.limits
     }
 
     fn shard(&self, ip: &Option<IpAddr>) -> usize {
@@ -244,7 +239,7 @@ impl RefusalGate {
 
     /// The summary entries due (windows that ended before now; all of them
     /// when `all`, at shutdown), and forgets peers that have gone quiet.
-    pub fn drain(&self, all: bool) -> Vec<Entry> {
+    pub(crate) fn drain(&self, all: bool) -> Vec<Entry> {
         let now = self.clock.now();
         let window = self.limits.window;
         let due = |p: &Pending| all || now.duration_since(p.since).unwrap_or_default() >= window;

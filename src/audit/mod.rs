@@ -34,9 +34,9 @@ use store::{AuditStore, Indexed, SqliteStore, StoredCheckpoint};
 /// File names in the data directory.
 pub const DB_FILE: &str = "audit.db";
 /// The log's Ed25519 signing key (PKCS#8, 0600).
-pub const KEY_FILE: &str = "audit-signer.key";
+pub(crate) const KEY_FILE: &str = "audit-signer.key";
 /// The verifier key auditors use (public).
-pub const PUB_FILE: &str = "audit-signer.pub";
+pub(crate) const PUB_FILE: &str = "audit-signer.pub";
 /// Largest batch committed at once.
 const MAX_BATCH: usize = 4096;
 /// Under concurrent load, how long the writer waits for more entries before
@@ -55,7 +55,7 @@ const PROBE_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Whether the log can write: read by `/ready`, set by the writer thread.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     problem: std::sync::RwLock<Option<String>>,
     metrics: std::sync::Arc<Metrics>,
 }
@@ -71,7 +71,7 @@ impl Health {
     }
 
     /// Why the log cannot write (None: it can).
-    pub fn problem(&self) -> Option<String> {
+    pub(crate) fn problem(&self) -> Option<String> {
         self.problem
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -109,7 +109,7 @@ pub struct AuditLog {
 }
 
 /// The writer's subtree hashes, read by the proof routes.
-pub type SharedTiles = std::sync::Arc<std::sync::RwLock<tiles::Tiles>>;
+pub(crate) type SharedTiles = std::sync::Arc<std::sync::RwLock<tiles::Tiles>>;
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -125,7 +125,7 @@ pub fn origin(trust_domain: &str) -> String {
 }
 
 /// Loads the signing key from the data directory, creating it on first use.
-pub fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, AuditError> {
+pub(crate) fn load_or_create_key(data_dir: &Path, origin: &str) -> Result<NoteSigner, AuditError> {
     let path = data_dir.join(KEY_FILE);
     let pkcs8 = if path.exists() {
         crate::util::secret::read_private(&path).map_err(|e| AuditError::io(&path, e))?
@@ -188,7 +188,7 @@ impl AuditLog {
     /// (setting `audit_max_bytes`): appends then fail as on a full disk, so a
     /// size-limited volume makes meshca fail closed before the kubelet
     /// evicts the pod (and its log) for exceeding the limit.
-    pub fn open_limited(
+    pub(crate) fn open_limited(
         data_dir: &Path,
         trust_domain: &str,
         clock: std::sync::Arc<dyn Clock>,
@@ -271,7 +271,7 @@ impl AuditLog {
     }
 
     /// Asks for a checkpoint without waiting.
-    pub fn request_checkpoint(&self) {
+    pub(crate) fn request_checkpoint(&self) {
         let _ = self.tx.send(Msg::Checkpoint(None));
     }
 
@@ -286,7 +286,7 @@ impl AuditLog {
     }
 
     /// Why the log cannot write right now (None: it can); `/ready` reports it.
-    pub fn storage_problem(&self) -> Option<String> {
+    pub(crate) fn storage_problem(&self) -> Option<String> {
         self.health.problem()
     }
 

@@ -13,10 +13,10 @@ use super::merkle::{empty_root, node_hash, root, Hash};
 use super::AuditError;
 
 /// Leaves per tile (a power of two).
-pub const TILE: u64 = 256;
+pub(crate) const TILE: u64 = 256;
 
 /// Reads the leaf hashes `a..b` (at most one tile) from storage.
-pub type ReadLeaves<'a> = dyn FnMut(u64, u64) -> Result<Vec<Hash>, AuditError> + 'a;
+pub(crate) type ReadLeaves<'a> = dyn FnMut(u64, u64) -> Result<Vec<Hash>, AuditError> + 'a;
 
 /// The in-memory subtree hashes of a log.
 #[derive(Debug, Clone, Default)]

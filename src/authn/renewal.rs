@@ -33,7 +33,7 @@ use crate::identity::Workload;
 const SHARDS: usize = 16;
 
 /// The hint every refusal carries: a token always works.
-pub const HINT: &str = "present a service-account token";
+pub(crate) const HINT: &str = "present a service-account token";
 
 /// One link of a renewal chain (shared by the grants renewed from it, so a
 /// revoked ancestor is found even after its own entry was pruned).
@@ -453,7 +453,7 @@ fn sha256(b: &[u8]) -> [u8; 32] {
 }
 
 /// Parses an RFC 3339 time as the audit log writes it.
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     let ns = t.unix_timestamp_nanos();
     (ns >= 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64))

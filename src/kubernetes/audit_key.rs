@@ -24,11 +24,11 @@ use crate::util::secret::SecretBytes;
 use super::error::{kube_err, Error};
 
 /// The Secret's data key.
-pub const DATA_KEY: &str = "audit-signer.key";
+pub(crate) const DATA_KEY: &str = "audit-signer.key";
 
 /// What [`sync`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The Secret existed; its key is now the local one.
     Loaded,
     /// There was no Secret; this replica's key is now shared.
@@ -65,7 +65,7 @@ fn install(data_dir: &Path, key: &SecretBytes, now_unix: u64) -> Result<(), Erro
 }
 
 /// Makes the local signing key the one in Secret `name`.
-pub async fn sync(
+pub(crate) async fn sync(
     client: kube::Client,
     namespace: &str,
     name: &str,

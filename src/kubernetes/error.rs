@@ -80,7 +80,7 @@ pub enum Error {
 
 impl Error {
     /// Classifies a client error by the API server's status.
-    pub fn from_kube(what: impl Into<String>, e: kube::Error) -> Self {
+    pub(crate) fn from_kube(what: impl Into<String>, e: kube::Error) -> Self {
         let what = what.into();
         match e {
             kube::Error::Api(st) => {
@@ -113,7 +113,7 @@ impl Error {
     }
 
     /// True for a 409: another writer got there first; re-read and retry.
-    pub fn is_conflict(&self) -> bool {
+    pub(crate) fn is_conflict(&self) -> bool {
         matches!(self, Self::Conflict { .. })
     }
 }

@@ -31,11 +31,11 @@ use crate::util::secret::SecretBytes;
 use super::error::{kube_err, Error};
 
 /// The annotation naming the issuer meshca last wrote.
-pub const ANNOTATION: &str = "meshca.io/issuer-fingerprint";
+pub(crate) const ANNOTATION: &str = "meshca.io/issuer-fingerprint";
 
 /// What one reconciliation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The Secret already holds the current issuer.
     Unchanged,
     /// The Secret was created or rewritten with meshca's issuer.
@@ -48,7 +48,7 @@ pub enum Outcome {
 
 /// The Secret and where it lives.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// The CA's namespace.
     pub namespace: String,
     /// The Secret's name.
@@ -105,10 +105,10 @@ fn leaf(pem: &[u8]) -> Result<(String, std::time::SystemTime), String> {
 /// unchanged current one when refused). Once meshca's issuer moves on from
 /// that, the Secret is stale and is rewritten; until then a refused
 /// certificate is left in place for its owner to see and fix.
-pub type Handled = std::collections::HashMap<String, String>;
+pub(crate) type Handled = std::collections::HashMap<String, String>;
 
 /// One reconciliation of the Secret with the CA's issuer.
-pub async fn reconcile(
+pub(crate) async fn reconcile(
     api: &Api<Secret>,
     s: &Settings,
     rotation: &RotationService,
@@ -223,7 +223,7 @@ pub async fn reconcile(
 
 /// Keeps the Secret and the issuer in step while this replica leads (or
 /// always, without leader election), until `stop` flips.
-pub async fn run(
+pub(crate) async fn run(
     client: kube::Client,
     s: Settings,
     rotation: Arc<RotationService>,

@@ -26,7 +26,7 @@ use crate::trust::propagation::{ClientView, Tracker};
 use super::error::{kube_err, Error};
 
 /// The label that marks a report.
-pub const LABEL: &str = "meshca.io/propagation-report";
+pub(crate) const LABEL: &str = "meshca.io/propagation-report";
 /// The data key holding the report.
 pub const KEY: &str = "report.json";
 /// Reports older than this many intervals are ignored.
@@ -57,7 +57,7 @@ pub struct Report {
 }
 
 /// The ConfigMap name for a replica: DNS-1123, at most 253 characters.
-pub fn configmap_name(replica: &str) -> String {
+pub(crate) fn configmap_name(replica: &str) -> String {
     let mut n: String = replica
         .chars()
         .map(|c| match c.to_ascii_lowercase() {

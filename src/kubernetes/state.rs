@@ -68,7 +68,7 @@ impl std::fmt::Debug for Snapshot {
 }
 
 /// The Secret-backed state of one replica.
-pub struct SecretState {
+pub(crate) struct SecretState {
     api: Api<Secret>,
     client: kube::Client,
     name: String,
@@ -205,7 +205,7 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
 
 impl SecretState {
     /// The Secret `name` in `namespace`, mirrored into `data`.
-    pub fn new(
+    pub(crate) fn new(
         client: kube::Client,
         namespace: &str,
         name: &str,
@@ -240,7 +240,7 @@ impl SecretState {
     /// Brings the data directory to the Secret's state. Ok(true) when files
     /// changed; Ok(false) when there is no Secret or nothing new. A Secret
     /// that fails validation is reported (Event + error) and not applied.
-    pub async fn pull(&self) -> Result<bool, Error> {
+    pub(crate) async fn pull(&self) -> Result<bool, Error> {
         let Some(secret) = self
             .api
             .get_opt(&self.name)
@@ -318,7 +318,7 @@ impl SecretState {
     /// Writes the local state to the Secret, on top of the version it was
     /// based on. A 409 (another replica wrote first: pull and retry the
     /// step) is [`Error::Conflict`].
-    pub async fn push(&self) -> Result<(), Error> {
+    pub(crate) async fn push(&self) -> Result<(), Error> {
         let data = self.data.clone();
         let local = || format!("the local CA state for Secret {}", self.name);
         let snap = tokio::task::spawn_blocking(move || snapshot(&data))
@@ -393,7 +393,7 @@ impl crate::trust::service::SharedState for SecretState {
 
 impl SecretState {
     /// True once this replica's files correspond to a version of the Secret.
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         self.based_on().is_some()
     }
 }

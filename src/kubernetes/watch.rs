@@ -40,7 +40,7 @@ use crate::util::backoff::Backoff;
 
 /// What to follow.
 #[derive(Debug, Clone)]
-pub struct Target {
+pub(crate) struct Target {
     /// A name for logs and metrics ("secrets", "namespaces", …).
     pub resource: &'static str,
     /// Only the object with this name (a `metadata.name` field selector,
@@ -104,7 +104,7 @@ impl<K> Follower<K> for Wake {
 /// Lists and watches (through the `Api` that `api` builds over the client)
 /// until `stop` flips, waking `wake` on the initial list, on every re-list
 /// and on every event.
-pub async fn follow<K>(
+pub(crate) async fn follow<K>(
     client: kube::Client,
     api: impl FnOnce(kube::Client) -> Api<PartialObjectMeta<K>> + Send,
     target: Target,

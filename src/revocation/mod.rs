@@ -19,14 +19,14 @@ use crate::identity::Workload;
 use crate::metrics::Metrics;
 
 /// The file in the data directory.
-pub const FILE: &str = "revocations.json";
+pub(crate) const FILE: &str = "revocations.json";
 
 /// Longest reason kept (longer ones are cut).
 const MAX_REASON: usize = 256;
 
 /// Why, when and by whom an entry was made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Record {
+pub(crate) struct Record {
     /// The operator's reason.
     #[serde(default)]
     pub reason: String,
@@ -39,7 +39,7 @@ pub struct Record {
 
 /// The persisted list.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RevocationList {
+pub(crate) struct RevocationList {
     /// Revoked leaf serials (lowercase hex): they, and every certificate
     /// renewed from them, can no longer renew.
     #[serde(default)]
@@ -51,7 +51,7 @@ pub struct RevocationList {
 
 /// An operator's change.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Change {
+pub(crate) enum Change {
     /// Revoke a serial.
     RevokeSerial {
         /// Normalized serial.
@@ -74,7 +74,7 @@ pub enum Change {
 
 impl Change {
     /// The audit `result` and metric label.
-    pub fn action(&self) -> &'static str {
+    pub(crate) fn action(&self) -> &'static str {
         match self {
             Change::RevokeSerial { .. } => "serial_revoked",
             Change::Deny { .. } => "identity_denied",
@@ -84,7 +84,7 @@ impl Change {
     }
 
     /// One line for replies and logs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Change::RevokeSerial { serial, .. } => format!("revoked serial {serial}"),
             Change::Deny { identity, .. } => format!("denied identity {identity}"),
@@ -126,7 +126,7 @@ impl From<crate::trust::manager::TrustError> for RevocationError {
 
 /// Normalizes an operator-given serial (`0A:1b…`, `0x0a1b…`) to the
 /// lowercase hex meshca records.
-pub fn parse_serial(s: &str) -> Result<String, RevocationError> {
+pub(crate) fn parse_serial(s: &str) -> Result<String, RevocationError> {
     let t = s.trim();
     let t = t.strip_prefix("0x").unwrap_or(t);
     let hex: String = t
@@ -153,7 +153,7 @@ pub fn parse_serial(s: &str) -> Result<String, RevocationError> {
 }
 
 /// Parses `namespace/service-account`.
-pub fn parse_identity(s: &str) -> Result<Workload, RevocationError> {
+pub(crate) fn parse_identity(s: &str) -> Result<Workload, RevocationError> {
     let (ns, sa) = s.split_once('/').ok_or_else(|| {
         RevocationError::BadInput(format!(
             "{:?} is not an identity: write it as NAMESPACE/SERVICE-ACCOUNT, e.g. shop/web",
@@ -165,7 +165,7 @@ pub fn parse_identity(s: &str) -> Result<Workload, RevocationError> {
 
 /// The list in force, and where it is kept.
 #[derive(Debug)]
-pub struct Revocations {
+pub(crate) struct Revocations {
     path: Option<PathBuf>,
     list: ArcSwap<RevocationList>,
     metrics: Arc<Metrics>,
@@ -179,7 +179,7 @@ impl crate::trust::service::StateObserver for Revocations {
 
 impl Revocations {
     /// An empty list kept nowhere (tests, and cores built without a data directory).
-    pub fn in_memory(metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn in_memory(metrics: Arc<Metrics>) -> Self {
         Self {
             path: None,
             list: ArcSwap::from_pointee(RevocationList::default()),
@@ -190,7 +190,7 @@ impl Revocations {
     /// Loads the list of `data_dir` (empty if it has none). A file that does
     /// not parse is an error: starting without the operator's denials would
     /// silently re-admit what they shut out.
-    pub fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<Self, String> {
+    pub(crate) fn open(data_dir: &Path, metrics: Arc<Metrics>) -> Result<Self, String> {
         let r = Self {
             path: Some(data_dir.join(FILE)),
             list: ArcSwap::from_pointee(RevocationList::default()),
@@ -201,7 +201,7 @@ impl Revocations {
     }
 
     /// Re-reads the file (after the shared state replaced it). Blocking I/O.
-    pub fn reload(&self) -> Result<(), String> {
+    pub(crate) fn reload(&self) -> Result<(), String> {
         let Some(p) = &self.path else { return Ok(()) };
         let list = read_list(p)?;
         self.list.store(Arc::new(list));
@@ -210,12 +210,12 @@ impl Revocations {
     }
 
     /// The list in force.
-    pub fn list(&self) -> Arc<RevocationList> {
+    pub(crate) fn list(&self) -> Arc<RevocationList> {
         self.list.load_full()
     }
 
     /// The denial of `w`, if any.
-    pub fn denied(&self, w: &Workload) -> Option<Record> {
+    pub(crate) fn denied(&self, w: &Workload) -> Option<Record> {
         let l = self.list.load();
         if l.identities.is_empty() {
             return None;
@@ -224,19 +224,19 @@ impl Revocations {
     }
 
     /// True when `serial` is revoked.
-    pub fn is_revoked(&self, serial: &str) -> bool {
+    pub(crate) fn is_revoked(&self, serial: &str) -> bool {
         let l = self.list.load();
         !l.serials.is_empty() && l.serials.contains_key(serial)
     }
 
     /// True when nothing is revoked or denied (the request path skips work).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         let l = self.list.load();
         l.serials.is_empty() && l.identities.is_empty()
     }
 
     /// Applies a change to the file and the list in force. Blocking I/O.
-    pub fn apply(
+    pub(crate) fn apply(
         &self,
         change: &Change,
         by: &str,
@@ -314,7 +314,7 @@ fn read_list(p: &Path) -> Result<RevocationList, String> {
 
 /// Checks the bytes of a `revocations.json` (from the shared state Secret)
 /// before they are written into the data directory.
-pub fn validate(bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn validate(bytes: &[u8]) -> Result<(), String> {
     let l: RevocationList = serde_json::from_slice(bytes).map_err(|e| format!("{FILE}: {e}"))?;
     for s in l.serials.keys() {
         if parse_serial(s).as_deref() != Ok(s.as_str()) {
@@ -330,7 +330,7 @@ pub fn validate(bytes: &[u8]) -> Result<(), String> {
 /// Applies operator changes to a running (or offline) CA: the list, the
 /// shared state, the log line, the audit entry, the metrics.
 #[derive(Clone)]
-pub struct RevocationService {
+pub(crate) struct RevocationService {
     revs: Arc<Revocations>,
     audit: Option<crate::audit::AuditLog>,
     rotation: Option<Arc<crate::trust::service::RotationService>>,
@@ -347,7 +347,7 @@ impl std::fmt::Debug for RevocationService {
 
 impl RevocationService {
     /// `rotation` (when given) shares the change with the other replicas.
-    pub fn new(
+    pub(crate) fn new(
         revs: Arc<Revocations>,
         audit: Option<crate::audit::AuditLog>,
         rotation: Option<Arc<crate::trust::service::RotationService>>,
@@ -362,12 +362,12 @@ impl RevocationService {
     }
 
     /// The list.
-    pub fn revocations(&self) -> &Arc<Revocations> {
+    pub(crate) fn revocations(&self) -> &Arc<Revocations> {
         &self.revs
     }
 
     /// Makes one change, shares it, logs and audits it.
-    pub async fn change(&self, change: Change, actor: &str) -> Result<(), RevocationError> {
+    pub(crate) async fn change(&self, change: Change, actor: &str) -> Result<(), RevocationError> {
         let now = self.clock.now();
         let revs = self.revs.clone();
         let (c, by) = (change.clone(), actor.to_string());
@@ -426,7 +426,7 @@ impl RevocationService {
 }
 
 /// The list as the admin endpoint and `meshca revoke --list --output json` show it.
-pub fn list_json(l: &RevocationList) -> serde_json::Value {
+pub(crate) fn list_json(l: &RevocationList) -> serde_json::Value {
     serde_json::json!({
         "serials": l.serials.iter().map(|(s, r)| serde_json::json!({
             "serial": s, "reason": r.reason, "time": r.time, "by": r.by,

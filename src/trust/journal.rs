@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use super::rotation::RotationState;
 
 /// The journal file name.
-pub const FILE: &str = "rotation.json";
+pub(crate) const FILE: &str = "rotation.json";
 
 /// Why the journal could not be read or written.
 ///
@@ -95,7 +95,7 @@ impl Journal {
 
     /// Replaces the stored state with one adopted from the shared state of
     /// a replicated CA (which orders steps itself, by resourceVersion).
-    pub fn adopt(&self, state: &RotationState) -> Result<(), JournalError> {
+    pub(crate) fn adopt(&self, state: &RotationState) -> Result<(), JournalError> {
         self.write(state)
     }
 

@@ -66,7 +66,7 @@ pub enum RootSource {
 
 /// What [`TrustManager::reconcile`] had to do.
 #[derive(Debug, Default)]
-pub struct Reconciled {
+pub(crate) struct Reconciled {
     /// `bundle.pem` was rewritten.
     pub bundle_written: bool,
     /// A new issuer was made under the active root (and why).
@@ -76,7 +76,7 @@ pub struct Reconciled {
 }
 
 /// The issuer's certificate and key, and the root that signed it.
-pub struct IssuerFiles {
+pub(crate) struct IssuerFiles {
     /// SHA-256 of the issuer certificate.
     pub fingerprint: String,
     /// Its notBefore.
@@ -220,7 +220,7 @@ impl TrustManager {
     }
 
     /// Re-reads the journal (after the shared state replaced it).
-    pub fn reload(&self) -> Result<(), TrustError> {
+    pub(crate) fn reload(&self) -> Result<(), TrustError> {
         let s = self.journal.load()?.ok_or_else(|| {
             TrustError::Storage("rotation.json disappeared from the data directory".into())
         })?;
@@ -259,7 +259,7 @@ impl TrustManager {
 
     /// Brings `bundle.pem` and the issuer in line with the state. Safe to
     /// run any number of times; run at start and after every step.
-    pub fn reconcile(
+    pub(crate) fn reconcile(
         &self,
         issuer_lifetime: Duration,
         now: SystemTime,
@@ -300,7 +300,7 @@ impl TrustManager {
 
     /// The current issuer as files: for mirroring it into a
     /// `kubernetes.io/tls` Secret.
-    pub fn issuer_files(&self) -> Result<IssuerFiles, TrustError> {
+    pub(crate) fn issuer_files(&self) -> Result<IssuerFiles, TrustError> {
         let state = self.state();
         let active = state.active().ok_or(TrustError::NoActiveRoot)?;
         let cert_pem = std::fs::read(self.data.file("issuer.crt"))

@@ -95,7 +95,7 @@ impl Observations {
 
     /// True when every tracked client has seen bundle `version` (vacuously
     /// true with none).
-    pub fn all_acked(&self, version: u64) -> bool {
+    pub(crate) fn all_acked(&self, version: u64) -> bool {
         self.watchers == 0
             || (self.acked_version >= version && self.watchers_acked >= self.watchers)
     }
@@ -421,7 +421,7 @@ impl RotationState {
     }
 
     /// The next routine step and when it becomes safe (for `rotation status`).
-    pub fn next_step(&self, obs: &Observations) -> (String, Option<SystemTime>) {
+    pub(crate) fn next_step(&self, obs: &Observations) -> (String, Option<SystemTime>) {
         if let Some(p) = self.prepared() {
             let at = p.prepared_at + obs.propagation_wait;
             let acked = obs.all_acked(p.added_in_bundle);

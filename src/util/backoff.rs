@@ -15,7 +15,7 @@ use tokio::sync::watch;
 /// failed together do not retry in lock-step, while the wait never drops
 /// below half the nominal one (a flapping server still gets relief).
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     cap: Duration,
     jitter: bool,
@@ -35,7 +35,7 @@ impl Default for Backoff {
 
 impl Backoff {
     /// `initial` doubling up to `cap`, without jitter.
-    pub fn new(initial: Duration, cap: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, cap: Duration) -> Self {
         Self {
             initial,
             cap: cap.max(initial),
@@ -46,7 +46,7 @@ impl Backoff {
     }
 
     /// Draws each wait from `[d/2, d)`.
-    pub fn with_jitter(mut self) -> Self {
+    pub(crate) fn with_jitter(mut self) -> Self {
         self.jitter = true;
         self
     }
@@ -66,7 +66,7 @@ impl Backoff {
     }
 
     /// The wait before the next retry; each call counts one more failure.
-    pub fn next_wait(&mut self) -> Duration {
+    pub(crate) fn next_wait(&mut self) -> Duration {
         let d = self.nominal();
         self.attempt = self.attempt.saturating_add(1);
         if self.jitter {
@@ -79,7 +79,7 @@ impl Backoff {
     /// The wait after a failure that retrying soon cannot change (e.g. the
     /// operator denied this identity): straight to the cap, so such a
     /// client never retries hot.
-    pub fn wait_at_cap(&mut self) -> Duration {
+    pub(crate) fn wait_at_cap(&mut self) -> Duration {
         while self.nominal() < self.cap {
             self.attempt += 1;
         }
@@ -87,13 +87,13 @@ impl Backoff {
     }
 
     /// After a success: the next failure waits `initial` again.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
     /// Sleeps [`Self::next_wait`]; true when `stop` flipped (or its sender
     /// went away) first, so the caller returns instead of retrying.
-    pub async fn sleep_or_stop(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+    pub(crate) async fn sleep_or_stop(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
         let d = self.next_wait();
         tokio::select! {
             _ = tokio::time::sleep(d) => false,

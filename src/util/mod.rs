@@ -4,7 +4,7 @@
 //! wrappers, rate limiting, PEM text, retry backoff. Must not: depend on
 //! any other meshca module.
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod clock;
 pub mod duration;
 pub mod pem;
