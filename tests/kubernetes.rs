@@ -426,6 +426,8 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     let Err(e) = meshca::server::start(c).await else {
         panic!("a replica started with an unusable audit key");
     };
+    assert_eq!(e.step, meshca::server::Step::AuditLog);
+    let e = e.to_string();
     assert!(
         e.contains("audit_key_secret") && e.contains("meshca/bad-audit-key"),
         "{e}"

@@ -236,7 +236,7 @@ async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, String> {
     cfg.limits.identity_rate_limit = 1e9;
     cfg.limits.identity_rate_burst = u32::MAX;
     cfg.audit_log = audit;
-    let running = crate::server::start(cfg).await?;
+    let running = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
     let data = DataDir::new(dir.path());
     let signer = DevSigner::from_pem(
         &data

@@ -11,7 +11,7 @@ use crate::config::ServeArgs;
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
     let cfg = args.with_file()?.resolve()?;
     let _log = init_logging(cfg.log_format);
-    let mut running = crate::server::start(cfg).await?;
+    let mut running = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| e.to_string())?;
     tokio::select! {

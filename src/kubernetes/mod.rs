@@ -7,7 +7,7 @@
 //! start-up permission check (`rbac`); in-cluster detection (`detect`); the
 //! issuer's `kubernetes.io/tls` Secret (`issuer_secret`); the shared audit
 //! key (`audit_key`); propagation reports between replicas (`reports`);
-//! Events (`event`); and the pods and service accounts that exist, for
+//! Events (`event`); the one client factory (`client`); and the pods and service accounts that exist, for
 //! token bindings (`bindings`).
 //! Talks to the API server through kube with the configured credentials
 //! (`--kubeconfig`, or `in-cluster`). Must not: issue certificates or decide
@@ -15,6 +15,7 @@
 
 pub(crate) mod audit_key;
 pub mod bindings;
+pub mod client;
 pub(crate) mod detect;
 pub mod error;
 pub(crate) mod event;

@@ -1,0 +1,141 @@
+//! Step "open the CA": the data directory (pulled from the shared state
+//! first when replicas share one CA, created when empty), the lock that
+//! keeps offline `meshca rotation` commands out, the trust manager's
+//! reconciliation, and the live `Authority`.
+//!
+//! Must not: start tasks or bind sockets (later steps do).
+
+use std::sync::Arc;
+
+use crate::ca::store::{lock_data_dir, DataDir, InitOptions};
+use crate::ca::{Authority, Policy};
+use crate::config::ServeConfig;
+use crate::kubernetes::client::Factory;
+use crate::kubernetes::state::SecretState;
+use crate::metrics::Metrics;
+use crate::trust::manager::{Reconciled, TrustManager};
+use crate::util::clock::Clock;
+
+use super::BoxError;
+
+/// What the later steps need from an open CA.
+pub(super) struct OpenedCa {
+    /// The data directory.
+    pub data: DataDir,
+    /// Held until the server has drained: one server per data directory.
+    pub lock: std::fs::File,
+    /// The rotation journal and derived files.
+    pub manager: Arc<TrustManager>,
+    /// What start-up reconciliation did (published by the rotation service).
+    pub reconciled: Reconciled,
+    /// The live CA.
+    pub ca: Arc<Authority>,
+    /// The CA state shared with other replicas (`state_secret`), if any.
+    pub shared: Option<Arc<SecretState>>,
+}
+
+/// Opens (or creates) the CA in the data directory.
+pub(super) async fn open(
+    cfg: &ServeConfig,
+    kube: &Factory,
+    clock: Arc<dyn Clock>,
+    metrics: &Arc<Metrics>,
+) -> Result<OpenedCa, BoxError> {
+    let data = DataDir::new(&cfg.data_dir);
+    // Replicated: the shared state (a Secret), when it exists, is the CA;
+    // this replica's data directory becomes a copy of it.
+    let shared = pull_shared(cfg, kube, &data, metrics).await?;
+    if !data.is_initialized() {
+        init(cfg, &data, clock.as_ref())?;
+    }
+    // One server per data directory: offline `meshca rotation` commands
+    // take the same lock, so they cannot race a running server.
+    let lock = lock_data_dir(&data)?;
+    let manager = Arc::new(TrustManager::open(data.clone(), clock.now())?);
+    // Finish whatever a crash interrupted, renew an expired issuer under a
+    // still-valid root; an expired root is reported, not fatal (recovery is
+    // `rotation prepare` + `activate --force` against this running server).
+    let reconciled = manager.reconcile(cfg.issuer_lifetime, clock.now())?;
+    let loaded = data.load().map_err(|e| e.to_string())?;
+    let active_root = manager
+        .state()
+        .active()
+        .map(|r| r.id.clone())
+        .ok_or("the rotation state has no active root")?;
+    let policy = Policy {
+        mesh: cfg.mesh.clone(),
+        default_ttl: cfg.default_ttl,
+        max_ttl: cfg.max_ttl,
+        min_ttl: cfg.min_ttl,
+    };
+    let ca = Arc::new(Authority::new(
+        policy,
+        clock,
+        loaded.issuer.with_root(active_root),
+        loaded.roots,
+    ));
+    ca.set_bundle(manager.bundle()?);
+    metrics.set_issuer_expiry(crate::util::clock::unix_secs(ca.issuer().not_after));
+    Ok(OpenedCa {
+        data,
+        lock,
+        manager,
+        reconciled,
+        ca,
+        shared,
+    })
+}
+
+/// With `state_secret`: copies the shared CA state into the data directory.
+async fn pull_shared(
+    cfg: &ServeConfig,
+    kube: &Factory,
+    data: &DataDir,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Arc<SecretState>>, BoxError> {
+    let Some(name) = &cfg.state_secret else {
+        return Ok(None);
+    };
+    let Some(client) = kube
+        .client()
+        .await
+        .map_err(|e| format!("invalid setting kubeconfig: {e}"))?
+    else {
+        return Ok(None);
+    };
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
+    let ss = Arc::new(SecretState::new(
+        client,
+        cfg.mesh.control_plane_ns.as_str(),
+        name,
+        &cfg.replica,
+        data.clone(),
+        metrics.clone(),
+    ));
+    if ss.pull().await? {
+        tracing::info!(secret = %name, "loaded the CA state shared by the other replicas");
+    }
+    Ok(Some(ss))
+}
+
+/// Creates the CA in an empty data directory (root generated or imported).
+fn init(cfg: &ServeConfig, data: &DataDir, clock: &dyn Clock) -> Result<(), BoxError> {
+    let opts = InitOptions {
+        issuer_lifetime: cfg.issuer_lifetime,
+        import_root: cfg.init_root.clone(),
+        ..Default::default()
+    };
+    let report = data
+        .init(&opts, clock.now())
+        .map_err(|e| format!("initializing {}: {e}", cfg.data_dir.display()))?;
+    tracing::info!(
+        data_dir = %cfg.data_dir.display(),
+        root = %report.root_fingerprint,
+        issuer = %report.issuer_fingerprint,
+        imported = report.imported,
+        "data directory was empty: created the CA (root {}, and a new issuer)",
+        if report.imported { "imported" } else { "generated" }
+    );
+    Ok(())
+}
