@@ -105,7 +105,8 @@ async fn operator_routes_need_the_token_for_every_method_and_probes_do_not() {
 #[tokio::test]
 async fn a_rebound_host_name_is_refused_and_configured_names_are_served() {
     let ca =
-        Ca::start_with(|c| c.admin_allowed_hosts = vec!["meshca-admin.meshca.svc".into()]).await;
+        Ca::start_with(|c| c.admin.admin_allowed_hosts = vec!["meshca-admin.meshca.svc".into()])
+            .await;
     let addr = ca.running.admin_addr;
     let port = addr.port();
     let token = ca.admin_token();
@@ -181,8 +182,8 @@ async fn an_unknown_serial_is_404_with_a_short_escaped_json_error() {
 #[tokio::test]
 async fn audit_entries_page_with_a_default_a_maximum_and_a_cursor() {
     let ca = Ca::start_with(|c| {
-        c.rate_limit = 10_000.0;
-        c.rate_burst = 10_000;
+        c.api.rate_limit = 10_000.0;
+        c.api.rate_burst = 10_000;
     })
     .await;
     let ch = ca.channel().await;

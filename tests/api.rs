@@ -170,7 +170,7 @@ async fn native_api_issues_a_verifiable_svid() {
 
 #[tokio::test]
 async fn ttl_above_maximum_is_clamped_and_reported() {
-    let ca = Ca::start_with(|c| c.max_ttl = Duration::from_secs(7200)).await;
+    let ca = Ca::start_with(|c| c.set_max_ttl(Duration::from_secs(7200))).await;
     let mut c = pb::identity_client::IdentityClient::new(ca.channel().await);
     let r = c
         .certify(pb::CertifyRequest {

@@ -48,7 +48,7 @@ fn metric(text: &str, name: &str) -> f64 {
 #[tokio::test]
 async fn a_flood_of_refusals_with_a_9kb_iss_cannot_fill_the_log() {
     let ca = Ca::start_with(|c| {
-        c.audit_refusal = meshca::audit::intake::Limits {
+        c.audit.audit_refusal = meshca::audit::intake::Limits {
             rate: 1.0,
             burst: 10,
             window: Duration::from_secs(2),
@@ -203,8 +203,8 @@ async fn a_full_disk_withholds_certificates_says_why_and_heals_by_itself() {
     let data = fs.0.join("data");
     let running = meshca::server::start({
         let mut c = meshca::config::ServeConfig::for_tests(data.clone());
-        c.rate_limit = 100_000.0;
-        c.rate_burst = 100_000;
+        c.api.rate_limit = 100_000.0;
+        c.api.rate_burst = 100_000;
         c
     })
     .await
@@ -380,9 +380,9 @@ async fn the_wal_is_folded_regularly_and_stays_bounded() {
 #[tokio::test]
 async fn audit_max_bytes_fails_closed_before_the_volume_limit() {
     let ca = Ca::start_with(|c| {
-        c.rate_limit = 100_000.0;
-        c.rate_burst = 100_000;
-        c.audit_max_bytes = Some(256 * 1024);
+        c.api.rate_limit = 100_000.0;
+        c.api.rate_burst = 100_000;
+        c.audit.audit_max_bytes = Some(256 * 1024);
     })
     .await;
     let ch = ca.channel().await;

@@ -53,10 +53,10 @@ async fn jwks_ca_watching_one_pod(dir: &std::path::Path) -> Watched {
     api.add_pod("shop", POD, POD_UID);
     let jwks = key.jwks.clone();
     let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.jwks_file = Some(jwks);
-        c.authn_order = vec![AuthnSource::Jwks];
-        c.watch_token_bindings = true;
+        c.kubernetes.kubeconfig = Some(kc);
+        c.authn.jwks_file = Some(jwks);
+        c.authn.authn_order = vec![AuthnSource::Jwks];
+        c.kubernetes.watch_token_bindings = true;
     })
     .await;
     let ch = ca.channel().await;
@@ -255,10 +255,10 @@ async fn until_the_pod_watch_syncs_tokens_go_to_tokenreview_or_get_unavailable()
     let start = |order: Vec<AuthnSource>| {
         let (kc, jwks) = (kc.clone(), key.jwks.clone());
         Ca::start_with(move |c| {
-            c.kubeconfig = Some(kc);
-            c.jwks_file = Some(jwks);
-            c.authn_order = order;
-            c.watch_token_bindings = true;
+            c.kubernetes.kubeconfig = Some(kc);
+            c.authn.jwks_file = Some(jwks);
+            c.authn.authn_order = order;
+            c.kubernetes.watch_token_bindings = true;
         })
     };
     let token = key.token((POD, POD_UID));
@@ -312,9 +312,9 @@ async fn a_cached_tokenreview_is_not_reused_once_the_pod_is_gone() {
         .unwrap()
         .insert(token.clone(), (POD.into(), POD_UID.into()));
     let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.authn_order = vec![AuthnSource::Tokenreview];
-        c.watch_token_bindings = true;
+        c.kubernetes.kubeconfig = Some(kc);
+        c.authn.authn_order = vec![AuthnSource::Tokenreview];
+        c.kubernetes.watch_token_bindings = true;
     })
     .await;
     let ch = ca.channel().await;
@@ -378,9 +378,9 @@ async fn legacy_tokens_are_refused_on_the_tokenreview_path_too() {
     let start = |allow: bool| {
         let kc = kc.clone();
         Ca::start_with(move |c| {
-            c.kubeconfig = Some(kc);
-            c.authn_order = vec![AuthnSource::Tokenreview];
-            c.allow_legacy_tokens = allow;
+            c.kubernetes.kubeconfig = Some(kc);
+            c.authn.authn_order = vec![AuthnSource::Tokenreview];
+            c.authn.allow_legacy_tokens = allow;
         })
     };
     let ca = start(false).await;
@@ -450,11 +450,11 @@ async fn tokens_from_foreign_issuers_never_reach_tokenreview() {
     }
     let jwks = key.jwks.clone();
     let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
+        c.kubernetes.kubeconfig = Some(kc);
         // A JWKS that does not know the foreign issuer leaves it undecided
         // for TokenReview: the path the attack would take.
-        c.jwks_file = Some(jwks);
-        c.authn_order = vec![AuthnSource::Jwks, AuthnSource::Tokenreview];
+        c.authn.jwks_file = Some(jwks);
+        c.authn.authn_order = vec![AuthnSource::Jwks, AuthnSource::Tokenreview];
     })
     .await;
     let before_issuer = metric(
@@ -498,11 +498,11 @@ async fn one_caller_cannot_spend_another_callers_tokenreview_budget() {
         .unwrap()
         .insert(good.clone(), ("shop".into(), "web".into()));
     let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.authn_order = vec![AuthnSource::Tokenreview];
+        c.kubernetes.kubeconfig = Some(kc);
+        c.authn.authn_order = vec![AuthnSource::Tokenreview];
         // A budget that barely refills during the test.
-        c.tokenreview_qps = 0.01;
-        c.tokenreview_burst = 8;
+        c.authn.tokenreview_qps = 0.01;
+        c.authn.tokenreview_burst = 8;
     })
     .await;
     let before = metric(&ca, "meshca_tokenreview_throttled_total{scope=\"peer\"}");

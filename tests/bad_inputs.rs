@@ -94,8 +94,8 @@ async fn run(ca: &Ca, call: Call) -> Result<(), tonic::Status> {
 #[tokio::test]
 async fn bad_inputs_get_the_right_codes_and_the_server_keeps_serving() {
     let ca = Ca::start_with(|c| {
-        c.rate_limit = 0.01;
-        c.rate_burst = 200;
+        c.api.rate_limit = 0.01;
+        c.api.rate_burst = 200;
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();

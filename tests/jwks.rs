@@ -104,9 +104,9 @@ async fn oidc_discovery_jwks_with_rotation_and_rs256() {
     std::fs::write(&ca_file, &ca_pem).unwrap();
 
     let ca = Ca::start_with(|c| {
-        c.oidc_issuer_url = Some(issuer.clone());
-        c.jwt_issuers = vec![issuer.clone()];
-        c.jwks_ca_file = Some(ca_file.clone());
+        c.authn.oidc_issuer_url = Some(issuer.clone());
+        c.authn.jwt_issuers = vec![issuer.clone()];
+        c.authn.jwks_ca_file = Some(ca_file.clone());
     })
     .await;
     assert_eq!(fetches.load(Ordering::SeqCst), 1, "fetched once at start");
@@ -183,7 +183,7 @@ async fn unreachable_jwks_is_unavailable() {
     let tmp = tempfile::tempdir().unwrap();
     let (pem_a, jwk_a) = es256_key();
     let url = format!("https://127.0.0.1:{}/openid/v1/jwks", closed_port());
-    let ca = Ca::start_with(|c| c.jwks_url = Some(url)).await;
+    let ca = Ca::start_with(|c| c.authn.jwks_url = Some(url)).await;
     let t = sign(
         jsonwebtoken::Algorithm::ES256,
         &pem_a,

@@ -36,8 +36,8 @@ async fn replica(kc: &std::path::Path, name: &str) -> Ca {
     let kc = kc.to_path_buf();
     let name = name.to_string();
     Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.publish = Some(PublishConfig {
+        c.kubernetes.kubeconfig = Some(kc);
+        c.kubernetes.publish = Some(PublishConfig {
             namespace_labels: [("mesh".to_string(), "on".to_string())]
                 .into_iter()
                 .collect(),
@@ -47,7 +47,7 @@ async fn replica(kc: &std::path::Path, name: &str) -> Ca {
             lease_duration: Duration::from_secs(2),
         });
         c.replica = name;
-        c.propagation_wait = Duration::from_secs(0);
+        c.trust.propagation_wait = Duration::from_secs(0);
     })
     .await
 }
@@ -324,9 +324,9 @@ async fn tokens_are_checked_against_the_api_servers_own_jwks() {
     api.publish_oidc(issuer, signer.jwks());
     let kc2 = kc.clone();
     let ca = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc2);
-        c.jwks_kubernetes = true;
-        c.authn_order = vec![meshca::config::AuthnSource::Jwks];
+        c.kubernetes.kubeconfig = Some(kc2);
+        c.authn.jwks_kubernetes = true;
+        c.authn.authn_order = vec![meshca::config::AuthnSource::Jwks];
     })
     .await;
     let ch = ca.channel().await;
@@ -356,16 +356,16 @@ async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path
     let name = name.to_string();
     let jwks = jwks.to_path_buf();
     Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.jwks_file = Some(jwks);
-        c.authn_order = vec![meshca::config::AuthnSource::Jwks];
-        c.state_secret = Some("meshca-ca".into());
-        c.audit_key_secret = Some("meshca-audit-key".into());
-        c.propagation_report_interval = Duration::from_millis(200);
+        c.kubernetes.kubeconfig = Some(kc);
+        c.authn.jwks_file = Some(jwks);
+        c.authn.authn_order = vec![meshca::config::AuthnSource::Jwks];
+        c.kubernetes.state_secret = Some("meshca-ca".into());
+        c.kubernetes.audit_key_secret = Some("meshca-audit-key".into());
+        c.kubernetes.propagation_report_interval = Duration::from_millis(200);
         // Long: changes must arrive through the watch, not the safety-net poll.
-        c.state_poll_interval = Duration::from_secs(3600);
+        c.kubernetes.state_poll_interval = Duration::from_secs(3600);
         c.replica = name;
-        c.propagation_wait = Duration::from_secs(0);
+        c.trust.propagation_wait = Duration::from_secs(0);
     })
     .await
 }
@@ -421,8 +421,8 @@ async fn two_replicas_share_one_ca_through_a_secret() {
     );
     let bad_dir = tempfile::tempdir().unwrap();
     let mut c = meshca::config::ServeConfig::for_tests(bad_dir.path().join("data"));
-    c.kubeconfig = Some(kc.clone());
-    c.audit_key_secret = Some("bad-audit-key".into());
+    c.kubernetes.kubeconfig = Some(kc.clone());
+    c.kubernetes.audit_key_secret = Some("bad-audit-key".into());
     let Err(e) = meshca::server::start(c).await else {
         panic!("a replica started with an unusable audit key");
     };
@@ -581,8 +581,8 @@ async fn watches_list_again_after_410_gone() {
     // (a and b's shared CA holds "meshca-leader").
     let kc2 = kc.clone();
     let p = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc2);
-        c.publish = Some(PublishConfig {
+        c.kubernetes.kubeconfig = Some(kc2);
+        c.kubernetes.publish = Some(PublishConfig {
             namespace_labels: Default::default(),
             resync: Duration::from_secs(3600),
             lease: "meshca-publisher".into(),
@@ -663,8 +663,8 @@ async fn a_410_answered_to_the_watch_request_also_lists_again() {
     api.gone_as_status
         .store(true, std::sync::atomic::Ordering::SeqCst);
     let p = Ca::start_with(move |c| {
-        c.kubeconfig = Some(kc);
-        c.publish = Some(PublishConfig {
+        c.kubernetes.kubeconfig = Some(kc);
+        c.kubernetes.publish = Some(PublishConfig {
             namespace_labels: Default::default(),
             resync: Duration::from_secs(3600),
             lease: "meshca-publisher".into(),
@@ -917,12 +917,12 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
     let with_issuer_secret = |name: &'static str| {
         let (kc, jwks) = (kc.clone(), jwks.clone());
         Ca::start_with(move |c| {
-            c.kubeconfig = Some(kc);
-            c.jwks_file = Some(jwks);
-            c.authn_order = vec![meshca::config::AuthnSource::Jwks];
-            c.state_secret = Some("meshca-ca".into());
-            c.issuer_secret = Some("meshca-issuer".into());
-            c.state_poll_interval = Duration::from_secs(3600);
+            c.kubernetes.kubeconfig = Some(kc);
+            c.authn.jwks_file = Some(jwks);
+            c.authn.authn_order = vec![meshca::config::AuthnSource::Jwks];
+            c.kubernetes.state_secret = Some("meshca-ca".into());
+            c.kubernetes.issuer_secret = Some("meshca-issuer".into());
+            c.kubernetes.state_poll_interval = Duration::from_secs(3600);
             c.replica = name.into();
         })
     };

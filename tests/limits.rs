@@ -119,8 +119,8 @@ async fn three_hundred_pods_of_one_service_account_certify_at_once_while_one_ham
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_account_ceiling_bounds_all_its_pods_together() {
     let ca = Ca::start_with(|c| {
-        c.limits.identity_rate_burst = 30;
-        c.limits.identity_rate_limit = 0.01;
+        c.api.limits.identity_rate_burst = 30;
+        c.api.limits.identity_rate_limit = 0.01;
     })
     .await;
     let before = metric(&ca, "meshca_rate_limited_total{scope=\"identity\"}");
@@ -162,8 +162,8 @@ async fn closed_within(s: &mut (impl AsyncReadExt + Unpin), limit: Duration) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_closed_at_accept() {
     let ca = Ca::start_with(|c| {
-        c.limits.max_connections = 3;
-        c.limits.handshake_timeout = Duration::from_secs(60);
+        c.api.limits.max_connections = 3;
+        c.api.limits.handshake_timeout = Duration::from_secs(60);
     })
     .await;
     let before = metric(
@@ -213,7 +213,7 @@ async fn connections_over_the_cap_are_closed_at_accept() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_is_dropped_after_the_timeout() {
-    let ca = Ca::start_with(|c| c.limits.handshake_timeout = Duration::from_millis(500)).await;
+    let ca = Ca::start_with(|c| c.api.limits.handshake_timeout = Duration::from_millis(500)).await;
     let before = metric(
         &ca,
         "meshca_grpc_connections_closed_total{reason=\"handshake_timeout\"}",
@@ -264,9 +264,9 @@ async fn mute_h2_client(ca: &Ca) -> tokio_rustls::client::TlsStream<tokio::net::
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_does_not_answer_keepalive_pings_is_disconnected() {
     let ca = Ca::start_with(|c| {
-        c.limits.keepalive_interval = Some(Duration::from_millis(300));
-        c.limits.keepalive_timeout = Duration::from_millis(300);
-        c.limits.idle_timeout = None;
+        c.api.limits.keepalive_interval = Some(Duration::from_millis(300));
+        c.api.limits.keepalive_timeout = Duration::from_millis(300);
+        c.api.limits.idle_timeout = None;
     })
     .await;
     let mut s = mute_h2_client(&ca).await;
@@ -282,8 +282,8 @@ async fn a_peer_that_does_not_answer_keepalive_pings_is_disconnected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_is_closed_but_an_open_stream_keeps_its_connection() {
     let ca = Ca::start_with(|c| {
-        c.limits.idle_timeout = Some(Duration::from_secs(1));
-        c.propagation_wait = Duration::ZERO;
+        c.api.limits.idle_timeout = Some(Duration::from_secs(1));
+        c.trust.propagation_wait = Duration::ZERO;
     })
     .await;
     let before = metric(&ca, "meshca_grpc_connections_closed_total{reason=\"idle\"}");
@@ -318,7 +318,7 @@ async fn an_idle_connection_is_closed_but_an_open_stream_keeps_its_connection() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_connection_are_capped() {
-    let ca = Ca::start_with(|c| c.limits.max_concurrent_streams = 2).await;
+    let ca = Ca::start_with(|c| c.api.limits.max_concurrent_streams = 2).await;
     let ch = ca.channel().await;
     let mut c = pb::identity_client::IdentityClient::new(ch);
     let w1 = c
@@ -350,7 +350,7 @@ async fn streams_per_connection_are_capped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_are_refused() {
-    let ca = Ca::start_with(|c| c.limits.max_header_bytes = 4096).await;
+    let ca = Ca::start_with(|c| c.api.limits.max_header_bytes = 4096).await;
     let mut c = pb::identity_client::IdentityClient::new(ca.channel().await);
     let call = |n: usize| {
         let mut req = tonic::Request::new(pb::GetTrustBundleRequest {});

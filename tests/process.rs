@@ -172,9 +172,9 @@ async fn server_serial(ca: &Ca) -> Vec<u8> {
 async fn server_certificate_renews_itself() {
     // A 10 s lifetime renews at 60 %, i.e. after about 6 s.
     let ca = Ca::start_with(|c| {
-        c.min_ttl = Duration::from_secs(1);
-        c.max_ttl = Duration::from_secs(10);
-        c.default_ttl = Duration::from_secs(10);
+        c.issuance.min_ttl = Duration::from_secs(1);
+        c.set_max_ttl(Duration::from_secs(10));
+        c.issuance.default_ttl = Duration::from_secs(10);
     })
     .await;
     let first = server_serial(&ca).await;

@@ -278,7 +278,7 @@ async fn unknown_serials_are_refused_even_when_signed_by_the_real_issuer() {
 
 #[tokio::test]
 async fn renewal_is_bounded_by_renewal_max_age_and_a_token_then_works() {
-    let ca = Ca::start_with(|c| c.renewal_max_age = Duration::from_millis(2500)).await;
+    let ca = Ca::start_with(|c| c.authn.renewal_max_age = Duration::from_millis(2500)).await;
     let first = with_token(&ca, "web").await;
     let second = renew(&ca, &first).await.expect("renews within max age");
     let third = renew(&ca, &second).await.expect("a renewed leaf renews");
@@ -313,7 +313,7 @@ async fn renewal_is_bounded_by_renewal_max_age_and_a_token_then_works() {
 
 #[tokio::test]
 async fn renewal_max_age_zero_turns_renewal_by_certificate_off() {
-    let ca = Ca::start_with(|c| c.renewal_max_age = Duration::ZERO).await;
+    let ca = Ca::start_with(|c| c.authn.renewal_max_age = Duration::ZERO).await;
     let first = with_token(&ca, "web").await;
     assert_refused_with_hint(renew(&ca, &first).await, "disabled", "renewal off");
 }
@@ -339,7 +339,7 @@ async fn the_index_survives_a_restart_through_the_audit_log_and_fails_closed_wit
         .expect("leaves granted before the restart still renew");
     // Without the audit log nothing survives a restart: every leaf is
     // unknown to the new process and its holder must present a token.
-    let ca = restart(ca, |c| c.audit_log = false).await;
+    let ca = restart(ca, |c| c.audit.audit_log = false).await;
     assert_refused_with_hint(
         renew(&ca, &held).await,
         "was not issued by this CA replica",
@@ -357,8 +357,8 @@ async fn the_agent_keeps_its_identity_with_its_token_when_certificates_cannot_re
     // replica that never saw the serial would. The agent certifies with its
     // token each time, so it keeps renewing.
     let ca = Ca::start_with(|c| {
-        c.renewal_max_age = Duration::ZERO;
-        c.min_ttl = Duration::from_secs(1);
+        c.authn.renewal_max_age = Duration::ZERO;
+        c.issuance.min_ttl = Duration::from_secs(1);
     })
     .await;
     let tmp = tempfile::tempdir().unwrap();

@@ -411,7 +411,7 @@ async fn offline_revocations_need_the_data_dir_lock_and_survive_restarts() {
 
 #[tokio::test]
 async fn a_denied_agent_backs_off_and_stops_serving_its_certificate_at_expiry() {
-    let ca = Ca::start_with(|c| c.min_ttl = Duration::from_secs(1)).await;
+    let ca = Ca::start_with(|c| c.issuance.min_ttl = Duration::from_secs(1)).await;
     let tmp = tempfile::tempdir().unwrap();
     let agent = ca.start_agent(tmp.path(), Duration::from_secs(4));
     let svid = agent.ready(Duration::from_secs(10)).await.unwrap();

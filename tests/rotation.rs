@@ -21,7 +21,7 @@ async fn issuer_renews_itself_without_restart() {
     };
     DataDir::new(&data).init(&opts, SystemTime::now()).unwrap();
     let mut cfg = ServeConfig::for_tests(data.clone());
-    cfg.min_ttl = Duration::from_secs(1);
+    cfg.issuance.min_ttl = Duration::from_secs(1);
     let running = meshca::server::start(cfg).await.unwrap();
     let first = running.ca.issuer().fingerprint.clone();
 

@@ -349,11 +349,11 @@ async fn scenario(
     wait: Duration,
 ) -> Scenario {
     let ca = Ca::start_with(|c| {
-        c.max_ttl = max_ttl;
-        c.default_ttl = max_ttl;
-        c.min_ttl = Duration::from_secs(1);
-        c.propagation_wait = wait;
-        c.rotation_check_interval = Duration::from_millis(200);
+        c.set_max_ttl(max_ttl);
+        c.issuance.default_ttl = max_ttl;
+        c.issuance.min_ttl = Duration::from_secs(1);
+        c.trust.propagation_wait = wait;
+        c.trust.check_interval = Duration::from_millis(200);
     })
     .await;
     let data = ca.dir.path().join("data");
@@ -645,13 +645,13 @@ async fn a_workload_that_does_not_watch_blocks_activation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_automatic_policy_walks_the_same_gated_steps() {
     let ca = Ca::start_with(|c| {
-        c.max_ttl = Duration::from_secs(2);
-        c.default_ttl = Duration::from_secs(2);
-        c.min_ttl = Duration::from_secs(1);
-        c.propagation_wait = Duration::from_secs(1);
-        c.root_lifetime = Duration::from_secs(3600);
-        c.auto_rotate_root_every = Some(Duration::from_secs(2));
-        c.rotation_check_interval = Duration::from_millis(200);
+        c.set_max_ttl(Duration::from_secs(2));
+        c.issuance.default_ttl = Duration::from_secs(2);
+        c.issuance.min_ttl = Duration::from_secs(1);
+        c.trust.propagation_wait = Duration::from_secs(1);
+        c.trust.root_lifetime = Duration::from_secs(3600);
+        c.trust.auto_rotate_every = Some(Duration::from_secs(2));
+        c.trust.check_interval = Duration::from_millis(200);
     })
     .await;
     let first = meshca::ca::fingerprint(&ca.running.ca.bundle().roots[0]);

@@ -123,7 +123,7 @@ async fn tokenreview_authenticates_and_caches() {
         &format!("https://127.0.0.1:{}", api.addr.port()),
         &api.ca_pem,
     );
-    let ca = Ca::start_with(|c| c.kubeconfig = Some(kc)).await;
+    let ca = Ca::start_with(|c| c.kubernetes.kubeconfig = Some(kc)).await;
 
     let ch = ca.channel().await;
     for _ in 0..3 {
@@ -177,7 +177,7 @@ async fn api_server_outage_is_unavailable_not_unauthenticated() {
         &format!("https://127.0.0.1:{port}"),
         &api.ca_pem,
     );
-    let ca = Ca::start_with(|c| c.kubeconfig = Some(kc)).await;
+    let ca = Ca::start_with(|c| c.kubernetes.kubeconfig = Some(kc)).await;
     let e = certify_native(&ca.channel().await, GOOD.as_str())
         .await
         .unwrap_err();
@@ -191,7 +191,7 @@ async fn api_server_outage_is_unavailable_not_unauthenticated() {
         &format!("https://127.0.0.1:{}", failing.addr.port()),
         &failing.ca_pem,
     );
-    let ca2 = Ca::start_with(|c| c.kubeconfig = Some(kc2)).await;
+    let ca2 = Ca::start_with(|c| c.kubernetes.kubeconfig = Some(kc2)).await;
     let e = certify_native(&ca2.channel().await, GOOD.as_str())
         .await
         .unwrap_err();

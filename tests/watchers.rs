@@ -74,7 +74,7 @@ fn metric(ca: &Ca, name_and_labels: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_anonymous_watcher_that_never_reads_does_not_block_activation() {
-    let ca = Ca::start_with(|c| c.propagation_wait = Duration::ZERO).await;
+    let ca = Ca::start_with(|c| c.trust.propagation_wait = Duration::ZERO).await;
     // The attack: an anonymous stream with a window of 0.
     let stuck_ch = connect(&ca, true, None).await;
     let _stuck = watch(&stuck_ch, None)
@@ -115,8 +115,8 @@ async fn an_anonymous_watcher_that_never_reads_does_not_block_activation() {
 async fn a_lagging_authenticated_watcher_blocks_activation_until_it_stalls_out() {
     const STALL: Duration = Duration::from_secs(5);
     let ca = Ca::start_with(|c| {
-        c.propagation_wait = Duration::ZERO;
-        c.limits.watch.stall_timeout = STALL;
+        c.trust.propagation_wait = Duration::ZERO;
+        c.api.limits.watch.stall_timeout = STALL;
     })
     .await;
     let token = ca.token("shop", "web", "meshca");
@@ -196,8 +196,8 @@ async fn a_lagging_authenticated_watcher_blocks_activation_until_it_stalls_out()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_watchers_are_capped_per_address_and_in_total() {
     let ca = Ca::start_with(|c| {
-        c.limits.watch.anonymous_per_ip = 2;
-        c.limits.watch.anonymous_max = 3;
+        c.api.limits.watch.anonymous_per_ip = 2;
+        c.api.limits.watch.anonymous_max = 3;
     })
     .await;
     let m = |r: &str| {

@@ -33,10 +33,10 @@ fn id(sa: &str) -> String {
 /// A CA with short leaves (renewals within seconds).
 async fn short_lived_ca() -> Ca {
     Ca::start_with(|c| {
-        c.max_ttl = Duration::from_secs(3);
-        c.default_ttl = Duration::from_secs(3);
-        c.min_ttl = Duration::from_secs(1);
-        c.propagation_wait = Duration::from_secs(3);
+        c.set_max_ttl(Duration::from_secs(3));
+        c.issuance.default_ttl = Duration::from_secs(3);
+        c.issuance.min_ttl = Duration::from_secs(1);
+        c.trust.propagation_wait = Duration::from_secs(3);
     })
     .await
 }
@@ -528,7 +528,7 @@ async fn two_proxies_carry_traffic_with_identity_checks_through_renewals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_recertifies_at_once_when_its_root_is_tainted() {
     // Long leaves: a renewal within the test can only come from the taint.
-    let ca = Ca::start_with(|c| c.propagation_wait = Duration::from_secs(1)).await;
+    let ca = Ca::start_with(|c| c.trust.propagation_wait = Duration::from_secs(1)).await;
     let dir = tempfile::tempdir().unwrap();
     let a = agent_for(&ca, dir.path(), "web").await;
     let mut rx = a.watch();

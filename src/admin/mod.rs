@@ -13,6 +13,7 @@ pub(crate) mod guard;
 pub mod probes;
 pub(crate) mod revocation;
 pub(crate) mod rotation;
+pub mod settings;
 
 pub(crate) use error::AdminError;
 

@@ -10,6 +10,7 @@ pub(crate) mod connections;
 pub mod istio;
 pub mod linkerd;
 pub mod native;
+pub mod settings;
 pub(crate) mod status;
 pub(crate) mod watchers;
 

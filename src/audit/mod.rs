@@ -12,6 +12,7 @@ pub mod intake;
 pub mod merkle;
 pub mod note;
 pub mod query;
+pub mod settings;
 pub mod store;
 pub(crate) mod tiles;
 pub mod verify;

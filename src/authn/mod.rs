@@ -12,6 +12,7 @@ pub mod devtoken;
 pub mod fetch;
 pub mod jwt;
 pub(crate) mod renewal;
+pub mod settings;
 pub mod tokenreview;
 
 use std::time::SystemTime;

@@ -8,6 +8,7 @@
 pub mod csr;
 pub(crate) mod keys;
 pub(crate) mod profile;
+mod settings;
 pub mod store;
 
 use std::sync::Arc;

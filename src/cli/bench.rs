@@ -231,11 +231,11 @@ async fn measure(args: &BenchArgs, audit: bool) -> Result<BenchReport, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut cfg = ServeConfig::for_tests(dir.path().to_path_buf());
     // The benchmark measures the issuance path, not the abuse limiter.
-    cfg.rate_limit = 1e9;
-    cfg.rate_burst = u32::MAX;
-    cfg.limits.identity_rate_limit = 1e9;
-    cfg.limits.identity_rate_burst = u32::MAX;
-    cfg.audit_log = audit;
+    cfg.api.rate_limit = 1e9;
+    cfg.api.rate_burst = u32::MAX;
+    cfg.api.limits.identity_rate_limit = 1e9;
+    cfg.api.limits.identity_rate_burst = u32::MAX;
+    cfg.audit.audit_log = audit;
     let running = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
     let data = DataDir::new(dir.path());
     let signer = DevSigner::from_pem(

@@ -9,7 +9,10 @@ use crate::config::ServeArgs;
 
 /// Runs the CA until SIGINT or SIGTERM, then drains in-flight requests.
 pub(crate) async fn run(args: ServeArgs) -> Result<(), String> {
-    let cfg = args.with_file()?.resolve()?;
+    let cfg = args
+        .with_file()
+        .and_then(|a| a.resolve())
+        .map_err(|e| e.to_string())?;
     let _log = init_logging(cfg.log_format);
     let mut running = crate::server::start(cfg).await.map_err(|e| e.to_string())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -24,6 +24,7 @@ pub(crate) mod lease;
 pub mod publish;
 pub mod rbac;
 pub mod reports;
+pub mod settings;
 pub mod state;
 pub(crate) mod watch;
 

@@ -46,7 +46,7 @@ pub(super) fn serve(
         ),
         admin_token,
         listen,
-        allowed_hosts: cfg.admin_allowed_hosts.clone(),
+        allowed_hosts: cfg.admin.admin_allowed_hosts.clone(),
         metrics,
     });
     tokio::spawn(async move {

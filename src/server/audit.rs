@@ -64,7 +64,7 @@ pub(super) async fn open(
     clock: Arc<dyn Clock>,
     metrics: &Arc<Metrics>,
 ) -> Result<Audit, BoxError> {
-    if !cfg.audit_log {
+    if !cfg.audit.audit_log {
         tracing::warn!(
             "the audit log is off (audit_log = false): decisions are not recorded durably"
         );
@@ -76,9 +76,9 @@ pub(super) async fn open(
     }
     // Replicas sharing one CA each keep their own log (their own tree and
     // checkpoints), named by replica so auditors can tell them apart.
-    let log_name = match &cfg.state_secret {
-        Some(_) => format!("{}/{}", cfg.mesh.trust_domain, cfg.replica),
-        None => cfg.mesh.trust_domain.to_string(),
+    let log_name = match &cfg.kubernetes.state_secret {
+        Some(_) => format!("{}/{}", cfg.issuance.mesh.trust_domain, cfg.replica),
+        None => cfg.issuance.mesh.trust_domain.to_string(),
     };
     sync_key(cfg, kube).await?;
     let (log, guard) = AuditLog::open_limited(
@@ -86,9 +86,9 @@ pub(super) async fn open(
         &log_name,
         clock.clone(),
         metrics.clone(),
-        cfg.audit_max_bytes,
+        cfg.audit.audit_max_bytes,
     )?;
-    let every = cfg.audit_checkpoint_interval;
+    let every = cfg.audit.audit_checkpoint_interval;
     let ticker = log.clone();
     tokio::spawn(async move {
         loop {
@@ -96,11 +96,11 @@ pub(super) async fn open(
             ticker.request_checkpoint();
         }
     });
-    let gate = Arc::new(RefusalGate::new(cfg.audit_refusal, clock));
+    let gate = Arc::new(RefusalGate::new(cfg.audit.audit_refusal, clock));
     // Summaries of folded refusals are appended once their window ends.
     let (drainer, g) = (log.clone(), gate.clone());
-    let every =
-        (cfg.audit_refusal.window / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+    let every = (cfg.audit.audit_refusal.window / 4)
+        .clamp(Duration::from_millis(10), Duration::from_secs(5));
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
@@ -117,7 +117,7 @@ pub(super) async fn open(
 /// With `audit_key_secret`: adopts (or creates) the signing key every
 /// replica shares, before the log loads its key from the data directory.
 async fn sync_key(cfg: &ServeConfig, kube: &Factory) -> Result<(), BoxError> {
-    let Some(name) = &cfg.audit_key_secret else {
+    let Some(name) = &cfg.kubernetes.audit_key_secret else {
         return Ok(());
     };
     let Some(client) = kube
@@ -129,7 +129,7 @@ async fn sync_key(cfg: &ServeConfig, kube: &Factory) -> Result<(), BoxError> {
     };
     let outcome = crate::kubernetes::audit_key::sync(
         client,
-        cfg.mesh.control_plane_ns.as_str(),
+        cfg.issuance.mesh.control_plane_ns.as_str(),
         name,
         &cfg.data_dir,
     )

@@ -40,7 +40,7 @@ pub(super) async fn build(
     // within seconds, even when verified locally: keep a metadata-only
     // watch of both (started with the controllers).
     let mut bindings = None;
-    if cfg.watch_token_bindings && kube.configured() {
+    if cfg.kubernetes.watch_token_bindings && kube.configured() {
         kube_client(kube).await?;
         let objects = Arc::new(BoundObjects::new(metrics.clone()));
         authenticator = authenticator.with_bindings(objects.clone());
@@ -49,7 +49,7 @@ pub(super) async fn build(
     let authenticator = Arc::new(authenticator);
     tracing::info!(sources = ?authenticator.describe(), "token sources");
     for j in authenticator.remote_jwks() {
-        let every = cfg.jwks_refresh_interval;
+        let every = cfg.authn.jwks_refresh_interval;
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -80,12 +80,12 @@ pub(super) async fn build_authenticator(
     metrics: &Arc<Metrics>,
 ) -> Result<Authenticator, BoxError> {
     let mut sources = Vec::new();
-    let dev_mode = cfg.jwks_file.is_none()
-        && !cfg.jwks_kubernetes
-        && cfg.jwks_url.is_none()
-        && cfg.oidc_issuer_url.is_none()
-        && cfg.kubeconfig.is_none();
-    for s in &cfg.authn_order {
+    let dev_mode = cfg.authn.jwks_file.is_none()
+        && !cfg.authn.jwks_kubernetes
+        && cfg.authn.jwks_url.is_none()
+        && cfg.authn.oidc_issuer_url.is_none()
+        && cfg.kubernetes.kubeconfig.is_none();
+    for s in &cfg.authn.authn_order {
         match s {
             AuthnSource::Jwks => {
                 if let Some(v) = jwks_verifier(cfg, kube, clock.clone()).await? {
@@ -116,8 +116,8 @@ async fn jwks_verifier(
     kube: &Factory,
     clock: Arc<dyn Clock>,
 ) -> Result<Option<jwt::JwksVerifier>, BoxError> {
-    let mut issuers = cfg.jwt_issuers.clone();
-    let (source, setting) = if cfg.jwks_kubernetes {
+    let mut issuers = cfg.authn.jwt_issuers.clone();
+    let (source, setting) = if cfg.authn.jwks_kubernetes {
         if !kube.configured() {
             return Err("invalid setting jwks_kubernetes: needs kubeconfig".into());
         }
@@ -137,9 +137,9 @@ async fn jwks_verifier(
             }
         }
         (jwt::JwksSource::Kubernetes(client), "jwks_kubernetes")
-    } else if let Some(f) = &cfg.jwks_file {
+    } else if let Some(f) = &cfg.authn.jwks_file {
         (jwt::JwksSource::File(f.clone()), "jwks_file")
-    } else if cfg.jwks_url.is_some() || cfg.oidc_issuer_url.is_some() {
+    } else if cfg.authn.jwks_url.is_some() || cfg.authn.oidc_issuer_url.is_some() {
         remote_jwks(cfg).await?
     } else {
         return Ok(None);
@@ -148,7 +148,7 @@ async fn jwks_verifier(
         source,
         issuers,
         clock,
-        cfg.allow_legacy_tokens,
+        cfg.authn.allow_legacy_tokens,
         Method::Jwks,
     )
     .await
@@ -159,7 +159,7 @@ async fn jwks_verifier(
 /// A JWKS fetched over HTTPS: from `jwks_url`, or the one the OIDC
 /// discovery document of `oidc_issuer_url` names.
 async fn remote_jwks(cfg: &ServeConfig) -> Result<(jwt::JwksSource, &'static str), BoxError> {
-    let ca = match &cfg.jwks_ca_file {
+    let ca = match &cfg.authn.jwks_ca_file {
         Some(p) => Some(
             std::fs::read(p)
                 .map_err(|e| format!("invalid setting jwks_ca_file: {}: {e}", p.display()))?,
@@ -168,7 +168,7 @@ async fn remote_jwks(cfg: &ServeConfig) -> Result<(jwt::JwksSource, &'static str
     };
     let fetcher = authn::fetch::Fetcher::new(ca.as_deref())
         .map_err(|e| format!("invalid setting jwks_ca_file: {e}"))?;
-    let (url, setting) = match (&cfg.jwks_url, &cfg.oidc_issuer_url) {
+    let (url, setting) = match (&cfg.authn.jwks_url, &cfg.authn.oidc_issuer_url) {
         (Some(url), _) => (url.clone(), "jwks_url"),
         (None, Some(issuer)) => {
             let url = fetcher
@@ -201,10 +201,10 @@ async fn token_review(
         authn::tokenreview::TokenReviewer::new(
             client,
             clock,
-            cfg.tokenreview_qps,
-            cfg.tokenreview_burst,
+            cfg.authn.tokenreview_qps,
+            cfg.authn.tokenreview_burst,
             issuers,
-            cfg.allow_legacy_tokens,
+            cfg.authn.allow_legacy_tokens,
             metrics.clone(),
         ),
     )))
@@ -239,7 +239,7 @@ async fn dev_signer(data: &DataDir, clock: Arc<dyn Clock>) -> Result<Source, Box
 /// server announces (`/.well-known/openid-configuration`) when it answers
 /// within 5 s at start-up.
 async fn review_issuers(cfg: &ServeConfig, client: &kube::Client) -> Vec<String> {
-    let mut issuers = cfg.jwt_issuers.clone();
+    let mut issuers = cfg.authn.jwt_issuers.clone();
     match tokio::time::timeout(Duration::from_secs(5), jwt::kube_issuer(client)).await {
         Ok(Ok(iss)) if !issuers.contains(&iss) => issuers.push(iss),
         Ok(Ok(_)) => {}

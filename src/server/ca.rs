@@ -55,7 +55,7 @@ pub(super) async fn open(
     // Finish whatever a crash interrupted, renew an expired issuer under a
     // still-valid root; an expired root is reported, not fatal (recovery is
     // `rotation prepare` + `activate --force` against this running server).
-    let reconciled = manager.reconcile(cfg.issuer_lifetime, clock.now())?;
+    let reconciled = manager.reconcile(cfg.trust.issuer_lifetime, clock.now())?;
     let loaded = data.load().map_err(|e| e.to_string())?;
     let active_root = manager
         .state()
@@ -63,10 +63,10 @@ pub(super) async fn open(
         .map(|r| r.id.clone())
         .ok_or("the rotation state has no active root")?;
     let policy = Policy {
-        mesh: cfg.mesh.clone(),
-        default_ttl: cfg.default_ttl,
-        max_ttl: cfg.max_ttl,
-        min_ttl: cfg.min_ttl,
+        mesh: cfg.issuance.mesh.clone(),
+        default_ttl: cfg.issuance.default_ttl,
+        max_ttl: cfg.issuance.max_ttl,
+        min_ttl: cfg.issuance.min_ttl,
     };
     let ca = Arc::new(Authority::new(
         policy,
@@ -93,7 +93,7 @@ async fn pull_shared(
     data: &DataDir,
     metrics: &Arc<Metrics>,
 ) -> Result<Option<Arc<SecretState>>, BoxError> {
-    let Some(name) = &cfg.state_secret else {
+    let Some(name) = &cfg.kubernetes.state_secret else {
         return Ok(None);
     };
     let Some(client) = kube
@@ -107,7 +107,7 @@ async fn pull_shared(
         .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
     let ss = Arc::new(SecretState::new(
         client,
-        cfg.mesh.control_plane_ns.as_str(),
+        cfg.issuance.mesh.control_plane_ns.as_str(),
         name,
         &cfg.replica,
         data.clone(),
@@ -122,7 +122,7 @@ async fn pull_shared(
 /// Creates the CA in an empty data directory (root generated or imported).
 fn init(cfg: &ServeConfig, data: &DataDir, clock: &dyn Clock) -> Result<(), BoxError> {
     let opts = InitOptions {
-        issuer_lifetime: cfg.issuer_lifetime,
+        issuer_lifetime: cfg.trust.issuer_lifetime,
         import_root: cfg.init_root.clone(),
         ..Default::default()
     };

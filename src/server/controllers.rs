@@ -44,7 +44,10 @@ pub(super) async fn spawn(
         // Built lazily, as before: only the features that need the API
         // server fail on bad credentials; the permission check only warns.
         Err(e) => {
-            if bindings.is_some() || cfg.state_secret.is_some() || election(cfg).is_some() {
+            if bindings.is_some()
+                || cfg.kubernetes.state_secret.is_some()
+                || election(cfg).is_some()
+            {
                 return Err(format!("invalid setting kubeconfig: {e}").into());
             }
             tracing::warn!(error = %e, "could not check Kubernetes permissions (SelfSubjectAccessReview)");
@@ -54,7 +57,7 @@ pub(super) async fn spawn(
     if let Some(objects) = bindings {
         k8s::bindings::follow(client.clone(), objects, stop.clone());
     }
-    if let Some(name) = &cfg.state_secret {
+    if let Some(name) = &cfg.kubernetes.state_secret {
         follow_shared_state(cfg, &client, name, services, metrics, stop.clone());
     }
     let election = election(cfg);
@@ -78,7 +81,7 @@ fn follow_shared_state(
     stop: watch::Receiver<bool>,
 ) {
     let wake = Arc::new(Notify::new());
-    let ns = cfg.mesh.control_plane_ns.to_string();
+    let ns = cfg.issuance.mesh.control_plane_ns.to_string();
     tokio::spawn(k8s::watch::follow::<Secret>(
         client.clone(),
         move |c| kube::Api::namespaced(c, &ns),
@@ -93,15 +96,15 @@ fn follow_shared_state(
     ));
     services
         .rotation
-        .follow_shared(cfg.state_poll_interval, wake, stop);
+        .follow_shared(cfg.kubernetes.state_poll_interval, wake, stop);
 }
 
 /// The election, when some singleton work is configured: bundle publishing
 /// (its own Lease settings), or a shared state / issuer Secret (defaults).
 fn election(cfg: &ServeConfig) -> Option<Election> {
-    let singleton = cfg.state_secret.is_some() || cfg.issuer_secret.is_some();
-    match (&cfg.publish, singleton) {
-        _ if cfg.kubeconfig.is_none() => None,
+    let singleton = cfg.kubernetes.state_secret.is_some() || cfg.kubernetes.issuer_secret.is_some();
+    match (&cfg.kubernetes.publish, singleton) {
+        _ if cfg.kubernetes.kubeconfig.is_none() => None,
         (Some(p), _) => Some(Election {
             lease: p.lease.clone(),
             duration: p.lease_duration,
@@ -122,16 +125,20 @@ async fn check_permissions(
     metrics: &Metrics,
 ) {
     let needs = k8s::rbac::needs(&k8s::rbac::Uses {
-        tokenreview: cfg.authn_order.contains(&AuthnSource::Tokenreview),
-        token_bindings: cfg.watch_token_bindings,
-        jwks: cfg.jwks_kubernetes && cfg.authn_order.contains(&AuthnSource::Jwks),
-        publish: cfg.publish.is_some(),
-        state_secret: cfg.state_secret.as_deref(),
-        audit_key_secret: cfg.audit_key_secret.as_deref().filter(|_| cfg.audit_log),
-        issuer_secret: cfg.issuer_secret.as_deref(),
-        propagation_reports: cfg.state_secret.is_some(),
+        tokenreview: cfg.authn.authn_order.contains(&AuthnSource::Tokenreview),
+        token_bindings: cfg.kubernetes.watch_token_bindings,
+        jwks: cfg.authn.jwks_kubernetes && cfg.authn.authn_order.contains(&AuthnSource::Jwks),
+        publish: cfg.kubernetes.publish.is_some(),
+        state_secret: cfg.kubernetes.state_secret.as_deref(),
+        audit_key_secret: cfg
+            .kubernetes
+            .audit_key_secret
+            .as_deref()
+            .filter(|_| cfg.audit.audit_log),
+        issuer_secret: cfg.kubernetes.issuer_secret.as_deref(),
+        propagation_reports: cfg.kubernetes.state_secret.is_some(),
         lease: election.map(|e| e.lease.as_str()),
-        namespace: cfg.mesh.control_plane_ns.as_str(),
+        namespace: cfg.issuance.mesh.control_plane_ns.as_str(),
     });
     let check = k8s::rbac::missing(client, &needs);
     match tokio::time::timeout(Duration::from_secs(10), check).await {
@@ -162,7 +169,7 @@ fn run_singletons(
     metrics: &Arc<Metrics>,
     stop: watch::Receiver<bool>,
 ) -> watch::Receiver<bool> {
-    let namespace = cfg.mesh.control_plane_ns.to_string();
+    let namespace = cfg.issuance.mesh.control_plane_ns.to_string();
     let leader = k8s::lease::run(
         client.clone(),
         k8s::lease::Settings {
@@ -175,10 +182,10 @@ fn run_singletons(
         stop.clone(),
         metrics.clone(),
     );
-    if cfg.state_secret.is_some() {
+    if cfg.kubernetes.state_secret.is_some() {
         services.rotation.set_leader(leader.clone());
     }
-    if let Some(p) = &cfg.publish {
+    if let Some(p) = &cfg.kubernetes.publish {
         spawn_publisher(
             &client,
             k8s::publish::Settings {
@@ -191,7 +198,7 @@ fn run_singletons(
             &stop,
         );
     }
-    if cfg.state_secret.is_some() {
+    if cfg.kubernetes.state_secret.is_some() {
         // Replicas share one CA: the activation gate must count every
         // replica's clients.
         tokio::spawn(k8s::reports::run(
@@ -199,7 +206,7 @@ fn run_singletons(
             k8s::reports::Settings {
                 namespace: namespace.clone(),
                 replica: cfg.replica.clone(),
-                interval: cfg.propagation_report_interval,
+                interval: cfg.kubernetes.propagation_report_interval,
             },
             services.tracker.clone(),
             Some(leader.clone()),
@@ -207,7 +214,7 @@ fn run_singletons(
             metrics.clone(),
         ));
     }
-    if let Some(name) = cfg.issuer_secret.clone() {
+    if let Some(name) = cfg.kubernetes.issuer_secret.clone() {
         tokio::spawn(k8s::issuer_secret::run(
             client,
             k8s::issuer_secret::Settings {

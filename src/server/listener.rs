@@ -40,12 +40,14 @@ impl Sockets {
             .await
             .map_err(|e| format!("cannot listen on {} (setting listen): {e}", cfg.listen))?;
         let grpc_addr = grpc.local_addr()?;
-        let admin = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
-            format!(
-                "cannot listen on {} (setting admin_listen): {e}",
-                cfg.admin_listen
-            )
-        })?;
+        let admin = TcpListener::bind(cfg.admin.admin_listen)
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot listen on {} (setting admin_listen): {e}",
+                    cfg.admin.admin_listen
+                )
+            })?;
         let admin_addr = admin.local_addr()?;
         Ok(Self {
             grpc,

@@ -133,8 +133,8 @@ impl Running {
 /// The DNS identity the server certificate carries (clients verify it).
 pub fn server_identity(cfg: &ServeConfig) -> String {
     crate::identity::ca_server_name(
-        cfg.mesh.control_plane_ns.as_str(),
-        cfg.mesh.trust_domain.as_str(),
+        cfg.issuance.mesh.control_plane_ns.as_str(),
+        cfg.issuance.mesh.trust_domain.as_str(),
     )
 }
 
@@ -143,7 +143,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     log_mode(&cfg);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::new());
-    let kube = Factory::new(cfg.kubeconfig.clone());
+    let kube = Factory::new(cfg.kubernetes.kubeconfig.clone());
 
     let opened = ca::open(&cfg, &kube, clock.clone(), &metrics)
         .await
@@ -191,7 +191,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             tls.config,
             services.core.clone(),
             services.connections.clone(),
-            &cfg.limits,
+            &cfg.api.limits,
             metrics.clone(),
             stop.signal(),
         ),
@@ -210,7 +210,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let (shutdown, task) = drain::spawn(stop, tasks, audit.into_final(), opened.lock);
 
     let server_name = server_identity(&cfg);
-    tracing::info!(%grpc_addr, %admin_addr, server_name = %server_name, trust_domain = %cfg.mesh.trust_domain, "meshca serving");
+    tracing::info!(%grpc_addr, %admin_addr, server_name = %server_name, trust_domain = %cfg.issuance.mesh.trust_domain, "meshca serving");
     Ok(Running {
         leading,
         metrics,
@@ -226,13 +226,13 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
 
 /// One line saying which in-cluster features are on.
 fn log_mode(cfg: &ServeConfig) {
-    if cfg.kubernetes {
+    if cfg.kubernetes.kubernetes {
         tracing::info!(
-            namespace = %cfg.mesh.control_plane_ns,
+            namespace = %cfg.issuance.mesh.control_plane_ns,
             replica = %cfg.replica,
-            state_secret = ?cfg.state_secret,
-            audit_key_secret = ?cfg.audit_key_secret,
-            publish_bundle = cfg.publish.is_some(),
+            state_secret = ?cfg.kubernetes.state_secret,
+            audit_key_secret = ?cfg.kubernetes.audit_key_secret,
+            publish_bundle = cfg.kubernetes.publish.is_some(),
             "in-cluster mode"
         );
     }

@@ -60,38 +60,38 @@ pub(super) async fn start(
 ) -> Result<Services, BoxError> {
     let tracker = Arc::new(Tracker::default());
     let connections =
-        api::connections::Connections::new(cfg.limits.max_connections, metrics.clone());
+        api::connections::Connections::new(cfg.api.limits.max_connections, metrics.clone());
     // The operator's revocations: a list that does not parse stops the
     // start rather than re-admitting what was shut out.
     let revocations = Arc::new(Revocations::open(&cfg.data_dir, metrics.clone())?);
-    let renewal = Arc::new(Renewal::new(cfg.renewal_max_age, metrics.clone()));
+    let renewal = Arc::new(Renewal::new(cfg.authn.renewal_max_age, metrics.clone()));
     let mut core = Core::new(
         parts.ca.clone(),
         authn.authenticator.clone(),
-        cfg.audiences.clone(),
-        cfg.rate_limit,
-        cfg.rate_burst,
+        cfg.api.audiences.clone(),
+        cfg.api.rate_limit,
+        cfg.api.rate_burst,
         metrics.clone(),
     )
     .with_identity_limit(
-        cfg.limits.identity_rate_limit,
-        cfg.limits.identity_rate_burst,
+        cfg.api.limits.identity_rate_limit,
+        cfg.api.limits.identity_rate_burst,
     )
-    .with_watch_settings(cfg.limits.watch)
+    .with_watch_settings(cfg.api.limits.watch)
     .with_connections(connections.clone())
     .with_tracker(tracker.clone())
     .with_revocations(revocations.clone())
     .with_renewal(renewal.clone());
     if let (Some(log), Some(gate)) = (&audit.log, &audit.gate) {
         core = core.with_audit(log.clone()).with_refusal_gate(gate.clone());
-        load_renewal_index(&renewal, log.db_path(), clock.now(), cfg.max_ttl)?;
+        load_renewal_index(&renewal, log.db_path(), clock.now(), cfg.issuance.max_ttl)?;
     }
     let rotation = RotationService::new(
         parts.manager,
         parts.ca,
         tracker.clone(),
         audit.log.clone(),
-        cfg.rotation_settings(),
+        cfg.trust.clone(),
         metrics.clone(),
     );
     rotation.observe(renewal.clone());

@@ -100,13 +100,18 @@ fn server_tls(
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
     let me = Workload {
-        namespace: cfg.mesh.control_plane_ns.clone(),
+        namespace: cfg.issuance.mesh.control_plane_ns.clone(),
         service_account: crate::identity::CA_SERVICE_ACCOUNT
             .parse()
             .expect("valid name"),
     };
     let issued = ca
-        .issue_with_dns(&me, &cfg.server_dns_names, csr.der(), Some(cfg.max_ttl))
+        .issue_with_dns(
+            &me,
+            &cfg.server_dns_names,
+            csr.der(),
+            Some(cfg.issuance.max_ttl),
+        )
         .map_err(|e| format!("cannot issue the server certificate: {e}"))?;
     let mut chain = vec![issued.leaf.clone()];
     chain.extend(issued.intermediates.iter().cloned());

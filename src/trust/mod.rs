@@ -11,4 +11,5 @@ pub mod manager;
 pub mod propagation;
 pub mod rotation;
 pub(crate) mod service;
+mod settings;
 pub mod status;

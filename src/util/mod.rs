@@ -10,3 +10,4 @@ pub mod duration;
 pub mod pem;
 pub(crate) mod ratelimit;
 pub mod secret;
+pub mod settings;
