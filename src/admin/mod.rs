@@ -28,30 +28,30 @@ use crate::ca::Authority;
 use crate::trust::service::RotationService;
 
 /// Everything the admin routes act on.
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     /// The live CA (issuer expiry for `/ready`).
-    pub ca: Arc<Authority>,
+    pub(crate) ca: Arc<Authority>,
     /// The token sources (can one decide now, for `/ready`).
-    pub authn: Arc<Authenticator>,
+    pub(crate) authn: Arc<Authenticator>,
     /// The audit log, when on (its routes, and `/ready`).
-    pub audit: Option<crate::audit::AuditLog>,
+    pub(crate) audit: Option<crate::audit::AuditLog>,
     /// Root and issuer rotation.
-    pub rotation: Arc<RotationService>,
+    pub(crate) rotation: Arc<RotationService>,
     /// The operator's revocations.
-    pub revocations: crate::revocation::RevocationService,
+    pub(crate) revocations: crate::revocation::RevocationService,
     /// The admin token (content of `admin.token`).
-    pub admin_token: String,
+    pub(crate) admin_token: String,
     /// Where the endpoint listens (for the `Host` guard).
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Extra `Host` names it answers to (`admin_allowed_hosts`).
-    pub allowed_hosts: Vec<String>,
+    pub(crate) allowed_hosts: Vec<String>,
     /// This server's instruments (what `/metrics` renders).
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The admin router: open probes and metrics, token-protected operator and
 /// auditor routes, all behind the `Host` (DNS-rebinding) guard.
-pub fn router(e: Endpoints) -> Router {
+pub(crate) fn router(e: Endpoints) -> Router {
     let open = open_routes(e.ca, e.authn, e.audit.clone(), e.metrics);
     // For operators and auditors: the admin token on every method. Every
     // route that reads or changes CA state (revocation too) belongs here.
