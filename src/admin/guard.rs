@@ -53,6 +53,12 @@ impl TokenCheck {
         }
     }
 
+    /// A check against a digest kept elsewhere (the rotation and
+    /// revocation routes keep only the digest).
+    pub(crate) fn from_digest(sha256: [u8; 32]) -> Self {
+        Self { sha256 }
+    }
+
     /// Why `headers` do not carry the admin token (None: they do).
     pub(crate) fn refuse(&self, headers: &HeaderMap) -> Option<&'static str> {
         let Some(given) = headers

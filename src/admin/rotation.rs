@@ -8,7 +8,7 @@
 //! - `POST /rotation/retire`
 //! - `POST /rotation/taint` — body `{"root": FINGERPRINT-OR-PREFIX}`
 //!
-//! Every route (GET too) sits behind `admin_guard::protect`, which requires
+//! Every route (GET too) sits behind `admin::guard::protect`, which requires
 //! `Authorization: Bearer <admin token>`; the POST routes also check it
 //! here, as a second lock on the routes that change the CA. The token is the
 //! content of `admin.token` in the data directory (0600, made at first
@@ -145,15 +145,31 @@ fn unauthorized(ctx: &Ctx, headers: &HeaderMap) -> Option<&'static str> {
 /// Why a request does not carry the admin token whose SHA-256 is
 /// `expected` (None: it does). Shared by every token-protected admin route.
 pub(crate) fn bearer_refusal(expected: &[u8; 32], headers: &HeaderMap) -> Option<&'static str> {
-    let Some(given) = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return Some("missing `Authorization: Bearer <admin token>` (the token is in admin.token in the data directory)");
-    };
-    // Comparing digests (not the token) leaks nothing useful through timing.
-    (sha256(given.trim().as_bytes()) != *expected).then_some("wrong admin token")
+    // One token check for every protected route: the guard's (any case of
+    // the `Bearer` scheme, a comparison whose timing says nothing).
+    crate::admin::guard::TokenCheck::from_digest(*expected).refuse(headers)
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    fn with(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn the_rotation_and_revocation_routes_check_the_token_like_the_guard() {
+        let d = sha256(b"s3cret");
+        assert_eq!(bearer_refusal(&d, &with("Bearer s3cret")), None);
+        assert_eq!(bearer_refusal(&d, &with("bearer s3cret")), None);
+        assert_eq!(bearer_refusal(&d, &with("BEARER s3cret")), None);
+        assert!(bearer_refusal(&d, &with("Bearer s3cre")).is_some());
+        assert!(bearer_refusal(&d, &with("Basic s3cret")).is_some());
+        assert!(bearer_refusal(&d, &HeaderMap::new()).is_some());
+    }
 }
 
 /// One line per event, as replies and the CLI show them.
