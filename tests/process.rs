@@ -146,6 +146,32 @@ fn invalid_configuration_fails_naming_the_setting() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("trust_domian"));
 }
 
+#[test]
+fn a_second_serve_on_a_held_data_dir_exits_unavailable_with_a_sentence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("d");
+    let mut first = spawn_serve(&data, &[]);
+    let r = meshca()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("in use by another meshca process"), "{err}");
+    // 4: unavailable (retry once the other server stopped), as `revoke`
+    // and `rotation` exit on the same lock (docs/configuration.md).
+    assert_eq!(r.status.code(), Some(4), "{err}");
+}
+
 /// Reads the serial of the certificate the server presents.
 async fn server_serial(ca: &Ca) -> Vec<u8> {
     let roots =
