@@ -31,26 +31,107 @@ fn top_module(src: &Path, file: &Path) -> Option<String> {
     (name != "lib" && name != "main").then(|| name.to_string())
 }
 
-/// Every `crate::name` in `text`, as `name`.
-fn crate_paths(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("crate::") {
-        let before = rest[..i].chars().next_back();
-        rest = &rest[i + "crate::".len()..];
-        // `meshca_crate::x` or `xcrate::` are not ours.
-        if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
-            continue;
-        }
-        let name: String = rest
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        if !name.is_empty() {
-            out.insert(name);
+/// The identifier at the start of `s`.
+fn ident(s: &str) -> String {
+    s.chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
+/// The first name of each element of a `{a::x, b, c::{..}}` group that
+/// starts `s` (after the `{`).
+fn group_heads(s: &str) -> Vec<String> {
+    let (mut out, mut depth, mut at_start) = (Vec::new(), 1usize, true);
+    for (i, c) in s.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 1 => break,
+            '}' => depth -= 1,
+            ',' if depth == 1 => at_start = true,
+            c if c.is_whitespace() => {}
+            _ if at_start && depth == 1 => {
+                out.push(ident(&s[i..]));
+                at_start = false;
+            }
+            _ => {}
         }
     }
     out
+}
+
+/// The top-level modules a path that reached the crate root names: one
+/// name, or every head of a `{..}` group.
+fn heads_after_root(rest: &str, out: &mut BTreeSet<String>) {
+    match rest.strip_prefix('{') {
+        Some(group) => out.extend(group_heads(group)),
+        None => {
+            out.insert(ident(rest));
+        }
+    }
+}
+
+/// Every top-level module `text` names, for a file `depth` modules below
+/// the crate root (src/a.rs and src/a/mod.rs: 1; src/a/b.rs: 2): the `x`
+/// of `crate::x`, of `crate::{x::.., y}`, and of `super::super::x` chains
+/// that climb to the root (an inline module such as `mod tests` is one
+/// level deeper than its file).
+fn crate_paths(text: &str, depth: usize) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (i, _) in text.match_indices("crate::") {
+        // `meshca_crate::x` or `xcrate::` are not ours.
+        let before = text[..i].chars().next_back();
+        if !before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+            heads_after_root(&text[i + "crate::".len()..], &mut out);
+        }
+    }
+    for (i, _) in text.match_indices("super::") {
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue; // the middle of a chain, counted from its start
+        }
+        let mut rest = &text[i..];
+        let mut ups = 0;
+        let depth = depth + inline_modules_before(text, i);
+        while let Some(r) = rest.strip_prefix("super::") {
+            rest = r;
+            ups += 1;
+        }
+        if ups >= depth {
+            heads_after_root(rest, &mut out);
+        }
+    }
+    out.remove("");
+    out.remove("self");
+    out
+}
+
+/// How many inline `mod name {` blocks open before byte `at`. Inline
+/// modules (`mod tests`) sit at the end of a file by convention, so each
+/// one is taken to run to the end of the file.
+fn inline_modules_before(text: &str, at: usize) -> usize {
+    text[..at]
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            let l = l
+                .strip_prefix("pub(crate) ")
+                .or(l.strip_prefix("pub "))
+                .unwrap_or(l);
+            l.strip_prefix("mod ")
+                .is_some_and(|r| r.trim_end().ends_with('{'))
+        })
+        .count()
+}
+
+/// How many modules below the crate root a file's module is.
+fn depth(src: &Path, file: &Path) -> usize {
+    let rel = file.strip_prefix(src).expect("under src/");
+    let n = rel.components().count();
+    if rel.file_name().is_some_and(|f| f == "mod.rs") {
+        n - 1
+    } else {
+        n
+    }
 }
 
 fn graph() -> Graph {
@@ -64,7 +145,7 @@ fn graph() -> Graph {
         };
         let text = std::fs::read_to_string(f).expect("read source");
         let deps = g.entry(top.clone()).or_default();
-        for d in crate_paths(&text) {
+        for d in crate_paths(&text, depth(&src, f)) {
             if d != top {
                 deps.insert(d);
             }
@@ -144,9 +225,32 @@ fn the_checker_sees_a_cycle_when_there_is_one() {
     );
     g.get_mut("c").unwrap().clear();
     assert_eq!(find_cycle(&g), None);
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     assert_eq!(
-        crate_paths("use crate::trust::x; meshca_crate::y; crate::{z}"),
-        BTreeSet::from(["trust".to_string()])
+        crate_paths("use crate::trust::x; meshca_crate::y;", 1),
+        names(&["trust"])
+    );
+    // Grouped imports and `super::` chains that climb to the crate root
+    // name top-level modules too (a review fooled the first version so).
+    assert_eq!(
+        crate_paths("use crate::{ca::Authority as _, trust,\n util::{a, b}};", 2),
+        names(&["ca", "trust", "util"])
+    );
+    assert_eq!(
+        crate_paths("use super::super::trust as _;", 2),
+        names(&["trust"])
+    );
+    assert_eq!(
+        crate_paths("use super::super::{ca, x::y};", 2),
+        names(&["ca", "x"])
+    );
+    // Inside the same top-level module: not a dependency on another one.
+    assert_eq!(crate_paths("use super::super::trust as _;", 3), names(&[]));
+    assert_eq!(crate_paths("use super::store::X;", 2), names(&[]));
+    // In an inline module, one more `super` stays in the file's module.
+    assert_eq!(
+        crate_paths("mod tests {\n    use super::super::client::X;\n}", 2),
+        names(&[])
     );
 }
 
