@@ -130,15 +130,7 @@ async fn offline(
     a: &RevokeArgs,
     change: Option<Change>,
 ) -> Result<serde_json::Value, crate::cli::Error> {
-    let data = crate::ca::store::DataDir::new(&a.data_dir);
-    if !data.is_initialized() {
-        return Err(format!(
-            "{} holds no CA; run `meshca init --data-dir {0}` first, or give --server",
-            a.data_dir.display()
-        )
-        .into());
-    }
-    let lock = crate::ca::store::lock_data_dir(&data)?;
+    let (data, lock) = crate::cli::rotation::lock_offline(&a.data_dir)?;
     // Offline: no /metrics serves this registry; the components need one.
     let metrics: Arc<crate::metrics::Metrics> = Arc::default();
     let revs = Arc::new(Revocations::open(&a.data_dir, metrics.clone())?);

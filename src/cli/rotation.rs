@@ -243,16 +243,25 @@ pub(crate) fn reply_json(code: u16, text: &str) -> Result<serde_json::Value, cra
     }
 }
 
-async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, crate::cli::Error> {
-    let data = crate::ca::store::DataDir::new(&target.data_dir);
+/// The data directory of an offline command, under its lock (held while
+/// the returned file lives), or why it cannot be used.
+pub(crate) fn lock_offline(
+    dir: &std::path::Path,
+) -> Result<(crate::ca::store::DataDir, std::fs::File), crate::cli::Error> {
+    let data = crate::ca::store::DataDir::new(dir);
     if !data.is_initialized() {
         return Err(format!(
             "{} holds no CA; run `meshca init --data-dir {0}` first, or give --server",
-            target.data_dir.display()
+            dir.display()
         )
         .into());
     }
     let lock = crate::ca::store::lock_data_dir(&data)?;
+    Ok((data, lock))
+}
+
+async fn offline(target: &Target, req: Request) -> Result<serde_json::Value, crate::cli::Error> {
+    let (data, lock) = lock_offline(&target.data_dir)?;
     let clock: Arc<dyn crate::util::clock::Clock> = Arc::new(crate::util::clock::SystemClock);
     let now = clock.now();
     let mgr = Arc::new(TrustManager::open(data.clone(), now)?);
