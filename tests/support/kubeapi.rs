@@ -32,17 +32,35 @@ struct Change {
     object: Value,
 }
 
+/// A `watch::Sender` with a default (initial value `T::default()`), so
+/// [`Store`] derives `Default` and a new field needs only its declaration.
+pub struct Signal<T>(tokio::sync::watch::Sender<T>);
+
+impl<T: Default> Default for Signal<T> {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(T::default()).0)
+    }
+}
+
+impl<T> std::ops::Deref for Signal<T> {
+    type Target = tokio::sync::watch::Sender<T>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
 /// The server's state: objects by (collection path, name).
+#[derive(Default)]
 pub struct Store {
     objects: Mutex<BTreeMap<(String, String), Value>>,
     rv: Mutex<u64>,
     changes: Mutex<Vec<Change>>,
     /// Bumped on every change (wakes watch streams).
-    tick: tokio::sync::watch::Sender<u64>,
+    tick: Signal<u64>,
     /// Watches from a resourceVersion below this get 410 Gone.
     compacted: Mutex<u64>,
     /// True while watches are cut off.
-    partitioned: tokio::sync::watch::Sender<bool>,
+    partitioned: Signal<bool>,
     /// Watch requests answered with 410 Gone.
     pub gone_served: AtomicUsize,
     /// Answer a watch from a compacted version with the HTTP status 410
@@ -84,33 +102,6 @@ fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "message": message, "reason": reason, "code": code}),
     )
-}
-
-impl Default for Store {
-    fn default() -> Self {
-        Self {
-            objects: Default::default(),
-            rv: Default::default(),
-            changes: Default::default(),
-            tick: tokio::sync::watch::channel(0).0,
-            compacted: Default::default(),
-            partitioned: tokio::sync::watch::channel(false).0,
-            gone_served: Default::default(),
-            gone_as_status: Default::default(),
-            watches_opened: Default::default(),
-            writes: Default::default(),
-            tokens: Default::default(),
-            conflicts: Default::default(),
-            delay_next_put: Default::default(),
-            token_reviews: Default::default(),
-            denied: Default::default(),
-            documents: Default::default(),
-            token_pods: Default::default(),
-            metadata_requests: Default::default(),
-            full_pod_or_sa_requests: Default::default(),
-            forbidden: Default::default(),
-        }
-    }
 }
 
 /// Whether a watch on `watched` sees changes in `collection`: the same
