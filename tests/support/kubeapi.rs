@@ -15,6 +15,13 @@
 //! metadata-only form (`PartialObjectMetadata[List]`, `meta.k8s.io/v1`) when
 //! the client asks for it in `Accept`, as kube's `list_metadata` and
 //! `watch_metadata` do; [`Store::forbidden`] answers 403 on chosen paths.
+//! Watches that ask for `allowWatchBookmarks=true` get periodic `BOOKMARK`
+//! events (the real server's ~1 min, or [`Store::set_bookmark_interval`]);
+//! [`Store::close_watches`] answers watches 200 and ends them at once (a
+//! proxy or an overloaded server), [`Store::silence_open_watches`] makes
+//! every open watch send nothing more while its connection stays open (a
+//! dead peer behind a NAT), and [`Store::stall_gets`] accepts GETs of a
+//! path and never answers them.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -94,6 +101,22 @@ pub struct Store {
     pub full_pod_or_sa_requests: AtomicUsize,
     /// Paths (prefixes) answered `403 Forbidden`, as without RBAC.
     pub forbidden: Mutex<Vec<String>>,
+    /// The period of BOOKMARK events (None: the real server's ~1 min).
+    bookmark_interval: Signal<Option<std::time::Duration>>,
+    /// BOOKMARK events sent.
+    pub bookmarks_sent: AtomicUsize,
+    /// Answer every watch 200 and end its body at once (no event).
+    pub close_watches: std::sync::atomic::AtomicBool,
+    /// Watches answered 200 and closed at once.
+    pub watches_closed_at_once: AtomicUsize,
+    /// Bumped by [`Store::silence_open_watches`]: a watch opened before
+    /// the bump sends nothing more.
+    silenced: Signal<u64>,
+    /// GETs of a path to accept and never answer: (exact path, how many
+    /// more; `usize::MAX`: all).
+    pub stall_gets: Mutex<Option<(String, usize)>>,
+    /// GETs stalled by [`Store::stall_gets`].
+    pub gets_stalled: AtomicUsize,
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -192,6 +215,49 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
+/// What a watch request asks for.
+struct WatchRequest {
+    collection: String,
+    name: Option<String>,
+    labels: Vec<(String, String)>,
+    from: Option<u64>,
+    metadata_only: bool,
+    /// `allowWatchBookmarks=true`.
+    bookmarks: bool,
+}
+
+/// A BOOKMARK event at `rv`, as kube-apiserver sends it: an object of the
+/// watched kind carrying only `metadata.resourceVersion` (the
+/// `k8s.io/initial-events-end` annotation marks only the end of a
+/// `sendInitialEvents` stream, which meshca does not ask for).
+fn bookmark(w: &WatchRequest, rv: u64) -> hyper::body::Bytes {
+    let (api_version, kind) = if w.metadata_only {
+        ("meta.k8s.io/v1", "PartialObjectMetadata")
+    } else {
+        let kind = match w.collection.rsplit('/').next().unwrap_or_default() {
+            "secrets" => "Secret",
+            "configmaps" => "ConfigMap",
+            "namespaces" => "Namespace",
+            "pods" => "Pod",
+            "serviceaccounts" => "ServiceAccount",
+            "leases" => "Lease",
+            _ => "Unknown",
+        };
+        let v = if kind == "Lease" {
+            "coordination.k8s.io/v1"
+        } else {
+            "v1"
+        };
+        (v, kind)
+    };
+    let object = json!({"kind": kind, "apiVersion": api_version,
+                        "metadata": {"resourceVersion": rv.to_string()}});
+    hyper::body::Bytes::from(format!(
+        "{}\n",
+        json!({"type": "BOOKMARK", "object": object})
+    ))
+}
+
 impl Store {
     fn next_rv(&self) -> String {
         let mut rv = self.rv.lock().unwrap();
@@ -251,6 +317,39 @@ impl Store {
     /// Lets held watches proceed.
     pub fn heal(&self) {
         self.partitioned.send_replace(false);
+    }
+
+    /// Sends BOOKMARK events every `every` on watches that allow them
+    /// (also re-times the watches already open).
+    pub fn set_bookmark_interval(&self, every: std::time::Duration) {
+        self.bookmark_interval.send_replace(Some(every));
+    }
+
+    /// Every watch open now sends nothing more (no event, no bookmark),
+    /// and its connection stays open: what a client sees when the server
+    /// or a NAT on the way lost the connection without a FIN or RST.
+    /// Watches opened afterwards are served normally.
+    pub fn silence_open_watches(&self) {
+        self.silenced.send_modify(|e| *e += 1);
+    }
+
+    /// Holds one request forever if it is a GET [`Store::stall_gets`]
+    /// names (the real server, or the network, accepting and never
+    /// answering).
+    async fn maybe_stall(&self, method: &str, path: &str) {
+        {
+            let mut stall = self.stall_gets.lock().unwrap();
+            match stall.as_mut() {
+                Some((p, n)) if method == "GET" && p == path && *n > 0 => {
+                    if *n != usize::MAX {
+                        *n -= 1;
+                    }
+                }
+                _ => return,
+            }
+        }
+        self.gets_stalled.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<()>().await;
     }
 
     /// Serves the API server's service-account issuer discovery:
@@ -325,14 +424,11 @@ impl Store {
 
     /// Serves a watch on `collection` from resourceVersion `from` as
     /// newline-delimited JSON events into `tx`, until the client goes away
-    /// or the store is partitioned.
+    /// or the store is partitioned; with `bookmarks`, a BOOKMARK event
+    /// every [`Store::set_bookmark_interval`].
     async fn serve_watch(
         self: Arc<Self>,
-        collection: String,
-        name: Option<String>,
-        labels: Vec<(String, String)>,
-        from: Option<u64>,
-        metadata_only: bool,
+        w: WatchRequest,
         tx: tokio::sync::mpsc::Sender<hyper::body::Bytes>,
     ) {
         let mut partitioned = self.partitioned.subscribe();
@@ -341,7 +437,10 @@ impl Store {
                 return;
             }
         }
+        let mut silenced = self.silenced.subscribe();
+        let epoch = *silenced.borrow_and_update();
         self.watches_opened.fetch_add(1, Ordering::SeqCst);
+        let metadata_only = w.metadata_only;
         let line = |kind: &str, object: &Value| {
             let object = if metadata_only && kind != "ERROR" {
                 partial(object)
@@ -351,7 +450,7 @@ impl Store {
             hyper::body::Bytes::from(format!("{}\n", json!({"type": kind, "object": object})))
         };
         let now = *self.rv.lock().unwrap();
-        let mut last = from.filter(|v| *v != 0).unwrap_or(now);
+        let mut last = w.from.filter(|v| *v != 0).unwrap_or(now);
         if last < *self.compacted.lock().unwrap() {
             self.gone_served.fetch_add(1, Ordering::SeqCst);
             let (_, st) = status(
@@ -363,6 +462,10 @@ impl Store {
             return;
         }
         let mut tick = self.tick.subscribe();
+        let mut every = self.bookmark_interval.subscribe();
+        let period =
+            |e: &Option<std::time::Duration>| e.unwrap_or(std::time::Duration::from_secs(60));
+        let mut next_bookmark = tokio::time::Instant::now() + period(&every.borrow_and_update());
         loop {
             tick.borrow_and_update();
             // A cut-off server sends nothing more, even for changes made
@@ -370,16 +473,12 @@ impl Store {
             if *partitioned.borrow() {
                 return;
             }
-            let due: Vec<Change> = self
-                .changes
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|c| c.rv > last && covers(&collection, &c.collection))
-                .filter(|c| name.as_ref().is_none_or(|n| *n == c.name))
-                .filter(|c| labels_match(&c.object, &labels))
-                .cloned()
-                .collect();
+            if *silenced.borrow_and_update() != epoch {
+                // Silent: the connection stays open, nothing arrives.
+                tx.closed().await;
+                return;
+            }
+            let (due, head) = self.due(&w, last);
             for c in due {
                 last = c.rv;
                 if tx.send(line(c.kind, &c.object)).await.is_err() {
@@ -389,9 +488,54 @@ impl Store {
             tokio::select! {
                 r = tick.changed() => if r.is_err() { return },
                 r = partitioned.changed() => if r.is_err() || *partitioned.borrow() { return },
+                _ = silenced.changed() => {}
+                _ = every.changed() => {
+                    next_bookmark = tokio::time::Instant::now() + period(&every.borrow_and_update());
+                }
+                _ = tokio::time::sleep_until(next_bookmark), if w.bookmarks => {
+                    next_bookmark += period(&every.borrow());
+                    // Everything up to the version scanned last was sent.
+                    last = last.max(head);
+                    if tx.send(bookmark(&w, last)).await.is_err() {
+                        return;
+                    }
+                    self.bookmarks_sent.fetch_add(1, Ordering::SeqCst);
+                }
                 _ = tx.closed() => return,
             }
         }
+    }
+
+    /// The changes a watch has not seen after `last`, and the newest
+    /// version recorded when they were collected.
+    fn due(&self, w: &WatchRequest, last: u64) -> (Vec<Change>, u64) {
+        let changes = self.changes.lock().unwrap();
+        let head = changes.iter().map(|c| c.rv).max().unwrap_or(last);
+        let due = changes
+            .iter()
+            .filter(|c| c.rv > last && covers(&w.collection, &c.collection))
+            .filter(|c| w.name.as_ref().is_none_or(|n| *n == c.name))
+            .filter(|c| labels_match(&c.object, &w.labels))
+            .cloned()
+            .collect();
+        (due, head)
+    }
+
+    /// With [`Store::close_watches`]: the 200 answer to a watch, whose body
+    /// ends at once.
+    fn closed_watch(&self) -> Option<hyper::Response<super::Body>> {
+        use http_body_util::BodyExt;
+        if !self.close_watches.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.watches_closed_at_once.fetch_add(1, Ordering::SeqCst);
+        Some(
+            hyper::Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .body(http_body_util::Empty::new().boxed())
+                .unwrap(),
+        )
     }
 
     /// With [`Store::gone_as_status`]: once not partitioned, a watch from
@@ -445,6 +589,7 @@ impl Store {
             );
             return super::json_response(code, &st);
         }
+        self.maybe_stall(&method, path).await;
         if path.ends_with("/pods") || path.ends_with("/serviceaccounts") {
             let counter = if metadata_only {
                 &self.metadata_requests
@@ -461,14 +606,18 @@ impl Store {
                     return gone;
                 }
             }
-            tokio::spawn(self.clone().serve_watch(
-                path.to_string(),
-                name_selector(query),
-                label_selector(query),
+            if let Some(closed) = self.closed_watch() {
+                return closed;
+            }
+            let w = WatchRequest {
+                collection: path.to_string(),
+                name: name_selector(query),
+                labels: label_selector(query),
                 from,
                 metadata_only,
-                tx,
-            ));
+                bookmarks: query_param(query, "allowWatchBookmarks") == Some("true"),
+            };
+            tokio::spawn(self.clone().serve_watch(w, tx));
             let body = StreamBody::new(tokio_stream::StreamExt::map(
                 tokio_stream::wrappers::ReceiverStream::new(rx),
                 |b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b)),
