@@ -267,6 +267,12 @@ pub struct ServeArgs {
     /// event (a safety net: changes arrive through a watch) [default: 60s].
     #[arg(long, env = "MESHCA_STATE_POLL_INTERVAL")]
     pub state_poll_interval: Option<HumanDuration>,
+    /// A Kubernetes watch that receives nothing (no event, no bookmark) for
+    /// this long is abandoned and re-established: the API server sends a
+    /// bookmark about once a minute, so silence means a dead connection
+    /// [default: 180s].
+    #[arg(long, env = "MESHCA_WATCH_IDLE_TIMEOUT")]
+    pub watch_idle_timeout: Option<HumanDuration>,
     /// Keep the audit log's signing key in this Secret (in
     /// control_plane_namespace), so every replica signs its checkpoints with
     /// one key auditors trust (needs kubeconfig).

@@ -40,7 +40,7 @@ impl ServeArgs {
             expiry_warning, rotation_check_interval, bundle_file, init_root_cert, init_root_key,
             publish_bundle, bundle_namespace_selector, bundle_resync_interval, jwks_kubernetes,
             leader_election_lease, leader_election_lease_duration, replica_name, state_secret,
-            state_poll_interval, kubernetes, audit_key_secret, issuer_secret,
+            state_poll_interval, watch_idle_timeout, kubernetes, audit_key_secret, issuer_secret,
             propagation_report_interval, watch_token_bindings,
             identity_rate_limit, identity_rate_burst, watch_stall_timeout,
             watch_anonymous_per_ip, watch_anonymous_max, grpc_max_connections,

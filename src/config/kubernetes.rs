@@ -74,6 +74,7 @@ impl ServeArgs {
             kubeconfig: self.kubeconfig.clone(),
             state_secret: self.state_secret.clone(),
             state_poll_interval: d(self.state_poll_interval, 60).max(Duration::from_millis(100)),
+            watch_idle_timeout: d(self.watch_idle_timeout, 180).max(Duration::from_millis(100)),
             audit_key_secret: self.audit_key_secret.clone(),
             issuer_secret: self.issuer_secret.clone(),
             publish,

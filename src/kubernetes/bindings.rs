@@ -249,17 +249,22 @@ impl BindingCheck for BoundObjects {
 }
 
 /// Keeps `objects` in step with the cluster until `stop` flips.
-pub fn follow(client: kube::Client, objects: Arc<BoundObjects>, stop: watch::Receiver<bool>) {
+pub(crate) fn follow(
+    client: kube::Client,
+    objects: Arc<BoundObjects>,
+    pacing: super::watch::Pacing,
+    stop: watch::Receiver<bool>,
+) {
     tokio::spawn(follow_table::<Pod>(
         client.clone(),
-        "pods",
+        ("pods", pacing),
         objects.clone(),
         |o| &o.pods,
         stop.clone(),
     ));
     tokio::spawn(follow_table::<ServiceAccount>(
         client,
-        "serviceaccounts",
+        ("serviceaccounts", pacing),
         objects,
         |o| &o.service_accounts,
         stop,
@@ -279,7 +284,7 @@ fn triple(meta: &ObjectMeta) -> Option<(String, String, String)> {
 /// [`STALE_AFTER`], make checks answer Unknown.
 async fn follow_table<K>(
     client: kube::Client,
-    resource: &'static str,
+    (resource, pacing): (&'static str, super::watch::Pacing),
     objects: Arc<BoundObjects>,
     pick: fn(&BoundObjects) -> &Table,
     stop: watch::Receiver<bool>,
@@ -291,6 +296,7 @@ async fn follow_table<K>(
         resource,
         name: None,
         labels: None,
+        pacing,
     };
     // A watch that opens again is healthy even before its first event.
     let o = objects.clone();

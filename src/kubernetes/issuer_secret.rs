@@ -55,6 +55,8 @@ pub(crate) struct Settings {
     pub name: String,
     /// This replica (for Events).
     pub replica: String,
+    /// How the Secret's watch is paced.
+    pub watch: super::watch::Pacing,
 }
 
 fn desired(s: &Settings, files: &crate::trust::manager::IssuerFiles, rv: Option<String>) -> Secret {
@@ -240,6 +242,7 @@ pub(crate) async fn run(
             resource: "secrets",
             name: Some(s.name.clone()),
             labels: None,
+            pacing: s.watch,
         },
         wake.clone(),
         stop.clone(),

@@ -43,6 +43,8 @@ pub struct Settings {
     pub replica: String,
     /// How often this replica publishes and reads.
     pub interval: Duration,
+    /// How the reports watch is paced.
+    pub watch: super::watch::Pacing,
 }
 
 /// One replica's report.
@@ -176,6 +178,7 @@ pub async fn run(
             resource: "configmaps",
             name: None,
             labels: Some(format!("{LABEL}=true")),
+            pacing: s.watch,
         },
         wake.clone(),
         stop.clone(),

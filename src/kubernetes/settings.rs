@@ -25,6 +25,8 @@ pub struct Settings {
     pub state_secret: Option<String>,
     /// How often the shared state is checked.
     pub state_poll_interval: Duration,
+    /// A watch silent this long is re-established (zero: the default).
+    pub watch_idle_timeout: Duration,
     /// The Secret holding the audit log's signing key (None: the data directory's).
     pub audit_key_secret: Option<String>,
     /// The `kubernetes.io/tls` Secret mirroring the issuer (None: none).
@@ -51,6 +53,11 @@ pub struct PublishConfig {
 }
 
 impl Settings {
+    /// How every watch is paced (`watch_idle_timeout`).
+    pub(crate) fn watch_pacing(&self) -> super::watch::Pacing {
+        super::watch::Pacing::with_idle_timeout(self.watch_idle_timeout)
+    }
+
     /// The kubeconfig exists, every feature that talks to the API server
     /// has credentials, and the Lease lasts long enough to be renewed.
     pub fn validate(&self) -> Result<(), InvalidSetting> {

@@ -4,29 +4,40 @@
 //! the round trip of one event instead of a poll period.
 //!
 //! Owns: the one list/watch loop of meshca ([`run`]; [`follow`] for
-//! consumers that only need waking). The protocol is kube-runtime's
-//! `watcher`: a watch that ends (server timeout, dropped connection)
-//! resumes from the last resourceVersion seen; a `410 Gone` (the version was
-//! compacted away) forces a fresh list, because events were lost. Around it
-//! this module adds what meshca promises on top (docs/kubernetes.md):
-//! errors back off ([`crate::util::backoff`]); every restart is counted in
+//! consumers that only need waking) and its pacing ([`Pacing`]). The
+//! protocol is kube-runtime's `watcher`: a watch that ends (server timeout,
+//! dropped connection) resumes from the last resourceVersion seen,
+//! bookmarks included; a `410 Gone` (the version was compacted away) forces
+//! a fresh list, because events were lost. Around it this module adds what
+//! meshca promises on top (docs/kubernetes.md): every restart is counted in
 //! `meshca_kubernetes_watch_restarts_total{resource,reason}` (`closed`,
-//! `gone`, `error`); a 410 answered to the watch request itself (not as an
-//! `ERROR` event) also lists again, where kube-runtime alone would retry
-//! the same expired version forever. Lists and watches ask for metadata
-//! only (`PartialObjectMetadata`): consumers re-read what they need, and
-//! Secret data never travels over a watch.
+//! `gone`, `error`, `idle`); a 410 answered to the watch request itself
+//! (not as an `ERROR` event) also lists again, where kube-runtime alone
+//! would retry the same expired version forever; a request or stream that
+//! brings nothing (no event, no bookmark) within the idle timeout is
+//! abandoned, so a connection that died silently is noticed; and one
+//! backoff ([`crate::util::backoff`]) paces every retry — after an error,
+//! an idle timeout, or a watch stream that ended before it stayed open
+//! [`Pacing::healthy_after`] — and starts over only after such a healthy
+//! stream, so a server that accepts watches and closes them at once is not
+//! hammered. Lists and watches ask for metadata only
+//! (`PartialObjectMetadata`): consumers re-read what they need, and Secret
+//! data never travels over a watch.
 //!
 //! kube-runtime's event stream is silent about a watch that closed and
-//! resumed cleanly, and about a watch request that succeeded, so the
-//! watcher's `Api` runs over a [`Probe`]d client that sees its requests.
+//! resumed cleanly, about a watch request that succeeded, and about
+//! bookmarks, so the watcher's `Api` runs over a [`Probe`]d client that
+//! sees (and paces) its requests and their bodies.
 //! Must not: interpret the objects.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use kube::api::{Api, PartialObjectMeta};
@@ -48,6 +59,50 @@ pub(crate) struct Target {
     pub name: Option<String>,
     /// Only objects with these labels (a label selector, `k=v,k2=v2`).
     pub labels: Option<String>,
+    /// When a silent watch is abandoned, when a stream counts as healthy.
+    pub pacing: Pacing,
+}
+
+/// The default idle timeout: kube-apiserver sends a bookmark about once a
+/// minute to a watch that asked for them, so three minutes without one
+/// (or any event) means the connection is dead, not the collection quiet.
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A watch stream open this long was healthy: the backoff starts over.
+/// (client-go calls a watch under a second without events "very short"
+/// and backs off; a server timeout ends a healthy one after ~5 minutes.)
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// How a watch is paced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    /// Nothing (no event, no bookmark, no response) for this long: the
+    /// request is abandoned and the watch re-established.
+    pub idle_timeout: Duration,
+    /// A stream open this long resets the backoff.
+    pub healthy_after: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Self::with_idle_timeout(IDLE_TIMEOUT)
+    }
+}
+
+impl Pacing {
+    /// `idle_timeout` (the `watch_idle_timeout` setting; zero, as in a
+    /// `Default` settings value: [`IDLE_TIMEOUT`]), the default health
+    /// threshold.
+    pub(crate) fn with_idle_timeout(idle_timeout: Duration) -> Self {
+        Self {
+            idle_timeout: if idle_timeout.is_zero() {
+                IDLE_TIMEOUT
+            } else {
+                idle_timeout
+            },
+            healthy_after: HEALTHY_AFTER,
+        }
+    }
 }
 
 impl Target {
@@ -57,7 +112,8 @@ impl Target {
             label_selector: self.labels.clone(),
             // Servers end watches after at most this; the watcher resumes.
             timeout: Some(290),
-            // Bookmarks keep the resume version fresh on quiet collections.
+            // Bookmarks keep the resume version fresh on quiet collections,
+            // and show a quiet watch alive (the idle timeout).
             bookmarks: true,
             ..Default::default()
         }
@@ -150,12 +206,12 @@ pub(crate) async fn run<K, F>(
         on_open,
         metrics,
     } = spec;
-    let probe = Arc::new(Probe {
-        resource: target.resource,
-        watching_cleanly: AtomicBool::new(false),
+    let probe = Arc::new(Probe::new(
+        target.resource,
+        target.pacing,
         on_open,
-        metrics: metrics.clone(),
-    });
+        metrics.clone(),
+    ));
     let ns = client.default_namespace().to_string();
     let api = api(kube::Client::new(
         Probed {
@@ -166,7 +222,6 @@ pub(crate) async fn run<K, F>(
     ));
     let start = || watcher::watcher(api.clone(), target.config()).boxed();
     let mut events = start();
-    let mut backoff = Backoff::default();
     loop {
         let next = tokio::select! {
             e = events.next() => e,
@@ -176,13 +231,14 @@ pub(crate) async fn run<K, F>(
             // The watcher's stream never ends on its own.
             None => return,
             Some(Ok(ev)) => {
-                backoff.reset();
                 deliver(follower, ev);
                 continue;
             }
             Some(Err(e)) => e,
         };
-        probe.errored();
+        // The wait this calls for happens in the probe, before the next
+        // request (inside `events.next()`, so `stop` interrupts it).
+        let idle = probe.errored();
         match restart(&e) {
             Restart::Gone { relist } => {
                 tracing::info!(
@@ -195,12 +251,11 @@ pub(crate) async fn run<K, F>(
                 }
             }
             Restart::Error => {
-                tracing::warn!(resource = target.resource, error = %e, "Kubernetes list/watch failed; retrying");
-                metrics.kubernetes_watch_restart(target.resource, "error");
-                follower.failing();
-                if backoff.sleep_or_stop(&mut stop).await {
-                    return;
+                if !idle {
+                    tracing::warn!(resource = target.resource, error = %e, "Kubernetes list/watch failed; retrying");
+                    metrics.kubernetes_watch_restart(target.resource, "error");
                 }
+                follower.failing();
             }
         }
     }
@@ -240,37 +295,135 @@ fn restart(e: &watcher::Error) -> Restart {
     }
 }
 
-/// Sees the watcher's requests: a watch request right after a watch that
-/// ended without an error is a clean resume (`closed`); a watch answered
-/// 200 calls `on_open`.
+/// Sees the watcher's requests and paces them: a watch request right after
+/// a watch that ended without an error is a clean resume (`closed`); a
+/// watch answered 200 calls `on_open`; a wait is due before the next
+/// request after a failure, an idle timeout, or a watch stream that ended
+/// before it was healthy (so a server that accepts and closes at once is
+/// retried with growing delays, not in a tight loop).
 struct Probe {
     resource: &'static str,
+    pacing: Pacing,
     /// The last request was a watch, and no error was reported since.
     watching_cleanly: AtomicBool,
     on_open: Option<OnOpen>,
     metrics: Arc<Metrics>,
+    pace: Mutex<Pace>,
+}
+
+/// The pacing state: the one backoff of this watch and what decides it.
+#[derive(Debug)]
+struct Pace {
+    backoff: Backoff,
+    /// A wait is due before the next request.
+    due: bool,
+    /// The last watch stream: when it opened and, once over, when it ended.
+    stream: Option<(Instant, Option<Instant>)>,
+    /// The last failure was an idle timeout (already counted as `idle`).
+    idle: bool,
 }
 
 impl Probe {
-    /// A request is about to be sent. The watcher sends one request at a
-    /// time, and only when polled, so this never races [`Probe::errored`]
-    /// (called before the stream is polled again).
-    fn request(&self, is_watch: bool) {
+    fn new(
+        resource: &'static str,
+        pacing: Pacing,
+        on_open: Option<OnOpen>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            resource,
+            pacing,
+            watching_cleanly: AtomicBool::new(false),
+            on_open,
+            metrics,
+            pace: Mutex::new(Pace {
+                backoff: Backoff::default(),
+                due: false,
+                stream: None,
+                idle: false,
+            }),
+        }
+    }
+
+    fn pace(&self) -> std::sync::MutexGuard<'_, Pace> {
+        // Plain fields: a panic elsewhere cannot leave them half-written.
+        self.pace.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A request is about to be sent; returns how long to wait first. The
+    /// watcher sends one request at a time, and only when polled, so this
+    /// never races [`Probe::errored`] (called before the stream is polled
+    /// again) or the end of the previous stream (seen before the watcher
+    /// asks again).
+    fn request(&self, is_watch: bool) -> Option<Duration> {
+        self.request_at(is_watch, Instant::now())
+    }
+
+    fn request_at(&self, is_watch: bool, now: Instant) -> Option<Duration> {
         let was_watching = self.watching_cleanly.swap(is_watch, Ordering::AcqRel);
         if is_watch && was_watching {
             self.metrics
                 .kubernetes_watch_restart(self.resource, "closed");
         }
+        let mut p = self.pace();
+        // Only a stream that stayed open a while proves the server
+        // healthy; one event, or a 200 that ends at once, does not.
+        if let Some((opened, ended)) = p.stream.take() {
+            if ended.unwrap_or(now).saturating_duration_since(opened) >= self.pacing.healthy_after {
+                p.backoff.reset();
+            }
+        }
+        std::mem::take(&mut p.due).then(|| p.backoff.next_wait())
     }
 
-    fn errored(&self) {
+    /// The watcher reported an error; true when it was an idle timeout
+    /// (counted already).
+    fn errored(&self) -> bool {
         self.watching_cleanly.store(false, Ordering::Release);
+        let mut p = self.pace();
+        p.due = true;
+        std::mem::take(&mut p.idle)
     }
 
     fn opened(&self) {
+        self.opened_at(Instant::now());
+    }
+
+    fn opened_at(&self, now: Instant) {
+        self.pace().stream = Some((now, None));
         if let Some(f) = &self.on_open {
             f();
         }
+    }
+
+    /// The watch stream ended (by the server, an error, or being dropped).
+    fn ended(&self) {
+        self.ended_at(Instant::now());
+    }
+
+    fn ended_at(&self, now: Instant) {
+        let mut p = self.pace();
+        if let Some((opened, ended @ None)) = p.stream.as_mut() {
+            *ended = Some(now);
+            if now.saturating_duration_since(*opened) < self.pacing.healthy_after {
+                p.due = true;
+            }
+        }
+    }
+
+    /// Nothing arrived within the idle timeout: the request or stream is
+    /// abandoned, and the next request waits a backoff.
+    fn went_idle(&self) {
+        tracing::info!(
+            resource = self.resource,
+            after = ?self.pacing.idle_timeout,
+            "Kubernetes watch: nothing from the API server (not even a bookmark); reconnecting"
+        );
+        self.metrics.kubernetes_watch_restart(self.resource, "idle");
+        self.watching_cleanly.store(false, Ordering::Release);
+        let mut p = self.pace();
+        p.due = true;
+        p.idle = true;
     }
 }
 
@@ -280,14 +433,15 @@ fn is_watch(uri: &http::Uri) -> bool {
 }
 
 /// The client under the watcher's `Api`: passes every request to the real
-/// client, telling the [`Probe`].
+/// client after the wait the [`Probe`] asks for, bounds the wait for the
+/// response headers and the gap between body frames by the idle timeout.
 #[derive(Clone)]
 struct Probed {
     client: kube::Client,
     probe: Arc<Probe>,
 }
 
-type Response = http::Response<kube::client::Body>;
+type Response = http::Response<Idle>;
 
 impl tower::Service<http::Request<kube::client::Body>> for Probed {
     type Response = Response;
@@ -300,15 +454,119 @@ impl tower::Service<http::Request<kube::client::Body>> for Probed {
 
     fn call(&mut self, req: http::Request<kube::client::Body>) -> Self::Future {
         let watching = is_watch(req.uri());
-        self.probe.request(watching);
+        let wait = self.probe.request(watching);
         let (client, probe) = (self.client.clone(), self.probe.clone());
         Box::pin(async move {
-            let r = client.send(req).await;
-            if watching && r.as_ref().is_ok_and(|r| r.status().is_success()) {
+            if let Some(d) = wait {
+                tokio::time::sleep(d).await;
+            }
+            let idle = probe.pacing.idle_timeout;
+            let Ok(r) = tokio::time::timeout(idle, client.send(req)).await else {
+                probe.went_idle();
+                return Err(kube::Error::Service(Box::new(idle_error(idle))));
+            };
+            let r = r?;
+            let stream = watching && r.status().is_success();
+            if stream {
                 probe.opened();
             }
-            r
+            Ok(r.map(|body| Idle::new(body, probe, stream)))
         })
+    }
+}
+
+fn idle_error(after: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no data from the Kubernetes API server for {after:?}"),
+    )
+}
+
+/// A response body that gives up when nothing arrives within the idle
+/// timeout: a watch stream then ends (the watcher resumes from the last
+/// resourceVersion, bookmarks included), any other body fails. Tells the
+/// [`Probe`] when a watch stream ends, however it ends.
+struct Idle<B = kube::client::Body> {
+    inner: B,
+    probe: Arc<Probe>,
+    /// A watch stream (answered 200).
+    stream: bool,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    done: bool,
+}
+
+impl<B> Idle<B> {
+    fn new(inner: B, probe: Arc<Probe>, stream: bool) -> Self {
+        let deadline = Box::pin(tokio::time::sleep(probe.pacing.idle_timeout));
+        Self {
+            inner,
+            probe,
+            stream,
+            deadline,
+            done: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.done && self.stream {
+            self.probe.ended();
+        }
+        self.done = true;
+    }
+}
+
+type Frame = hyper::body::Frame<hyper::body::Bytes>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> hyper::body::Body for Idle<B>
+where
+    B: hyper::body::Body<Data = hyper::body::Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = hyper::body::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + self.probe.pacing.idle_timeout;
+                self.deadline.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.finish();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                self.finish();
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if self.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.probe.went_idle();
+                self.finish();
+                if self.stream {
+                    Poll::Ready(None)
+                } else {
+                    let e = idle_error(self.probe.pacing.idle_timeout);
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            }
+        }
+    }
+}
+
+impl<B> Drop for Idle<B> {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
@@ -352,30 +610,38 @@ mod tests {
         assert!(!is_watch(&u("/api/v1/pods")));
     }
 
+    fn restarts(m: &Metrics, reason: &str) -> u64 {
+        m.render()
+            .lines()
+            .find(|l| {
+                l.starts_with("meshca_kubernetes_watch_restarts_total{")
+                    && l.contains("resource=\"secrets\"")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    }
+
+    fn probe_idle(on_open: Option<OnOpen>, idle_timeout: Duration) -> Probe {
+        let pacing = Pacing {
+            idle_timeout,
+            healthy_after: Duration::from_secs(10),
+        };
+        Probe::new("secrets", pacing, on_open, Arc::default())
+    }
+
+    fn probe(on_open: Option<OnOpen>) -> Probe {
+        probe_idle(on_open, IDLE_TIMEOUT)
+    }
+
     #[test]
     fn only_a_clean_resume_counts_as_closed_and_opens_call_back() {
         let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let o = opened.clone();
-        let p = Probe {
-            resource: "secrets",
-            watching_cleanly: AtomicBool::new(false),
-            on_open: Some(Arc::new(move || {
-                o.fetch_add(1, Ordering::SeqCst);
-            })),
-            metrics: Arc::default(),
-        };
-        let closed = || {
-            p.metrics
-                .render()
-                .lines()
-                .find(|l| {
-                    l.starts_with("meshca_kubernetes_watch_restarts_total{")
-                        && l.contains("resource=\"secrets\"")
-                        && l.contains("reason=\"closed\"")
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let p = probe(Some(Arc::new(move || {
+            o.fetch_add(1, Ordering::SeqCst);
+        })));
+        let closed = || restarts(&p.metrics, "closed");
         p.request(false); // list
         p.request(true); // watch from the list's version
         assert_eq!(closed(), 0);
@@ -387,7 +653,122 @@ mod tests {
         p.request(false); // 410: a fresh list…
         p.request(true); // …and a watch from it
         assert_eq!(closed(), 1);
+        p.went_idle(); // nothing arrived: abandoned, counted as idle
+        p.request(true);
+        assert_eq!((closed(), restarts(&p.metrics, "idle")), (1, 1));
         p.opened();
         assert_eq!(opened.load(Ordering::SeqCst), 1);
+    }
+
+    /// The wait before the next request (at `now`), checked against the
+    /// jittered range `[nominal/2, nominal]`.
+    fn waits(p: &Probe, now: Instant, nominal_ms: u64) {
+        let w = p.request_at(true, now).expect("a wait is due");
+        let n = Duration::from_millis(nominal_ms);
+        assert!(w >= n / 2 && w <= n, "{w:?} vs nominal {n:?}");
+    }
+
+    #[test]
+    fn a_stream_that_closes_at_once_backs_off_until_one_stays_healthy() {
+        let p = probe(None);
+        let t = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(p.request_at(false, t), None, "the first list goes at once");
+        assert_eq!(p.request_at(true, t), None, "so does the watch after it");
+        // 200, then EOF at once (an event in between changes nothing):
+        // each resume waits longer.
+        for nominal in [200, 400, 800, 1600, 3200] {
+            p.opened_at(t);
+            p.ended_at(t);
+            waits(&p, t, nominal);
+        }
+        // Open 9 s is not yet healthy.
+        p.opened_at(t);
+        p.ended_at(t + s(9));
+        waits(&p, t + s(9), 6400);
+        // A stream that stays open 10 s proves the server healthy: the
+        // next resume goes at once and the backoff starts over.
+        p.opened_at(t);
+        p.ended_at(t + s(10));
+        assert_eq!(p.request_at(true, t + s(10)), None);
+        p.opened_at(t);
+        p.ended_at(t);
+        waits(&p, t, 200);
+        // A healthy stream that then fails: one short wait, and the
+        // failures after it grow again (the old stream resets only once).
+        p.opened_at(t);
+        p.ended_at(t + s(60));
+        assert!(!p.errored());
+        waits(&p, t + s(60), 200);
+        assert!(!p.errored());
+        waits(&p, t + s(61), 400);
+    }
+
+    /// A body that never yields (a peer that went silent).
+    struct Silent;
+
+    impl hyper::body::Body for Silent {
+        type Data = hyper::body::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame, Self::Error>>> {
+            Poll::Pending
+        }
+    }
+
+    // Real time, kept short: tokio's paused clock needs a feature meshca
+    // does not build with.
+    const IDLE: Duration = Duration::from_millis(300);
+
+    #[tokio::test]
+    async fn a_silent_stream_ends_after_the_idle_timeout_and_a_silent_list_fails() {
+        use http_body_util::BodyExt;
+        let p = Arc::new(probe_idle(None, IDLE));
+        p.opened();
+        let started = Instant::now();
+        let mut stream = Idle::new(Silent, p.clone(), true);
+        assert!(stream.frame().await.is_none(), "the watch stream ends");
+        let took = started.elapsed();
+        assert!(took >= IDLE && took < IDLE * 5, "{took:?}");
+        assert_eq!(restarts(&p.metrics, "idle"), 1);
+        // Counted once, as idle (not as an error, nor as a clean close).
+        assert!(p.errored());
+        assert!(!p.errored());
+        let mut list = Idle::new(Silent, p.clone(), false);
+        let e = list.frame().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("no data"), "{e}");
+        assert_eq!(restarts(&p.metrics, "idle"), 2);
+    }
+
+    #[tokio::test]
+    async fn data_keeps_a_stream_alive() {
+        use http_body_util::BodyExt;
+        let p = Arc::new(probe_idle(None, IDLE));
+        let (tx, rx) = tokio::sync::mpsc::channel::<hyper::body::Bytes>(1);
+        let frames =
+            tokio_stream::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |b| {
+                Ok::<_, std::convert::Infallible>(Frame::data(b))
+            });
+        let mut body = Idle::new(http_body_util::StreamBody::new(frames), p.clone(), true);
+        let feeder = tokio::spawn(async move {
+            // A bookmark every IDLE/3, six times (twice the idle timeout
+            // in all); then silence.
+            for _ in 0..6 {
+                tokio::time::sleep(IDLE / 3).await;
+                tx.send("{}\n".into()).await.unwrap();
+            }
+            std::future::pending::<()>().await;
+        });
+        let started = Instant::now();
+        let mut n = 0;
+        while body.frame().await.is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 6);
+        assert!(started.elapsed() >= IDLE * 3, "{:?}", started.elapsed());
+        assert_eq!(restarts(&p.metrics, "idle"), 1);
+        feeder.abort();
     }
 }

@@ -292,7 +292,7 @@ impl KubernetesMetrics {
     fn register(r: &mut Registry) -> Self {
         Self {
             rbac_missing: register(r, "kubernetes_permissions_missing", "Kubernetes permissions the configuration needs but the service account lacks (checked at start-up)", Gauge::default()),
-            watch_restarts: register(r, "kubernetes_watch_restarts", "Kubernetes watches restarted, by resource and reason (closed: resumed; gone: 410, listed again; error: backed off)", Family::default()),
+            watch_restarts: register(r, "kubernetes_watch_restarts", "Kubernetes watches restarted, by resource and reason (closed: resumed; gone: 410, listed again; error: backed off; idle: nothing, not even a bookmark, within watch_idle_timeout: re-established)", Family::default()),
             leader: register(r, "kubernetes_leader", "1 while this replica holds the leader-election Lease (does the singleton work), else 0", Gauge::default()),
             bundle_configmaps: register(r, "bundle_configmap_writes", "Trust-bundle ConfigMap writes by result (created, updated, failed)", Family::default()),
             secrets_refused: register(r, "kubernetes_secrets_refused", "Secret versions refused after validation, by Secret role (state, issuer)", Family::default()),

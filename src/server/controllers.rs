@@ -55,7 +55,8 @@ pub(super) async fn spawn(
         }
     };
     if let Some(objects) = bindings {
-        k8s::bindings::follow(client.clone(), objects, stop.clone());
+        let pacing = cfg.kubernetes.watch_pacing();
+        k8s::bindings::follow(client.clone(), objects, pacing, stop.clone());
     }
     if let Some(name) = &cfg.kubernetes.state_secret {
         follow_shared_state(cfg, &client, name, services, metrics, stop.clone());
@@ -89,6 +90,7 @@ fn follow_shared_state(
             resource: "secrets",
             name: Some(name.to_string()),
             labels: None,
+            pacing: cfg.kubernetes.watch_pacing(),
         },
         wake.clone(),
         stop.clone(),
@@ -188,10 +190,13 @@ fn run_singletons(
     if let Some(p) = &cfg.kubernetes.publish {
         spawn_publisher(
             &client,
-            k8s::publish::Settings {
-                namespace_labels: p.namespace_labels.clone(),
-                resync: p.resync,
-            },
+            (
+                k8s::publish::Settings {
+                    namespace_labels: p.namespace_labels.clone(),
+                    resync: p.resync,
+                },
+                cfg.kubernetes.watch_pacing(),
+            ),
             services,
             &leader,
             metrics,
@@ -207,6 +212,7 @@ fn run_singletons(
                 namespace: namespace.clone(),
                 replica: cfg.replica.clone(),
                 interval: cfg.kubernetes.propagation_report_interval,
+                watch: cfg.kubernetes.watch_pacing(),
             },
             services.tracker.clone(),
             Some(leader.clone()),
@@ -221,6 +227,7 @@ fn run_singletons(
                 namespace,
                 name,
                 replica: cfg.replica.clone(),
+                watch: cfg.kubernetes.watch_pacing(),
             },
             services.rotation.clone(),
             Some(leader.clone()),
@@ -235,7 +242,7 @@ fn run_singletons(
 /// the resync period is the safety net.
 fn spawn_publisher(
     client: &kube::Client,
-    settings: k8s::publish::Settings,
+    (settings, pacing): (k8s::publish::Settings, k8s::watch::Pacing),
     services: &Services,
     leader: &watch::Receiver<bool>,
     metrics: &Arc<Metrics>,
@@ -249,6 +256,7 @@ fn spawn_publisher(
             resource: "namespaces",
             name: None,
             labels: None,
+            pacing,
         },
         wake.clone(),
         stop.clone(),
@@ -261,6 +269,7 @@ fn spawn_publisher(
             resource: "configmaps",
             name: Some(k8s::publish::CONFIGMAP.to_string()),
             labels: None,
+            pacing,
         },
         wake.clone(),
         stop.clone(),

@@ -2,13 +2,14 @@
 //! every retry loop uses (the agent and proxy towards the CA, the
 //! Kubernetes watches towards the API server).
 //!
-//! Owns: computing the next wait. The computation is pure (the caller, or
-//! [`Backoff::sleep_or_stop`], does the sleeping), so tests read the sequence
-//! without sleeping. Must not: decide *whether* to retry.
+//! Owns: computing the next wait. The computation is pure (the caller does
+//! the sleeping), so tests read the sequence without sleeping. When the
+//! count starts over ([`Backoff::reset`]) is the caller's call: the
+//! Kubernetes watches reset only after a stream stayed healthy a while
+//! (`kubernetes::watch`), never after a mere answer. Must not: decide
+//! *whether* to retry.
 
 use std::time::Duration;
-
-use tokio::sync::watch;
 
 /// Exponential backoff: `initial`, doubling per failure up to `cap`; with
 /// jitter each wait is drawn from `[d/2, d)`, so replicas or workloads that
@@ -90,16 +91,6 @@ impl Backoff {
     pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
-
-    /// Sleeps [`Self::next_wait`]; true when `stop` flipped (or its sender
-    /// went away) first, so the caller returns instead of retrying.
-    pub(crate) async fn sleep_or_stop(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
-        let d = self.next_wait();
-        tokio::select! {
-            _ = tokio::time::sleep(d) => false,
-            _ = stop.changed() => true,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -155,20 +146,5 @@ mod tests {
         assert_eq!(b.next_wait(), Duration::from_secs(30));
         b.reset();
         assert_eq!(b.next_wait(), ms(200));
-    }
-
-    #[tokio::test]
-    async fn stopping_interrupts_the_wait() {
-        // An hour-long wait: the test finishes only because stop wins.
-        let mut b = Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600));
-        let (tx, mut rx) = watch::channel(false);
-        let waiter = tokio::spawn(async move { b.sleep_or_stop(&mut rx).await });
-        tx.send(true).unwrap();
-        assert!(waiter.await.unwrap());
-        // A dropped sender also stops the loop (the owner went away).
-        let mut b = Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600));
-        let (tx, mut rx) = watch::channel(false);
-        drop(tx);
-        assert!(b.sleep_or_stop(&mut rx).await);
     }
 }
