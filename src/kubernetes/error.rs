@@ -58,6 +58,15 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// No answer within the call's deadline (a dead connection, a stalled
+    /// or overloaded API server): the call was abandoned.
+    #[error("{what}: no answer from the API server within {after:?}; it is slow or unreachable (check its health and the network path from this pod)")]
+    Timeout {
+        /// What meshca was doing.
+        what: String,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
     /// An object whose content meshca refuses (a bad key, a foreign
     /// certificate…), or local data that cannot be sent.
     #[error("{what}: {reason}")]

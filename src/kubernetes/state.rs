@@ -11,10 +11,16 @@
 //! precondition, so a conflicting write fails (409) and the caller retries
 //! from fresh state instead of overwriting. A deleted Secret is recreated
 //! from the last good local state (deleting a bad edit is the way back).
+//! Every call for the Secret is bounded by [`CALL_DEADLINE`], and a
+//! background re-read fetches before it takes the rotation steps lock
+//! ([`SharedState::pull_serialized`]), so a stalled API server never holds
+//! a rotation step up for longer than one call's deadline.
 //! Must not: decide rotation steps.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -26,6 +32,7 @@ use crate::ca::store::DataDir;
 use crate::ca::{fingerprint, pem_to_certs, CaKey};
 use crate::trust::journal::Journal;
 use crate::trust::rotation::RotationState;
+use crate::trust::service::SharedState;
 use crate::util::secret::SecretBytes;
 
 use super::error::{kube_err, Error};
@@ -67,9 +74,32 @@ impl std::fmt::Debug for Snapshot {
     }
 }
 
+/// The longest one call for the state Secret may take. A Secret read or
+/// write answers in milliseconds; one that hangs (a dead connection, an
+/// overloaded server) must not hold a rotation step, or the steps lock,
+/// any longer.
+pub(crate) const CALL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// `call`, abandoned after `deadline` with [`Error::Timeout`].
+async fn bounded<T>(
+    deadline: Duration,
+    what: String,
+    call: impl Future<Output = Result<T, kube::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r.map_err(kube_err(what)),
+        Err(_) => Err(Error::Timeout {
+            what,
+            after: deadline,
+        }),
+    }
+}
+
 /// The Secret-backed state of one replica.
 pub(crate) struct SecretState {
     api: Api<Secret>,
+    /// The deadline of each API call ([`CALL_DEADLINE`]).
+    deadline: Duration,
     client: kube::Client,
     name: String,
     namespace: String,
@@ -216,6 +246,7 @@ impl SecretState {
         Self {
             metrics,
             api: Api::namespaced(client.clone(), namespace),
+            deadline: CALL_DEADLINE,
             client,
             name: name.into(),
             namespace: namespace.into(),
@@ -224,6 +255,13 @@ impl SecretState {
             based_on: Mutex::new(None),
             refused: Mutex::new(None),
         }
+    }
+
+    /// The same, with another deadline per call (tests).
+    #[cfg(test)]
+    fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
     }
 
     fn based_on(&self) -> Option<String> {
@@ -241,12 +279,19 @@ impl SecretState {
     /// changed; Ok(false) when there is no Secret or nothing new. A Secret
     /// that fails validation is reported (Event + error) and not applied.
     pub(crate) async fn pull(&self) -> Result<bool, Error> {
-        let Some(secret) = self
-            .api
-            .get_opt(&self.name)
-            .await
-            .map_err(kube_err(self.what("reading")))?
-        else {
+        let fetched = self.fetch().await?;
+        self.adopt(fetched).await
+    }
+
+    /// Reads the Secret (None: there is none), within the deadline.
+    async fn fetch(&self) -> Result<Option<Secret>, Error> {
+        let get = self.api.get_opt(&self.name);
+        bounded(self.deadline, self.what("reading"), get).await
+    }
+
+    /// [`Self::pull`] once the Secret has been read.
+    async fn adopt(&self, fetched: Option<Secret>) -> Result<bool, Error> {
+        let Some(secret) = fetched else {
             if self.is_shared() {
                 // It was deleted (e.g. by an operator removing a bad edit):
                 // put this replica's last good state back. If another
@@ -341,17 +386,16 @@ impl SecretState {
             ),
             ..Default::default()
         });
+        let pp = PostParams::default();
         let r = match self.based_on() {
-            None => self
-                .api
-                .create(&PostParams::default(), &secret.0)
-                .await
-                .map_err(kube_err(self.what("creating"))),
-            Some(_) => self
-                .api
-                .replace(&self.name, &PostParams::default(), &secret.0)
-                .await
-                .map_err(kube_err(self.what("updating"))),
+            None => {
+                let create = self.api.create(&pp, &secret.0);
+                bounded(self.deadline, self.what("creating"), create).await
+            }
+            Some(_) => {
+                let replace = self.api.replace(&self.name, &pp, &secret.0);
+                bounded(self.deadline, self.what("updating"), replace).await
+            }
         };
         let s = super::KeySecret(r?);
         self.set_based_on(s.0.metadata.resource_version.clone());
@@ -364,22 +408,44 @@ impl SecretState {
     }
 
     async fn event(&self, reason: &str, message: &str) {
-        super::event::warn_secret(
+        let post = super::event::warn_secret(
             self.client.clone(),
             &self.namespace,
             &self.name,
             &self.replica,
             reason,
             message,
-        )
-        .await
+        );
+        // Best effort, like the Event itself: the refusal is logged anyway.
+        if tokio::time::timeout(self.deadline, post).await.is_err() {
+            tracing::warn!(secret = %self.name, reason, "the Event could not be posted within the deadline");
+        }
     }
 }
 
 #[tonic::async_trait]
-impl crate::trust::service::SharedState for SecretState {
+impl SharedState for SecretState {
     async fn pull(&self) -> Result<bool, String> {
         SecretState::pull(self).await.map_err(|e| e.to_string())
+    }
+
+    async fn pull_serialized<'a>(
+        &self,
+        lock: &'a tokio::sync::Mutex<()>,
+    ) -> Result<Option<tokio::sync::MutexGuard<'a, ()>>, String> {
+        let base = self.based_on();
+        // The network read, without the lock: a stalled server holds up
+        // only this re-read, never a step.
+        let fetched = self.fetch().await.map_err(|e| e.to_string())?;
+        let guard = lock.lock().await;
+        if self.based_on() != base {
+            // A step read (and maybe wrote) the Secret meanwhile: what was
+            // fetched may be older than the local state. The next event
+            // or poll brings anything newer.
+            return Ok(None);
+        }
+        let changed = self.adopt(fetched).await.map_err(|e| e.to_string())?;
+        Ok(changed.then_some(guard))
     }
 
     async fn push(&self) -> Result<bool, String> {
@@ -402,6 +468,74 @@ impl SecretState {
 mod tests {
     use super::*;
     use crate::ca::store::InitOptions;
+
+    /// A state Secret client against an API server that accepts
+    /// connections and never answers (a stalled server, a dead peer), with
+    /// a 300 ms deadline per call; and a data directory holding a CA.
+    async fn stalled() -> (SecretState, tempfile::TempDir) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                held.push(c);
+            }
+        });
+        let cfg = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let client = kube::Client::try_from(cfg).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::new(dir.path());
+        let now = std::time::SystemTime::now();
+        data.init(&InitOptions::default(), now).unwrap();
+        crate::trust::manager::TrustManager::open(data.clone(), now).unwrap();
+        let ss = SecretState::new(client, "meshca", "meshca-ca", "a", data, Default::default())
+            .with_deadline(Duration::from_millis(300));
+        (ss, dir)
+    }
+
+    #[tokio::test]
+    async fn every_secret_call_is_bounded_by_its_deadline() {
+        let (ss, _dir) = stalled().await;
+        let limit = Duration::from_secs(5);
+        let e = tokio::time::timeout(limit, ss.pull())
+            .await
+            .expect("the read gave up")
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+        assert!(
+            e.to_string().starts_with(
+                "reading Secret meshca/meshca-ca: no answer from the API server within 300ms"
+            ),
+            "{e}"
+        );
+        let e = tokio::time::timeout(limit, ss.push())
+            .await
+            .expect("the write gave up")
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("creating Secret meshca/meshca-ca: no answer"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_background_pull_reads_without_the_steps_lock() {
+        let (ss, _dir) = stalled().await;
+        let ss = std::sync::Arc::new(ss);
+        let steps = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+        let (s2, l2) = (ss.clone(), steps.clone());
+        let pull = tokio::spawn(async move { s2.pull_serialized(&l2).await.map(|g| g.is_some()) });
+        // While the read hangs, a step can take the lock.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!pull.is_finished());
+        assert!(
+            steps.try_lock().is_ok(),
+            "the re-read holds the steps lock across its read"
+        );
+        let r = pull.await.unwrap();
+        assert!(r.unwrap_err().contains("no answer"));
+    }
 
     #[test]
     fn revocations_travel_in_the_shared_state() {

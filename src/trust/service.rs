@@ -53,6 +53,19 @@ pub trait SharedState: Send + Sync + std::fmt::Debug {
     /// Publishes the local state; `Ok(false)` when another replica wrote
     /// first (the caller pulls and retries).
     async fn push(&self) -> Result<bool, String>;
+    /// A background re-read, serialized with steps by `lock`: like
+    /// [`Self::pull`], but an implementation that reads over the network
+    /// does so BEFORE taking `lock` (a slow server must not hold up a
+    /// step), then applies under it unless a step moved the state on
+    /// meanwhile. `Some(guard)` when the data directory changed: the
+    /// caller reloads under the guard.
+    async fn pull_serialized<'a>(
+        &self,
+        lock: &'a tokio::sync::Mutex<()>,
+    ) -> Result<Option<tokio::sync::MutexGuard<'a, ()>>, String> {
+        let guard = lock.lock().await;
+        Ok(self.pull().await?.then_some(guard))
+    }
 }
 
 /// How many times a step is retried after losing a race to another replica.
@@ -332,7 +345,10 @@ impl RotationService {
 
     /// Keeps this replica in line with the shared state until `stop` flips:
     /// pulls when `wake` fires (a watch event on the shared state) and, as
-    /// a safety net for a watch that silently stalls, every `every`.
+    /// a safety net for a watch that silently stalls, every `every`. The
+    /// read happens without the steps lock (see
+    /// [`SharedState::pull_serialized`]), so a stalled API server never
+    /// keeps an operator's step waiting behind this loop.
     pub fn follow_shared(
         self: &Arc<Self>,
         every: Duration,
@@ -347,9 +363,19 @@ impl RotationService {
                     _ = wake.notified() => {}
                     _ = stop.changed() => return,
                 }
-                let _one_at_a_time = me.steps.lock().await;
-                if let Err(e) = me.pull_shared().await {
-                    tracing::warn!(error = %e, "shared CA state: pull failed; keeping the current state");
+                let Some(shared) = me.shared.get() else {
+                    continue;
+                };
+                match shared.pull_serialized(&me.steps).await {
+                    Ok(Some(_one_at_a_time)) => {
+                        if let Err(e) = me.reload().await {
+                            tracing::warn!(error = %e, "shared CA state: reload failed; keeping the current state");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shared CA state: pull failed; keeping the current state")
+                    }
                 }
             }
         });
