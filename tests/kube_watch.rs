@@ -118,7 +118,8 @@ async fn a_change_made_after_a_watch_went_silent_arrives_within_the_idle_timeout
 /// Before: kube-runtime resumes a watch that ended cleanly at once, so a
 /// server (or proxy) that answers every watch 200 and closes it got a
 /// tight loop of watch requests. After: a stream that did not stay open
-/// for a while is no success; each resume waits longer.
+/// for a while is no success, even when it delivered an event; each
+/// resume waits longer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_closed_at_once_is_retried_with_growing_delays() {
     let c = cluster().await;
@@ -130,10 +131,25 @@ async fn a_watch_closed_at_once_is_retried_with_growing_delays() {
         || c.api.watches_closed_at_once.load(SeqCst) >= 2,
     )
     .await;
+    // Someone edits the state Secret every 100 ms, so most resumed watches
+    // of it deliver an event before they close: one event is no sign of
+    // health either.
+    let api = c.api.clone();
+    let editor = tokio::spawn(async move {
+        for i in 0.. {
+            let mut s = api
+                .get("/api/v1/namespaces/meshca/secrets", "meshca-ca")
+                .unwrap();
+            s["metadata"]["annotations"] = serde_json::json!({"example.com/edit": i.to_string()});
+            api.put("/api/v1/namespaces/meshca/secrets", "meshca-ca", s);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
     let from = c.api.watches_closed_at_once.load(SeqCst);
     let window = Duration::from_secs(3);
     tokio::time::sleep(window).await;
     let n = c.api.watches_closed_at_once.load(SeqCst) - from;
+    editor.abort();
     eprintln!("{n} watch requests in {window:?} against a server closing every watch at once");
     // Two watches, each waiting 0.1-0.2 s, 0.2-0.4 s, … (doubling): at
     // most 6 each in 3 s. A tight loop makes thousands.

@@ -27,7 +27,10 @@
 //! kube-runtime's event stream is silent about a watch that closed and
 //! resumed cleanly, about a watch request that succeeded, and about
 //! bookmarks, so the watcher's `Api` runs over a [`Probe`]d client that
-//! sees (and paces) its requests and their bodies.
+//! sees (and paces) its requests and their bodies. The idle timeout is
+//! this module's: a read timeout on the shared client (`client.rs`) must
+//! stay off, or above the idle timeout, for watch requests, or it would
+//! end quiet healthy watches early.
 //! Must not: interpret the objects.
 
 use std::future::Future;
@@ -675,8 +678,8 @@ mod tests {
         let s = Duration::from_secs;
         assert_eq!(p.request_at(false, t), None, "the first list goes at once");
         assert_eq!(p.request_at(true, t), None, "so does the watch after it");
-        // 200, then EOF at once (an event in between changes nothing):
-        // each resume waits longer.
+        // 200, then EOF at once: each resume waits longer (an event in
+        // between changes nothing: tests/kube_watch.rs).
         for nominal in [200, 400, 800, 1600, 3200] {
             p.opened_at(t);
             p.ended_at(t);

@@ -17,8 +17,8 @@
 //! `watch_metadata` do; [`Store::forbidden`] answers 403 on chosen paths.
 //! Watches that ask for `allowWatchBookmarks=true` get periodic `BOOKMARK`
 //! events (the real server's ~1 min, or [`Store::set_bookmark_interval`]);
-//! [`Store::close_watches`] answers watches 200 and ends them at once (a
-//! proxy or an overloaded server), [`Store::silence_open_watches`] makes
+//! [`Store::close_watches`] answers watches 200 and ends them right after
+//! the events already due (a proxy or an overloaded server), [`Store::silence_open_watches`] makes
 //! every open watch send nothing more while its connection stays open (a
 //! dead peer behind a NAT), and [`Store::stall_gets`] accepts GETs of a
 //! path and never answers them.
@@ -105,9 +105,10 @@ pub struct Store {
     bookmark_interval: Signal<Option<std::time::Duration>>,
     /// BOOKMARK events sent.
     pub bookmarks_sent: AtomicUsize,
-    /// Answer every watch 200 and end its body at once (no event).
+    /// Answer every watch 200 and end its body at once, after the events
+    /// already due (none, or the changes since its resourceVersion).
     pub close_watches: std::sync::atomic::AtomicBool,
-    /// Watches answered 200 and closed at once.
+    /// Watches answered 200 and closed at once (not in `watches_opened`).
     pub watches_closed_at_once: AtomicUsize,
     /// Bumped by [`Store::silence_open_watches`]: a watch opened before
     /// the bump sends nothing more.
@@ -439,7 +440,13 @@ impl Store {
         }
         let mut silenced = self.silenced.subscribe();
         let epoch = *silenced.borrow_and_update();
-        self.watches_opened.fetch_add(1, Ordering::SeqCst);
+        let close_at_once = self.close_watches.load(Ordering::SeqCst);
+        let opened = if close_at_once {
+            &self.watches_closed_at_once
+        } else {
+            &self.watches_opened
+        };
+        opened.fetch_add(1, Ordering::SeqCst);
         let metadata_only = w.metadata_only;
         let line = |kind: &str, object: &Value| {
             let object = if metadata_only && kind != "ERROR" {
@@ -485,6 +492,9 @@ impl Store {
                     return;
                 }
             }
+            if close_at_once {
+                return;
+            }
             tokio::select! {
                 r = tick.changed() => if r.is_err() { return },
                 r = partitioned.changed() => if r.is_err() || *partitioned.borrow() { return },
@@ -519,23 +529,6 @@ impl Store {
             .cloned()
             .collect();
         (due, head)
-    }
-
-    /// With [`Store::close_watches`]: the 200 answer to a watch, whose body
-    /// ends at once.
-    fn closed_watch(&self) -> Option<hyper::Response<super::Body>> {
-        use http_body_util::BodyExt;
-        if !self.close_watches.load(Ordering::SeqCst) {
-            return None;
-        }
-        self.watches_closed_at_once.fetch_add(1, Ordering::SeqCst);
-        Some(
-            hyper::Response::builder()
-                .status(200)
-                .header("content-type", "application/json")
-                .body(http_body_util::Empty::new().boxed())
-                .unwrap(),
-        )
     }
 
     /// With [`Store::gone_as_status`]: once not partitioned, a watch from
@@ -605,9 +598,6 @@ impl Store {
                 if let Some(gone) = self.gone_response(from).await {
                     return gone;
                 }
-            }
-            if let Some(closed) = self.closed_watch() {
-                return closed;
             }
             let w = WatchRequest {
                 collection: path.to_string(),
