@@ -209,10 +209,13 @@ fn run_singletons(
         tokio::spawn(k8s::reports::run(
             client.clone(),
             k8s::reports::Settings {
-                namespace: namespace.clone(),
-                replica: cfg.replica.clone(),
-                interval: cfg.kubernetes.propagation_report_interval,
                 watch: cfg.kubernetes.watch_pacing(),
+                ..k8s::reports::Settings::new(
+                    &namespace,
+                    &cfg.replica,
+                    cfg.kubernetes.propagation_report_interval,
+                    services.rotation.clock().clone(),
+                )
             },
             services.tracker.clone(),
             Some(leader.clone()),

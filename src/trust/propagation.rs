@@ -19,6 +19,13 @@
 //! connection (a stream item yielded, a response returned). Linkerd's
 //! `Certify` response carries no bundle, so Linkerd proxies are not tracked:
 //! the propagation wait covers them.
+//!
+//! Other replicas' clients arrive as [`Row`]s (see `kubernetes::reports`):
+//! a client is identified across replicas by [`client_id`], the first 8
+//! bytes of the SHA-256 of its key, so a report needs ~13 bytes per client
+//! instead of the key itself. A replica whose clients cannot be counted (its
+//! report stale, unreadable or refused) is a [`ReplicaProblem`]: the
+//! activation gate refuses while there is one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -35,6 +42,8 @@ pub(crate) const STALLED_MEMORY: std::time::Duration = std::time::Duration::from
 
 #[derive(Debug, Clone)]
 struct Client {
+    /// [`client_id`] of its key (what other replicas know it by).
+    id: u64,
     version: u64,
     live_until: SystemTime,
     watching: u32,
@@ -68,9 +77,83 @@ pub struct Tracker {
     shards: Vec<Mutex<HashMap<String, Client>>>,
     /// What other replicas reported, by replica: their clients count too,
     /// since a client may renew through one replica and watch another.
-    remote: Mutex<BTreeMap<String, Vec<ClientView>>>,
+    remote: Mutex<BTreeMap<String, RemoteClients>>,
+    /// Replicas whose clients cannot be counted, and this replica's own
+    /// report trouble (see [`Tracker::set_reports`]).
+    reports: Mutex<ReportsHealth>,
     /// Anonymous watchers: reported, never counted by the gate.
     anonymous: AtomicUsize,
+}
+
+/// What the exchange of reports says about the other replicas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportsHealth {
+    /// Replicas whose clients cannot be counted: the gate refuses.
+    pub problems: Vec<ReplicaProblem>,
+    /// Why this replica's own report could not be published (the others
+    /// then see it stale or refused), if it could not.
+    pub own_report: Option<String>,
+}
+
+/// Why a replica's clients cannot be counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaProblem {
+    /// The replica (`*` when this replica cannot read the reports at all).
+    pub replica: String,
+    /// `stale`, `unreadable`, `refused` or `unread`.
+    pub problem: String,
+    /// A sentence for the operator.
+    pub detail: String,
+}
+
+impl std::fmt::Display for ReplicaProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.replica == "*" {
+            write!(f, "{}", self.detail)
+        } else {
+            write!(
+                f,
+                "replica {}: report {}: {}",
+                self.replica, self.problem, self.detail
+            )
+        }
+    }
+}
+
+/// One client in another replica's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Row {
+    /// [`client_id`] of its key.
+    pub id: u64,
+    /// Highest bundle version delivered.
+    pub version: u64,
+    /// Unix seconds until which its latest certificate keeps it relevant.
+    pub live_until: u64,
+    /// Watching the bundle right now.
+    pub watching: bool,
+    /// The root that signed its latest certificate.
+    pub root: Option<String>,
+}
+
+/// What one replica reported: its clients, and the names of a few of them
+/// (those with the oldest versions, so `rotation status` can name laggards).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteClients {
+    /// Every counted client, by [`client_id`].
+    pub rows: Vec<Row>,
+    /// Keys of some of them, by [`client_id`].
+    pub names: BTreeMap<u64, String>,
+}
+
+/// The identity of a client across replicas: the first 8 bytes of the
+/// SHA-256 of its key. Stable across processes and versions (unlike
+/// `DefaultHasher`), and a second preimage costs 2^64 work, so a workload
+/// cannot make its row stand for another's.
+pub fn client_id(key: &str) -> u64 {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(b)
 }
 
 impl Default for Tracker {
@@ -78,6 +161,7 @@ impl Default for Tracker {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             remote: Mutex::new(BTreeMap::new()),
+            reports: Mutex::new(ReportsHealth::default()),
             anonymous: AtomicUsize::new(0),
         }
     }
@@ -99,9 +183,10 @@ pub struct ClientView {
     pub root: Option<String>,
 }
 
-impl ClientView {
+impl Row {
     fn client(&self) -> Client {
         Client {
+            id: self.id,
             version: self.version,
             // Read from another replica's ConfigMap: clamp, never overflow.
             live_until: crate::util::clock::from_unix_secs(self.live_until),
@@ -111,6 +196,37 @@ impl ClientView {
         }
     }
 }
+
+impl From<Vec<ClientView>> for RemoteClients {
+    /// A report of the first format (keys in full).
+    fn from(views: Vec<ClientView>) -> Self {
+        let mut out = RemoteClients::default();
+        for v in views {
+            let id = client_id(&v.key);
+            out.rows.push(Row {
+                id,
+                version: v.version,
+                live_until: v.live_until,
+                watching: v.watching,
+                root: v.root,
+            });
+            out.names.insert(id, v.key);
+        }
+        out
+    }
+}
+
+/// What this replica tells the others (see [`Tracker::export_rows`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Export {
+    /// Every counted client, sorted by id.
+    pub rows: Vec<Row>,
+    /// Up to [`SAMPLE`] clients with the oldest versions: (key, version).
+    pub sample: Vec<(String, u64)>,
+}
+
+/// How many clients a report names in full.
+pub const SAMPLE: usize = 10;
 
 /// What the tracker knows at one instant.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +255,13 @@ pub struct Propagation {
     /// Other replicas whose reports are counted (empty: this one only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_replicas: Vec<String>,
+    /// Replicas whose clients cannot be counted: the activation gate
+    /// refuses while there is one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replica_problems: Vec<ReplicaProblem>,
+    /// Why this replica's own report could not be published, if so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_report_error: Option<String>,
 }
 
 /// A connected watcher; dropping it ends the watch.
@@ -203,7 +326,8 @@ impl Tracker {
 
     fn with(&self, key: &str, f: impl FnOnce(&mut Client)) {
         let mut m = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        let c = m.entry(key.to_string()).or_insert(Client {
+        let c = m.entry(key.to_string()).or_insert_with(|| Client {
+            id: client_id(key),
             version: 0,
             live_until: SystemTime::UNIX_EPOCH,
             watching: 0,
@@ -255,14 +379,61 @@ impl Tracker {
         out
     }
 
+    /// This replica's counted clients as rows (sorted by id), with the
+    /// keys of the [`SAMPLE`] oldest (lowest version, then key).
+    pub fn export_rows(&self, now: SystemTime) -> Export {
+        let mut out = Export::default();
+        let mut oldest: Vec<(u64, String)> = Vec::new();
+        for shard in &self.shards {
+            let m = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, c) in m.iter().filter(|(_, c)| c.counted(now)) {
+                out.rows.push(Row {
+                    id: c.id,
+                    version: c.version,
+                    live_until: crate::util::clock::unix_secs(c.live_until),
+                    watching: c.watching > 0,
+                    root: c.root.clone(),
+                });
+                oldest.push((c.version, k.clone()));
+                if oldest.len() >= 4 * SAMPLE {
+                    oldest.sort();
+                    oldest.truncate(SAMPLE);
+                }
+            }
+        }
+        out.rows.sort_by_key(|r| r.id);
+        oldest.sort();
+        oldest.truncate(SAMPLE);
+        out.sample = oldest.into_iter().map(|(v, k)| (k, v)).collect();
+        out
+    }
+
     /// Replaces what `replica` reported (an empty list forgets it).
     pub fn set_remote(&self, replica: &str, clients: Vec<ClientView>) {
+        self.set_remote_rows(replica, clients.into());
+    }
+
+    /// Replaces what `replica` reported, as rows (none forgets it).
+    pub fn set_remote_rows(&self, replica: &str, clients: RemoteClients) {
         let mut r = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-        if clients.is_empty() {
+        if clients.rows.is_empty() {
             r.remove(replica);
         } else {
             r.insert(replica.to_string(), clients);
         }
+    }
+
+    /// Records what the exchange of reports found wrong (replaces the last).
+    pub fn set_reports(&self, health: ReportsHealth) {
+        *self.reports.lock().unwrap_or_else(|e| e.into_inner()) = health;
+    }
+
+    /// What the exchange of reports found wrong, as last recorded.
+    pub fn reports(&self) -> ReportsHealth {
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Forgets every replica not in `keep`.
@@ -277,14 +448,18 @@ impl Tracker {
     /// client known to several replicas counts once, with the highest
     /// version any of them delivered.
     pub fn summary(&self, now: SystemTime, version: u64) -> Propagation {
+        let health = self.reports();
         let mut p = Propagation {
             version,
             anonymous_watchers: self.anonymous.load(Ordering::Acquire),
+            replica_problems: health.problems,
+            own_report_error: health.own_report,
             ..Default::default()
         };
-        let mut merged: HashMap<String, Client> = HashMap::new();
-        let mut merge = |k: &str, c: Client| match merged.get_mut(k) {
-            Some(m) => {
+        // By client id: (merged record, its key when some replica named it).
+        let mut merged: HashMap<u64, (Client, Option<String>)> = HashMap::new();
+        let mut merge = |c: Client, name: Option<&String>| match merged.get_mut(&c.id) {
+            Some((m, n)) => {
                 m.version = m.version.max(c.version);
                 if c.live_until > m.live_until {
                     m.live_until = c.live_until;
@@ -293,51 +468,62 @@ impl Tracker {
                     }
                 }
                 m.watching += c.watching;
+                if n.is_none() {
+                    *n = name.cloned();
+                }
             }
             None => {
-                merged.insert(k.to_string(), c);
+                merged.insert(c.id, (c, name.cloned()));
             }
         };
         for shard in &self.shards {
             let mut m = shard.lock().unwrap_or_else(|e| e.into_inner());
             m.retain(|_, c| c.kept(now));
             for (k, c) in m.iter().filter(|(_, c)| c.counted(now)) {
-                merge(k, c.clone());
+                merge(c.clone(), Some(k));
             }
         }
         let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
         p.other_replicas = remote.keys().cloned().collect();
-        for views in remote.values() {
-            for v in views {
-                let c = v.client();
+        for r in remote.values() {
+            for row in &r.rows {
+                let c = row.client();
                 if c.live(now) {
-                    merge(&v.key, c);
+                    merge(c, r.names.get(&row.id));
                 }
             }
         }
-        {
-            let m = merged;
-            for (k, c) in m.iter() {
-                p.clients += 1;
-                *p.by_version.entry(c.version).or_insert(0) += 1;
-                let acked = c.version >= version;
-                if acked {
-                    p.acked += 1;
-                } else if p.lagging.len() < 10 {
+        drop(remote);
+        let mut unnamed = 0usize;
+        for (c, name) in merged.values() {
+            p.clients += 1;
+            *p.by_version.entry(c.version).or_insert(0) += 1;
+            let acked = c.version >= version;
+            if acked {
+                p.acked += 1;
+            } else if let Some(k) = name {
+                if p.lagging.len() < 10 {
                     p.lagging.push(format!("{k} (has version {})", c.version));
                 }
-                if c.watching > 0 {
-                    p.watchers += 1;
-                    if acked {
-                        p.watchers_acked += 1;
-                    }
+            } else {
+                unnamed += 1;
+            }
+            if c.watching > 0 {
+                p.watchers += 1;
+                if acked {
+                    p.watchers_acked += 1;
                 }
-                if let (Some(r), true) = (&c.root, c.live_until > now) {
-                    *p.leaves_by_root.entry(r.clone()).or_insert(0) += 1;
-                }
+            }
+            if let (Some(r), true) = (&c.root, c.live_until > now) {
+                *p.leaves_by_root.entry(r.clone()).or_insert(0) += 1;
             }
         }
         p.lagging.sort();
+        if unnamed > 0 {
+            p.lagging.push(format!(
+                "{unnamed} client(s) of other replicas (unnamed: a report names only its {SAMPLE} oldest clients)"
+            ));
+        }
         p
     }
 }

@@ -77,6 +77,10 @@ pub struct Observations {
     /// The longest lifetime a leaf can have: a root that stops signing is
     /// needed in the bundle for at most this long afterwards.
     pub max_leaf_ttl: Duration,
+    /// Why some replica's clients could not be counted (one sentence each,
+    /// naming the replica): while any, the counts above are incomplete and
+    /// activation is refused (fail closed) unless forced.
+    pub uncounted: Vec<String>,
 }
 
 impl Observations {
@@ -90,6 +94,7 @@ impl Observations {
             acked_version: 0,
             propagation_wait,
             max_leaf_ttl,
+            uncounted: Vec::new(),
         }
     }
 
@@ -150,6 +155,10 @@ pub enum RotationError {
         /// Seconds required.
         wait: u64,
     },
+    /// Some replica's clients could not be counted, so the gate cannot
+    /// know whether the prepared root has reached every client.
+    #[error("the activation gate cannot count every replica's clients ({0}); activating now could break clients that do not trust the new root yet. Wait until the replica writes its report again, delete its report ConfigMap if that replica is gone for good (docs/kubernetes.md, propagation reports), or use --force to accept the risk")]
+    Uncounted(String),
     /// A tainted root cannot become active.
     #[error("root {0} is tainted and cannot be activated")]
     TaintedPrepared(String),
@@ -318,8 +327,13 @@ impl RotationState {
         if p.tainted {
             return Err(RotationError::TaintedPrepared(p.id.clone()));
         }
+        if !force && !obs.uncounted.is_empty() {
+            return Err(RotationError::Uncounted(obs.uncounted.join("; ")));
+        }
         let waited = now.duration_since(p.prepared_at).unwrap_or_default();
-        let propagated = obs.all_acked(p.added_in_bundle) && waited >= obs.propagation_wait;
+        let propagated = obs.all_acked(p.added_in_bundle)
+            && waited >= obs.propagation_wait
+            && obs.uncounted.is_empty();
         if !force && !propagated {
             return Err(RotationError::NotPropagated {
                 acked: if obs.acked_version >= p.added_in_bundle {
@@ -425,9 +439,17 @@ impl RotationState {
         if let Some(p) = self.prepared() {
             let at = p.prepared_at + obs.propagation_wait;
             let acked = obs.all_acked(p.added_in_bundle);
+            let refused = if obs.uncounted.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; REFUSED while some replica's clients cannot be counted: {}",
+                    obs.uncounted.join("; ")
+                )
+            };
             return (
                 format!(
-                    "activate (clients with the new bundle: {}/{})",
+                    "activate (clients with the new bundle: {}/{}{refused})",
                     if obs.acked_version >= p.added_in_bundle {
                         obs.watchers_acked
                     } else {
@@ -468,6 +490,7 @@ mod tests {
             acked_version: 100,
             propagation_wait: 24 * H,
             max_leaf_ttl: 24 * H,
+            uncounted: Vec::new(),
         }
     }
 
@@ -520,6 +543,40 @@ mod tests {
         assert_eq!(s.bundle_version, 3);
         assert_eq!(s.in_bundle().count(), 1);
         assert_eq!(s.seq, 3, "one seq per state change");
+    }
+
+    /// Every client that is counted has the new bundle, but one replica's
+    /// clients could not be counted: refused (fail closed), naming it;
+    /// --force overrides and is recorded as forced.
+    #[test]
+    fn uncounted_replicas_refuse_activation_unless_forced() {
+        let prepare = Command::Prepare {
+            id: "bbbb".into(),
+            not_after: t(24 * 730),
+        };
+        let (s, _) = start().apply(&prepare, &obs(t(1))).unwrap();
+        let mut o = obs(t(26));
+        o.uncounted = vec!["replica b: report stale: no change seen for 200s".into()];
+        let e = s
+            .apply(&Command::Activate { force: false }, &o)
+            .unwrap_err();
+        assert!(matches!(e, RotationError::Uncounted(_)), "{e}");
+        assert!(e.to_string().contains("replica b: report stale"), "{e}");
+        let (step, _) = s.next_step(&o);
+        assert!(
+            step.contains("REFUSED") && step.contains("replica b"),
+            "{step}"
+        );
+        let (_, ev) = s.apply(&Command::Activate { force: true }, &o).unwrap();
+        assert!(
+            matches!(&ev[0], Event::Activated { forced: true, .. }),
+            "{ev:?}"
+        );
+        // Without the problem the same observations pass, unforced.
+        let (_, ev) = s
+            .apply(&Command::Activate { force: false }, &obs(t(26)))
+            .unwrap();
+        assert!(matches!(&ev[0], Event::Activated { forced: false, .. }));
     }
 
     #[test]

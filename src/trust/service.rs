@@ -418,6 +418,7 @@ impl RotationService {
             acked_version: p.version,
             propagation_wait: self.settings.propagation_wait,
             max_leaf_ttl: self.settings.max_leaf_ttl,
+            uncounted: p.replica_problems.iter().map(|r| r.to_string()).collect(),
         }
     }
 
@@ -808,7 +809,9 @@ impl RotationService {
             Ok(_) => {}
             // Waiting on a gate is the normal case, not an error.
             Err(TrustError::Refused(
-                RotationError::NotPropagated { .. } | RotationError::NothingToRetire(_),
+                RotationError::NotPropagated { .. }
+                | RotationError::Uncounted(_)
+                | RotationError::NothingToRetire(_),
             )) => tracing::debug!(step = name, "auto-rotate: waiting for the safety gate"),
             Err(e) => tracing::error!(step = name, error = %e, "auto-rotate step failed"),
         }

@@ -119,6 +119,50 @@ fn live_leaves(
     Ok(Some((by_root, by_issuer)))
 }
 
+/// Expiry thresholds, laggards, and replicas whose clients are not counted.
+fn warnings(
+    rows: &[CertRow],
+    propagation: Option<&Propagation>,
+    warn_within: Duration,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for r in rows {
+        if r.expires_in_s <= 0 {
+            warnings.push(format!(
+                "{} {} EXPIRED at {}",
+                r.kind,
+                &r.fingerprint[..16],
+                r.not_after
+            ));
+        } else if r.expires_in_s as u64 <= warn_within.as_secs() {
+            warnings.push(format!(
+                "{} {} expires in {}h (at {})",
+                r.kind,
+                &r.fingerprint[..16],
+                r.expires_in_s / 3600,
+                r.not_after
+            ));
+        }
+    }
+    if let Some(p) = propagation {
+        for l in &p.lagging {
+            warnings.push(format!(
+                "client has not seen bundle version {}: {l}",
+                p.version
+            ));
+        }
+        for r in &p.replica_problems {
+            warnings.push(format!("clients not counted (activation refused): {r}"));
+        }
+        if let Some(e) = &p.own_report_error {
+            warnings.push(format!(
+                "this replica's propagation report could not be published (other replicas refuse to activate until it is): {e}"
+            ));
+        }
+    }
+    warnings
+}
+
 /// Builds the status of `data` at `now`. `propagation` comes from a running
 /// server; offline it is None.
 pub fn status(
@@ -185,33 +229,7 @@ pub fn status(
         expires_in_s: secs(i_na),
     });
 
-    let mut warnings = Vec::new();
-    for r in &rows {
-        if r.expires_in_s <= 0 {
-            warnings.push(format!(
-                "{} {} EXPIRED at {}",
-                r.kind,
-                &r.fingerprint[..16],
-                r.not_after
-            ));
-        } else if r.expires_in_s as u64 <= warn_within.as_secs() {
-            warnings.push(format!(
-                "{} {} expires in {}h (at {})",
-                r.kind,
-                &r.fingerprint[..16],
-                r.expires_in_s / 3600,
-                r.not_after
-            ));
-        }
-    }
-    if let Some(p) = &propagation {
-        for l in &p.lagging {
-            warnings.push(format!(
-                "client has not seen bundle version {}: {l}",
-                p.version
-            ));
-        }
-    }
+    let warnings = warnings(&rows, propagation.as_ref(), warn_within);
 
     let active_expired = state.active().is_none_or(|a| a.not_after <= now);
     let (next_step, next_step_at) = if active_expired {

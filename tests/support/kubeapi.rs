@@ -22,6 +22,9 @@
 //! every open watch send nothing more while its connection stays open (a
 //! dead peer behind a NAT), and [`Store::stall_gets`] accepts GETs of a
 //! path and never answers them.
+//! ConfigMaps and Secrets whose data exceeds the real 1 MiB limit are
+//! refused on create and replace with the real 422 `Invalid` Status
+//! ([`too_large`]; [`Store::object_limit`] lowers the limit for a test).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -118,6 +121,64 @@ pub struct Store {
     pub stall_gets: Mutex<Option<(String, usize)>>,
     /// GETs stalled by [`Store::stall_gets`].
     pub gets_stalled: AtomicUsize,
+    /// The data size limit of ConfigMaps and Secrets when set (default:
+    /// the real 1 MiB, [`MAX_DATA_SIZE`]).
+    pub object_limit: Mutex<Option<usize>>,
+}
+
+/// kube-apiserver's limit on a ConfigMap's or Secret's data
+/// (`core.MaxSecretSize`).
+pub const MAX_DATA_SIZE: usize = 1024 * 1024;
+
+/// The 422 kube-apiserver's validation answers for a ConfigMap or Secret
+/// whose data is over `limit` bytes, else None. As `ValidateConfigMap`
+/// counts: every key plus its value, `binaryData` values decoded; as
+/// `ValidateSecret` counts: the decoded values of `data`.
+fn too_large(kind: &str, name: &str, obj: &Value, limit: usize) -> Option<(u16, Value)> {
+    use base64::Engine;
+    let decoded = |v: &Value| {
+        let b64 = v.as_str().unwrap_or_default();
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_or(b64.len(), |b| b.len())
+    };
+    let entries = |field: &str| -> Vec<(String, Value)> {
+        obj[field]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    };
+    let (size, field) = match kind {
+        "ConfigMap" => {
+            let text: usize = entries("data")
+                .iter()
+                .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                .sum();
+            let binary: usize = entries("binaryData")
+                .iter()
+                .map(|(k, v)| k.len() + decoded(v))
+                .sum();
+            (text + binary, "[]")
+        }
+        "Secret" => (
+            entries("data").iter().map(|(_, v)| decoded(v)).sum(),
+            "data",
+        ),
+        _ => return None,
+    };
+    if size <= limit {
+        return None;
+    }
+    let msg = format!("Too long: must have at most {limit} bytes");
+    Some((
+        422,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": format!("{kind} \"{name}\" is invalid: {field}: {msg}"),
+               "reason": "Invalid",
+               "details": {"name": name, "kind": kind,
+                           "causes": [{"reason": "FieldValueTooLong", "message": msg, "field": field}]},
+               "code": 422}),
+    ))
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -260,6 +321,12 @@ fn bookmark(w: &WatchRequest, rv: u64) -> hyper::body::Bytes {
 }
 
 impl Store {
+    /// The 422 for a ConfigMap or Secret over the data limit (see [`too_large`]).
+    fn check_size(&self, kind: &str, name: &str, obj: &Value) -> Option<(u16, Value)> {
+        let limit = self.object_limit.lock().unwrap().unwrap_or(MAX_DATA_SIZE);
+        too_large(kind, name, obj, limit)
+    }
+
     fn next_rv(&self) -> String {
         let mut rv = self.rv.lock().unwrap();
         *rv += 1;
@@ -876,6 +943,9 @@ impl Store {
                         format!("{kind} \"{n}\" already exists"),
                     );
                 }
+                if let Some(refused) = self.check_size(kind, &n, &obj) {
+                    return refused;
+                }
                 obj["metadata"]["resourceVersion"] = json!(self.next_rv());
                 obj["metadata"]["uid"] = json!(format!("uid-{n}"));
                 obj["apiVersion"] = json!(api_version);
@@ -896,6 +966,9 @@ impl Store {
                 let Some(cur) = objects.get(&(collection.clone(), n.to_string())) else {
                     return status(404, "NotFound", format!("{kind} \"{n}\" not found"));
                 };
+                if let Some(refused) = self.check_size(kind, n, &obj) {
+                    return refused;
+                }
                 let given = obj["metadata"]["resourceVersion"]
                     .as_str()
                     .map(str::to_string);
