@@ -3,6 +3,7 @@
 //! watch whose connection went silent (a dead peer behind a NAT: no FIN, no
 //! RST, no bookmark) is abandoned after the idle timeout and a change made
 //! meanwhile still arrives, while bookmarks keep a quiet healthy watch open;
+//! a list the server accepts and never answers is abandoned the same way;
 //! a server that answers watches 200 and closes them at once is retried
 //! with growing delays, not in a tight loop; and a stalled read of the
 //! state Secret holds up neither a rotation step (the background re-read
@@ -222,4 +223,37 @@ async fn a_stalled_state_read_holds_up_no_rotation_step() {
         "{body}"
     );
     assert_eq!(a.root_ids().len(), 2, "nothing changed");
+}
+
+/// The idle timeout also bounds the wait for an answer: a list (or watch)
+/// request the server accepts and never answers is abandoned and retried.
+/// Before: b's watch of the state Secret waited for its first list
+/// forever, so a's rotation never reached it (the poll being off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_is_never_answered_is_abandoned_after_the_idle_timeout() {
+    let c = cluster().await;
+    c.api.set_bookmark_interval(Duration::from_millis(200));
+    let hour = Duration::from_secs(3600);
+    let a = replica(&c, "a", Duration::from_secs(180), hour).await;
+    until("a's watches are open", Duration::from_secs(5), || {
+        c.api.watches_opened.load(SeqCst) >= 2
+    })
+    .await;
+    // The next list (or watch) of the Secrets collection is never answered.
+    *c.api.stall_gets.lock().unwrap() = Some(("/api/v1/namespaces/meshca/secrets".into(), 1));
+    let idle = Duration::from_secs(2);
+    let b = replica(&c, "b", idle, hour).await;
+    until("b's list is stalled", Duration::from_secs(5), || {
+        c.api.gets_stalled.load(SeqCst) == 1
+    })
+    .await;
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    until(
+        "b sees the prepared root once its list is retried",
+        idle + Duration::from_secs(4),
+        || b.root_ids().len() == 2,
+    )
+    .await;
+    assert_eq!(restarts(&b, "secrets", "idle"), 1.0);
+    assert_eq!(restarts(&b, "secrets", "error"), 0.0);
 }
