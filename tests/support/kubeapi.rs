@@ -25,6 +25,15 @@
 //! ConfigMaps and Secrets whose data exceeds the real 1 MiB limit are
 //! refused on create and replace with the real 422 `Invalid` Status
 //! ([`too_large`]; [`Store::object_limit`] lowers the limit for a test).
+//! Faults of a real cluster, chosen per request ([`Match`]: bearer token,
+//! method, path prefix): [`Store::stalled`] accepts and never answers (a
+//! dead connection or a hung API server); [`Store::slow`] answers late (an
+//! API server under load); [`Store::throttled`] answers
+//! `429 TooManyRequests` with `Retry-After` as API Priority and Fairness
+//! does; [`Store::skew`] makes the replica holding a token live on a clock
+//! that is off by a fixed amount (the Lease times it writes are shifted
+//! forward, those it reads back; see [`kubeconfig_for`] for a second
+//! replica's credentials).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -124,6 +133,17 @@ pub struct Store {
     /// The data size limit of ConfigMaps and Secrets when set (default:
     /// the real 1 MiB, [`MAX_DATA_SIZE`]).
     pub object_limit: Mutex<Option<usize>>,
+    /// Requests accepted and never answered (a stalled connection).
+    pub stalled: Mutex<Vec<Match>>,
+    /// Requests answered only after this long (an API server under load).
+    pub slow: Mutex<Vec<(Match, std::time::Duration)>>,
+    /// Requests answered `429 TooManyRequests` with `Retry-After`.
+    pub throttled: Mutex<Vec<Throttle>>,
+    /// 429s answered.
+    pub throttled_served: AtomicUsize,
+    /// Clock skew (milliseconds, + = ahead) of the replica using a bearer
+    /// token, applied to the times in Lease bodies.
+    pub skew: Mutex<BTreeMap<String, i64>>,
 }
 
 /// kube-apiserver's limit on a ConfigMap's or Secret's data
@@ -179,6 +199,106 @@ fn too_large(kind: &str, name: &str, obj: &Value, limit: usize) -> Option<(u16, 
                            "causes": [{"reason": "FieldValueTooLong", "message": msg, "field": field}]},
                "code": 422}),
     ))
+}
+
+/// Which requests a fault applies to; `None` matches any.
+#[derive(Debug, Clone, Default)]
+pub struct Match {
+    /// The bearer token (one replica's credentials).
+    pub token: Option<String>,
+    /// The HTTP method (`GET`, `PUT`, ...).
+    pub method: Option<String>,
+    /// A path prefix.
+    pub prefix: String,
+}
+
+impl Match {
+    /// Requests from the replica holding `token` under `prefix`.
+    pub fn from(token: &str, prefix: &str) -> Self {
+        Match {
+            token: Some(token.into()),
+            method: None,
+            prefix: prefix.into(),
+        }
+    }
+
+    /// Only requests with this method.
+    pub fn method(mut self, method: &str) -> Self {
+        self.method = Some(method.into());
+        self
+    }
+
+    fn matches(&self, token: Option<&str>, method: &str, path: &str) -> bool {
+        self.token.as_deref().is_none_or(|t| Some(t) == token)
+            && self.method.as_deref().is_none_or(|m| m == method)
+            && path.starts_with(&self.prefix)
+    }
+}
+
+/// Answer `count` matching requests with 429 and `Retry-After: secs`.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    /// The requests.
+    pub on: Match,
+    /// How many more to refuse (`usize::MAX`: until removed).
+    pub count: usize,
+    /// The `Retry-After` (and `details.retryAfterSeconds`) to send.
+    pub retry_after: u64,
+}
+
+/// The bearer token of a request.
+fn bearer(req: &hyper::Request<hyper::body::Incoming>) -> Option<String> {
+    let v = req.headers().get("authorization")?.to_str().ok()?;
+    v.strip_prefix("Bearer ").map(str::to_string)
+}
+
+/// The real server's 429 (k8s.io/apiserver filters: max-in-flight and API
+/// Priority and Fairness answer exactly this).
+fn too_many_requests(retry_after: u64) -> hyper::Response<super::Body> {
+    use http_body_util::BodyExt;
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": "Too many requests, please try again later.", "reason": "TooManyRequests",
+        "details": {"retryAfterSeconds": retry_after}, "code": 429});
+    hyper::Response::builder()
+        .status(429)
+        .header("content-type", "application/json")
+        .header("retry-after", retry_after.to_string())
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body.to_string())).boxed())
+        .unwrap()
+}
+
+/// Shifts the MicroTime fields of a Lease (or of each Lease in a list) by
+/// `ms`: what a replica whose clock is off by `ms` writes (+) and, when
+/// comparing what it reads with its own clock, perceives (-).
+fn shift_lease_times(v: &mut Value, ms: i64) {
+    if let Some(items) = v["items"].as_array_mut() {
+        items.iter_mut().for_each(|i| shift_lease_times(i, ms));
+        return;
+    }
+    for field in ["renewTime", "acquireTime"] {
+        let t = &mut v["spec"][field];
+        let Some(parsed) = t
+            .as_str()
+            .and_then(|s| s.parse::<k8s_openapi::jiff::Timestamp>().ok())
+        else {
+            continue;
+        };
+        let shifted = parsed + k8s_openapi::jiff::SignedDuration::from_millis(ms);
+        *t = json!(shifted.to_string());
+    }
+}
+
+/// A copy of kubeconfig `kc` (from [`start`]) that authenticates with
+/// `token`: a second replica the fake can tell apart (faults, skew).
+pub fn kubeconfig_for(kc: &std::path::Path, token: &str) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(kc).unwrap();
+    let out = kc.with_file_name(format!("kubeconfig-{token}"));
+    std::fs::write(
+        &out,
+        text.replace("token: meshca-sa-token", &format!("token: {token}")),
+    )
+    .unwrap();
+    out
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -621,6 +741,41 @@ impl Store {
         Some(super::json_response(code, &st))
     }
 
+    /// A stall (never answers) or a 429 for this request, if one applies.
+    async fn fault(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+    ) -> Option<hyper::Response<super::Body>> {
+        let stalled = (self.stalled.lock().unwrap().iter()).any(|m| m.matches(token, method, path));
+        if stalled {
+            // Accepted, then silence: the client must give up by itself.
+            std::future::pending::<()>().await;
+        }
+        let slow = (self.slow.lock().unwrap().iter())
+            .find(|(m, _)| m.matches(token, method, path))
+            .map(|(_, d)| *d);
+        if let Some(d) = slow {
+            tokio::time::sleep(d).await;
+        }
+        let mut throttled = self.throttled.lock().unwrap();
+        let t = throttled
+            .iter_mut()
+            .find(|t| t.count > 0 && t.on.matches(token, method, path))?;
+        t.count = t.count.saturating_sub(1);
+        self.throttled_served.fetch_add(1, Ordering::SeqCst);
+        Some(too_many_requests(t.retry_after))
+    }
+
+    /// The skew of the replica using `token`, for Lease paths.
+    fn skew_of(&self, token: Option<&str>, path: &str) -> Option<i64> {
+        if !path.starts_with("/apis/coordination.k8s.io/") {
+            return None;
+        }
+        self.skew.lock().unwrap().get(token?).copied()
+    }
+
     /// Answers one HTTP request: a watch stream, or [`Store::handle`].
     async fn respond(
         self: Arc<Self>,
@@ -635,6 +790,11 @@ impl Store {
             .get("accept")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
+        let token = bearer(&req);
+        if let Some(r) = self.fault(token.as_deref(), &method, path).await {
+            return r;
+        }
+        let skew = self.skew_of(token.as_deref(), path);
         if self
             .forbidden
             .lock()
@@ -697,7 +857,20 @@ impl Store {
             // The fake API server's configured response delay (a slow API server).
             tokio::time::sleep(t).await;
         }
+        let body = match skew {
+            Some(ms) => match serde_json::from_slice::<Value>(&body) {
+                Ok(mut v) => {
+                    shift_lease_times(&mut v, ms);
+                    hyper::body::Bytes::from(v.to_string())
+                }
+                Err(_) => body,
+            },
+            None => body,
+        };
         let (status, mut out) = self.handle(&method, &uri, &body);
+        if let Some(ms) = skew {
+            shift_lease_times(&mut out, -ms);
+        }
         if metadata_only && status == 200 {
             out = match out["items"].as_array() {
                 Some(items) => {
