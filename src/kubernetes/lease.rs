@@ -1,12 +1,31 @@
-//! Leader election over a `coordination.k8s.io/v1` Lease.
+//! Leader election over a `coordination.k8s.io/v1` Lease, with client-go's
+//! timing rules, so that two replicas never both believe they lead.
 //!
-//! Owns: deciding, from the Lease as last read and the time, whether this
-//! replica should create, renew or take over the Lease, or wait ([`decide`],
-//! pure, tested without sleeps); and the loop that applies that decision
-//! with resourceVersion preconditions — a write that loses a race (409) is
-//! never retried blindly but re-read — and hands the Lease back on shutdown
-//! so the next leader does not wait for expiry. Publishes whether this
-//! replica leads. Must not: do the singleton work itself.
+//! Owns: deciding, from the Lease as last read and this replica's own
+//! monotonic clock, whether to create, renew or take over the Lease, or
+//! wait ([`decide`], [`Observed`], [`Term`]: pure, tested without sleeps);
+//! and the loop that applies that decision with resourceVersion
+//! preconditions — a write that loses a race (409) is never retried blindly
+//! but re-read — and, on shutdown, hands the Lease back before the process
+//! exits. Publishes whether this replica leads. Must not: do the singleton
+//! work itself, or read another replica's wall-clock times as times.
+//!
+//! The timing rules (docs/kubernetes.md, "High availability"):
+//! - A leader leads for `renew_deadline` from the moment it SENT its last
+//!   renewal that succeeded; when that passes without another success it
+//!   publishes `false`, even while a call still hangs (every round is cut
+//!   at that instant).
+//! - Another replica considers the Lease expired only `leaseDurationSeconds`
+//!   after it first OBSERVED the current version of the record, on its own
+//!   monotonic clock (client-go's `observedTime`): the holder's `renewTime`
+//!   is never compared with the local clock, so clock skew between replicas
+//!   cannot expire a healthy Lease.
+//! - `renew_deadline` < lease duration: the observation happens after the
+//!   write, and the write after it was sent, so the leader has stepped down
+//!   `lease duration - renew_deadline` before anyone may take over
+//!   (assuming clock *rates* agree, which monotonic clocks do to ppm).
+//! - A failed or throttled renewal does not end leadership: the leader
+//!   retries until its renew deadline.
 
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +33,11 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, PostParams};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How long the Lease hand-back on shutdown may take.
+const RELEASE_LIMIT: Duration = Duration::from_secs(3);
 
 /// What to do with the Lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,26 +55,38 @@ pub(crate) enum Action {
     },
 }
 
-fn to_system(t: &MicroTime) -> SystemTime {
-    // Microsecond precision, as the API stores it.
-    let us = t.0.as_microsecond();
-    if us >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_micros(us as u64)
-    } else {
-        SystemTime::UNIX_EPOCH
+/// The version of the Lease record this replica last saw, and when it first
+/// saw it on its own monotonic clock. A record that changes (a renewal, a
+/// takeover, a release) restarts the count; one that stays the same for a
+/// lease duration has expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Observed {
+    version: String,
+    since: Instant,
+}
+
+impl Observed {
+    /// The observation after reading `version` at `now`: the first sight of
+    /// a version is kept while it stays the same.
+    pub(crate) fn see(prev: Option<Observed>, version: &str, now: Instant) -> Observed {
+        match prev {
+            Some(p) if p.version == version => p,
+            _ => Observed {
+                version: version.to_string(),
+                since: now,
+            },
+        }
     }
 }
 
-fn micro(t: SystemTime) -> MicroTime {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    MicroTime(
-        k8s_openapi::jiff::Timestamp::from_microsecond(d.as_micros() as i64)
-            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
-    )
-}
-
-/// Decides what `me` should do with `lease` at `now`.
-pub(crate) fn decide(lease: Option<&LeaseSpec>, me: &str, now: SystemTime) -> Action {
+/// Decides what `me` should do with `lease`, whose current version this
+/// replica first saw at `observed_since`, at `now` (both monotonic).
+pub(crate) fn decide(
+    lease: Option<&LeaseSpec>,
+    me: &str,
+    observed_since: Instant,
+    now: Instant,
+) -> Action {
     let Some(spec) = lease else {
         return Action::Create;
     };
@@ -61,17 +97,60 @@ pub(crate) fn decide(lease: Option<&LeaseSpec>, me: &str, now: SystemTime) -> Ac
     if holder.is_empty() {
         return Action::TakeOver;
     }
-    let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .map(to_system)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
-    if renewed + duration <= now {
+    let secs = spec.lease_duration_seconds.unwrap_or(15).max(1);
+    let duration = Duration::from_secs(u64::try_from(secs).unwrap_or(1));
+    if now >= observed_since + duration {
         Action::TakeOver
     } else {
         Action::Wait { holder }
     }
+}
+
+/// This replica's term as leader, on its monotonic clock: it leads until
+/// `renew_deadline` after the sending of its latest renewal that succeeded.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Term {
+    renew_deadline: Duration,
+    sent: Option<Instant>,
+}
+
+impl Term {
+    /// Not leading.
+    pub(crate) fn new(renew_deadline: Duration) -> Self {
+        Self {
+            renew_deadline,
+            sent: None,
+        }
+    }
+
+    /// A write holding the Lease, sent at `sent`, succeeded.
+    pub(crate) fn renewed(&mut self, sent: Instant) {
+        self.sent = Some(self.sent.map_or(sent, |s| s.max(sent)));
+    }
+
+    /// Someone else holds the Lease.
+    pub(crate) fn lost(&mut self) {
+        self.sent = None;
+    }
+
+    /// When leadership ends unless renewed again.
+    pub(crate) fn ends(&self) -> Option<Instant> {
+        self.sent.map(|s| s + self.renew_deadline)
+    }
+
+    /// Whether this replica leads at `now`.
+    pub(crate) fn leading(&self, now: Instant) -> bool {
+        self.ends().is_some_and(|end| now < end)
+    }
+}
+
+fn micro(t: SystemTime) -> MicroTime {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let us = i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+    MicroTime(
+        k8s_openapi::jiff::Timestamp::from_microsecond(us)
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
 }
 
 /// Leader-election settings.
@@ -83,174 +162,410 @@ pub(crate) struct Settings {
     pub name: String,
     /// This replica's identity (the pod name).
     pub identity: String,
-    /// How long a Lease is valid without renewal.
+    /// How long a Lease is valid without renewal (whole seconds in the
+    /// record, at least 1).
     pub lease_duration: Duration,
-    /// How often the Lease is renewed or checked.
-    pub retry_period: Duration,
+}
+
+impl Settings {
+    /// The lease duration as written in the record.
+    fn lease_secs(&self) -> i32 {
+        i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    /// How long a leader leads after sending its last successful renewal:
+    /// two thirds of the lease duration (client-go's defaults: 10 s of 15).
+    pub(crate) fn renew_deadline(&self) -> Duration {
+        Duration::from_secs(u64::from(self.lease_secs().unsigned_abs())) * 2 / 3
+    }
+
+    /// How often the Lease is renewed or checked: a fifth of the lease
+    /// duration, so a leader gets several attempts within its deadline.
+    pub(crate) fn retry_period(&self) -> Duration {
+        (self.lease_duration / 5).max(Duration::from_millis(100))
+    }
+}
+
+/// What one round found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// Our write holding the Lease succeeded.
+    Holding,
+    /// Someone else holds it.
+    Held(String),
+    /// Our write lost a race (409): read again soon.
+    Raced,
 }
 
 /// Runs leader election until `stop` flips; the receiver says whether this
-/// replica leads. On stop, a held Lease is released.
+/// replica leads. On stop, leadership ends at once and a held Lease is
+/// released (bounded by [`RELEASE_LIMIT`]) before the task ends, so await
+/// the handle before the process exits.
 pub(crate) fn run(
     client: kube::Client,
     s: Settings,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-) -> watch::Receiver<bool> {
+) -> (watch::Receiver<bool>, JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let api: Api<Lease> = Api::namespaced(client, &s.namespace);
-        loop {
-            let leading = match step(&api, &s).await {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!(error = %e, lease = %s.name, "leader election: Kubernetes API error");
-                    // Fail safe: without a confirmed renewal, stop leading
-                    // once our Lease could have expired.
-                    false
-                }
-            };
-            let was = *tx.borrow();
-            if was != leading {
-                tracing::info!(identity = %s.identity, leading, "leader election: leadership changed");
-                metrics.set_leader(leading);
-                let _ = tx.send(leading);
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(s.retry_period) => {}
-                _ = async { let _ = stop.wait_for(|v| *v).await; } => {
-                    let was_leading = *tx.borrow();
-                    if was_leading {
-                        if let Err(e) = release(&api, &s).await {
-                            tracing::warn!(error = %e, "leader election: could not release the Lease");
-                        } else {
-                            tracing::info!(identity = %s.identity, "leader election: Lease released");
-                        }
-                        metrics.set_leader(false);
-                        let _ = tx.send(false);
-                    }
-                    return;
-                }
-            }
-        }
-    });
-    rx
-}
-
-fn spec(s: &Settings, now: SystemTime, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
-    LeaseSpec {
-        holder_identity: Some(s.identity.clone()),
-        lease_duration_seconds: Some(s.lease_duration.as_secs().max(1) as i32),
-        acquire_time: Some(acquired.unwrap_or_else(|| micro(now))),
-        renew_time: Some(micro(now)),
-        lease_transitions: Some(transitions),
-        ..Default::default()
-    }
-}
-
-/// One round: read, decide, write with a precondition. Ok(true) = we lead.
-async fn step(api: &Api<Lease>, s: &Settings) -> Result<bool, kube::Error> {
-    let now = SystemTime::now();
-    let current = api.get_opt(&s.name).await?;
-    let action = decide(
-        current.as_ref().and_then(|l| l.spec.as_ref()),
-        &s.identity,
-        now,
-    );
-    let write = match (&action, current) {
-        (Action::Create, _) => {
-            let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(s.name.clone()),
-                    namespace: Some(s.namespace.clone()),
-                    ..Default::default()
-                },
-                spec: Some(spec(s, now, 0, None)),
-            };
-            api.create(&PostParams::default(), &lease).await.map(|_| ())
-        }
-        (Action::Renew, Some(mut lease)) => {
-            let old = lease.spec.clone().unwrap_or_default();
-            lease.spec = Some(spec(
-                s,
-                now,
-                old.lease_transitions.unwrap_or(0),
-                old.acquire_time,
-            ));
-            // metadata.resourceVersion is kept: a concurrent write fails with 409.
-            api.replace(&s.name, &PostParams::default(), &lease)
-                .await
-                .map(|_| ())
-        }
-        (Action::TakeOver, Some(mut lease)) => {
-            let old = lease.spec.clone().unwrap_or_default();
-            lease.spec = Some(spec(s, now, old.lease_transitions.unwrap_or(0) + 1, None));
-            api.replace(&s.name, &PostParams::default(), &lease)
-                .await
-                .map(|_| ())
-        }
-        (Action::Wait { .. }, _) => return Ok(false),
-        (_, None) => return Ok(false),
+    let e = Elector {
+        api: Api::namespaced(client, &s.namespace),
+        term: Term::new(s.renew_deadline()),
+        observed: None,
+        mine: false,
+        s,
+        tx,
+        metrics,
     };
-    match write {
-        Ok(()) => Ok(true),
-        // Lost a race (409 Conflict, or 409 AlreadyExists on create): someone
-        // else wrote first. Not an error; read again next round.
-        Err(kube::Error::Api(st)) if st.code == 409 => Ok(false),
-        Err(e) => Err(e),
-    }
+    (rx, tokio::spawn(e.elect(stop)))
 }
 
-/// Hands the Lease back: no holder, so the next replica takes it at once.
-async fn release(api: &Api<Lease>, s: &Settings) -> Result<(), kube::Error> {
-    if let Some(mut lease) = api.get_opt(&s.name).await? {
-        let mine = lease
-            .spec
-            .as_ref()
-            .and_then(|sp| sp.holder_identity.as_deref())
-            == Some(s.identity.as_str());
-        if mine {
-            if let Some(sp) = lease.spec.as_mut() {
-                sp.holder_identity = None;
+/// The election loop's state.
+struct Elector {
+    api: Api<Lease>,
+    s: Settings,
+    term: Term,
+    observed: Option<Observed>,
+    /// The record named this replica when last read (or was written by it).
+    mine: bool,
+    tx: watch::Sender<bool>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl Elector {
+    async fn elect(mut self, mut stop: watch::Receiver<bool>) {
+        let retry = self.s.retry_period();
+        loop {
+            let started = Instant::now();
+            // A round never outlives this replica's term (nor, standing
+            // by, one renew deadline): a hung call cannot keep it leading.
+            let limit = self
+                .term
+                .ends()
+                .filter(|end| *end > started)
+                .unwrap_or(started + self.term.renew_deadline);
+            let result = tokio::select! {
+                r = tokio::time::timeout_at(limit, self.round(started)) => r,
+                _ = stop.wait_for(|v| *v) => break,
+            };
+            let next = self.settle(result, started, retry);
+            self.publish(Instant::now());
+            // Wake at the end of the term, too, to say we stopped leading.
+            let wake = self.term.ends().filter(|e| *e > Instant::now());
+            let wake = wake.map_or(next, |e| e.min(next));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = stop.wait_for(|v| *v) => break,
             }
-            api.replace(&s.name, &PostParams::default(), &lease).await?;
+            self.publish(Instant::now());
+        }
+        self.step_down().await;
+    }
+
+    /// Applies a round's result; returns when the next round starts.
+    fn settle(
+        &mut self,
+        result: Result<Result<Outcome, kube::Error>, tokio::time::error::Elapsed>,
+        started: Instant,
+        retry: Duration,
+    ) -> Instant {
+        let name = &self.s.name;
+        match result {
+            Ok(Ok(Outcome::Holding)) => {
+                self.term.renewed(started);
+                started + retry
+            }
+            Ok(Ok(Outcome::Held(holder))) => {
+                self.term.lost();
+                tracing::debug!(lease = %name, %holder, "leader election: held by another replica");
+                started + retry
+            }
+            Ok(Ok(Outcome::Raced)) => Instant::now() + retry / 4,
+            // Not fatal: a leader keeps leading until its renew deadline
+            // and retries meanwhile.
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, lease = %name, leading = self.term.leading(Instant::now()), "leader election: Kubernetes API error; retrying");
+                Instant::now() + retry
+            }
+            Err(_) => {
+                tracing::warn!(lease = %name, limit_ms = (Instant::now() - started).as_millis() as u64, leading = self.term.leading(Instant::now()), "leader election: the API server did not answer in time; retrying");
+                Instant::now()
+            }
         }
     }
-    Ok(())
+
+    /// Says whether we lead at `now`, when that changed.
+    fn publish(&self, now: Instant) {
+        let leading = self.term.leading(now);
+        if *self.tx.borrow() != leading {
+            tracing::info!(identity = %self.s.identity, leading, "leader election: leadership changed");
+            self.metrics.set_leader(leading);
+            let _ = self.tx.send(leading);
+        }
+    }
+
+    /// Shutdown: stop leading first (the singleton work stops), then hand
+    /// the Lease back so the next replica need not wait for its expiry.
+    async fn step_down(mut self) {
+        self.term.lost();
+        self.publish(Instant::now());
+        if !self.mine {
+            return;
+        }
+        match tokio::time::timeout(RELEASE_LIMIT, self.release()).await {
+            Ok(Ok(true)) => {
+                tracing::info!(identity = %self.s.identity, "leader election: Lease released")
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "leader election: could not release the Lease")
+            }
+            Err(_) => tracing::warn!(
+                limit_s = RELEASE_LIMIT.as_secs(),
+                "leader election: could not release the Lease in time"
+            ),
+        }
+    }
+
+    fn spec(&self, transitions: i32, acquired: Option<MicroTime>) -> LeaseSpec {
+        // Wall-clock times are for humans (kubectl); no decision reads them.
+        let now = micro(SystemTime::now());
+        LeaseSpec {
+            holder_identity: Some(self.s.identity.clone()),
+            lease_duration_seconds: Some(self.s.lease_secs()),
+            acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+            renew_time: Some(now),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }
+    }
+
+    /// Reads the Lease and notes the version's first sighting.
+    async fn read(&mut self) -> Result<Option<Lease>, kube::Error> {
+        let current = self.api.get_opt(&self.s.name).await?;
+        // After the answer arrived, so after the write it shows.
+        let now = Instant::now();
+        self.observed = current
+            .as_ref()
+            .and_then(|l| l.metadata.resource_version.as_deref())
+            .map(|v| Observed::see(self.observed.take(), v, now));
+        self.mine = current
+            .as_ref()
+            .and_then(|l| l.spec.as_ref())
+            .and_then(|sp| sp.holder_identity.as_deref())
+            == Some(self.s.identity.as_str());
+        Ok(current)
+    }
+
+    /// One round: read, decide, write with a precondition.
+    async fn round(&mut self, started: Instant) -> Result<Outcome, kube::Error> {
+        let current = self.read().await?;
+        let since = self.observed.as_ref().map_or(started, |o| o.since);
+        let spec = current.as_ref().and_then(|l| l.spec.as_ref());
+        let action = decide(spec, &self.s.identity, since, Instant::now());
+        let write = match (action, current) {
+            (Action::Wait { holder }, _) => return Ok(Outcome::Held(holder)),
+            (Action::Create, _) => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.s.name.clone()),
+                        namespace: Some(self.s.namespace.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(self.spec(0, None)),
+                };
+                self.api.create(&PostParams::default(), &lease).await
+            }
+            (Action::Renew | Action::TakeOver, None) => return Ok(Outcome::Raced),
+            (action, Some(mut lease)) => {
+                let old = lease.spec.clone().unwrap_or_default();
+                let transitions = old.lease_transitions.unwrap_or(0);
+                lease.spec = Some(if action == Action::Renew {
+                    self.spec(transitions, old.acquire_time)
+                } else {
+                    self.spec(transitions + 1, None)
+                });
+                // metadata.resourceVersion is kept: a concurrent write fails with 409.
+                self.api
+                    .replace(&self.s.name, &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        match write {
+            Ok(_) => {
+                self.mine = true;
+                Ok(Outcome::Holding)
+            }
+            // Lost a race (409 Conflict, or 409 AlreadyExists on create):
+            // someone else wrote first. Not an error; read again.
+            Err(kube::Error::Api(st)) if st.code == 409 => Ok(Outcome::Raced),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Hands the Lease back as client-go's ReleaseOnCancel does: no holder,
+    /// a one-second duration, renewed now. Ok(false): it was not ours.
+    async fn release(&mut self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.read().await? else {
+            return Ok(false);
+        };
+        if !self.mine {
+            return Ok(false);
+        }
+        let old = lease.spec.clone().unwrap_or_default();
+        let now = micro(SystemTime::now());
+        lease.spec = Some(LeaseSpec {
+            holder_identity: None,
+            lease_duration_seconds: Some(1),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            lease_transitions: old.lease_transitions,
+            ..Default::default()
+        });
+        self.api
+            .replace(&self.s.name, &PostParams::default(), &lease)
+            .await?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec_of(holder: &str, renewed: SystemTime, secs: i32) -> LeaseSpec {
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn held_by(holder: &str, secs: i32) -> LeaseSpec {
         LeaseSpec {
             holder_identity: (!holder.is_empty()).then(|| holder.to_string()),
-            renew_time: Some(micro(renewed)),
             lease_duration_seconds: Some(secs),
             ..Default::default()
         }
     }
 
     #[test]
-    fn decisions_follow_the_lease_and_the_clock() {
-        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        assert_eq!(decide(None, "a", t0), Action::Create);
-        let held_by_b = spec_of("b", t0, 15);
+    fn decisions_follow_the_lease_and_the_observed_time() {
+        let t0 = Instant::now();
+        assert_eq!(decide(None, "a", t0, t0), Action::Create);
+        let b = held_by("b", 15);
         assert_eq!(
-            decide(Some(&held_by_b), "a", t0 + Duration::from_secs(14)),
+            decide(Some(&b), "a", t0, t0 + S(14)),
             Action::Wait { holder: "b".into() }
         );
+        assert_eq!(decide(Some(&b), "a", t0, t0 + S(15)), Action::TakeOver);
+        assert_eq!(decide(Some(&b), "b", t0, t0), Action::Renew);
         assert_eq!(
-            decide(Some(&held_by_b), "a", t0 + Duration::from_secs(15)),
-            Action::TakeOver,
-            "expired"
-        );
-        assert_eq!(decide(Some(&held_by_b), "b", t0), Action::Renew);
-        assert_eq!(
-            decide(Some(&spec_of("", t0, 15)), "a", t0),
+            decide(Some(&held_by("", 15)), "a", t0, t0),
             Action::TakeOver,
             "released"
         );
+    }
+
+    /// The holder's `renewTime` is never compared with the local clock: a
+    /// standby whose clock is 15 s ahead, reading a Lease renewed "15 s
+    /// ago" by its clock, still waits a whole lease duration from when it
+    /// saw that version; one 15 s behind does not wait 15 s longer.
+    #[test]
+    fn skewed_renew_times_do_not_change_the_decision() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + S(1_000_000);
+        for skew in [S(15), Duration::ZERO] {
+            for sign in [true, false] {
+                let mut spec = held_by("b", 6);
+                let written = if sign { wall + skew } else { wall - skew };
+                spec.renew_time = Some(micro(written));
+                spec.acquire_time = Some(micro(written));
+                let seen = Observed::see(None, "7", t0);
+                assert_eq!(
+                    decide(Some(&spec), "a", seen.since, t0 + S(5)),
+                    Action::Wait { holder: "b".into() },
+                    "skew {skew:?} sign {sign}"
+                );
+                assert_eq!(
+                    decide(Some(&spec), "a", seen.since, t0 + S(6)),
+                    Action::TakeOver,
+                    "skew {skew:?} sign {sign}"
+                );
+            }
+        }
+    }
+
+    /// Expiry counts from the first sighting of a version; any new version
+    /// (a renewal) restarts it, the same version seen again does not.
+    #[test]
+    fn the_observed_time_restarts_only_when_the_record_changes() {
+        let t0 = Instant::now();
+        let o = Observed::see(None, "5", t0);
+        let o = Observed::see(Some(o), "5", t0 + S(4));
+        assert_eq!(o.since, t0, "same version: first sighting kept");
+        let o = Observed::see(Some(o), "6", t0 + S(5));
+        assert_eq!(o.since, t0 + S(5), "renewed: counting restarts");
+        let b = held_by("b", 6);
+        assert_eq!(
+            decide(Some(&b), "a", o.since, t0 + S(10)),
+            Action::Wait { holder: "b".into() }
+        );
+        assert_eq!(decide(Some(&b), "a", o.since, t0 + S(11)), Action::TakeOver);
+    }
+
+    /// The leader's term ends `renew_deadline` after it SENT its last
+    /// successful renewal, strictly before the earliest instant another
+    /// replica can see that renewal expire (it saw the write after it was
+    /// sent, and waits a whole lease duration).
+    #[test]
+    fn a_leader_steps_down_before_anyone_may_take_over() {
+        let s = Settings {
+            namespace: "meshca".into(),
+            name: "l".into(),
+            identity: "a".into(),
+            lease_duration: S(15),
+        };
+        assert_eq!(s.renew_deadline(), S(10));
+        assert_eq!(s.retry_period(), S(3));
+        let t0 = Instant::now();
+        let mut term = Term::new(s.renew_deadline());
+        assert!(!term.leading(t0));
+        term.renewed(t0);
+        // Failed renewals at +3, +6, +9 change nothing: still leading.
+        assert!(term.leading(t0 + S(9)));
+        assert!(!term.leading(t0 + S(10)), "renew deadline passed");
+        // The standby saw the write at the earliest when it was sent.
+        let seen = Observed::see(None, "9", t0);
+        let b = held_by("a", s.lease_secs());
+        let first_takeover = t0 + S(15);
+        assert_eq!(
+            decide(
+                Some(&b),
+                "b",
+                seen.since,
+                first_takeover - Duration::from_millis(1)
+            ),
+            Action::Wait { holder: "a".into() }
+        );
+        assert_eq!(
+            decide(Some(&b), "b", seen.since, first_takeover),
+            Action::TakeOver
+        );
+        assert!(term.ends().unwrap() < first_takeover);
+        // A renewal that succeeds late (sent earlier) never moves the end back.
+        term.renewed(t0 + S(3));
+        term.renewed(t0 + S(1));
+        assert_eq!(term.ends(), Some(t0 + S(13)));
+        term.lost();
+        assert!(!term.leading(t0 + S(4)));
+    }
+
+    #[test]
+    fn short_leases_keep_the_ordering() {
+        for secs in [1, 2, 3, 15, 60] {
+            let s = Settings {
+                namespace: "n".into(),
+                name: "l".into(),
+                identity: "a".into(),
+                lease_duration: S(secs),
+            };
+            assert!(s.renew_deadline() < S(secs), "{secs}");
+            assert!(s.retry_period() < s.renew_deadline(), "{secs}");
+        }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 
 use crate::ca::Authority;
 use crate::config::{AuthnSource, ServeConfig};
@@ -28,8 +29,17 @@ struct Election {
     duration: Duration,
 }
 
-/// Starts the Kubernetes controllers the configuration asks for; returns
-/// whether this replica leads, when there is an election.
+/// The running controllers.
+#[derive(Default)]
+pub(super) struct Controllers {
+    /// Whether this replica leads, when there is an election.
+    pub leading: Option<watch::Receiver<bool>>,
+    /// Tasks that end once `stop` flips (the Lease hand-back, the report
+    /// deletion): shutdown awaits them before the process exits.
+    pub tasks: Vec<JoinHandle<()>>,
+}
+
+/// Starts the Kubernetes controllers the configuration asks for.
 pub(super) async fn spawn(
     cfg: &ServeConfig,
     kube: &Factory,
@@ -37,10 +47,10 @@ pub(super) async fn spawn(
     bindings: Option<Arc<BoundObjects>>,
     metrics: &Arc<Metrics>,
     stop: watch::Receiver<bool>,
-) -> Result<Option<watch::Receiver<bool>>, BoxError> {
+) -> Result<Controllers, BoxError> {
     let client = match kube.client().await {
         Ok(Some(c)) => c,
-        Ok(None) => return Ok(None),
+        Ok(None) => return Ok(Controllers::default()),
         // Built lazily, as before: only the features that need the API
         // server fail on bad credentials; the permission check only warns.
         Err(e) => {
@@ -51,24 +61,37 @@ pub(super) async fn spawn(
                 return Err(format!("invalid setting kubeconfig: {e}").into());
             }
             tracing::warn!(error = %e, "could not check Kubernetes permissions (SelfSubjectAccessReview)");
-            return Ok(None);
+            return Ok(Controllers::default());
         }
     };
+    let mut tasks = Vec::new();
     if let Some(objects) = bindings {
         let pacing = cfg.kubernetes.watch_pacing();
         k8s::bindings::follow(client.clone(), objects, pacing, stop.clone());
     }
     if let Some(name) = &cfg.kubernetes.state_secret {
-        follow_shared_state(cfg, &client, name, services, metrics, stop.clone());
+        tasks.push(follow_shared_state(
+            cfg,
+            &client,
+            name,
+            services,
+            metrics,
+            stop.clone(),
+        ));
     }
     let election = election(cfg);
     check_permissions(cfg, &client, election.as_ref(), metrics).await;
     let Some(election) = election else {
-        return Ok(None);
+        return Ok(Controllers {
+            leading: None,
+            tasks,
+        });
     };
-    Ok(Some(run_singletons(
-        cfg, client, election, services, metrics, stop,
-    )))
+    let leading = run_singletons(cfg, client, election, services, metrics, stop, &mut tasks);
+    Ok(Controllers {
+        leading: Some(leading),
+        tasks,
+    })
 }
 
 /// Changes to the shared-state Secret wake the rotation service at once;
@@ -80,10 +103,10 @@ fn follow_shared_state(
     services: &Services,
     metrics: &Arc<Metrics>,
     stop: watch::Receiver<bool>,
-) {
+) -> JoinHandle<()> {
     let wake = Arc::new(Notify::new());
     let ns = cfg.issuance.mesh.control_plane_ns.to_string();
-    tokio::spawn(k8s::watch::follow::<Secret>(
+    let watch = tokio::spawn(k8s::watch::follow::<Secret>(
         client.clone(),
         move |c| kube::Api::namespaced(c, &ns),
         Target {
@@ -99,6 +122,7 @@ fn follow_shared_state(
     services
         .rotation
         .follow_shared(cfg.kubernetes.state_poll_interval, wake, stop);
+    watch
 }
 
 /// The election, when some singleton work is configured: bundle publishing
@@ -170,20 +194,21 @@ fn run_singletons(
     services: &Services,
     metrics: &Arc<Metrics>,
     stop: watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
 ) -> watch::Receiver<bool> {
     let namespace = cfg.issuance.mesh.control_plane_ns.to_string();
-    let leader = k8s::lease::run(
+    let (leader, election_task) = k8s::lease::run(
         client.clone(),
         k8s::lease::Settings {
             namespace: namespace.clone(),
             name: election.lease,
             identity: cfg.replica.clone(),
             lease_duration: election.duration,
-            retry_period: (election.duration / 5).max(Duration::from_millis(100)),
         },
         stop.clone(),
         metrics.clone(),
     );
+    tasks.push(election_task);
     if cfg.kubernetes.state_secret.is_some() {
         services.rotation.set_leader(leader.clone());
     }
@@ -201,12 +226,13 @@ fn run_singletons(
             &leader,
             metrics,
             &stop,
+            tasks,
         );
     }
     if cfg.kubernetes.state_secret.is_some() {
         // Replicas share one CA: the activation gate must count every
         // replica's clients.
-        tokio::spawn(k8s::reports::run(
+        tasks.push(tokio::spawn(k8s::reports::run(
             client.clone(),
             k8s::reports::Settings {
                 watch: cfg.kubernetes.watch_pacing(),
@@ -221,10 +247,10 @@ fn run_singletons(
             Some(leader.clone()),
             stop.clone(),
             metrics.clone(),
-        ));
+        )));
     }
     if let Some(name) = cfg.kubernetes.issuer_secret.clone() {
-        tokio::spawn(k8s::issuer_secret::run(
+        tasks.push(tokio::spawn(k8s::issuer_secret::run(
             client,
             k8s::issuer_secret::Settings {
                 namespace,
@@ -235,7 +261,7 @@ fn run_singletons(
             services.rotation.clone(),
             Some(leader.clone()),
             stop,
-        ));
+        )));
     }
     leader
 }
@@ -250,9 +276,10 @@ fn spawn_publisher(
     leader: &watch::Receiver<bool>,
     metrics: &Arc<Metrics>,
     stop: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<()>>,
 ) {
     let wake = Arc::new(Notify::new());
-    tokio::spawn(k8s::watch::follow::<Namespace>(
+    tasks.push(tokio::spawn(k8s::watch::follow::<Namespace>(
         client.clone(),
         kube::Api::all,
         Target {
@@ -264,8 +291,8 @@ fn spawn_publisher(
         wake.clone(),
         stop.clone(),
         metrics.clone(),
-    ));
-    tokio::spawn(k8s::watch::follow::<ConfigMap>(
+    )));
+    tasks.push(tokio::spawn(k8s::watch::follow::<ConfigMap>(
         client.clone(),
         kube::Api::all,
         Target {
@@ -277,15 +304,16 @@ fn spawn_publisher(
         wake.clone(),
         stop.clone(),
         metrics.clone(),
-    ));
-    tokio::spawn(k8s::publish::run(
+    )));
+    // Ends once the election task has ended (its sender dropped).
+    tasks.push(tokio::spawn(k8s::publish::run(
         client.clone(),
         settings,
         services.core.ca.watch_bundle(),
         leader.clone(),
         wake,
         metrics.clone(),
-    ));
+    )));
 }
 
 /// File-based consumers: the bundle file (`bundle_file`) follows every

@@ -1,7 +1,10 @@
 //! Step "drain": graceful shutdown. On the signal every task stops
 //! accepting, in-flight gRPC requests finish (clients get GOAWAY) within
-//! [`DRAIN_TIMEOUT`], the audit log records folded refusals and signs its
-//! final checkpoint, and only then is the data-directory lock released.
+//! [`DRAIN_TIMEOUT`] while the Kubernetes controllers finish their own
+//! shutdown (the Lease handed back, this replica's report deleted) within
+//! [`CONTROLLERS_TIMEOUT`], the audit log records folded refusals and signs
+//! its final checkpoint, and only then is the data-directory lock released
+//! (and the process may exit).
 //!
 //! Must not: stop anything before in-flight requests had their chance.
 
@@ -17,6 +20,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long the admin endpoint gets to finish its requests.
 const ADMIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long the Kubernetes controllers get to finish (each of their API
+/// calls on the way out is bounded well below this).
+const CONTROLLERS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The stop signal every task watches (flips to true once).
 pub(super) struct Stop {
@@ -43,6 +50,8 @@ pub(super) struct Tasks {
     pub grpc: JoinHandle<()>,
     /// The admin endpoint.
     pub admin: JoinHandle<()>,
+    /// The Kubernetes controllers that end on the stop signal.
+    pub controllers: Vec<JoinHandle<()>>,
 }
 
 /// Starts the task that waits for the shutdown request and drains; returns
@@ -59,10 +68,21 @@ pub(super) fn spawn(
         let _ = stop.tx.send(true);
         // Graceful: in-flight requests finish and clients get GOAWAY. A
         // client that keeps its connection open past the grace period is cut.
-        if !finish(tasks.grpc, DRAIN_TIMEOUT).await {
+        let (drained, controllers) = tokio::join!(
+            finish(tasks.grpc, DRAIN_TIMEOUT),
+            finish_all(tasks.controllers, CONTROLLERS_TIMEOUT),
+        );
+        if !drained {
             tracing::warn!(
                 "connections still open {}s after shutdown began; closing them",
                 DRAIN_TIMEOUT.as_secs()
+            );
+        }
+        if controllers > 0 {
+            tracing::warn!(
+                unfinished = controllers,
+                "Kubernetes controllers still busy {}s after shutdown began; stopped them",
+                CONTROLLERS_TIMEOUT.as_secs()
             );
         }
         finish(tasks.admin, ADMIN_DRAIN_TIMEOUT).await;
@@ -81,6 +101,20 @@ async fn finish(mut task: JoinHandle<()>, limit: Duration) -> bool {
     false
 }
 
+/// Waits up to `limit` (in all) for every task, then aborts the rest;
+/// returns how many had to be aborted.
+async fn finish_all(tasks: Vec<JoinHandle<()>>, limit: Duration) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut aborted = 0;
+    for mut task in tasks {
+        if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+            task.abort();
+            aborted += 1;
+        }
+    }
+    aborted
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +129,37 @@ mod tests {
         assert!(probe.is_finished(), "the stuck task was aborted");
         let quick = tokio::spawn(async {});
         assert!(finish(quick, Duration::from_secs(10)).await);
+    }
+
+    /// Shutdown waits for controllers that are finishing (a Lease hand-back
+    /// in flight), and the limit bounds all of them together.
+    #[tokio::test]
+    async fn controllers_are_awaited_and_the_limit_bounds_them_all() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = done.clone();
+        let finishing = tokio::spawn(async move {
+            let _ = rx.await;
+            d.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let _ = tx.send(());
+        });
+        let started = tokio::time::Instant::now();
+        let stuck = || tokio::spawn(std::future::pending::<()>());
+        let aborted = finish_all(
+            vec![finishing, stuck(), stuck()],
+            Duration::from_millis(200),
+        )
+        .await;
+        assert!(done.load(std::sync::atomic::Ordering::SeqCst), "awaited");
+        assert_eq!(aborted, 2);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(400),
+            "one limit for all: {took:?}"
+        );
+        release.await.unwrap();
     }
 }

@@ -171,7 +171,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
 
     let stop = drain::Stop::new();
     services.rotation.spawn(stop.signal());
-    let leading = controllers::spawn(
+    let controllers = controllers::spawn(
         &cfg,
         &kube,
         &services,
@@ -205,6 +205,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
             metrics.clone(),
             stop.signal(),
         ),
+        controllers: controllers.tasks,
     };
     let audit_log = audit.log.clone();
     let (shutdown, task) = drain::spawn(stop, tasks, audit.into_final(), opened.lock);
@@ -212,7 +213,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     let server_name = server_identity(&cfg);
     tracing::info!(%grpc_addr, %admin_addr, server_name = %server_name, trust_domain = %cfg.issuance.mesh.trust_domain, "meshca serving");
     Ok(Running {
-        leading,
+        leading: controllers.leading,
         metrics,
         grpc_addr,
         admin_addr,
