@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use meshca::kubernetes::reports;
 use meshca::trust::propagation::Tracker;
+use meshca::util::clock::Clock;
 use serde_json::json;
 use support::*;
 
@@ -366,4 +367,255 @@ async fn a_stopping_replica_returns_within_a_bound_when_the_api_server_hangs() {
     let took = b.stop(Duration::from_secs(10)).await;
     let took = took.expect("run returned within 10 s of stop");
     assert!(took < Duration::from_secs(4), "{took:?}");
+}
+
+// ---- reports that cannot be published -------------------------------------------
+
+/// A report the API server refuses (here: a lowered object limit, as a
+/// 422 for any reason would) is replaced by a small refusal that the other
+/// replicas see: they refuse to activate, naming the replica and the
+/// server's reason, and the writer says so about itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_the_api_server_refuses_becomes_a_refusal_the_gate_honours() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let a = replica(&kc, "a", Duration::from_millis(100)).await;
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    // From now on (the state Secret is bigger than that too).
+    *api.object_limit.lock().unwrap() = Some(2048);
+    let tracker = clients(500, 1);
+    let b = Writer::start(
+        &kc,
+        settings("b", Duration::from_millis(100)),
+        tracker.clone(),
+    )
+    .await;
+    until("b's refusal is stored", Duration::from_secs(5), || {
+        report_of(&api, "b").is_some()
+    })
+    .await;
+    let own = tracker.reports().own_report.unwrap_or_default();
+    assert!(
+        own.contains("Too long: must have at most 2048 bytes"),
+        "{own}"
+    );
+    wait_until(
+        "a refuses, naming b's refusal",
+        Duration::from_secs(5),
+        || async {
+            let (code, body) = activate(&a).await;
+            code == 409 && body.contains("replica b: report refused") && body.contains("Too long")
+        },
+    )
+    .await;
+    let st = a.rotation_status().await;
+    assert_eq!(
+        st["propagation"]["replica_problems"][0]["problem"], "refused",
+        "{st}"
+    );
+    // The limit is lifted (or the replica sheds clients): counted again.
+    *api.object_limit.lock().unwrap() = None;
+    tracker.certified(
+        "spiffe://cluster.local/ns/x/sa/new 10.9.9.9",
+        1,
+        SystemTime::now() + Duration::from_secs(3600),
+        None,
+    );
+    wait_until(
+        "a counts b's 501 clients",
+        Duration::from_secs(5),
+        || async { a.rotation_status().await["propagation"]["clients"] == 501 },
+    )
+    .await;
+    assert_eq!(tracker.reports().own_report, None);
+    b.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+/// More clients than one ConfigMap holds (~80,000 rows): the writer does
+/// not send a report the server would refuse; it publishes a refusal, and
+/// the gate refuses rather than count the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_clients_than_one_report_holds_refuse_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let a = replica(&kc, "a", Duration::from_millis(100)).await;
+    let tracker = clients(90_000, 1);
+    let b = Writer::start(
+        &kc,
+        settings("b", Duration::from_millis(100)),
+        tracker.clone(),
+    )
+    .await;
+    until("b's refusal is stored", Duration::from_secs(10), || {
+        report_of(&api, "b").is_some()
+    })
+    .await;
+    let own = tracker.reports().own_report.unwrap_or_default();
+    assert!(own.contains("90000 clients need a report of"), "{own}");
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    wait_until("a refuses, naming b", Duration::from_secs(5), || async {
+        let (code, body) = activate(&a).await;
+        code == 409 && body.contains("replica b: report refused") && body.contains("90000 clients")
+    })
+    .await;
+    assert!(
+        !api.writes.lock().unwrap().is_empty(),
+        "the refusal was written"
+    );
+    b.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+/// A live replica whose report someone deleted writes it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_replica_rewrites_its_deleted_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let b = Writer::start(
+        &kc,
+        settings("b", Duration::from_millis(100)),
+        clients(3, 1),
+    )
+    .await;
+    until("b's report is stored", Duration::from_secs(5), || {
+        report_of(&api, "b").is_some()
+    })
+    .await;
+    api.remove(CONFIGMAPS, "meshca-propagation-b").unwrap();
+    until("b's report is back", Duration::from_secs(2), || {
+        report_of(&api, "b").is_some()
+    })
+    .await;
+    b.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+// ---- clocks ---------------------------------------------------------------------------
+
+/// A test clock at real time + `skew` seconds that can be moved forward.
+fn skewed(skew: i64) -> Arc<meshca::util::clock::ManualClock> {
+    let now = SystemTime::now();
+    let t = if skew >= 0 {
+        now + Duration::from_secs(skew as u64)
+    } else {
+        now - Duration::from_secs(skew.unsigned_abs())
+    };
+    Arc::new(meshca::util::clock::ManualClock::new(t))
+}
+
+fn settings_with(replica: &str, clock: Arc<meshca::util::clock::ManualClock>) -> reports::Settings {
+    reports::Settings::new("meshca", replica, Duration::from_millis(100), clock)
+}
+
+/// Writers 15 s ahead and 15 s behind the reader are both counted while
+/// they write; when one stops writing (without removing its report), the
+/// reader finds it stale after the staleness window on the reader's own
+/// clock — the writer's clock being ahead keeps nothing alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_writers_are_counted_while_alive_and_stale_once_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let ahead = Writer::start(&kc, settings_with("ahead", skewed(15)), clients(1, 1)).await;
+    let behind_clients = Arc::new(Tracker::default());
+    behind_clients.certified(
+        "spiffe://cluster.local/ns/b/sa/b 10.0.0.2",
+        1,
+        SystemTime::now() + Duration::from_secs(3600),
+        None,
+    );
+    let behind = Writer::start(&kc, settings_with("behind", skewed(-15)), behind_clients).await;
+    let clock = skewed(0);
+    let s = settings_with("reader", clock.clone());
+    let stale_after = s.stale_after;
+    let reader = Arc::new(Tracker::default());
+    let r = Writer::start(&kc, s, reader.clone()).await;
+    until("the reader counts both", Duration::from_secs(5), || {
+        let p = reader.summary(clock.now(), 1);
+        p.clients == 2 && p.replica_problems.is_empty()
+    })
+    .await;
+    // "ahead" dies without removing its report.
+    api.forbidden
+        .lock()
+        .unwrap()
+        .push(format!("{CONFIGMAPS}/meshca-propagation-ahead"));
+    // Not stale while the reader's clock has not passed the window...
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        reader.reports().problems.is_empty(),
+        "{:?}",
+        reader.reports()
+    );
+    // ...stale once it has, by the reader's clock alone; "behind" (still
+    // writing) is fresh again at its next heartbeat.
+    clock.advance(stale_after + Duration::from_secs(1));
+    until(
+        "the reader finds only 'ahead' stale",
+        Duration::from_secs(5),
+        || {
+            let p = reader.reports().problems;
+            p.len() == 1 && p[0].replica == "ahead" && p[0].problem == "stale"
+        },
+    )
+    .await;
+    assert_eq!(
+        reader.summary(clock.now(), 1).clients,
+        1,
+        "only behind's client counts"
+    );
+    for w in [r, behind] {
+        w.stop(Duration::from_secs(5)).await.unwrap();
+    }
+    api.forbidden.lock().unwrap().clear();
+    ahead.stop(Duration::from_secs(5)).await.unwrap();
+}
+
+/// The leader deletes a report nobody has seen change for an hour, by its
+/// own clock; a non-leader does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_deletes_a_report_abandoned_for_an_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    api.put(
+        CONFIGMAPS,
+        "meshca-propagation-gone",
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "meshca-propagation-gone", "namespace": "meshca",
+                            "labels": {"meshca.io/propagation-report": "true"}},
+               "data": {"report.json": json!({"replica": "gone", "updated": 1, "clients": []}).to_string()}}),
+    );
+    let client = meshca::kubernetes::client::connect(&kc).await.unwrap();
+    let start = |leading: bool, clock: Arc<meshca::util::clock::ManualClock>| {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let leader = tokio::sync::watch::channel(leading).1;
+        let task = tokio::spawn(reports::run(
+            client.clone(),
+            settings_with(if leading { "leader" } else { "follower" }, clock),
+            Arc::new(Tracker::default()),
+            Some(leader),
+            rx,
+            Arc::new(meshca::metrics::Metrics::new()),
+        ));
+        Writer { stop, task }
+    };
+    let (fc, lc) = (skewed(0), skewed(0));
+    let follower = start(false, fc.clone());
+    let leader = start(true, lc.clone());
+    // Real time: a few rounds, so both have observed it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fc.advance(Duration::from_secs(3601));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        report_of(&api, "gone").is_some(),
+        "a follower does not delete"
+    );
+    lc.advance(Duration::from_secs(3500));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(report_of(&api, "gone").is_some(), "not yet an hour");
+    lc.advance(Duration::from_secs(101));
+    until("the leader deletes it", Duration::from_secs(5), || {
+        report_of(&api, "gone").is_none()
+    })
+    .await;
+    for w in [leader, follower] {
+        w.stop(Duration::from_secs(5)).await.unwrap();
+    }
 }

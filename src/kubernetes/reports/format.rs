@@ -434,6 +434,41 @@ mod tests {
             .contains("format 3"));
     }
 
+    /// Rows from another replica are untrusted: every truncation and
+    /// every single-byte change (with the header's digest recomputed, so
+    /// the parser itself is reached) decodes to an error or to at most the
+    /// announced clients, never a panic or an over-allocation.
+    #[test]
+    fn mangled_rows_never_panic() {
+        let enc = encode("b", &export(40), 1_700_000_000, 1).unwrap();
+        let rows = enc.rows.clone().unwrap();
+        let header: Header = serde_json::from_str(&enc.header).unwrap();
+        let try_rows = |rows: Vec<u8>, clients: usize| {
+            let mut h = header.clone();
+            h.rows_sha256 = sha256_hex(&rows);
+            h.clients = clients;
+            let e = Encoded {
+                header: serde_json::to_string(&h).unwrap(),
+                rows: Some(rows),
+                refused: None,
+            };
+            if let Ok(Decoded::Clients(_, c)) = roundtrip(&e) {
+                assert_eq!(c.rows.len(), clients);
+            }
+        };
+        for cut in 0..rows.len() {
+            try_rows(rows[..cut].to_vec(), 40);
+        }
+        for i in 0..rows.len() {
+            for v in [0x00, 0x7f, 0x80, 0xff] {
+                let mut r = rows.clone();
+                r[i] = v;
+                try_rows(r, 40);
+            }
+        }
+        try_rows(vec![0xff; 200], 18);
+    }
+
     #[test]
     fn a_sample_names_only_clients_in_the_rows() {
         let mut e = export(2);
