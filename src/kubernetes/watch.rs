@@ -322,7 +322,8 @@ struct Pace {
     due: bool,
     /// The last watch stream: when it opened and, once over, when it ended.
     stream: Option<(Instant, Option<Instant>)>,
-    /// The last failure was an idle timeout (already counted as `idle`).
+    /// The error the watcher reports next is an idle timeout (already
+    /// counted as `idle`).
     idle: bool,
 }
 
@@ -416,7 +417,9 @@ impl Probe {
 
     /// Nothing arrived within the idle timeout: the request or stream is
     /// abandoned, and the next request waits a backoff.
-    fn went_idle(&self) {
+    /// `fails`: the abandoned request or list body ends in an error the
+    /// watcher will report (a silent watch stream just ends).
+    fn went_idle(&self, fails: bool) {
         tracing::info!(
             resource = self.resource,
             after = ?self.pacing.idle_timeout,
@@ -426,7 +429,7 @@ impl Probe {
         self.watching_cleanly.store(false, Ordering::Release);
         let mut p = self.pace();
         p.due = true;
-        p.idle = true;
+        p.idle = fails;
     }
 }
 
@@ -465,7 +468,7 @@ impl tower::Service<http::Request<kube::client::Body>> for Probed {
             }
             let idle = probe.pacing.idle_timeout;
             let Ok(r) = tokio::time::timeout(idle, client.send(req)).await else {
-                probe.went_idle();
+                probe.went_idle(true);
                 return Err(kube::Error::Service(Box::new(idle_error(idle))));
             };
             let r = r?;
@@ -554,7 +557,7 @@ where
                 if self.deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                self.probe.went_idle();
+                self.probe.went_idle(!self.stream);
                 self.finish();
                 if self.stream {
                     Poll::Ready(None)
@@ -656,7 +659,7 @@ mod tests {
         p.request(false); // 410: a fresh list…
         p.request(true); // …and a watch from it
         assert_eq!(closed(), 1);
-        p.went_idle(); // nothing arrived: abandoned, counted as idle
+        p.went_idle(false); // nothing arrived: abandoned, counted as idle
         p.request(true);
         assert_eq!((closed(), restarts(&p.metrics, "idle")), (1, 1));
         p.opened();
@@ -736,13 +739,16 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= IDLE && took < IDLE * 5, "{took:?}");
         assert_eq!(restarts(&p.metrics, "idle"), 1);
-        // Counted once, as idle (not as an error, nor as a clean close).
-        assert!(p.errored());
+        // The stream just ended: the next error the watcher reports is a
+        // real one, to be counted as such.
         assert!(!p.errored());
         let mut list = Idle::new(Silent, p.clone(), false);
         let e = list.frame().await.unwrap().unwrap_err();
         assert!(e.to_string().contains("no data"), "{e}");
         assert_eq!(restarts(&p.metrics, "idle"), 2);
+        // The list failed: its error is the idle timeout, counted once.
+        assert!(p.errored());
+        assert!(!p.errored());
     }
 
     #[tokio::test]
