@@ -77,10 +77,12 @@ pub(crate) struct Deadlines {
     pub idle: Duration,
 }
 
-/// The bounds of `serve`'s client. Callers with tighter needs (the Lease
-/// round) cut their calls shorter themselves.
+/// The bounds of `serve`'s client. The response limit is kube-apiserver's
+/// own `--request-timeout` (60 s) for requests that are not watches, so no
+/// answer the server would still give is cut off. Callers with tighter
+/// needs (the Lease round) cut their calls shorter themselves.
 pub(crate) const DEADLINES: Deadlines = Deadlines {
-    response: Duration::from_secs(30),
+    response: Duration::from_secs(60),
     idle: Duration::from_secs(30),
 };
 
