@@ -14,7 +14,10 @@
 //! Pods and ServiceAccounts (list, watch, get, delete) answer in the
 //! metadata-only form (`PartialObjectMetadata[List]`, `meta.k8s.io/v1`) when
 //! the client asks for it in `Accept`, as kube's `list_metadata` and
-//! `watch_metadata` do; [`Store::forbidden`] answers 403 on chosen paths.
+//! `watch_metadata` do; [`Store::forbidden`] answers 403 on chosen paths
+//! with the real Status (`… is forbidden: User "…" cannot VERB resource …`),
+//! and a denied SelfSubjectAccessReview says `allowed: false` with no reason,
+//! as RBAC does.
 //! Watches that ask for `allowWatchBookmarks=true` get periodic `BOOKMARK`
 //! events (the real server's ~1 min, or [`Store::set_bookmark_interval`]);
 //! [`Store::close_watches`] answers watches 200 and ends them right after
@@ -34,6 +37,10 @@
 //! that is off by a fixed amount (the Lease times it writes are shifted
 //! forward, those it reads back; see [`kubeconfig_for`] for a second
 //! replica's credentials).
+//! The issuer-discovery paths demand the bearer token (401
+//! without it) and can fail on demand ([`Store::discovery_faults`]); a
+//! legacy secret-based token is reviewed only for the API server's own
+//! audiences, as the real server does.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -111,7 +118,8 @@ pub struct Store {
     pub metadata_requests: AtomicUsize,
     /// Requests for pods or service accounts answered with whole objects.
     pub full_pod_or_sa_requests: AtomicUsize,
-    /// Paths (prefixes) answered `403 Forbidden`, as without RBAC.
+    /// Paths (prefixes) answered `403 Forbidden`, as without RBAC, with
+    /// the real Status body ([`forbidden_status`]).
     pub forbidden: Mutex<Vec<String>>,
     /// The period of BOOKMARK events (None: the real server's ~1 min).
     bookmark_interval: Signal<Option<std::time::Duration>>,
@@ -144,6 +152,123 @@ pub struct Store {
     /// Clock skew (milliseconds, + = ahead) of the replica using a bearer
     /// token, applied to the times in Lease bodies.
     pub skew: Mutex<BTreeMap<String, i64>>,
+    /// Answers for the next requests to `/.well-known/openid-configuration`
+    /// (HTTP codes, e.g. 503 or 401, with real Status bodies), one per
+    /// request, before it is served normally.
+    pub discovery_faults: Mutex<std::collections::VecDeque<u16>>,
+    /// Requests to the issuer-discovery paths (`/.well-known/openid-configuration`,
+    /// `/openid/v1/jwks`), and those of them without a valid bearer token (401).
+    pub discovery_requests: AtomicUsize,
+    /// See [`Store::discovery_requests`].
+    pub discovery_unauthenticated: AtomicUsize,
+}
+
+/// The client's user, as the API server names it in a denial.
+const CLIENT_USER: &str = "system:serviceaccount:meshca:meshca";
+/// The bearer token of the kubeconfig [`start`] writes.
+const CLIENT_TOKEN: &str = "meshca-sa-token";
+/// The API server's own audiences (`--api-audiences`, by default its issuer).
+const API_AUDIENCES: [&str; 1] = ["https://kubernetes.default.svc.cluster.local"];
+
+/// The 403 Status a real kube-apiserver sends when RBAC does not allow a
+/// request (apiserver `responsewriters.Forbidden` and `apierrors.NewForbidden`):
+/// `configmaps is forbidden: User "…" cannot list resource "configmaps" in API
+/// group "" in the namespace "x"`, reason `Forbidden`, details `{name?, group?,
+/// kind: resource}`; a non-resource path gets `forbidden: User "…" cannot get
+/// path "/openid/v1/jwks"`.
+pub fn forbidden_status(method: &str, path: &str, watch: bool) -> (u16, Value) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segs.as_slice() {
+        ["api", _v, rest @ ..] => ("", rest),
+        ["apis", g, _v, rest @ ..] => (*g, rest),
+        _ => {
+            let verb = method.to_ascii_lowercase();
+            let message =
+                format!("forbidden: User \"{CLIENT_USER}\" cannot {verb} path \"{path}\"");
+            return (403, forbidden_body(message, json!({})));
+        }
+    };
+    let (namespace, resource, name) = match rest {
+        ["namespaces", ns, res, name, ..] => (Some(*ns), *res, Some(*name)),
+        ["namespaces", ns, res] => (Some(*ns), *res, None),
+        ["namespaces", ns] => (Some(*ns), "namespaces", Some(*ns)),
+        [res, name, ..] => (None, *res, Some(*name)),
+        [res] => (None, *res, None),
+        [] => (None, "", None),
+    };
+    let verb = match (method, name.is_some()) {
+        ("GET", _) if watch => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        (m, _) => return (405, forbidden_body(format!("{m} {path}"), json!({}))),
+    };
+    let scope = match namespace {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    let qualified = if group.is_empty() {
+        resource.to_string()
+    } else {
+        format!("{resource}.{group}")
+    };
+    let subject = match name {
+        Some(n) => format!("{qualified} \"{n}\""),
+        None => qualified,
+    };
+    let message = format!(
+        "{subject} is forbidden: User \"{CLIENT_USER}\" cannot {verb} resource \"{resource}\" in API group \"{group}\" {scope}"
+    );
+    let mut details = json!({"kind": resource});
+    if let Some(n) = name {
+        details["name"] = json!(n);
+    }
+    if !group.is_empty() {
+        details["group"] = json!(group);
+    }
+    (403, forbidden_body(message, details))
+}
+
+fn forbidden_body(message: String, details: Value) -> Value {
+    let mut v = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": "Forbidden", "code": 403});
+    if details.as_object().is_some_and(|d| !d.is_empty()) {
+        v["details"] = details;
+    }
+    v
+}
+
+/// Why a TokenReview of a legacy secret-based token fails for `audiences`:
+/// the API server grants those tokens only its own audiences
+/// (`WrapAudienceAgnosticToken`), so a review asking for any other audience
+/// is not authenticated. None: not a legacy token, or an audience it has.
+fn legacy_audience_error(token: &str, audiences: &Value) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()?,
+    )
+    .ok()?;
+    if claims["iss"] != "kubernetes/serviceaccount" {
+        return None;
+    }
+    let asked: Vec<&str> = audiences
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if asked.is_empty() || asked.iter().any(|a| API_AUDIENCES.contains(a)) {
+        return None;
+    }
+    Some(format!(
+        "[invalid bearer token, token audiences {API_AUDIENCES:?} is invalid for the target audiences {asked:?}]"
+    ))
 }
 
 /// kube-apiserver's limit on a ConfigMap's or Secret's data
@@ -776,6 +901,45 @@ impl Store {
         self.skew.lock().unwrap().get(token?).copied()
     }
 
+    /// The service-account issuer discovery paths as the real server guards
+    /// them: 401 without a valid bearer token (anonymous requests are not
+    /// granted `system:service-account-issuer-discovery` by default), and
+    /// the queued [`Store::discovery_faults`]. None: serve the request.
+    fn discovery_gate(
+        &self,
+        req: &hyper::Request<hyper::body::Incoming>,
+        path: &str,
+    ) -> Option<hyper::Response<super::Body>> {
+        const PATHS: [&str; 2] = ["/.well-known/openid-configuration", "/openid/v1/jwks"];
+        if !PATHS.contains(&path) {
+            return None;
+        }
+        self.discovery_requests.fetch_add(1, Ordering::SeqCst);
+        let bearer = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let known = bearer
+            .is_some_and(|t| t == CLIENT_TOKEN || self.tokens.lock().unwrap().contains_key(t));
+        if !known {
+            self.discovery_unauthenticated
+                .fetch_add(1, Ordering::SeqCst);
+            let (code, st) = status(401, "Unauthorized", "Unauthorized".into());
+            return Some(super::json_response(code, &st));
+        }
+        if path != PATHS[0] {
+            return None;
+        }
+        let fault = self.discovery_faults.lock().unwrap().pop_front()?;
+        let (code, st) = match fault {
+            401 => status(401, "Unauthorized", "Unauthorized".into()),
+            503 => status(503, "ServiceUnavailable", "the server is currently unable to handle the request".into()),
+            c => status(c, "InternalError", format!("an error on the server (\"\") has prevented the request from succeeding (HTTP {c})")),
+        };
+        Some(super::json_response(code, &st))
+    }
+
     /// Answers one HTTP request: a watch stream, or [`Store::handle`].
     async fn respond(
         self: Arc<Self>,
@@ -795,6 +959,9 @@ impl Store {
             return r;
         }
         let skew = self.skew_of(token.as_deref(), path);
+        if let Some(refused) = self.discovery_gate(&req, path) {
+            return refused;
+        }
         if self
             .forbidden
             .lock()
@@ -802,11 +969,8 @@ impl Store {
             .iter()
             .any(|p| path.starts_with(p.as_str()))
         {
-            let (code, st) = status(
-                403,
-                "Forbidden",
-                format!("forbidden: User \"system:serviceaccount:meshca:meshca\" cannot {method} {path}"),
-            );
+            let watch = query_param(query, "watch") == Some("true");
+            let (code, st) = forbidden_status(&method, path, watch);
             return super::json_response(code, &st);
         }
         self.maybe_stall(&method, path).await;
@@ -903,8 +1067,10 @@ impl Store {
                 )
             };
             let denied = self.denied.lock().unwrap().contains(&asked);
+            // RBAC gives no opinion (and no reason) when no rule matches:
+            // a real denial is `allowed: false` with an empty reason.
             review["status"] = if denied {
-                json!({"allowed": false, "reason": "RBAC: no rule grants it"})
+                json!({"allowed": false})
             } else {
                 json!({"allowed": true})
             };
@@ -918,7 +1084,11 @@ impl Store {
             let token = review["spec"]["token"].as_str().unwrap_or_default();
             let auds = review["spec"]["audiences"].clone();
             let pod = self.token_pods.lock().unwrap().get(token).cloned();
+            let legacy_refusal = legacy_audience_error(token, &auds);
             let status = match self.tokens.lock().unwrap().get(token) {
+                Some(_) if legacy_refusal.is_some() => {
+                    json!({"authenticated": false, "error": legacy_refusal})
+                }
                 Some((ns, sa)) => json!({
                     "authenticated": true,
                     "audiences": auds,
