@@ -219,7 +219,7 @@ async fn missing_permissions_are_named_at_start_up() {
     assert!(
         missing.iter().any(|m| m
             .contains("update leases.coordination.k8s.io/meshca-leader in namespace meshca")
-            && m.contains("RBAC: no rule grants it")),
+            && m.contains("not allowed: no authorizer allows it (SelfSubjectAccessReview: allowed=false, no reason given)")),
         "{missing:?}"
     );
     // Shared state needs the Secret, Events and the Lease.

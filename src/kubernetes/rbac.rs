@@ -7,7 +7,8 @@
 //! anything (the reviews are read-only questions).
 
 use k8s_openapi::api::authorization::v1::{
-    NonResourceAttributes, ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    NonResourceAttributes, ResourceAttributes, SelfSubjectAccessReview,
+    SelfSubjectAccessReviewSpec, SubjectAccessReviewStatus,
 };
 use kube::api::{Api, PostParams};
 
@@ -246,8 +247,36 @@ pub fn needs(u: &Uses<'_>) -> Vec<Need> {
     v
 }
 
-/// Asks about each need; returns those not allowed (with the API's reason
-/// when it gives one). An API error is returned as is.
+/// What a SelfSubjectAccessReview that did not allow a request says, in
+/// words: who refused (no authorizer allowed it, or one denied it
+/// outright), and the authorizers' own `reason` and `evaluationError` when
+/// they give any. A real RBAC refusal usually gives neither: RBAC has no
+/// opinion when no rule matches, so its `reason` is empty.
+pub(crate) fn explain(st: &SubjectAccessReviewStatus) -> String {
+    let reason = st.reason.as_deref().filter(|r| !r.is_empty());
+    let error = st.evaluation_error.as_deref().filter(|e| !e.is_empty());
+    let mut out = if st.denied == Some(true) {
+        "denied outright by an authorizer (SelfSubjectAccessReview: allowed=false, denied=true)"
+            .to_string()
+    } else {
+        let said = if reason.is_some() {
+            ""
+        } else {
+            ", no reason given"
+        };
+        format!("not allowed: no authorizer allows it (SelfSubjectAccessReview: allowed=false{said}); bind a Role or ClusterRole that grants it (deploy/rbac.yaml)")
+    };
+    if let Some(r) = reason {
+        out.push_str(&format!("; reason: {r}"));
+    }
+    if let Some(e) = error {
+        out.push_str(&format!("; evaluation error: {e}"));
+    }
+    out
+}
+
+/// Asks about each need; returns those not allowed, each with what its
+/// review said ([`explain`]). An API error is returned as is.
 pub async fn missing(client: &kube::Client, needs: &[Need]) -> Result<Vec<String>, kube::Error> {
     let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     let mut out = Vec::new();
@@ -279,10 +308,7 @@ pub async fn missing(client: &kube::Client, needs: &[Need]) -> Result<Vec<String
         let r = api.create(&PostParams::default(), &review).await?;
         let st = r.status.unwrap_or_default();
         if !st.allowed {
-            out.push(match st.reason.filter(|r| !r.is_empty()) {
-                Some(reason) => format!("{n}: {reason}"),
-                None => n.to_string(),
-            });
+            out.push(format!("{n}: {}", explain(&st)));
         }
     }
     Ok(out)
@@ -350,6 +376,29 @@ mod tests {
         "get /openid/v1/jwks (verifying workload tokens locally)",
         ];
         assert_eq!(got, want);
+    }
+
+    /// A real RBAC denial (`allowed: false`, empty reason) still says what
+    /// is missing; a reason or evaluation error, when given, is kept.
+    #[test]
+    fn a_denial_is_explained_from_the_review_itself() {
+        let plain = SubjectAccessReviewStatus {
+            allowed: false,
+            ..Default::default()
+        };
+        let e = explain(&plain);
+        assert!(e.starts_with("not allowed: no authorizer allows it"), "{e}");
+        assert!(!e.contains("reason:"), "{e}");
+        let detailed = SubjectAccessReviewStatus {
+            allowed: false,
+            denied: Some(true),
+            reason: Some("RBAC: clusterrole.rbac.authorization.k8s.io \"meshca\" not found".into()),
+            evaluation_error: Some("webhook timed out".into()),
+        };
+        let e = explain(&detailed);
+        assert!(e.starts_with("denied outright"), "{e}");
+        assert!(e.contains("reason: RBAC: clusterrole"), "{e}");
+        assert!(e.ends_with("evaluation error: webhook timed out"), "{e}");
     }
 
     #[test]
