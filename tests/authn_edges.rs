@@ -422,13 +422,14 @@ async fn legacy_tokens_are_refused_on_the_tokenreview_path_too() {
         2.0
     );
 
-    // allow_legacy_tokens: TokenReview (only) may accept them.
+    // The retired allow_legacy_tokens changes nothing: the API server would
+    // not confirm a legacy token for meshca's audience (tests/kube_authn.rs).
     let lenient = start(true).await;
-    let r = certify_native(&lenient.channel().await, legacy)
+    let e = certify_native(&lenient.channel().await, legacy)
         .await
-        .unwrap();
-    assert_eq!(r.spiffe_id, "spiffe://cluster.local/ns/shop/sa/web");
-    assert_eq!(api.token_reviews.load(Ordering::SeqCst), 1);
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert_eq!(api.token_reviews.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

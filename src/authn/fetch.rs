@@ -2,7 +2,13 @@
 //!
 //! Owns: the one HTTP client meshca uses outside kube — HTTPS only, rustls
 //! with ring, trusting either a given CA bundle or the system roots, with a
-//! timeout and a size cap on every answer. Must not: interpret documents.
+//! timeout and a size cap on every answer — and the routing of a URL that
+//! points at the Kubernetes API server through the kube client instead, so
+//! that it carries the pod's service-account token (re-read as it rotates)
+//! and trusts the cluster CA, as the API server's discovery endpoints
+//! require. Must not: interpret documents beyond finding `jwks_uri`, or send
+//! the service-account token anywhere but the API server (only a URL whose
+//! origin is the API server's, checked against the cluster CA, gets it).
 
 use std::time::Duration;
 
@@ -16,10 +22,91 @@ pub(crate) const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
 /// How long one fetch may take.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The path at which the API server serves its service-account JWKS.
+pub(crate) const API_SERVER_JWKS_PATH: &str = "/openid/v1/jwks";
+
+/// The Kubernetes API server, for URLs that point at it.
+#[derive(Clone)]
+pub struct ApiServer {
+    host: String,
+    port: u16,
+    in_cluster: bool,
+    client: kube::Client,
+}
+
+impl ApiServer {
+    /// The API server at `cluster_url` (from the kubeconfig, or the pod's
+    /// environment when `in_cluster`), reached through `client`.
+    pub fn new(cluster_url: &hyper::Uri, in_cluster: bool, client: kube::Client) -> Self {
+        Self {
+            host: cluster_url.host().unwrap_or_default().to_ascii_lowercase(),
+            port: cluster_url.port_u16().unwrap_or(443),
+            in_cluster,
+            client,
+        }
+    }
+
+    /// Whether `uri` (https) is on this API server: its address, or in a
+    /// pod the names of the `kubernetes` Service (`kubernetes.default.svc`,
+    /// `kubernetes.default.svc.<cluster domain>`) on port 443. The request
+    /// itself goes to the configured address and must pass the cluster CA.
+    pub fn serves(&self, uri: &hyper::Uri) -> bool {
+        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        let port = uri.port_u16().unwrap_or(443);
+        if host == self.host && port == self.port {
+            return true;
+        }
+        let service_name = ["kubernetes", "kubernetes.default", "kubernetes.default.svc"]
+            .contains(&host)
+            || host.starts_with("kubernetes.default.svc.");
+        self.in_cluster && port == 443 && service_name
+    }
+
+    /// GETs `path` (with its query) through the kube client: 2xx only, at
+    /// most [`MAX_DOCUMENT_BYTES`], within [`FETCH_TIMEOUT`].
+    pub async fn get(&self, path: &str) -> Result<String, String> {
+        api_get(&self.client, path).await
+    }
+}
+
+/// GETs a path from the API server through `client`: the client's
+/// credentials and CA, 2xx only, at most [`MAX_DOCUMENT_BYTES`], within
+/// [`FETCH_TIMEOUT`]. A refusal names the HTTP code and the API's message.
+pub(crate) async fn api_get(client: &kube::Client, path: &str) -> Result<String, String> {
+    let what = format!("GET {path} from the Kubernetes API server");
+    let req = http::Request::get(path)
+        .body(kube::client::Body::from(Vec::new()))
+        .map_err(|e| format!("{what}: {e}"))?;
+    let fut = async {
+        let resp = client.send(req).await.map_err(|e| format!("{what}: {e}"))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_DOCUMENT_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("{what}: reading the body: {e}"))?
+            .to_bytes();
+        let text =
+            String::from_utf8(body.to_vec()).map_err(|_| format!("{what}: body is not UTF-8"))?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["message"].as_str().map(super::clip))
+                .unwrap_or_default();
+            return Err(format!("{what}: HTTP {status}: {message}"));
+        }
+        Ok(text)
+    };
+    tokio::time::timeout(FETCH_TIMEOUT, fut)
+        .await
+        .map_err(|_| format!("{what}: no answer within {}s", FETCH_TIMEOUT.as_secs()))?
+}
+
 /// Fetches JSON documents over HTTPS.
 #[derive(Clone)]
 pub struct Fetcher {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
+    api_server: Option<ApiServer>,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -56,7 +143,20 @@ impl Fetcher {
             .build();
         Ok(Self {
             client: Client::builder(TokioExecutor::new()).build(https),
+            api_server: None,
         })
+    }
+
+    /// Routes URLs on `api_server` through its kube client (token, cluster
+    /// CA); every other URL is fetched as before, with no credentials.
+    pub fn with_api_server(mut self, api_server: ApiServer) -> Self {
+        self.api_server = Some(api_server);
+        self
+    }
+
+    /// The API server, when `uri` points at it.
+    fn api_server_for(&self, uri: &hyper::Uri) -> Option<&ApiServer> {
+        self.api_server.as_ref().filter(|a| a.serves(uri))
     }
 
     /// GETs `url` and returns the body as text (2xx only).
@@ -64,6 +164,10 @@ impl Fetcher {
         let uri: hyper::Uri = url.parse().map_err(|e| format!("bad URL {url:?}: {e}"))?;
         if uri.scheme_str() != Some("https") {
             return Err(format!("{url}: only https URLs are fetched"));
+        }
+        if let Some(api) = self.api_server_for(&uri) {
+            let path = uri.path_and_query().map_or("/", |p| p.as_str());
+            return api.get(path).await;
         }
         let fut = async {
             let resp = self
@@ -87,7 +191,13 @@ impl Fetcher {
             .map_err(|_| format!("GET {url}: no answer within {}s", FETCH_TIMEOUT.as_secs()))?
     }
 
-    /// Resolves an issuer's `jwks_uri` through OIDC discovery.
+    /// Resolves an issuer's `jwks_uri` through OIDC discovery. When the
+    /// issuer is the API server, its `jwks_uri` names the API server's
+    /// advertised address (`https://<advertise-address>:6443/openid/v1/jwks`),
+    /// which a pod may not reach or verify: the JWKS is then read at
+    /// `/openid/v1/jwks` of the API server the discovery came from (the same
+    /// document, with the same token and CA). A `jwks_uri` elsewhere (an
+    /// external `--service-account-jwks-uri`) is fetched as given.
     pub async fn discover_jwks_uri(&self, issuer_url: &str) -> Result<String, String> {
         let url = format!(
             "{}/.well-known/openid-configuration",
@@ -95,9 +205,20 @@ impl Fetcher {
         );
         let doc: serde_json::Value = serde_json::from_str(&self.get(&url).await?)
             .map_err(|e| format!("{url}: not JSON: {e}"))?;
-        doc["jwks_uri"]
+        let jwks_uri = doc["jwks_uri"]
             .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| format!("{url}: no jwks_uri"))
+            .ok_or_else(|| format!("{url}: no jwks_uri"))?;
+        let api_origin = url
+            .parse::<hyper::Uri>()
+            .ok()
+            .filter(|u| self.api_server_for(u).is_some())
+            .and_then(|u| u.authority().cloned());
+        let names_api_jwks = jwks_uri
+            .parse::<hyper::Uri>()
+            .is_ok_and(|u| u.path() == API_SERVER_JWKS_PATH);
+        match api_origin {
+            Some(origin) if names_api_jwks => Ok(format!("https://{origin}{API_SERVER_JWKS_PATH}")),
+            _ => Ok(jwks_uri.to_string()),
+        }
     }
 }

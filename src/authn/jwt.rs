@@ -17,6 +17,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 
 use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
+use super::issuers::Issuers;
 use super::{Authenticated, Method, Verdict, LEGACY_ISSUER};
 use crate::identity::Workload;
 use crate::util::clock::{unix_secs, Clock};
@@ -129,14 +130,13 @@ struct Key {
 
 /// Verifies JWTs against one JWKS for a set of accepted issuers.
 pub struct JwksVerifier {
-    issuers: Vec<String>,
+    issuers: Arc<Issuers>,
     source: JwksSource,
     keys: ArcSwap<HashMap<String, Arc<Key>>>,
     last_refresh: Mutex<Option<SystemTime>>,
     /// Why the last fetch failed, while it is failing.
     fetch_error: Mutex<Option<String>>,
     clock: Arc<dyn Clock>,
-    allow_legacy: bool,
     method: Method,
     /// When set, a verified token whose pod or service account is gone is
     /// refused (see `authn::binding`).
@@ -179,12 +179,22 @@ fn parse_jwks(json: &str) -> Result<HashMap<String, Arc<Key>>, String> {
 impl JwksVerifier {
     /// Loads the keys once. A local source that cannot be read is an error;
     /// a remote one that cannot be fetched yet starts empty (tokens then get
-    /// UNAVAILABLE until a fetch succeeds).
+    /// UNAVAILABLE until a fetch succeeds). Accepts tokens from `issuers`.
     pub async fn new(
         source: JwksSource,
         issuers: Vec<String>,
         clock: Arc<dyn Clock>,
-        allow_legacy: bool,
+        method: Method,
+    ) -> Result<Self, String> {
+        Self::with_issuers(source, Issuers::fixed(issuers), clock, method).await
+    }
+
+    /// [`JwksVerifier::new`] with a shared issuer set (one the API server's
+    /// discovered issuer is added to when it is known).
+    pub async fn with_issuers(
+        source: JwksSource,
+        issuers: Arc<Issuers>,
+        clock: Arc<dyn Clock>,
         method: Method,
     ) -> Result<Self, String> {
         let (keys, fetch_error) = match read_source(&source).await.and_then(|j| parse_jwks(&j)) {
@@ -204,7 +214,6 @@ impl JwksVerifier {
             last_refresh: Mutex::new(None),
             fetch_error: Mutex::new(fetch_error),
             clock,
-            allow_legacy,
             method,
             bindings: OnceLock::new(),
         })
@@ -221,9 +230,9 @@ impl JwksVerifier {
         self.method
     }
 
-    /// The accepted issuers.
-    pub fn issuers(&self) -> &[String] {
-        &self.issuers
+    /// The accepted issuers (now: discovery may add one later).
+    pub fn issuers(&self) -> Vec<String> {
+        self.issuers.all()
     }
 
     /// How many keys are loaded.
@@ -277,6 +286,22 @@ impl JwksVerifier {
         }
     }
 
+    /// An issuer not accepted: undecided (another source may know it), or
+    /// UNAVAILABLE while the API server's own issuer is still being
+    /// discovered (it may be this one: retry, never a false rejection).
+    fn unknown_issuer(&self, iss: &str) -> Verdict {
+        match self.issuers.pending() {
+            Some(why) => Verdict::Unavailable(format!(
+                "the token's issuer {:?} is not accepted yet: the API server's service-account issuer is still being discovered ({why}); retry shortly",
+                super::clip(iss)
+            )),
+            None => Verdict::Undecided(format!(
+                "token issuer {:?} is not one of the JWKS issuers",
+                super::clip(iss)
+            )),
+        }
+    }
+
     /// Verifies `token` for `audience`.
     pub async fn verify(&self, token: &str, audience: &str) -> Verdict {
         let header = match jsonwebtoken::decode_header(token) {
@@ -297,24 +322,13 @@ impl JwksVerifier {
         // right verifier; nothing is trusted until the signature checks.
         let unverified_iss = peek_issuer(token);
         if unverified_iss.as_deref() == Some(LEGACY_ISSUER) {
-            return if self.allow_legacy {
-                Verdict::Undecided("legacy secret-based tokens are checked by TokenReview".into())
-            } else {
-                Verdict::Rejected(
-                    "legacy secret-based service-account tokens are refused; use a projected token (or enable --allow-legacy-tokens)"
-                        .into(),
-                )
-            };
+            return Verdict::Rejected(super::legacy_refusal(audience));
         }
-        match &unverified_iss {
-            Some(iss) if self.issuers.iter().any(|i| i == iss) => {}
-            Some(iss) => {
-                return Verdict::Undecided(format!(
-                    "token issuer {iss:?} is not one of the JWKS issuers"
-                ))
-            }
+        let iss = match unverified_iss {
+            Some(iss) if self.issuers.accepts(&iss) => iss,
+            Some(iss) => return self.unknown_issuer(&iss),
             None => return Verdict::Rejected("the token has no iss claim".into()),
-        }
+        };
         let kid = header.kid.as_deref();
         let key = match self.find_key(kid, header.alg) {
             Some(k) => k,
@@ -346,7 +360,7 @@ impl JwksVerifier {
         let mut v = Validation::new(key.alg);
         v.algorithms = vec![key.alg];
         v.set_audience(&[audience]);
-        v.set_issuer(&self.issuers);
+        v.set_issuer(&[iss.as_str()]);
         // Time claims are checked below against our own clock.
         v.validate_exp = false;
         v.validate_nbf = false;
@@ -394,20 +408,17 @@ async fn read_source(source: &JwksSource) -> Result<String, String> {
             .await
             .map_err(|e| format!("cannot read JWKS file {}: {e}", p.display())),
         JwksSource::Url { url, fetcher } => fetcher.get(url).await,
-        JwksSource::Kubernetes(client) => kube_get(client, "/openid/v1/jwks").await,
+        JwksSource::Kubernetes(client) => {
+            kube_get(client, super::fetch::API_SERVER_JWKS_PATH).await
+        }
         JwksSource::Static(s) => Ok(s.clone()),
     }
 }
 
-/// GETs a non-resource path from the API server through `client`.
+/// GETs a non-resource path from the API server through `client`
+/// (bounded in time and size, see `fetch::api_get`).
 pub(crate) async fn kube_get(client: &kube::Client, path: &str) -> Result<String, String> {
-    let req = http::Request::get(path)
-        .body(Vec::new())
-        .map_err(|e| format!("{path}: {e}"))?;
-    client
-        .request_text(req)
-        .await
-        .map_err(|e| format!("Kubernetes API {path}: {e}"))
+    super::fetch::api_get(client, path).await
 }
 
 /// The service-account issuer the API server announces

@@ -10,6 +10,7 @@
 pub(crate) mod binding;
 pub mod devtoken;
 pub mod fetch;
+pub mod issuers;
 pub mod jwt;
 pub(crate) mod renewal;
 pub mod settings;
@@ -21,6 +22,16 @@ use crate::identity::Workload;
 
 /// The issuer of legacy secret-based service-account tokens.
 pub(crate) const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+/// Why a legacy secret-based token is refused, wherever it is seen: the
+/// API server authenticates those tokens only for its own audiences, so
+/// TokenReview can never confirm one for `audience` (the reason the former
+/// `allow_legacy_tokens` setting could not work).
+pub(crate) fn legacy_refusal(audience: &str) -> String {
+    format!(
+        "legacy secret-based service-account tokens (iss {LEGACY_ISSUER:?}) are refused: the API server grants them only its own audiences, never {audience:?}; mount a projected service-account token with audience {audience:?}"
+    )
+}
+
 /// The largest token accepted, in bytes.
 pub(crate) const MAX_TOKEN_BYTES: usize = 16 * 1024;
 

@@ -45,7 +45,9 @@ pub struct Settings {
     pub tokenreview_burst: u32,
     /// Source order.
     pub authn_order: Vec<AuthnSource>,
-    /// Legacy tokens allowed.
+    /// The former `allow_legacy_tokens`: accepted so that configurations
+    /// naming it still start, and ignored with a warning (legacy
+    /// secret-based tokens are always refused; see `authn::legacy_refusal`).
     pub allow_legacy_tokens: bool,
     /// Renewal by certificate is refused this long after the token
     /// authentication a chain descends from (zero: off).

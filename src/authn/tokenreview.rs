@@ -6,9 +6,11 @@
 //! QPS/burst limit toward the API server, shared fairly between callers. What
 //! the API server would refuse anyway, or what meshca must refuse whatever it
 //! says, never costs a review: a token that is not a JWT, whose unverified
-//! `iss` is not an accepted issuer, or that never expires (a legacy
-//! secret-based token, unless `allow_legacy_tokens`). Must not: keep tokens
-//! (only their SHA-256), or turn an unreachable API server into a rejection.
+//! `iss` is not an accepted issuer (UNAVAILABLE instead while the API
+//! server's own issuer is still being discovered), or that never expires
+//! (a legacy secret-based token: the API server would not confirm it for
+//! our audience anyway). Must not: keep tokens (only their SHA-256), or
+//! turn an unreachable API server into a rejection.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -19,6 +21,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::{Api, PostParams};
 
 use super::binding::{Binding, BindingCheck, ObjectRef, Presence};
+use super::issuers::Issuers;
 use super::{token_hash, Authenticated, Method, Verdict, LEGACY_ISSUER};
 use crate::identity::Workload;
 use crate::metrics::Metrics;
@@ -48,8 +51,7 @@ pub struct TokenReviewer {
     cache: Vec<Shard>,
     limiter: TokenBucket,
     peer_limiter: KeyedLimiter<Option<IpAddr>>,
-    issuers: Vec<String>,
-    allow_legacy: bool,
+    issuers: Arc<Issuers>,
     bindings: Option<Arc<dyn BindingCheck>>,
     metrics: Arc<Metrics>,
 }
@@ -57,14 +59,13 @@ pub struct TokenReviewer {
 impl TokenReviewer {
     /// A reviewer allowing `qps` reviews per second with bursts of `burst`
     /// (each caller at most 1/[`PEER_SHARE`] of both), for tokens issued by
-    /// one of `issuers` (plus legacy tokens when `allow_legacy`).
+    /// one of `issuers`.
     pub fn new(
         client: kube::Client,
         clock: Arc<dyn Clock>,
         qps: f64,
         burst: u32,
-        issuers: Vec<String>,
-        allow_legacy: bool,
+        issuers: Arc<Issuers>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -79,7 +80,6 @@ impl TokenReviewer {
             clock,
             cache: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             issuers,
-            allow_legacy,
             bindings: None,
         }
     }
@@ -90,42 +90,51 @@ impl TokenReviewer {
         self.bindings = Some(bindings);
     }
 
-    /// The issuers whose tokens may be reviewed.
-    pub fn issuers(&self) -> &[String] {
-        &self.issuers
+    /// The issuers whose tokens may be reviewed (now).
+    pub fn issuers(&self) -> Vec<String> {
+        self.issuers.all()
     }
 
-    /// Refuses, without a review, what must not reach the API server.
+    /// Refuses, without a review, what must not reach the API server (or,
+    /// while the API server's issuer is not discovered yet, holds back a
+    /// token from an issuer it might turn out to be: UNAVAILABLE).
     /// Reading the payload unverified is safe: this can only refuse.
-    fn precheck(&self, token: &str) -> Result<(), (&'static str, String)> {
+    fn precheck(&self, token: &str, audience: &str) -> Result<(), Verdict> {
+        let refuse = |reason: &'static str, why: String| {
+            self.metrics.tokenreview_refused_locally(reason);
+            Err(Verdict::Rejected(why))
+        };
         let Some(claims) = super::unverified_claims(token) else {
-            return Err((
+            return refuse(
                 "not_jwt",
                 "the token is not a JWT; Kubernetes service-account tokens are JWTs".into(),
-            ));
+            );
         };
         let iss = claims["iss"].as_str().unwrap_or_default();
         if iss == LEGACY_ISSUER {
-            if self.allow_legacy {
-                return Ok(());
-            }
-            return Err(("legacy", "legacy secret-based service-account tokens are refused; use a projected token (or enable --allow-legacy-tokens)".into()));
+            return refuse("legacy", super::legacy_refusal(audience));
         }
-        if !self.issuers.iter().any(|i| i == iss) {
-            return Err((
+        if !self.issuers.accepts(iss) {
+            if let Some(why) = self.issuers.pending() {
+                return Err(Verdict::Unavailable(format!(
+                    "the token's issuer {:?} is not accepted yet: the API server's service-account issuer is still being discovered ({why}); retry shortly",
+                    super::clip(iss)
+                )));
+            }
+            return refuse(
                 "issuer",
                 format!(
                     "the token's issuer {:?} is not one this CA accepts (setting jwt_issuers, or the API server's own issuer)",
                     super::clip(iss)
                 ),
-            ));
+            );
         }
-        if claims["exp"].as_u64().is_none() && !self.allow_legacy {
-            return Err((
+        if claims["exp"].as_u64().is_none() {
+            return refuse(
                 "legacy",
                 "the token never expires (no exp claim); use a projected service-account token"
                     .into(),
-            ));
+            );
         }
         Ok(())
     }
@@ -197,9 +206,8 @@ impl TokenReviewer {
 
     /// Reviews `token` for `audience`, on behalf of the caller at `peer`.
     pub async fn review(&self, token: &str, audience: &str, peer: Option<IpAddr>) -> Verdict {
-        if let Err((reason, why)) = self.precheck(token) {
-            self.metrics.tokenreview_refused_locally(reason);
-            return Verdict::Rejected(why);
+        if let Err(v) = self.precheck(token, audience) {
+            return v;
         }
         let now = self.clock.now();
         let key = format!("{}:{}", token_hash(token), audience);

@@ -334,7 +334,6 @@ async fn crypto_floor(
         JwksSource::Static(signer.jwks().to_string()),
         vec![DEV_ISSUER.into()],
         Arc::new(SystemClock),
-        false,
         Method::DevKey,
     )
     .await?;

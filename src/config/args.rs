@@ -121,8 +121,10 @@ pub struct ServeArgs {
     /// Order of token sources [default: jwks,tokenreview].
     #[arg(long, env = "MESHCA_AUTHN_ORDER", value_delimiter = ',')]
     pub authn_order: Option<Vec<AuthnSource>>,
-    /// Accept legacy secret-based tokens (checked by TokenReview only).
-    #[arg(long, env = "MESHCA_ALLOW_LEGACY_TOKENS")]
+    /// Ignored, with a warning: the API server authenticates legacy
+    /// secret-based tokens only for its own audiences, so no setting can
+    /// make meshca accept them. Kept so existing configurations still start.
+    #[arg(long, env = "MESHCA_ALLOW_LEGACY_TOKENS", hide = true)]
     pub allow_legacy_tokens: Option<bool>,
     /// Certificates per second allowed per identity [default: 5].
     #[arg(long, env = "MESHCA_RATE_LIMIT")]

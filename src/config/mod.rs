@@ -255,6 +255,30 @@ mod tests {
         assert!("h".parse::<HumanDuration>().is_err());
     }
 
+    /// `allow_legacy_tokens` is retired (the API server never confirms a
+    /// legacy token for our audiences) but stays accepted, from the flag,
+    /// the environment's spelling and the file, so that a configuration
+    /// naming it still starts; it is no longer advertised in `--help`.
+    #[test]
+    fn the_retired_allow_legacy_tokens_is_still_accepted_but_hidden() {
+        use clap::{CommandFactory, Parser};
+        let c = Cmd::try_parse_from(["x", "--allow-legacy-tokens", "true"]).unwrap();
+        assert_eq!(c.serve.allow_legacy_tokens, Some(true));
+        assert!(c.serve.resolve().unwrap().authn.allow_legacy_tokens);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("meshca.toml");
+        std::fs::write(&f, "allow_legacy_tokens = true\n").unwrap();
+        let from_file = ServeArgs {
+            config: Some(f),
+            ..Default::default()
+        }
+        .with_file()
+        .unwrap();
+        assert_eq!(from_file.allow_legacy_tokens, Some(true));
+        let help = Cmd::command().render_long_help().to_string();
+        assert!(!help.contains("allow-legacy-tokens"), "{help}");
+    }
+
     #[test]
     fn file_is_lowest_precedence_and_errors_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();

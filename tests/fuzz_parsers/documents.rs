@@ -265,7 +265,6 @@ fn check_jwks(doc: &[u8]) -> Result<(), TestCaseError> {
                 JwksSource::Static(text),
                 vec![DEV_ISSUER.to_string()],
                 Arc::new(SystemClock),
-                false,
                 Method::Jwks,
             )
             .await?;

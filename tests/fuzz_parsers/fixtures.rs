@@ -94,7 +94,6 @@ fn build() -> World {
         JwksSource::Static(jwks.clone()),
         vec![DEV_ISSUER.to_string()],
         clock,
-        false,
         Method::Jwks,
     ))
     .expect("verifier");
