@@ -288,7 +288,7 @@ impl Elector {
                 Instant::now() + retry
             }
             Err(_) => {
-                tracing::warn!(lease = %name, limit_ms = (Instant::now() - started).as_millis() as u64, leading = self.term.leading(Instant::now()), "leader election: the API server did not answer in time; retrying");
+                tracing::warn!(lease = %name, waited_ms = u64::try_from((Instant::now() - started).as_millis()).unwrap_or(u64::MAX), leading = self.term.leading(Instant::now()), "leader election: the API server did not answer in time; retrying");
                 Instant::now()
             }
         }
