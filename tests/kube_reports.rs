@@ -166,7 +166,7 @@ async fn twenty_thousand_clients_on_one_replica_are_counted_by_the_others() {
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("0/20000 live clients"), "{body}");
     eprintln!("20,000 clients: report data {size} bytes, first write after {wrote:?}");
-    b.stop(Duration::from_secs(5)).await.unwrap();
+    b.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 // ---- the gate fails closed --------------------------------------------------
@@ -181,7 +181,7 @@ async fn the_gate_refuses_while_a_replicas_report_is_stale() {
     let interval = Duration::from_millis(100);
     let a = replica(&kc, "a", interval).await;
     let b = Writer::start(&kc, settings("b", interval), clients(1, 1)).await;
-    wait_until("a counts b's client", Duration::from_secs(5), || async {
+    wait_until("a counts b's client", Duration::from_secs(10), || async {
         a.rotation_status().await["propagation"]["clients"] == 1
     })
     .await;
@@ -205,13 +205,13 @@ async fn the_gate_refuses_while_a_replicas_report_is_stale() {
     assert_eq!(problems[0]["problem"], "stale", "{st}");
     // b stops; its report cannot be deleted (still forbidden), and stays
     // refused until an operator deletes it: then b counts as gone.
-    assert!(b.stop(Duration::from_secs(5)).await.is_some());
+    assert!(b.stop(Duration::from_secs(10)).await.is_some());
     assert_eq!(activate(&a).await.0, 409);
     api.forbidden.lock().unwrap().clear();
     api.remove(CONFIGMAPS, "meshca-propagation-b").unwrap();
     wait_until(
         "a activates once b's report is gone",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || async { activate(&a).await.0 == 200 },
     )
     .await;
@@ -293,7 +293,7 @@ async fn an_unchanged_report_is_not_rewritten() {
         tracker.clone(),
     )
     .await;
-    until("b's report is stored", Duration::from_secs(5), || {
+    until("b's report is stored", Duration::from_secs(10), || {
         writes() == 1
     })
     .await;
@@ -317,7 +317,7 @@ async fn an_unchanged_report_is_not_rewritten() {
         writes() > idle
     })
     .await;
-    b.stop(Duration::from_secs(5)).await.unwrap();
+    b.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 // ---- stopping ------------------------------------------------------------------------
@@ -333,11 +333,11 @@ async fn a_stopping_replica_deletes_its_report() {
         clients(3, 1),
     )
     .await;
-    until("b's report is stored", Duration::from_secs(5), || {
+    until("b's report is stored", Duration::from_secs(10), || {
         report_of(&api, "b").is_some()
     })
     .await;
-    let took = b.stop(Duration::from_secs(5)).await.expect("run returns");
+    let took = b.stop(Duration::from_secs(10)).await.expect("run returns");
     assert!(report_of(&api, "b").is_none(), "the report was deleted");
     assert!(took < Duration::from_secs(1), "{took:?}");
 }
@@ -390,7 +390,7 @@ async fn a_report_the_api_server_refuses_becomes_a_refusal_the_gate_honours() {
         tracker.clone(),
     )
     .await;
-    until("b's refusal is stored", Duration::from_secs(5), || {
+    until("b's refusal is stored", Duration::from_secs(10), || {
         report_of(&api, "b").is_some()
     })
     .await;
@@ -401,7 +401,7 @@ async fn a_report_the_api_server_refuses_becomes_a_refusal_the_gate_honours() {
     );
     wait_until(
         "a refuses, naming b's refusal",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || async {
             let (code, body) = activate(&a).await;
             code == 409 && body.contains("replica b: report refused") && body.contains("Too long")
@@ -423,12 +423,12 @@ async fn a_report_the_api_server_refuses_becomes_a_refusal_the_gate_honours() {
     );
     wait_until(
         "a counts b's 501 clients",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || async { a.rotation_status().await["propagation"]["clients"] == 501 },
     )
     .await;
     assert_eq!(tracker.reports().own_report, None);
-    b.stop(Duration::from_secs(5)).await.unwrap();
+    b.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 /// More clients than one ConfigMap holds (~80,000 rows): the writer does
@@ -440,9 +440,10 @@ async fn more_clients_than_one_report_holds_refuse_the_gate() {
     let (api, kc) = support::kubeapi::start(dir.path()).await;
     let a = replica(&kc, "a", Duration::from_millis(100)).await;
     let tracker = clients(90_000, 1);
+    // A longer interval: 90,000 rows are exported at every round.
     let b = Writer::start(
         &kc,
-        settings("b", Duration::from_millis(100)),
+        settings("b", Duration::from_millis(500)),
         tracker.clone(),
     )
     .await;
@@ -453,7 +454,7 @@ async fn more_clients_than_one_report_holds_refuse_the_gate() {
     let own = tracker.reports().own_report.unwrap_or_default();
     assert!(own.contains("90000 clients need a report of"), "{own}");
     assert_eq!(a.rotation("prepare", "{}").await.0, 200);
-    wait_until("a refuses, naming b", Duration::from_secs(5), || async {
+    wait_until("a refuses, naming b", Duration::from_secs(10), || async {
         let (code, body) = activate(&a).await;
         code == 409 && body.contains("replica b: report refused") && body.contains("90000 clients")
     })
@@ -462,7 +463,7 @@ async fn more_clients_than_one_report_holds_refuse_the_gate() {
         !api.writes.lock().unwrap().is_empty(),
         "the refusal was written"
     );
-    b.stop(Duration::from_secs(5)).await.unwrap();
+    b.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 /// A live replica whose report someone deleted writes it again.
@@ -476,7 +477,7 @@ async fn a_live_replica_rewrites_its_deleted_report() {
         clients(3, 1),
     )
     .await;
-    until("b's report is stored", Duration::from_secs(5), || {
+    until("b's report is stored", Duration::from_secs(10), || {
         report_of(&api, "b").is_some()
     })
     .await;
@@ -485,7 +486,7 @@ async fn a_live_replica_rewrites_its_deleted_report() {
         report_of(&api, "b").is_some()
     })
     .await;
-    b.stop(Duration::from_secs(5)).await.unwrap();
+    b.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 // ---- clocks ---------------------------------------------------------------------------
@@ -527,7 +528,7 @@ async fn skewed_writers_are_counted_while_alive_and_stale_once_dead() {
     let stale_after = s.stale_after;
     let reader = Arc::new(Tracker::default());
     let r = Writer::start(&kc, s, reader.clone()).await;
-    until("the reader counts both", Duration::from_secs(5), || {
+    until("the reader counts both", Duration::from_secs(10), || {
         let p = reader.summary(clock.now(), 1);
         p.clients == 2 && p.replica_problems.is_empty()
     })
@@ -549,7 +550,7 @@ async fn skewed_writers_are_counted_while_alive_and_stale_once_dead() {
     clock.advance(stale_after + Duration::from_secs(1));
     until(
         "the reader finds only 'ahead' stale",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || {
             let p = reader.reports().problems;
             p.len() == 1 && p[0].replica == "ahead" && p[0].problem == "stale"
@@ -562,10 +563,10 @@ async fn skewed_writers_are_counted_while_alive_and_stale_once_dead() {
         "only behind's client counts"
     );
     for w in [r, behind] {
-        w.stop(Duration::from_secs(5)).await.unwrap();
+        w.stop(Duration::from_secs(10)).await.unwrap();
     }
     api.forbidden.lock().unwrap().clear();
-    ahead.stop(Duration::from_secs(5)).await.unwrap();
+    ahead.stop(Duration::from_secs(10)).await.unwrap();
 }
 
 /// The leader deletes a report nobody has seen change for an hour, by its
@@ -611,11 +612,11 @@ async fn the_leader_deletes_a_report_abandoned_for_an_hour() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(report_of(&api, "gone").is_some(), "not yet an hour");
     lc.advance(Duration::from_secs(101));
-    until("the leader deletes it", Duration::from_secs(5), || {
+    until("the leader deletes it", Duration::from_secs(10), || {
         report_of(&api, "gone").is_none()
     })
     .await;
     for w in [leader, follower] {
-        w.stop(Duration::from_secs(5)).await.unwrap();
+        w.stop(Duration::from_secs(10)).await.unwrap();
     }
 }

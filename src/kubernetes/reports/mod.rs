@@ -219,6 +219,9 @@ impl Publisher {
     /// Writes the report if due; a report too big for the object limit, or
     /// refused by the API server, becomes a refusal the others see.
     async fn publish(&mut self, api: &Api<ConfigMap>, s: &Settings, tracker: &Tracker) {
+        if self.next.is_some_and(|n| Instant::now() < n) {
+            return; // one write per interval at most: not even a look
+        }
         let now = s.clock.now();
         let export = tracker.export_rows(now);
         if !self.due(&export, s, now) {
