@@ -25,32 +25,32 @@ pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The path at which the API server serves its service-account JWKS.
 pub(crate) const API_SERVER_JWKS_PATH: &str = "/openid/v1/jwks";
 
-/// The Kubernetes API server, for URLs that point at it.
-#[derive(Clone)]
-pub struct ApiServer {
+/// Where the API server is, to tell which URLs point at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
     host: String,
     port: u16,
     in_cluster: bool,
-    client: kube::Client,
 }
 
-impl ApiServer {
-    /// The API server at `cluster_url` (from the kubeconfig, or the pod's
-    /// environment when `in_cluster`), reached through `client`.
-    pub fn new(cluster_url: &hyper::Uri, in_cluster: bool, client: kube::Client) -> Self {
+impl Origin {
+    fn of(cluster_url: &hyper::Uri, in_cluster: bool) -> Self {
         Self {
             host: cluster_url.host().unwrap_or_default().to_ascii_lowercase(),
             port: cluster_url.port_u16().unwrap_or(443),
             in_cluster,
-            client,
         }
     }
 
-    /// Whether `uri` (https) is on this API server: its address, or in a
-    /// pod the names of the `kubernetes` Service (`kubernetes.default.svc`,
-    /// `kubernetes.default.svc.<cluster domain>`) on port 443. The request
-    /// itself goes to the configured address and must pass the cluster CA.
-    pub fn serves(&self, uri: &hyper::Uri) -> bool {
+    /// Whether `uri` (https) names the API server: its address, or in a pod
+    /// the names of the `kubernetes` Service (`kubernetes.default.svc`,
+    /// `kubernetes.default.svc.<cluster domain>`) on port 443. Only the
+    /// path is used: the request goes to the configured address (never to
+    /// the host the URL names) and must pass the cluster CA.
+    fn covers(&self, uri: &hyper::Uri) -> bool {
+        if uri.scheme_str() != Some("https") {
+            return false;
+        }
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
         let host = host.trim_end_matches('.');
         let port = uri.port_u16().unwrap_or(443);
@@ -61,6 +61,29 @@ impl ApiServer {
             .contains(&host)
             || host.starts_with("kubernetes.default.svc.");
         self.in_cluster && port == 443 && service_name
+    }
+}
+
+/// The Kubernetes API server, for URLs that point at it.
+#[derive(Clone)]
+pub struct ApiServer {
+    origin: Origin,
+    client: kube::Client,
+}
+
+impl ApiServer {
+    /// The API server at `cluster_url` (from the kubeconfig, or the pod's
+    /// environment when `in_cluster`), reached through `client`.
+    pub fn new(cluster_url: &hyper::Uri, in_cluster: bool, client: kube::Client) -> Self {
+        Self {
+            origin: Origin::of(cluster_url, in_cluster),
+            client,
+        }
+    }
+
+    /// Whether `uri` points at this API server (see `Origin::covers`).
+    pub fn serves(&self, uri: &hyper::Uri) -> bool {
+        self.origin.covers(uri)
     }
 
     /// GETs `path` (with its query) through the kube client: 2xx only, at
@@ -219,6 +242,56 @@ impl Fetcher {
         match api_origin {
             Some(origin) if names_api_jwks => Ok(format!("https://{origin}{API_SERVER_JWKS_PATH}")),
             _ => Ok(jwks_uri.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn covers(origin: &Origin, url: &str) -> bool {
+        origin.covers(&url.parse().unwrap())
+    }
+
+    /// Only the API server's own origin (and, in a pod, the `kubernetes`
+    /// Service names on 443) is routed through the kube client with the
+    /// pod's token; look-alikes are fetched with no credentials.
+    #[test]
+    fn only_the_api_servers_origin_gets_the_token() {
+        let kubeconfig = Origin::of(&"https://10.0.0.1:6443".parse().unwrap(), false);
+        assert!(covers(&kubeconfig, "https://10.0.0.1:6443/openid/v1/jwks"));
+        assert!(covers(
+            &kubeconfig,
+            "https://10.0.0.1:6443/.well-known/openid-configuration"
+        ));
+        for other in [
+            "https://10.0.0.1/openid/v1/jwks",
+            "https://10.0.0.1:6444/openid/v1/jwks",
+            "https://10.0.0.10:6443/openid/v1/jwks",
+            "http://10.0.0.1:6443/openid/v1/jwks",
+            "https://kubernetes.default.svc/openid/v1/jwks",
+            "https://oidc.eks.eu-west-1.amazonaws.com/id/X/keys",
+        ] {
+            assert!(!covers(&kubeconfig, other), "{other}");
+        }
+        let pod = Origin::of(&"https://10.96.0.1".parse().unwrap(), true);
+        for own in [
+            "https://10.96.0.1/openid/v1/jwks",
+            "https://10.96.0.1:443/openid/v1/jwks",
+            "https://kubernetes.default.svc/openid/v1/jwks",
+            "https://KUBERNETES.default.svc.cluster.local./openid/v1/jwks",
+            "https://kubernetes/openid/v1/jwks",
+        ] {
+            assert!(covers(&pod, own), "{own}");
+        }
+        for other in [
+            "https://kubernetes.default.svc:8443/openid/v1/jwks",
+            "https://kubernetes.default.svcx.evil/openid/v1/jwks",
+            "https://kubernetes-default.svc/openid/v1/jwks",
+            "https://storage.googleapis.com/issuer/keys",
+        ] {
+            assert!(!covers(&pod, other), "{other}");
         }
     }
 }

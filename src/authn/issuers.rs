@@ -15,8 +15,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
+use crate::util::backoff::Backoff;
+
 /// The first pause between two failed discoveries; it doubles up to
-/// [`DISCOVERY_BACKOFF_MAX`] (jittered ±20 %).
+/// [`DISCOVERY_BACKOFF_MAX`], each wait drawn from `[d/2, d)`
+/// (`util::backoff`).
 pub(crate) const DISCOVERY_BACKOFF_START: Duration = Duration::from_secs(1);
 /// The longest pause between two discovery attempts.
 pub(crate) const DISCOVERY_BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -103,15 +106,6 @@ impl Issuers {
     }
 }
 
-/// The pause after `failures` failed attempts (1 s, 2 s, 4 s … 60 s),
-/// jittered by ±20 % so replicas restarted together do not ask together.
-pub(crate) fn backoff(failures: u32, jitter: f64) -> Duration {
-    let base = DISCOVERY_BACKOFF_START
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(DISCOVERY_BACKOFF_MAX);
-    base.mul_f64(0.8 + 0.4 * jitter.clamp(0.0, 1.0))
-}
-
 /// Retries discovery in the background until it succeeds (after a first
 /// attempt has failed). Stops early when every user of `issuers` is gone.
 pub(crate) fn retry_in_background<F, Fut>(issuers: &Arc<Issuers>, fetch: F)
@@ -119,34 +113,32 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<String, String>> + Send,
 {
-    retry_with(issuers, fetch, |n| backoff(n, rand::random::<f64>()));
+    let backoff = Backoff::new(DISCOVERY_BACKOFF_START, DISCOVERY_BACKOFF_MAX).with_jitter();
+    retry_with(issuers, fetch, backoff);
 }
 
-/// [`retry_in_background`] with the pause after `n` failures given.
-fn retry_with<F, Fut>(
-    issuers: &Arc<Issuers>,
-    fetch: F,
-    pause: impl Fn(u32) -> Duration + Send + 'static,
-) where
+/// [`retry_in_background`] paced by `backoff`.
+fn retry_with<F, Fut>(issuers: &Arc<Issuers>, fetch: F, mut backoff: Backoff)
+where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<String, String>> + Send,
 {
     let weak: Weak<Issuers> = Arc::downgrade(issuers);
     tokio::spawn(async move {
-        let mut failures = 1u32;
+        let mut attempts = 1u32;
         loop {
-            tokio::time::sleep(pause(failures)).await;
+            tokio::time::sleep(backoff.next_wait()).await;
             let Some(issuers) = weak.upgrade() else {
                 return;
             };
+            attempts = attempts.saturating_add(1);
             match issuers.discover_once(&fetch).await {
                 Ok(iss) => {
-                    tracing::info!(issuer = %iss, attempts = failures + 1, "Kubernetes service-account issuer discovered after retrying");
+                    tracing::info!(issuer = %iss, attempts, "Kubernetes service-account issuer discovered after retrying");
                     return;
                 }
                 Err(e) => {
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(error = %e, attempts = failures, "Kubernetes service-account issuer discovery failed again; retrying with backoff");
+                    tracing::warn!(error = %e, attempts, "Kubernetes service-account issuer discovery failed again; retrying with backoff");
                 }
             }
         }
@@ -156,15 +148,6 @@ fn retry_with<F, Fut>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_minute_with_bounded_jitter() {
-        let mid: Vec<u64> = (1..=9).map(|n| backoff(n, 0.5).as_secs()).collect();
-        assert_eq!(mid, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(backoff(1, 0.0), Duration::from_millis(800));
-        assert_eq!(backoff(1, 1.0), Duration::from_millis(1200));
-        assert_eq!(backoff(u32::MAX, 1.0), Duration::from_secs(72));
-    }
 
     #[tokio::test]
     async fn a_discovered_issuer_is_accepted_and_ends_pending() {
@@ -185,31 +168,26 @@ mod tests {
         assert_eq!(fixed.pending(), None);
     }
 
+    fn quick() -> Backoff {
+        Backoff::new(Duration::from_millis(5), Duration::from_millis(20))
+    }
+
     #[tokio::test]
     async fn the_background_retry_keeps_asking_until_it_succeeds() {
         let i = Issuers::discovering(vec![]);
         let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let c = calls.clone();
-        let pauses = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let p = pauses.clone();
-        let pause = move |n: u32| {
-            p.lock().unwrap().push(n);
-            Duration::from_millis(5)
-        };
-        retry_with(
-            &i,
-            move || {
-                let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async move {
-                    if n < 4 {
-                        Err(format!("attempt {n} failed"))
-                    } else {
-                        Ok("https://found".to_string())
-                    }
+        let fetch = move || {
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n < 4 {
+                    Err(format!("attempt {n} failed"))
+                } else {
+                    Ok("https://found".to_string())
                 }
-            },
-            pause,
-        );
+            }
+        };
+        retry_with(&i, fetch, quick());
         for _ in 0..200 {
             if i.pending().is_none() {
                 break;
@@ -218,10 +196,9 @@ mod tests {
         }
         assert!(i.accepts("https://found"));
         assert_eq!(i.pending(), None);
-        // Five attempts, each after a longer pause; none after success.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Five attempts; none after the success.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 5);
-        assert_eq!(*pauses.lock().unwrap(), [1, 2, 3, 4, 5]);
     }
 
     #[tokio::test]
@@ -233,12 +210,13 @@ mod tests {
             c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async { Err::<String, _>("down".to_string()) }
         };
-        retry_with(&i, fetch, |_| Duration::from_millis(5));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        retry_with(&i, fetch, quick());
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(calls.load(std::sync::atomic::Ordering::SeqCst) >= 2);
         drop(i);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(40)).await;
         let n = calls.load(std::sync::atomic::Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(80)).await;
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), n);
     }
 }
