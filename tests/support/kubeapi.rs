@@ -41,6 +41,15 @@
 //! without it) and can fail on demand ([`Store::discovery_faults`]); a
 //! legacy secret-based token is reviewed only for the API server's own
 //! audiences, as the real server does.
+//! Writes as kube-apiserver checks them: server-side apply (`PATCH` with
+//! `application/apply-patch+yaml`, `fieldManager`, `force`) with field
+//! ownership per manager (a later apply that omits a field it owned
+//! removes it; fields others own stay; a `resourceVersion` in the applied
+//! object is a precondition); a Secret's `type` is immutable (422); creates
+//! in a namespace being deleted get 403 `NamespaceTerminating`
+//! ([`Store::terminate_namespace`]); lists are counted as quorum or cache
+//! reads ([`Store::lists`]) and ConfigMap writes in flight are counted
+//! ([`Store::max_configmap_writes_in_flight`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -161,6 +170,20 @@ pub struct Store {
     pub discovery_requests: AtomicUsize,
     /// See [`Store::discovery_requests`].
     pub discovery_unauthenticated: AtomicUsize,
+    /// Server-side apply's field ownership (a minimal `managedFields`).
+    managed: Mutex<Owners>,
+    /// List requests, as `quorum PATH` (no resourceVersion: read from etcd)
+    /// or `cache PATH` (a resourceVersion: served from the watch cache).
+    pub lists: Mutex<Vec<String>>,
+    /// Holds every ConfigMap write this long (so concurrency shows).
+    pub configmap_write_delay: Mutex<Option<std::time::Duration>>,
+    configmap_writes_in_flight: AtomicUsize,
+    /// The most ConfigMap writes ever in flight at once.
+    pub max_configmap_writes_in_flight: AtomicUsize,
+    /// Writes refused 422 because they changed a Secret's `type`.
+    pub immutable_type_refusals: AtomicUsize,
+    /// Creates refused 403 because their namespace is being deleted.
+    pub terminating_refusals: AtomicUsize,
 }
 
 /// The client's user, as the API server names it in a denial.
@@ -718,6 +741,10 @@ impl Store {
             .lock()
             .unwrap()
             .remove(&(collection.to_string(), name.to_string()))?;
+        self.managed
+            .lock()
+            .unwrap()
+            .remove(&(collection.to_string(), name.to_string()));
         v["metadata"]["resourceVersion"] = json!(self.next_rv());
         self.record(collection, name, "DELETED", &v);
         Some(v)
@@ -731,6 +758,7 @@ impl Store {
             .lock()
             .unwrap()
             .insert((collection.to_string(), name.to_string()), obj.clone());
+        self.took_over(collection, name, old.as_ref(), &obj);
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
         self.record(collection, name, kind, &obj);
     }
@@ -1009,6 +1037,12 @@ impl Store {
                 .body(body.boxed())
                 .unwrap();
         }
+        let content_type = req
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         let body = req.into_body().collect().await.unwrap().to_bytes();
         let delay = {
             let mut d = self.delay_next_put.lock().unwrap();
@@ -1031,7 +1065,13 @@ impl Store {
             },
             None => body,
         };
-        let (status, mut out) = self.handle(&method, &uri, &body);
+        let counted = self.configmap_write_begins(&method, path).await;
+        let (status, mut out) = if method == "PATCH" {
+            self.patch(&uri, &content_type, &body)
+        } else {
+            self.handle(&method, &uri, &body)
+        };
+        self.configmap_write_ends(counted);
         if let Some(ms) = skew {
             shift_lease_times(&mut out, -ms);
         }
@@ -1237,6 +1277,7 @@ impl Store {
         let mut objects = self.objects.lock().unwrap();
         match (method, name) {
             ("GET", None) => {
+                self.count_list(&collection, query);
                 let items: Vec<Value> = objects
                     .iter()
                     .filter(|((c, n), v)| {
@@ -1289,11 +1330,18 @@ impl Store {
                 if let Some(refused) = self.check_size(kind, &n, &obj) {
                     return refused;
                 }
+                if let Some(refusal) = self.refuse_if_terminating(&objects, &collection, &n) {
+                    return refusal;
+                }
+                if kind == "Secret" && obj["type"].is_null() {
+                    obj["type"] = json!("Opaque");
+                }
                 obj["metadata"]["resourceVersion"] = json!(self.next_rv());
                 obj["metadata"]["uid"] = json!(format!("uid-{n}"));
                 obj["apiVersion"] = json!(api_version);
                 obj["kind"] = json!(kind);
                 objects.insert((collection.clone(), n.clone()), obj.clone());
+                self.took_over(&collection, &n, None, &obj);
                 self.record(&collection, &n, "ADDED", &obj);
                 self.writes
                     .lock()
@@ -1322,10 +1370,16 @@ impl Store {
                             "Operation cannot be fulfilled on {kind} \"{n}\": the object has been modified; please apply your changes to the latest version and try again"));
                     }
                 }
+                if kind == "Secret" && secret_type(&obj) != secret_type(cur) {
+                    self.immutable_type_refusals.fetch_add(1, Ordering::SeqCst);
+                    return immutable_type(n, secret_type(&obj));
+                }
+                let old = cur.clone();
                 obj["metadata"]["resourceVersion"] = json!(self.next_rv());
                 obj["apiVersion"] = json!(api_version);
                 obj["kind"] = json!(kind);
                 objects.insert((collection.clone(), n.to_string()), obj.clone());
+                self.took_over(&collection, n, Some(&old), &obj);
                 self.record(&collection, n, "MODIFIED", &obj);
                 self.writes
                     .lock()
@@ -1335,6 +1389,10 @@ impl Store {
             }
             ("DELETE", Some(n)) => match objects.remove(&(collection.clone(), n.to_string())) {
                 Some(mut v) => {
+                    self.managed
+                        .lock()
+                        .unwrap()
+                        .remove(&(collection.clone(), n.to_string()));
                     v["metadata"]["resourceVersion"] = json!(self.next_rv());
                     self.record(&collection, n, "DELETED", &v);
                     (200, v)
@@ -1361,4 +1419,377 @@ pub async fn start(dir: &std::path::Path) -> (Arc<Store>, std::path::PathBuf) {
     let p = dir.join("kubeconfig");
     std::fs::write(&p, text).unwrap();
     (store, p)
+}
+
+// ---- Writes as kube-apiserver checks them: server-side apply with field
+// ownership, the immutable Secret `type`, namespaces being deleted, and
+// read/write accounting (issue 13, defects 5-7).
+
+/// Per object (collection, name), per field manager, the leaf fields it owns.
+type Owners = BTreeMap<(String, String), BTreeMap<String, std::collections::BTreeSet<Field>>>;
+/// A leaf field's path (`["data", "ca.crt"]`).
+type Field = Vec<String>;
+/// The manager the fake books non-apply writes (create, update, `put`) to.
+const UPDATER: &str = "(update)";
+
+/// The leaf fields of `v`: map keys are fields of their own (labels,
+/// annotations, data keys are granular, as in the real schema); lists and
+/// scalars are atomic. Identity and server-set metadata are not fields.
+fn leaves(v: &Value) -> std::collections::BTreeSet<Field> {
+    fn walk(v: &Value, path: &mut Field, out: &mut std::collections::BTreeSet<Field>) {
+        match v.as_object() {
+            Some(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    path.push(k.clone());
+                    walk(x, path, out);
+                    path.pop();
+                }
+            }
+            _ => {
+                out.insert(path.clone());
+            }
+        }
+    }
+    const SKIP: [&str; 8] = [
+        "name",
+        "namespace",
+        "resourceVersion",
+        "uid",
+        "creationTimestamp",
+        "managedFields",
+        "generation",
+        "deletionTimestamp",
+    ];
+    let mut out = std::collections::BTreeSet::new();
+    walk(v, &mut Vec::new(), &mut out);
+    out.retain(|f| {
+        !(f.len() == 1 && (f[0] == "apiVersion" || f[0] == "kind" || f[0] == "status"))
+            && !(f.len() == 2 && f[0] == "metadata" && SKIP.contains(&f[1].as_str()))
+    });
+    out
+}
+
+fn field_at<'a>(v: &'a Value, f: &[String]) -> Option<&'a Value> {
+    f.iter().try_fold(v, |v, k| v.get(k))
+}
+
+fn set_field(v: &mut Value, f: &[String], x: Value) {
+    let mut cur = v;
+    for k in f {
+        if !cur.is_object() {
+            *cur = json!({});
+        }
+        cur = cur
+            .as_object_mut()
+            .unwrap()
+            .entry(k.clone())
+            .or_insert(Value::Null);
+    }
+    *cur = x;
+}
+
+/// Removes a field, and the maps it leaves empty.
+fn remove_field(v: &mut Value, f: &[String]) {
+    let Some((last, parents)) = f.split_last() else {
+        return;
+    };
+    if let Some(Value::Object(m)) = field_at_mut(v, parents) {
+        m.remove(last);
+        if m.is_empty() && !parents.is_empty() {
+            remove_field(v, parents);
+        }
+    }
+}
+
+fn field_at_mut<'a>(v: &'a mut Value, f: &[String]) -> Option<&'a mut Value> {
+    f.iter().try_fold(v, |v, k| v.get_mut(k))
+}
+
+/// `/api/v1/namespaces/NS/...` → NS.
+fn namespace_of(collection: &str) -> Option<&str> {
+    let mut segs = collection.split('/');
+    segs.find(|s| *s == "namespaces")?;
+    segs.next().filter(|s| !s.is_empty())
+}
+
+/// A Secret's type as the server stores it (defaulted to `Opaque`).
+fn secret_type(v: &Value) -> &str {
+    v["type"].as_str().unwrap_or("Opaque")
+}
+
+/// kube-apiserver's answer to a change of an immutable Secret `type`.
+fn immutable_type(name: &str, wanted: &str) -> (u16, Value) {
+    let (code, mut st) = status(
+        422,
+        "Invalid",
+        format!(
+            "Secret \"{name}\" is invalid: type: Invalid value: \"{wanted}\": field is immutable"
+        ),
+    );
+    st["details"] = json!({"name": name, "kind": "Secret", "causes": [
+        {"reason": "FieldValueInvalid", "message": format!("Invalid value: \"{wanted}\": field is immutable"), "field": "type"}]});
+    (code, st)
+}
+
+impl Store {
+    /// Marks namespace `name` as being deleted (`deletionTimestamp` set,
+    /// `status.phase` Terminating), as `kubectl delete namespace` does
+    /// while finalizers run; watchers see a MODIFIED event.
+    pub fn terminate_namespace(&self, name: &str) {
+        let key = ("/api/v1/namespaces".to_string(), name.to_string());
+        let mut obj = self.objects.lock().unwrap().get(&key).cloned().unwrap();
+        obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        obj["status"] = json!({"phase": "Terminating"});
+        self.put("/api/v1/namespaces", name, obj);
+    }
+
+    /// kube-apiserver's NamespaceLifecycle admission: no new object in a
+    /// namespace being deleted (`resource` is the plural, e.g. `configmaps`).
+    fn refuse_if_terminating(
+        &self,
+        objects: &BTreeMap<(String, String), Value>,
+        collection: &str,
+        name: &str,
+    ) -> Option<(u16, Value)> {
+        let ns = namespace_of(collection)?;
+        let nso = objects.get(&("/api/v1/namespaces".to_string(), ns.to_string()))?;
+        if nso["status"]["phase"] != "Terminating" {
+            return None;
+        }
+        self.terminating_refusals.fetch_add(1, Ordering::SeqCst);
+        let resource = collection.rsplit('/').next().unwrap_or_default();
+        let (code, mut st) = status(
+            403,
+            "Forbidden",
+            format!("{resource} \"{name}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated"),
+        );
+        st["details"] = json!({"name": name, "kind": resource, "causes": [
+            {"reason": "NamespaceTerminating", "message": format!("namespace {ns} is being terminated"), "field": "metadata.namespace"}]});
+        Some((code, st))
+    }
+
+    /// A non-apply write (create, update, [`Store::put`]) owns what it
+    /// changed: appliers lose those fields (they stay, owned by the writer).
+    fn took_over(&self, collection: &str, name: &str, old: Option<&Value>, new: &Value) {
+        let mut managed = self.managed.lock().unwrap();
+        let owners = managed
+            .entry((collection.to_string(), name.to_string()))
+            .or_default();
+        let new_leaves = leaves(new);
+        let changed: Vec<Field> = new_leaves
+            .iter()
+            .filter(|f| old.and_then(|o| field_at(o, f)) != field_at(new, f))
+            .cloned()
+            .collect();
+        for (m, fields) in owners.iter_mut() {
+            fields.retain(|f| new_leaves.contains(f));
+            if m != UPDATER {
+                fields.retain(|f| !changed.contains(f));
+            }
+        }
+        owners.entry(UPDATER.into()).or_default().extend(changed);
+    }
+
+    /// Counts a list: with a resourceVersion the watch cache serves it,
+    /// without one it is a quorum read from etcd.
+    fn count_list(&self, collection: &str, query: &str) {
+        let cached = query_param(query, "resourceVersion").is_some_and(|v| !v.is_empty());
+        let kind = if cached { "cache" } else { "quorum" };
+        self.lists
+            .lock()
+            .unwrap()
+            .push(format!("{kind} {collection}"));
+    }
+
+    /// Quorum lists of `collection` so far.
+    pub fn quorum_lists(&self, collection: &str) -> usize {
+        let want = format!("quorum {collection}");
+        self.lists
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| **l == want)
+            .count()
+    }
+
+    /// A ConfigMap write begins: counted in flight, then held for
+    /// [`Store::configmap_write_delay`]. Returns whether it was counted.
+    async fn configmap_write_begins(&self, method: &str, path: &str) -> bool {
+        if method == "GET" || !path.contains("/configmaps") {
+            return false;
+        }
+        let now = self
+            .configmap_writes_in_flight
+            .fetch_add(1, Ordering::SeqCst)
+            + 1;
+        self.max_configmap_writes_in_flight
+            .fetch_max(now, Ordering::SeqCst);
+        let delay = *self.configmap_write_delay.lock().unwrap();
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        true
+    }
+
+    fn configmap_write_ends(&self, counted: bool) {
+        if counted {
+            self.configmap_writes_in_flight
+                .fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// `PATCH` on a namespaced ConfigMap or Secret.
+    fn patch(&self, uri: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (collection, name, kind) = match segs.as_slice() {
+            ["api", "v1", "namespaces", ns, res @ ("configmaps" | "secrets"), n] => (
+                format!("/api/v1/namespaces/{ns}/{res}"),
+                *n,
+                if *res == "secrets" {
+                    "Secret"
+                } else {
+                    "ConfigMap"
+                },
+            ),
+            _ => return status(405, "MethodNotAllowed", format!("PATCH {path}")),
+        };
+        if content_type.split(';').next() != Some("application/apply-patch+yaml") {
+            return status(415, "UnsupportedMediaType", format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {content_type})"));
+        }
+        let Some(manager) = query_param(query, "fieldManager").filter(|m| !m.is_empty()) else {
+            return status(
+                400,
+                "BadRequest",
+                "PATCH requests with apply content type require a fieldManager".into(),
+            );
+        };
+        let force = query_param(query, "force") == Some("true");
+        // YAML is a superset of JSON; kube sends JSON.
+        let applied: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return status(400, "BadRequest", e.to_string()),
+        };
+        if applied["metadata"]["name"].as_str() != Some(name) {
+            return status(
+                400,
+                "BadRequest",
+                format!(
+                    "the name of the object ({}) does not match the name on the URL ({name})",
+                    applied["metadata"]["name"].as_str().unwrap_or_default()
+                ),
+            );
+        }
+        self.apply(&collection, name, kind, manager, force, applied)
+    }
+
+    /// Server-side apply of `applied` by `manager`.
+    fn apply(
+        &self,
+        collection: &str,
+        name: &str,
+        kind: &'static str,
+        manager: &str,
+        force: bool,
+        applied: Value,
+    ) -> (u16, Value) {
+        let mut objects = self.objects.lock().unwrap();
+        let key = (collection.to_string(), name.to_string());
+        let fields = leaves(&applied);
+        let Some(cur) = objects.get(&key).cloned() else {
+            if let Some(refusal) = self.refuse_if_terminating(&objects, collection, name) {
+                return refusal;
+            }
+            let mut obj = applied;
+            obj["metadata"]["resourceVersion"] = json!(self.next_rv());
+            obj["metadata"]["uid"] = json!(format!("uid-{name}"));
+            obj["apiVersion"] = json!("v1");
+            obj["kind"] = json!(kind);
+            if kind == "Secret" && obj["type"].is_null() {
+                obj["type"] = json!("Opaque");
+            }
+            objects.insert(key.clone(), obj.clone());
+            let owners = BTreeMap::from([(manager.to_string(), fields)]);
+            self.managed.lock().unwrap().insert(key, owners);
+            self.record(collection, name, "ADDED", &obj);
+            self.writes
+                .lock()
+                .unwrap()
+                .push(format!("apply {collection}"));
+            return (201, obj);
+        };
+        if let Some(rv) = applied["metadata"]["resourceVersion"].as_str() {
+            if Some(rv) != cur["metadata"]["resourceVersion"].as_str() {
+                self.conflicts.fetch_add(1, Ordering::SeqCst);
+                return status(409, "Conflict", format!(
+                    "Operation cannot be fulfilled on {kind} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"));
+            }
+        }
+        if kind == "Secret"
+            && !applied["type"].is_null()
+            && secret_type(&applied) != secret_type(&cur)
+        {
+            self.immutable_type_refusals.fetch_add(1, Ordering::SeqCst);
+            return immutable_type(name, secret_type(&applied));
+        }
+        let mut managed = self.managed.lock().unwrap();
+        let owners = managed.entry(key.clone()).or_default();
+        // A field set to another value than another manager's is a conflict,
+        // or, forced, changes hands; the same value is shared.
+        let mut conflicts = Vec::new();
+        for f in &fields {
+            if field_at(&cur, f) == field_at(&applied, f) {
+                continue;
+            }
+            for (m, owned) in owners.iter_mut().filter(|(m, _)| *m != manager) {
+                if owned.contains(f) {
+                    if force {
+                        owned.remove(f);
+                    } else {
+                        conflicts.push(format!("conflict with \"{m}\": .{}", f.join(".")));
+                    }
+                }
+            }
+        }
+        if !conflicts.is_empty() {
+            return status(
+                409,
+                "Conflict",
+                format!(
+                    "Apply failed with {} conflict(s): {}",
+                    conflicts.len(),
+                    conflicts.join(", ")
+                ),
+            );
+        }
+        let mut next = cur.clone();
+        let before = owners.remove(manager).unwrap_or_default();
+        for f in before.difference(&fields) {
+            if !owners.values().any(|o| o.contains(f)) {
+                remove_field(&mut next, f);
+            }
+        }
+        for f in &fields {
+            set_field(
+                &mut next,
+                f,
+                field_at(&applied, f).cloned().unwrap_or(Value::Null),
+            );
+        }
+        owners.insert(manager.to_string(), fields);
+        drop(managed);
+        if next == cur {
+            // A no-op apply writes nothing and keeps the resourceVersion.
+            return (200, cur);
+        }
+        next["metadata"]["resourceVersion"] = json!(self.next_rv());
+        objects.insert(key, next.clone());
+        self.record(collection, name, "MODIFIED", &next);
+        self.writes
+            .lock()
+            .unwrap()
+            .push(format!("apply {collection}"));
+        (200, next)
+    }
 }
