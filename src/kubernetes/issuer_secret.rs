@@ -12,6 +12,13 @@
 //! refused with a Kubernetes Event and a log line, and the last good issuer
 //! stays. Which side wrote the Secret is told by the
 //! `meshca.io/issuer-fingerprint` annotation meshca sets on its own writes.
+//! meshca writes with server-side apply (field manager `meshca`, forced,
+//! with the resourceVersion it read as a precondition) and owns only its
+//! three data keys, `type`, its label and its annotation: cert-manager's
+//! `cert-manager.io/*` annotations and anything else others set stay. An
+//! existing Secret of another type (`type` is immutable) is reported once —
+//! log, Event, `meshca_kubernetes_secrets_refused_total{secret="issuer"}` —
+//! and left alone until someone deletes it.
 //! Must not: decide rotation steps or renew the issuer itself.
 
 use std::collections::BTreeMap;
@@ -21,7 +28,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::{watch, Notify};
 use x509_parser::prelude::*;
 
@@ -44,6 +51,26 @@ pub(crate) enum Outcome {
     Installed(String),
     /// A foreign issuer was refused (why).
     Refused(String),
+    /// The Secret exists with another type than `kubernetes.io/tls` (the
+    /// type it has); `type` is immutable, so meshca cannot write it.
+    WrongType(String),
+}
+
+/// The type meshca writes.
+const TLS: &str = "kubernetes.io/tls";
+
+/// What to tell an operator about a Secret of the wrong type.
+pub(crate) fn wrong_type_message(s: &Settings, found: &str) -> String {
+    format!(
+        "Secret {}/{} has type {found}; meshca writes {TLS} and `type` is immutable: delete it and meshca recreates it",
+        s.namespace, s.name
+    )
+}
+
+/// A 422 about the Secret's `type` (it changed between read and write).
+fn is_type_refusal(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(st) if st.code == 422
+        && st.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.field == "type")))
 }
 
 /// The Secret and where it lives.
@@ -73,7 +100,7 @@ fn desired(s: &Settings, files: &crate::trust::manager::IssuerFiles, rv: Option<
             ),
             ..Default::default()
         },
-        type_: Some("kubernetes.io/tls".into()),
+        type_: Some(TLS.into()),
         data: Some(BTreeMap::from([
             ("tls.crt".to_string(), ByteString(files.cert_pem.clone())),
             (
@@ -142,6 +169,10 @@ pub(crate) async fn reconcile(
     };
     // Wiped on every return path.
     let cur = super::KeySecret(cur);
+    let found = cur.0.type_.clone().unwrap_or_else(|| "Opaque".into());
+    if found != TLS {
+        return Ok(Outcome::WrongType(found));
+    }
     let data = cur.0.data.as_ref().cloned().unwrap_or_default();
     let data = super::KeySecret(Secret {
         data: Some(data),
@@ -160,15 +191,18 @@ pub(crate) async fn reconcile(
         .get("tls.crt")
         .ok_or_else(|| "tls.crt is missing".to_string())
         .and_then(|c| leaf(&c.0));
+    // Server-side apply of meshca's fields only, based on what was read.
     let overwrite = || async {
+        let pp = PatchParams::apply(super::FIELD_MANAGER).force();
         match api
-            .replace(&s.name, &PostParams::default(), &write(rv.clone()).0)
+            .patch(&s.name, &pp, &Patch::Apply(&write(rv.clone()).0))
             .await
         {
             Ok(written) => {
                 drop(super::KeySecret(written));
                 Ok(Outcome::Written)
             }
+            Err(e) if is_type_refusal(&e) => Ok(Outcome::WrongType(format!("other than {TLS}"))),
             // Changed meanwhile: the watch event brings the new content.
             Err(e) => match Error::from_kube(what("updating"), e) {
                 e if e.is_conflict() => Ok(Outcome::Unchanged),
@@ -223,6 +257,60 @@ pub(crate) async fn reconcile(
     }
 }
 
+/// Says what a reconciliation did: a refusal or a Secret of the wrong type
+/// as an error log line, an Event and a metric, once until it changes.
+async fn tell(
+    client: &kube::Client,
+    s: &Settings,
+    rotation: &RotationService,
+    r: Result<Outcome, Error>,
+    reported: &mut Option<String>,
+) {
+    let (reason, msg) = match r {
+        Ok(Outcome::Refused(why)) => (
+            "InvalidIssuer",
+            format!(
+                "refused the issuer in Secret {}/{}: {why}; keeping the current issuer",
+                s.namespace, s.name
+            ),
+        ),
+        Ok(Outcome::WrongType(found)) => ("WrongSecretType", wrong_type_message(s, &found)),
+        Ok(o) => {
+            match o {
+                Outcome::Written => {
+                    tracing::info!(secret = %s.name, "issuer written to its kubernetes.io/tls Secret")
+                }
+                Outcome::Installed(fp) => {
+                    tracing::info!(secret = %s.name, issuer = %fp, "issuer installed from its kubernetes.io/tls Secret")
+                }
+                _ => {}
+            }
+            // In order again: a later refusal is news.
+            *reported = None;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(secret = %s.name, error = %e, "issuer Secret: reconcile failed");
+            return;
+        }
+    };
+    if reported.as_deref() == Some(msg.as_str()) {
+        return;
+    }
+    tracing::error!(secret = %s.name, reason, error = %msg, "issuer Secret refused");
+    rotation.metrics().secret_refused("issuer");
+    super::event::warn_secret(
+        client.clone(),
+        &s.namespace,
+        &s.name,
+        &s.replica,
+        reason,
+        &msg,
+    )
+    .await;
+    *reported = Some(msg);
+}
+
 /// Keeps the Secret and the issuer in step while this replica leads (or
 /// always, without leader election), until `stop` flips.
 pub(crate) async fn run(
@@ -249,41 +337,13 @@ pub(crate) async fn run(
         rotation.metrics().clone(),
     ));
     let mut handled = Handled::new();
-    // An unreadable Secret is reported once, not at every wake-up.
+    // A refused or unwritable Secret is reported once, not at every wake-up.
     let mut reported: Option<String> = None;
     loop {
         let leads = leader.as_mut().is_none_or(|l| *l.borrow_and_update());
         if leads {
-            match reconcile(&api, &s, &rotation, &mut handled).await {
-                Ok(Outcome::Refused(why)) if reported.as_deref() != Some(why.as_str()) => {
-                    let msg = format!(
-                        "refused the issuer in Secret {}/{}: {why}; keeping the current issuer",
-                        s.namespace, s.name
-                    );
-                    tracing::error!(secret = %s.name, error = %why, "issuer Secret refused");
-                    rotation.metrics().secret_refused("issuer");
-                    super::event::warn_secret(
-                        client.clone(),
-                        &s.namespace,
-                        &s.name,
-                        &s.replica,
-                        "InvalidIssuer",
-                        &msg,
-                    )
-                    .await;
-                    reported = Some(why);
-                }
-                Ok(Outcome::Written) => {
-                    tracing::info!(secret = %s.name, "issuer written to its kubernetes.io/tls Secret")
-                }
-                Ok(Outcome::Installed(fp)) => {
-                    tracing::info!(secret = %s.name, issuer = %fp, "issuer installed from its kubernetes.io/tls Secret");
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(secret = %s.name, error = %e, "issuer Secret: reconcile failed")
-                }
-            }
+            let r = reconcile(&api, &s, &rotation, &mut handled).await;
+            tell(&client, &s, &rotation, r, &mut reported).await;
         }
         let leader_changed = async {
             match leader.as_mut() {

@@ -30,6 +30,9 @@ pub(crate) mod watch;
 
 pub use error::Error;
 
+/// The field manager of meshca's server-side apply writes.
+pub(crate) const FIELD_MANAGER: &str = "meshca";
+
 /// The label every object meshca writes carries.
 pub(crate) fn managed_by() -> std::collections::BTreeMap<String, String> {
     std::collections::BTreeMap::from([(

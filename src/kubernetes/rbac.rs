@@ -153,6 +153,10 @@ const PUBLISH: &str = "publishing the trust bundle";
 /// precondition; creating it is a separate `create` row, because RBAC cannot
 /// narrow creation by name.
 const FOLLOWED: &[&str] = &["get", "update", "list", "watch"];
+/// An object meshca shares with other writers (the issuer Secret, the bundle
+/// ConfigMaps) is written with server-side apply (`patch`), which changes
+/// only meshca's fields; creating one through apply also needs `create`.
+const APPLIED: &[&str] = &["get", "patch", "list", "watch"];
 
 /// Every permission meshca can need, by feature, in the order they are
 /// asked (and reported). A declarative table: add a row, not code.
@@ -161,7 +165,7 @@ const RULES: &[Rule] = &[
     rule(Feature::StateSecret, FOLLOWED, ("", "secrets"), (Scope::Own, Named::Configured), STATE),
     rule(Feature::StateSecret, &["create"], ("", "secrets"), (Scope::Own, Named::Any), STATE),
     rule(Feature::StateSecret, &["create"], ("", "events"), (Scope::Own, Named::Any), "reporting a refused shared state"),
-    rule(Feature::IssuerSecret, FOLLOWED, ("", "secrets"), (Scope::Own, Named::Configured), ISSUER),
+    rule(Feature::IssuerSecret, APPLIED, ("", "secrets"), (Scope::Own, Named::Configured), ISSUER),
     rule(Feature::IssuerSecret, &["create"], ("", "secrets"), (Scope::Own, Named::Any), ISSUER),
     rule(Feature::IssuerSecret, &["create"], ("", "events"), (Scope::Own, Named::Any), "reporting a refused issuer"),
     rule(Feature::AuditKey, &["get"], ("", "secrets"), (Scope::Own, Named::Configured), AUDIT_KEY),
@@ -175,7 +179,7 @@ const RULES: &[Rule] = &[
     rule(Feature::Lease, &["get", "update"], ("coordination.k8s.io", "leases"), (Scope::Own, Named::Configured), "leader election"),
     rule(Feature::Publish, &["list", "watch"], ("", "namespaces"), (Scope::Cluster, Named::Any), PUBLISH),
     rule(Feature::Publish, &["create"], ("", "configmaps"), (Scope::Cluster, Named::Any), PUBLISH),
-    rule(Feature::Publish, FOLLOWED, ("", "configmaps"), (Scope::Cluster, Named::Bundle), PUBLISH),
+    rule(Feature::Publish, APPLIED, ("", "configmaps"), (Scope::Cluster, Named::Bundle), PUBLISH),
 ];
 
 /// The API server paths the JWKS token source reads.
@@ -347,7 +351,7 @@ mod tests {
         "create secrets in namespace meshca (sharing the CA state between replicas)",
         "create events in namespace meshca (reporting a refused shared state)",
         "get secrets/meshca-issuer in namespace meshca (keeping the issuer in its kubernetes.io/tls Secret)",
-        "update secrets/meshca-issuer in namespace meshca (keeping the issuer in its kubernetes.io/tls Secret)",
+        "patch secrets/meshca-issuer in namespace meshca (keeping the issuer in its kubernetes.io/tls Secret)",
         "list secrets/meshca-issuer in namespace meshca (keeping the issuer in its kubernetes.io/tls Secret)",
         "watch secrets/meshca-issuer in namespace meshca (keeping the issuer in its kubernetes.io/tls Secret)",
         "get secrets/meshca-audit-key in namespace meshca (sharing the audit log's signing key)",
@@ -369,7 +373,7 @@ mod tests {
         "watch namespaces cluster-wide (publishing the trust bundle)",
         "create configmaps cluster-wide (publishing the trust bundle)",
         "get configmaps/meshca-trust-bundle cluster-wide (publishing the trust bundle)",
-        "update configmaps/meshca-trust-bundle cluster-wide (publishing the trust bundle)",
+        "patch configmaps/meshca-trust-bundle cluster-wide (publishing the trust bundle)",
         "list configmaps/meshca-trust-bundle cluster-wide (publishing the trust bundle)",
         "watch configmaps/meshca-trust-bundle cluster-wide (publishing the trust bundle)",
         "get /.well-known/openid-configuration (verifying workload tokens locally)",

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -266,9 +266,10 @@ fn run_singletons(
     leader
 }
 
-/// The bundle ConfigMap in every selected namespace, on the leader. New
-/// namespaces and deleted or edited ConfigMaps wake the publisher at once;
-/// the resync period is the safety net.
+/// The bundle ConfigMap in every selected namespace, on the leader. The
+/// publisher works from watch caches of the namespaces and the bundle
+/// ConfigMaps (every replica keeps them, so a new leader starts warm); their
+/// changes wake it at once; the resync period is the safety net.
 fn spawn_publisher(
     client: &kube::Client,
     (settings, pacing): (k8s::publish::Settings, k8s::watch::Pacing),
@@ -278,40 +279,15 @@ fn spawn_publisher(
     stop: &watch::Receiver<bool>,
     tasks: &mut Vec<JoinHandle<()>>,
 ) {
-    let wake = Arc::new(Notify::new());
-    tasks.push(tokio::spawn(k8s::watch::follow::<Namespace>(
-        client.clone(),
-        kube::Api::all,
-        Target {
-            resource: "namespaces",
-            name: None,
-            labels: None,
-            pacing,
-        },
-        wake.clone(),
-        stop.clone(),
-        metrics.clone(),
-    )));
-    tasks.push(tokio::spawn(k8s::watch::follow::<ConfigMap>(
-        client.clone(),
-        kube::Api::all,
-        Target {
-            resource: "configmaps",
-            name: Some(k8s::publish::CONFIGMAP.to_string()),
-            labels: None,
-            pacing,
-        },
-        wake.clone(),
-        stop.clone(),
-        metrics.clone(),
-    )));
+    let (caches, watches) = k8s::publish::Caches::follow(client, pacing, metrics, stop);
+    tasks.extend(watches);
     // Ends once the election task has ended (its sender dropped).
     tasks.push(tokio::spawn(k8s::publish::run(
         client.clone(),
         settings,
         services.core.ca.watch_bundle(),
         leader.clone(),
-        wake,
+        caches,
         metrics.clone(),
     )));
 }
