@@ -1709,6 +1709,9 @@ impl Store {
             if kind == "Secret" && obj["type"].is_null() {
                 obj["type"] = json!("Opaque");
             }
+            if let Some(refused) = self.check_size(kind, name, &obj) {
+                return refused;
+            }
             objects.insert(key.clone(), obj.clone());
             let owners = BTreeMap::from([(manager.to_string(), fields)]);
             self.managed.lock().unwrap().insert(key, owners);
@@ -1735,6 +1738,7 @@ impl Store {
         }
         let mut managed = self.managed.lock().unwrap();
         let owners = managed.entry(key.clone()).or_default();
+        let saved = owners.clone();
         // A field set to another value than another manager's is a conflict,
         // or, forced, changes hands; the same value is shared.
         let mut conflicts = Vec::new();
@@ -1782,6 +1786,11 @@ impl Store {
         if next == cur {
             // A no-op apply writes nothing and keeps the resourceVersion.
             return (200, cur);
+        }
+        if let Some(refused) = self.check_size(kind, name, &next) {
+            // Refused: nothing changes hands.
+            self.managed.lock().unwrap().insert(key, saved);
+            return refused;
         }
         next["metadata"]["resourceVersion"] = json!(self.next_rv());
         objects.insert(key, next.clone());
