@@ -246,6 +246,35 @@ async fn the_gate_refuses_while_a_replicas_report_is_unreadable() {
         st["propagation"]["replica_problems"][0]["problem"], "unreadable",
         "{st}"
     );
+    // The operator's commands say the same: the table names the replica,
+    // the activate command fails with the gate's sentence.
+    let cli = |args: &[&str]| {
+        let out = meshca_bin()
+            .args(["rotation"])
+            .args(args)
+            .args(["--server", &format!("http://{}", a.running.admin_addr)])
+            .args(["--data-dir", a.dir.path().join("data").to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, table) = cli(&["status"]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains("clients not counted (activation refused): replica c: report unreadable"),
+        "{table}"
+    );
+    assert!(table.contains("REFUSED"), "the next step says so: {table}");
+    assert!(!table.contains("safe from"), "{table}");
+    let (ok, text) = cli(&["activate"]);
+    assert!(
+        !ok && text.contains("cannot count every replica's clients (replica c: report unreadable"),
+        "{text}"
+    );
 }
 
 // ---- clock skew ---------------------------------------------------------------

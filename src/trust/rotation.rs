@@ -457,7 +457,10 @@ impl RotationState {
                     },
                     obs.watchers
                 ),
-                Some(if acked { at } else { at.max(obs.now) }),
+                // Refused: no time makes it safe, only the replicas do.
+                obs.uncounted
+                    .is_empty()
+                    .then_some(if acked { at } else { at.max(obs.now) }),
             );
         }
         if let Some(r) = self
