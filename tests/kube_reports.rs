@@ -233,8 +233,10 @@ async fn the_gate_refuses_while_a_replicas_report_is_unreadable() {
                "data": {"report.json": "{\"replica\": \"c\", \"updated\": 17"}}),
     );
     assert_eq!(a.rotation("prepare", "{}").await.0, 200);
-    // Real time: past a few report intervals, so a has read the report.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until("a has read c's report", Duration::from_secs(10), || async {
+        a.rotation_status().await["propagation"]["replica_problems"][0]["replica"] == "c"
+    })
+    .await;
     let (code, body) = activate(&a).await;
     assert_eq!(code, 409, "a activated without c's clients: {body}");
     assert!(
@@ -428,15 +430,18 @@ async fn a_report_the_api_server_refuses_becomes_a_refusal_the_gate_honours() {
         own.contains("Too long: must have at most 2048 bytes"),
         "{own}"
     );
-    wait_until(
-        "a refuses, naming b's refusal",
-        Duration::from_secs(10),
-        || async {
-            let (code, body) = activate(&a).await;
-            code == 409 && body.contains("replica b: report refused") && body.contains("Too long")
-        },
-    )
+    // Once a has read b's refusal (activating earlier would find no
+    // replica b at all: a report that never existed is not a member).
+    wait_until("a reads b's refusal", Duration::from_secs(10), || async {
+        a.rotation_status().await["propagation"]["replica_problems"][0]["problem"] == "refused"
+    })
     .await;
+    let (code, body) = activate(&a).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("replica b: report refused") && body.contains("Too long"),
+        "{body}"
+    );
     let st = a.rotation_status().await;
     assert_eq!(
         st["propagation"]["replica_problems"][0]["problem"], "refused",
@@ -483,11 +488,16 @@ async fn more_clients_than_one_report_holds_refuse_the_gate() {
     let own = tracker.reports().own_report.unwrap_or_default();
     assert!(own.contains("90000 clients need a report of"), "{own}");
     assert_eq!(a.rotation("prepare", "{}").await.0, 200);
-    wait_until("a refuses, naming b", Duration::from_secs(10), || async {
-        let (code, body) = activate(&a).await;
-        code == 409 && body.contains("replica b: report refused") && body.contains("90000 clients")
+    wait_until("a reads b's refusal", Duration::from_secs(10), || async {
+        a.rotation_status().await["propagation"]["replica_problems"][0]["problem"] == "refused"
     })
     .await;
+    let (code, body) = activate(&a).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("replica b: report refused") && body.contains("90000 clients"),
+        "{body}"
+    );
     assert!(
         !api.writes.lock().unwrap().is_empty(),
         "the refusal was written"
