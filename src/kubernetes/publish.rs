@@ -148,6 +148,15 @@ impl Known {
         }
         self
     }
+
+    /// Forgets namespaces that no longer exist, so neither map grows
+    /// forever as namespaces come and go.
+    fn forget_gone(&mut self, namespaces: &Side) {
+        self.versions
+            .retain(|k, _| namespaces.objects.contains_key(k));
+        self.terminating
+            .retain(|k, _| namespaces.objects.contains_key(k));
+    }
 }
 
 /// What a namespace needs.
@@ -279,7 +288,10 @@ async fn round(
     known: &mut Known,
 ) -> Option<Synced> {
     let known = known.for_bundle(&b.digest);
-    let (jobs, current, terminating) = caches.read(|ns, cms| plan(ns, cms, s, &b.digest, known))?;
+    let (jobs, current, terminating) = caches.read(|ns, cms| {
+        known.forget_gone(ns);
+        plan(ns, cms, s, &b.digest, known)
+    })?;
     let mut out = Synced {
         unchanged: current,
         terminating,
@@ -463,6 +475,13 @@ mod tests {
         let (jobs, _, terminating) = plan(&namespaces, &configmaps, &s, "d", &known);
         assert_eq!(steps(jobs).len(), 2);
         assert_eq!(terminating, 2);
+        // Deleted namespaces are forgotten.
+        let mut ns = namespaces;
+        ns.objects.remove("missing");
+        ns.objects.remove("current");
+        known.forget_gone(&ns);
+        assert!(known.terminating.is_empty());
+        assert_eq!(known.versions.keys().collect::<Vec<_>>(), ["edited"]);
     }
 
     #[test]
