@@ -304,6 +304,8 @@ struct Reader {
     listed: Option<Instant>,
     /// The last list failure.
     error: Option<String>,
+    /// The problems last logged (each is logged once, when it appears).
+    logged: BTreeSet<String>,
 }
 
 /// What one list found.
@@ -356,8 +358,29 @@ impl Reader {
         if let Some(p) = self.unread(s) {
             health.problems.insert(0, p);
         }
+        self.log_changes(&health.problems);
         tracker.set_reports(health);
         own_present
+    }
+
+    /// Logs each problem once when it appears, and when all are gone.
+    fn log_changes(&mut self, problems: &[ReplicaProblem]) {
+        let now: BTreeSet<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.replica, p.problem))
+            .collect();
+        for p in problems {
+            if !self
+                .logged
+                .contains(&format!("{}: {}", p.replica, p.problem))
+            {
+                tracing::warn!(replica = %p.replica, problem = %p.problem, detail = %p.detail, "a replica's clients cannot be counted: root activation is refused until they can");
+            }
+        }
+        if now.is_empty() && !self.logged.is_empty() {
+            tracing::info!("every replica's propagation report is counted again");
+        }
+        self.logged = now;
     }
 
     /// The problem of not having read the reports lately, if so.
@@ -478,6 +501,8 @@ pub async fn run(
         observed: Observed::default(),
         listed: None,
         error: None,
+        // Not yet read is the normal start: not worth a warning.
+        logged: BTreeSet::from(["*: unread".to_string()]),
     };
     // Fail closed from the start: nothing read yet.
     tracker.set_reports(ReportsHealth {
