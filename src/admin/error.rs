@@ -4,8 +4,9 @@
 //! there (an unknown serial, nothing to lift, no checkpoint yet) · 421 a
 //! Host this endpoint does not serve · 409 a
 //! safety gate or a conflict refused it · 500 the log contradicts itself,
-//! files could not be written, or a bug · 503 the audit store cannot be
-//! read right now (retry). The body is always `{"error": "…"}`.
+//! files could not be written, or a bug · 503 the audit store, or the
+//! Kubernetes API server holding the shared state, cannot be reached right
+//! now (retry). The body is always `{"error": "…"}`.
 //!
 //! Owns: [`AdminError`] and its `IntoResponse`. Must not: decide anything;
 //! the domain error says what happened, this says how HTTP spells it.
@@ -63,6 +64,9 @@ impl AdminError {
                     StatusCode::CONFLICT
                 }
                 TrustError::BadInput(_) => StatusCode::BAD_REQUEST,
+                // The API server holding the shared state did not answer in
+                // time: nothing was changed, the same request can be retried.
+                TrustError::Shared(_) => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             AdminError::Revocation(e) => match e {
@@ -135,6 +139,11 @@ mod tests {
             (
                 TrustError::Journal(JournalError::Missing("rotation.json".into())).into(),
                 500,
+            ),
+            (
+                TrustError::Shared("reading Secret meshca/meshca-ca: no answer within 10s".into())
+                    .into(),
+                503,
             ),
             (RevocationError::Conflict("again".into()).into(), 409),
             (RevocationError::NotFound("nothing".into()).into(), 404),
