@@ -81,21 +81,34 @@ impl Observed {
 
 /// Decides what `me` should do with `lease`, whose current version this
 /// replica first saw at `observed_since`, at `now` (both monotonic).
+///
+/// Nobody takes a Lease at once, whoever last wrote it: a deleted Lease (an
+/// operator's `kubectl delete`) is created only once it has been seen absent
+/// for `own` (this replica's lease duration), and one without a holder (a
+/// release, or `kubectl edit`) is taken only once that record has been seen
+/// unchanged for its own `leaseDurationSeconds` (a release writes 1 s, so a
+/// hand-over stays fast). The old leader's belief ends within its renew
+/// deadline of its last renewal, which was sent before the edit, so it has
+/// ended before anyone acts on the edit.
 pub(crate) fn decide(
     lease: Option<&LeaseSpec>,
     me: &str,
     observed_since: Instant,
     now: Instant,
+    own: Duration,
 ) -> Action {
     let Some(spec) = lease else {
-        return Action::Create;
+        return if now >= observed_since + own {
+            Action::Create
+        } else {
+            Action::Wait {
+                holder: String::new(),
+            }
+        };
     };
     let holder = spec.holder_identity.clone().unwrap_or_default();
     if holder == me {
         return Action::Renew;
-    }
-    if holder.is_empty() {
-        return Action::TakeOver;
     }
     let secs = spec.lease_duration_seconds.unwrap_or(15).max(1);
     let duration = Duration::from_secs(u64::try_from(secs).unwrap_or(1));
@@ -192,7 +205,7 @@ enum Outcome {
     /// Our write holding the Lease succeeded.
     Holding,
     /// Someone else holds it.
-    Held(String),
+    Held(String, Instant),
     /// Our write lost a race (409): read again soon.
     Raced,
 }
@@ -275,10 +288,12 @@ impl Elector {
                 self.term.renewed(started);
                 started + retry
             }
-            Ok(Ok(Outcome::Held(holder))) => {
+            Ok(Ok(Outcome::Held(holder, expires))) => {
                 self.term.lost();
                 tracing::debug!(lease = %name, %holder, "leader election: held by another replica");
-                started + retry
+                // Look again when the record, as observed, would expire (a
+                // released Lease after 1 s), not a whole period later.
+                (started + retry).min(expires.max(Instant::now()))
             }
             Ok(Ok(Outcome::Raced)) => Instant::now() + retry / 4,
             // Not fatal: a leader keeps leading until its renew deadline
@@ -345,10 +360,12 @@ impl Elector {
         let current = self.api.get_opt(&self.s.name).await?;
         // After the answer arrived, so after the write it shows.
         let now = Instant::now();
-        self.observed = current
+        // An absent Lease is a state too ("" as its version): it must be
+        // seen absent for a lease duration before anyone creates it.
+        let version = current
             .as_ref()
-            .and_then(|l| l.metadata.resource_version.as_deref())
-            .map(|v| Observed::see(self.observed.take(), v, now));
+            .map_or(Some(""), |l| l.metadata.resource_version.as_deref());
+        self.observed = version.map(|v| Observed::see(self.observed.take(), v, now));
         self.mine = current
             .as_ref()
             .and_then(|l| l.spec.as_ref())
@@ -362,9 +379,15 @@ impl Elector {
         let current = self.read().await?;
         let since = self.observed.as_ref().map_or(started, |o| o.since);
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
-        let action = decide(spec, &self.s.identity, since, Instant::now());
+        let own = Duration::from_secs(u64::from(self.s.lease_secs().unsigned_abs()));
+        let action = decide(spec, &self.s.identity, since, Instant::now(), own);
+        let secs = spec.and_then(|sp| sp.lease_duration_seconds);
+        let expires = since
+            + secs.map_or(own, |n| {
+                Duration::from_secs(u64::try_from(n.max(1)).unwrap_or(1))
+            });
         let write = match (action, current) {
-            (Action::Wait { holder }, _) => return Ok(Outcome::Held(holder)),
+            (Action::Wait { holder }, _) => return Ok(Outcome::Held(holder, expires)),
             (Action::Create, _) => {
                 let lease = Lease {
                     metadata: ObjectMeta {
@@ -446,18 +469,36 @@ mod tests {
     #[test]
     fn decisions_follow_the_lease_and_the_observed_time() {
         let t0 = Instant::now();
-        assert_eq!(decide(None, "a", t0, t0), Action::Create);
+        let l = S(15);
+        assert_eq!(
+            decide(None, "a", t0, t0 + S(14), l),
+            Action::Wait {
+                holder: String::new()
+            },
+            "a deleted Lease is not created before it was seen absent for a lease duration"
+        );
+        assert_eq!(decide(None, "a", t0, t0 + S(15), l), Action::Create);
         let b = held_by("b", 15);
         assert_eq!(
-            decide(Some(&b), "a", t0, t0 + S(14)),
+            decide(Some(&b), "a", t0, t0 + S(14), S(15)),
             Action::Wait { holder: "b".into() }
         );
-        assert_eq!(decide(Some(&b), "a", t0, t0 + S(15)), Action::TakeOver);
-        assert_eq!(decide(Some(&b), "b", t0, t0), Action::Renew);
         assert_eq!(
-            decide(Some(&held_by("", 15)), "a", t0, t0),
+            decide(Some(&b), "a", t0, t0 + S(15), S(15)),
+            Action::TakeOver
+        );
+        assert_eq!(decide(Some(&b), "b", t0, t0, S(15)), Action::Renew);
+        assert_eq!(
+            decide(Some(&held_by("", 15)), "a", t0, t0 + S(14), l),
+            Action::Wait {
+                holder: String::new()
+            },
+            "a holder cleared by an edit waits the record's duration"
+        );
+        assert_eq!(
+            decide(Some(&held_by("", 1)), "a", t0, t0 + S(1), l),
             Action::TakeOver,
-            "released"
+            "released (1 s)"
         );
     }
 
@@ -477,12 +518,12 @@ mod tests {
                 spec.acquire_time = Some(micro(written));
                 let seen = Observed::see(None, "7", t0);
                 assert_eq!(
-                    decide(Some(&spec), "a", seen.since, t0 + S(5)),
+                    decide(Some(&spec), "a", seen.since, t0 + S(5), S(15)),
                     Action::Wait { holder: "b".into() },
                     "skew {skew:?} sign {sign}"
                 );
                 assert_eq!(
-                    decide(Some(&spec), "a", seen.since, t0 + S(6)),
+                    decide(Some(&spec), "a", seen.since, t0 + S(6), S(15)),
                     Action::TakeOver,
                     "skew {skew:?} sign {sign}"
                 );
@@ -502,10 +543,13 @@ mod tests {
         assert_eq!(o.since, t0 + S(5), "renewed: counting restarts");
         let b = held_by("b", 6);
         assert_eq!(
-            decide(Some(&b), "a", o.since, t0 + S(10)),
+            decide(Some(&b), "a", o.since, t0 + S(10), S(15)),
             Action::Wait { holder: "b".into() }
         );
-        assert_eq!(decide(Some(&b), "a", o.since, t0 + S(11)), Action::TakeOver);
+        assert_eq!(
+            decide(Some(&b), "a", o.since, t0 + S(11), S(15)),
+            Action::TakeOver
+        );
     }
 
     /// The leader's term ends `renew_deadline` after it SENT its last
@@ -538,12 +582,13 @@ mod tests {
                 Some(&b),
                 "b",
                 seen.since,
-                first_takeover - Duration::from_millis(1)
+                first_takeover - Duration::from_millis(1),
+                S(15)
             ),
             Action::Wait { holder: "a".into() }
         );
         assert_eq!(
-            decide(Some(&b), "b", seen.since, first_takeover),
+            decide(Some(&b), "b", seen.since, first_takeover, S(15)),
             Action::TakeOver
         );
         assert!(term.ends().unwrap() < first_takeover);
