@@ -659,3 +659,93 @@ async fn the_leader_deletes_a_report_abandoned_for_an_hour() {
         w.stop(Duration::from_secs(10)).await.unwrap();
     }
 }
+
+/// Anyone who may create ConfigMaps in the CA's namespace could add a
+/// report in another replica's name with no clients. Keyed by the name
+/// inside the body, it replaced that replica's 50 clients with none and
+/// activation answered 200 (found by a review). A report now speaks only
+/// for the replica its ConfigMap is named after; a misnamed one is a
+/// problem that holds the gate shut and names the object to delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_forged_in_another_replicas_name_neither_hides_it_nor_opens_the_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let interval = Duration::from_millis(100);
+    let a = replica(&kc, "a", interval).await;
+    let b = Writer::start(&kc, settings("b", interval), clients(50, 1)).await;
+    wait_until("a counts b's clients", Duration::from_secs(10), || async {
+        a.rotation_status().await["propagation"]["clients"] == 50
+    })
+    .await;
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    assert_eq!(activate(&a).await.0, 409, "b's clients still run version 1");
+    // The forger keeps its report fresh, as a live replica would.
+    let forger = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            loop {
+                api.put(
+                    CONFIGMAPS,
+                    "meshca-propagation-zzz",
+                    json!({"apiVersion": "v1", "kind": "ConfigMap",
+                           "metadata": {"name": "meshca-propagation-zzz", "namespace": "meshca",
+                                        "labels": {"meshca.io/propagation-report": "true"}},
+                           "data": {"report.json": "{\"replica\": \"b\", \"updated\": 17, \"clients\": []}"}}),
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    wait_until(
+        "a names the misnamed report",
+        Duration::from_secs(10),
+        || async {
+            let p = &a.rotation_status().await["propagation"]["replica_problems"];
+            p.as_array().is_some_and(|ps| {
+                ps.iter().any(|x| {
+                    x["problem"] == "misnamed"
+                        && x["detail"]
+                            .as_str()
+                            .unwrap_or("")
+                            .contains("meshca-propagation-zzz")
+                })
+            })
+        },
+    )
+    .await;
+    let st = a.rotation_status().await;
+    assert_eq!(st["propagation"]["clients"], 50, "{st}");
+    let (code, body) = activate(&a).await;
+    assert_eq!(code, 409, "a forged report opened the gate: {body}");
+    forger.abort();
+    b.stop(Duration::from_secs(10)).await;
+}
+
+/// A heartbeat cut short by the stop can still land on the server, leaving
+/// the version the replica remembers behind. Its final delete then failed
+/// its precondition (409) and the report stayed, stale, holding the gate
+/// shut for an hour (found by a review). It is now deleted all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_deletes_its_report_even_after_a_late_write_landed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let b = Writer::start(&kc, settings("b", Duration::from_secs(1)), clients(3, 1)).await;
+    until("b's report is stored", Duration::from_secs(10), || {
+        report_of(&api, "b").is_some()
+    })
+    .await;
+    // The late write: the same report, stored again under a new version.
+    let cm = report_of(&api, "b").unwrap();
+    let name = cm["metadata"]["name"].as_str().unwrap().to_string();
+    api.put(CONFIGMAPS, &name, cm);
+    let conflicts = api.conflicts.load(std::sync::atomic::Ordering::SeqCst);
+    b.stop(Duration::from_secs(10)).await.expect("run returns");
+    assert!(
+        report_of(&api, "b").is_none(),
+        "the report outlived its replica"
+    );
+    assert!(
+        api.conflicts.load(std::sync::atomic::Ordering::SeqCst) > conflicts,
+        "the stale precondition was tried first (the fake checks it)"
+    );
+}

@@ -1387,6 +1387,16 @@ impl Store {
                     .push(format!("replace {collection}"));
                 (200, obj)
             }
+            ("DELETE", Some(n))
+                if delete_precondition_fails(
+                    body,
+                    objects.get(&(collection.clone(), n.to_string())),
+                ) =>
+            {
+                self.conflicts.fetch_add(1, Ordering::SeqCst);
+                status(409, "Conflict", format!(
+                    "Operation cannot be fulfilled on {kind} \"{n}\": the ResourceVersion in the precondition does not match the ResourceVersion in record. The object might have been modified"))
+            }
             ("DELETE", Some(n)) => match objects.remove(&(collection.clone(), n.to_string())) {
                 Some(mut v) => {
                     self.managed
@@ -1800,5 +1810,16 @@ impl Store {
             .unwrap()
             .push(format!("apply {collection}"));
         (200, next)
+    }
+}
+
+/// Whether a DELETE's `preconditions.resourceVersion` (in its
+/// DeleteOptions body) names another version than the stored object's, as
+/// the real server checks it (409 Conflict).
+fn delete_precondition_fails(body: &[u8], current: Option<&Value>) -> bool {
+    let opts: Value = serde_json::from_slice(body).unwrap_or_default();
+    match (opts["preconditions"]["resourceVersion"].as_str(), current) {
+        (Some(want), Some(cur)) => cur["metadata"]["resourceVersion"].as_str() != Some(want),
+        _ => false,
     }
 }

@@ -441,6 +441,19 @@ impl Reader {
                 )));
                 continue;
             }
+            // A report speaks only for the replica its object is named
+            // after: a ConfigMap naming another replica (forged, or copied)
+            // would otherwise replace that replica's clients with its own.
+            if decoded.is_ok() && configmap_name(&replica) != name {
+                l.problems.push(problem(
+                    "misnamed",
+                    format!(
+                    "it claims to be replica {replica}'s report, whose ConfigMap is {}; delete it",
+                    configmap_name(&replica)
+                ),
+                ));
+                continue;
+            }
             match decoded {
                 Ok(Decoded::Clients(r, clients)) => {
                     l.remote.insert(r, clients);
@@ -451,6 +464,32 @@ impl Reader {
         }
         self.observed.retain(&present);
         l
+    }
+}
+
+/// Deletes this replica's report at stop. A write cut short by the stop
+/// may still have landed, leaving the version this replica knows behind
+/// (409 on the precondition): then the version read now is deleted, since
+/// no other pod of this name runs while this one does.
+async fn delete_own(api: &Api<ConfigMap>, name: &str, rv: Option<String>) {
+    let dp = |rv| DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: rv,
+            uid: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match api.delete(name, &dp(rv)).await {
+        Err(kube::Error::Api(st)) if st.code == 409 => {
+            let current = api.get_opt(name).await.ok().flatten();
+            if let Some(cm) = current {
+                if let Err(e) = api.delete(name, &dp(cm.metadata.resource_version)).await {
+                    tracing::debug!(configmap = %name, error = %e, "propagation report not deleted");
+                }
+            }
+        }
+        Err(e) => tracing::debug!(configmap = %name, error = %e, "propagation report not deleted"),
+        Ok(_) => {}
     }
 }
 
@@ -532,7 +571,7 @@ pub async fn run(
     // version this replica wrote is deleted.
     let rv = publisher.last.and_then(|w| w.rv);
     let name = configmap_name(&s.replica);
-    if tokio::time::timeout(STOP_DEADLINE, delete(&api, &name, rv))
+    if tokio::time::timeout(STOP_DEADLINE, delete_own(&api, &name, rv))
         .await
         .is_err()
     {
