@@ -164,7 +164,9 @@ async fn cert_managers_annotations_on_the_issuer_secret_survive_a_rewrite() {
     let first = a.running.ca.issuer().fingerprint.clone();
     until(
         "the issuer Secret is written",
-        Duration::from_secs(5),
+        // The first leader is elected one lease duration (15 s) after
+        // start-up: a Lease nobody has is created only once seen absent.
+        Duration::from_secs(25),
         || written(&first),
     )
     .await;
@@ -226,7 +228,8 @@ async fn an_issuer_secret_of_the_wrong_type_is_reported_once_and_recreated_when_
             .filter(|e| e["reason"] == "WrongSecretType")
             .collect::<Vec<_>>()
     };
-    until("an Event says what to do", Duration::from_secs(5), || {
+    // After the first election, one lease duration (15 s) in.
+    until("an Event says what to do", Duration::from_secs(25), || {
         !wrong_type().is_empty()
     })
     .await;

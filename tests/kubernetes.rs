@@ -940,7 +940,9 @@ async fn an_issuer_written_to_its_tls_secret_is_checked_and_used_by_every_replic
     };
     until(
         "the issuer Secret is written",
-        Duration::from_secs(5),
+        // The first leader is elected one lease duration (15 s) after
+        // start-up: a Lease nobody has is created only once seen absent.
+        Duration::from_secs(25),
         || {
             api.get(SECRETS, "meshca-issuer").is_some_and(|s| {
                 s["type"] == "kubernetes.io/tls"
