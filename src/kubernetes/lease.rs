@@ -110,13 +110,22 @@ pub(crate) fn decide(
     if holder == me {
         return Action::Renew;
     }
-    let secs = spec.lease_duration_seconds.unwrap_or(15).max(1);
-    let duration = Duration::from_secs(u64::try_from(secs).unwrap_or(1));
-    if now >= observed_since + duration {
+    if now >= observed_since + valid_for(lease, own) {
         Action::TakeOver
     } else {
         Action::Wait { holder }
     }
+}
+
+/// How long the record as read stays valid once observed: an absent Lease
+/// for `own`, one without `leaseDurationSeconds` for 15 s (the API's
+/// default), otherwise its own duration (at least 1 s).
+fn valid_for(lease: Option<&LeaseSpec>, own: Duration) -> Duration {
+    let Some(spec) = lease else {
+        return own;
+    };
+    let secs = spec.lease_duration_seconds.unwrap_or(15).max(1);
+    Duration::from_secs(u64::try_from(secs).unwrap_or(1))
 }
 
 /// This replica's term as leader, on its monotonic clock: it leads until
@@ -186,10 +195,15 @@ impl Settings {
         i32::try_from(self.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
 
+    /// The lease duration as the record carries it (whole seconds).
+    fn recorded_duration(&self) -> Duration {
+        Duration::from_secs(u64::from(self.lease_secs().unsigned_abs()))
+    }
+
     /// How long a leader leads after sending its last successful renewal:
     /// two thirds of the lease duration (client-go's defaults: 10 s of 15).
     pub(crate) fn renew_deadline(&self) -> Duration {
-        Duration::from_secs(u64::from(self.lease_secs().unsigned_abs())) * 2 / 3
+        self.recorded_duration() * 2 / 3
     }
 
     /// How often the Lease is renewed or checked: a fifth of the lease
@@ -379,13 +393,9 @@ impl Elector {
         let current = self.read().await?;
         let since = self.observed.as_ref().map_or(started, |o| o.since);
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
-        let own = Duration::from_secs(u64::from(self.s.lease_secs().unsigned_abs()));
+        let own = self.s.recorded_duration();
         let action = decide(spec, &self.s.identity, since, Instant::now(), own);
-        let secs = spec.and_then(|sp| sp.lease_duration_seconds);
-        let expires = since
-            + secs.map_or(own, |n| {
-                Duration::from_secs(u64::try_from(n.max(1)).unwrap_or(1))
-            });
+        let expires = since + valid_for(spec, own);
         let write = match (action, current) {
             (Action::Wait { holder }, _) => return Ok(Outcome::Held(holder, expires)),
             (Action::Create, _) => {
