@@ -24,6 +24,8 @@ fn bundle_msg(b: &TrustBundle, trust_domain: &str) -> pb::TrustBundle {
         trust_domain: trust_domain.to_string(),
         roots: b.roots.iter().map(|r| r.to_vec()).collect(),
         tainted_roots: b.tainted.iter().map(|r| r.to_vec()).collect(),
+        // Filled by the JWT-SVID and federation work (issue 14).
+        ..Default::default()
     }
 }
 
@@ -91,6 +93,17 @@ impl pb::identity_server::Identity for NativeService {
             &self.0.ca.bundle(),
             self.0.ca.mesh().trust_domain.as_str(),
         )))
+    }
+
+    async fn mint_jwtsvid(
+        &self,
+        _request: Request<pb::MintJwtsvidRequest>,
+    ) -> Result<Response<pb::MintJwtsvidResponse>, Status> {
+        // Wire contract fixed first so the CA and agent sides are built in
+        // parallel against it; the CA side replaces this (issue 14, part 2).
+        Err(Status::unimplemented(
+            "JWT-SVIDs are not issued by this server yet",
+        ))
     }
 
     type WatchTrustBundleStream =
