@@ -17,6 +17,7 @@ mod error;
 pub mod files;
 pub mod workload_api;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -82,7 +83,7 @@ impl Svid {
 }
 
 /// The trust bundle the agent follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Bundle {
     /// The CA's bundle version (0: the bootstrap bundle).
     pub version: u64,
@@ -92,6 +93,61 @@ pub struct Bundle {
     pub roots: Vec<CertificateDer<'static>>,
     /// DER roots that are tainted.
     pub tainted: Vec<CertificateDer<'static>>,
+    /// This trust domain's JWT-SVID verification keys.
+    pub jwt_authorities: Vec<JwtKey>,
+    /// Federated trust domains' anchors, by trust domain name.
+    pub federated: BTreeMap<String, FederatedBundle>,
+    /// The CA's `federation_version` (changes of `federated` only).
+    pub federation_version: u64,
+}
+
+/// A JWT-SVID verification key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKey {
+    /// The JWS `kid`.
+    pub key_id: String,
+    /// DER SubjectPublicKeyInfo.
+    pub public_key: Vec<u8>,
+    /// When the key stops being valid, if stated.
+    pub expires_at: Option<SystemTime>,
+}
+
+/// Another trust domain's anchors.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FederatedBundle {
+    /// DER roots of that trust domain.
+    pub x509_authorities: Vec<CertificateDer<'static>>,
+    /// Its JWT-SVID verification keys.
+    pub jwt_authorities: Vec<JwtKey>,
+    /// Its `spiffe_sequence` (0 when not stated).
+    pub sequence: u64,
+}
+
+impl From<pb::JwtAuthority> for JwtKey {
+    fn from(k: pb::JwtAuthority) -> Self {
+        JwtKey {
+            key_id: k.key_id,
+            public_key: k.public_key,
+            expires_at: k.expires_at.and_then(|t| {
+                let secs = u64::try_from(t.seconds).ok()?;
+                Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            }),
+        }
+    }
+}
+
+impl From<pb::FederatedBundle> for FederatedBundle {
+    fn from(b: pb::FederatedBundle) -> Self {
+        FederatedBundle {
+            x509_authorities: b
+                .x509_authorities
+                .into_iter()
+                .map(CertificateDer::from)
+                .collect(),
+            jwt_authorities: b.jwt_authorities.into_iter().map(JwtKey::from).collect(),
+            sequence: b.sequence,
+        }
+    }
 }
 
 impl Bundle {
@@ -176,7 +232,7 @@ pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, AgentErro
             version: 0,
             trust_domain: String::new(),
             roots,
-            tainted: Vec::new(),
+            ..Default::default()
         }),
     });
     let (stop, stop_rx) = watch::channel(false);
@@ -237,6 +293,13 @@ impl Inner {
                 .into_iter()
                 .map(CertificateDer::from)
                 .collect(),
+            jwt_authorities: b.jwt_authorities.into_iter().map(JwtKey::from).collect(),
+            federated: b
+                .federated_bundles
+                .into_iter()
+                .map(|(td, fb)| (td, FederatedBundle::from(fb)))
+                .collect(),
+            federation_version: b.federation_version,
         };
         let mut tainted_chain = false;
         self.state.send_if_modified(|s| {

@@ -59,7 +59,7 @@ fn to_state(r: pb::X509svidResponse, version: u64) -> Result<State, String> {
             version,
             trust_domain: String::new(),
             roots: split_der(&s.bundle)?,
-            tainted: Vec::new(),
+            ..Default::default()
         }),
     })
 }
@@ -88,7 +88,7 @@ pub fn follow(socket: PathBuf) -> watch::Receiver<State> {
             version: 0,
             trust_domain: String::new(),
             roots: Vec::new(),
-            tainted: Vec::new(),
+            ..Default::default()
         }),
     });
     tokio::spawn(async move {

@@ -422,7 +422,7 @@ mod tests {
                 version: 0,
                 trust_domain: String::new(),
                 roots: Vec::new(),
-                tainted: Vec::new(),
+                ..Default::default()
             }),
         });
         let m = Arc::new(Metrics::new());
