@@ -400,7 +400,7 @@ async fn trust_bundle_get_and_watch() {
     ca.running.ca.set_bundle(meshca::ca::TrustBundle {
         version: 2,
         roots,
-        tainted: vec![],
+        ..Default::default()
     });
     let second = tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await

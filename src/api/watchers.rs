@@ -237,7 +237,7 @@ mod tests {
         Arc::new(TrustBundle {
             version,
             roots: Vec::new(),
-            tainted: Vec::new(),
+            ..Default::default()
         })
     }
 

@@ -138,7 +138,7 @@ impl ActiveIssuer {
 }
 
 /// A versioned set of trust anchors.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TrustBundle {
     /// Increases on every change.
     pub version: u64,
@@ -147,6 +147,19 @@ pub struct TrustBundle {
     /// The roots (also in `roots`) that are tainted: a client whose chain
     /// ends at one of them must re-certify now.
     pub tainted: Vec<CertificateDer<'static>>,
+    /// The keys a valid JWT-SVID of this trust domain may be signed with.
+    pub jwt_keys: Vec<JwtPublicKey>,
+}
+
+/// A JWT-SVID verification key as the bundle publishes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtPublicKey {
+    /// The JWS `kid`.
+    pub key_id: String,
+    /// DER SubjectPublicKeyInfo.
+    pub spki_der: Vec<u8>,
+    /// When it stops being valid, if stated.
+    pub expires_at: Option<std::time::SystemTime>,
 }
 
 impl TrustBundle {
@@ -218,7 +231,7 @@ impl Authority {
         let (bundle, _) = watch::channel(Arc::new(TrustBundle {
             version: 1,
             roots,
-            tainted: Vec::new(),
+            ..Default::default()
         }));
         Self {
             policy,

@@ -254,6 +254,8 @@ impl TrustManager {
             version: s.bundle_version,
             roots,
             tainted,
+            // Filled by the JWT-SVID key lifecycle (issue 14, part 2).
+            jwt_keys: Vec::new(),
         })
     }
 
