@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 use tempfile::TempDir;
 use tonic::transport::Channel;
 
+pub mod interop;
 pub mod kubeapi;
 
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
