@@ -26,7 +26,23 @@ fn check_leaf_profile(leaf: &[u8], issuer: &[u8], ttl: Duration) {
     let serial = x.raw_serial();
     assert_eq!(serial.len(), 16, "128-bit serial");
     assert!(serial[0] & 0x80 == 0, "positive serial");
-    assert_eq!(x.subject().iter().count(), 0, "empty subject");
+    // Non-empty (simple_asn1 0.6, linkerd2-proxy's SVID parser, rejects an
+    // empty one) and saying nothing the SANs do not: the trust domain and
+    // go-spiffe's unique ID, hex(SHA-256(SPIFFE ID)[..16]).
+    let subject: Vec<(String, String)> = x
+        .subject()
+        .iter_attributes()
+        .map(|a| (a.attr_type().to_id_string(), a.as_str().unwrap().into()))
+        .collect();
+    let digest = ring::digest::digest(&ring::digest::SHA256, WEB_ID.as_bytes());
+    assert_eq!(
+        subject,
+        vec![
+            ("2.5.4.10".into(), "cluster.local".into()),
+            ("2.5.4.45".into(), hex::encode(&digest.as_ref()[..16])),
+        ],
+        "subject O=<trust domain>, x500UniqueIdentifier=<hash of the SPIFFE ID>"
+    );
     assert_eq!(x.issuer(), iss.subject());
     assert_eq!(
         x.signature_algorithm.algorithm.to_id_string(),
@@ -63,7 +79,8 @@ fn check_leaf_profile(leaf: &[u8], issuer: &[u8], ttl: Duration) {
                 assert!(!eku.any);
             }
             ParsedExtension::SubjectAlternativeName(san) => {
-                assert!(ext.critical, "SAN critical with an empty subject");
+                // RFC 5280 §4.2.1.6: critical only with an empty subject.
+                assert!(!ext.critical, "SAN not critical with a non-empty subject");
                 let uris: Vec<_> = san
                     .general_names
                     .iter()
