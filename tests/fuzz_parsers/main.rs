@@ -20,6 +20,7 @@ mod fixtures;
 mod grpc;
 mod harness;
 mod pem;
+mod spiffe_bundle;
 #[path = "../support/mod.rs"]
 mod support;
 mod tokens;
