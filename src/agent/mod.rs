@@ -15,6 +15,7 @@
 pub(crate) mod endpoints;
 mod error;
 pub mod files;
+pub mod jwt;
 pub mod workload_api;
 
 use std::collections::BTreeMap;
@@ -172,6 +173,7 @@ pub struct Agent {
     state: watch::Receiver<State>,
     stop: watch::Sender<bool>,
     metrics: Arc<Metrics>,
+    jwt: Arc<jwt::JwtSvids>,
 }
 
 impl Agent {
@@ -183,6 +185,14 @@ impl Agent {
     /// A receiver of every state change.
     pub fn watch(&self) -> watch::Receiver<State> {
         self.state.clone()
+    }
+
+    /// What the Workload API serves for this agent (state and JWT-SVIDs).
+    pub fn workload_source(&self) -> workload_api::Source {
+        workload_api::Source {
+            state: self.state.clone(),
+            jwt: self.jwt.clone(),
+        }
     }
 
     /// Waits for the first certificate (or fails after `timeout`).
@@ -253,6 +263,10 @@ pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, AgentErro
             }
         });
     }
+    let jwt = Arc::new(jwt::JwtSvids::new(
+        Some(inner.clone() as Arc<dyn jwt::Minter>),
+        Arc::new(crate::util::clock::SystemClock),
+    ));
     {
         let mut stop = stop_rx;
         tokio::spawn(async move {
@@ -266,10 +280,10 @@ pub fn start(cfg: AgentConfig, metrics: Arc<Metrics>) -> Result<Agent, AgentErro
         state: rx,
         stop,
         metrics,
+        jwt,
     })
 }
 
-/// True when the CA refused because the operator denied this identity.
 /// True when the top of `chain` (the issuer) is signed by one of `roots`.
 fn chains_to(chain: &[CertificateDer<'_>], roots: &[CertificateDer<'_>]) -> bool {
     chain
@@ -527,5 +541,57 @@ impl Inner {
                 Err(s) => return Err(s.into()),
             }
         }
+    }
+}
+
+impl jwt::Minter for Inner {
+    /// `MintJWTSVID` over mTLS with the held X.509-SVID (the CA authenticates
+    /// the certificate exactly as for an mTLS `Certify`; no token is sent).
+    fn mint<'a>(&'a self, audience: &'a [String]) -> jwt::MintFuture<'a> {
+        Box::pin(async move {
+            let state = self.current();
+            let svid = state.svid.clone().ok_or(AgentError::NoCertificate)?;
+            let identity = (
+                svid.chain_pem(),
+                String::from_utf8_lossy(svid.key_pem.expose()).into_owned(),
+            );
+            let bundle_pem = state.bundle.to_pem();
+            let req = pb::MintJwtsvidRequest {
+                token: String::new(),
+                audience: audience.to_vec(),
+                requested_ttl: None,
+            };
+            let resp = self
+                .endpoints
+                .first_answer(|addr| {
+                    let (bundle_pem, identity, req) =
+                        (bundle_pem.clone(), identity.clone(), req.clone());
+                    async move {
+                        let ch = crate::client::connect(
+                            &addr.to_string(),
+                            &bundle_pem,
+                            &self.cfg.server_name,
+                            Some(identity),
+                        )
+                        .await?;
+                        pb::identity_client::IdentityClient::new(ch)
+                            .mint_jwtsvid(req)
+                            .await
+                            .map(|r| r.into_inner())
+                            .map_err(AgentError::from)
+                    }
+                })
+                .await?;
+            let ts = |t: Option<prost_types::Timestamp>| {
+                t.map(|t| SystemTime::UNIX_EPOCH + Duration::from_secs(t.seconds.max(0) as u64))
+            };
+            Ok(jwt::Minted {
+                expires_at: ts(resp.expires_at)
+                    .ok_or(AgentError::BadResponse("JWT-SVID without expires_at"))?,
+                issued_at: ts(resp.issued_at).unwrap_or_else(SystemTime::now),
+                spiffe_id: resp.spiffe_id,
+                token: zeroize::Zeroizing::new(resp.token),
+            })
+        })
     }
 }

@@ -5,18 +5,20 @@
 //! `FetchX509Bundles` are server streams that send the full current state at
 //! once and again on every change (renewal or new bundle); a request without
 //! the `workload.spiffe.io: true` metadata gets `INVALID_ARGUMENT`; the JWT
-//! methods answer `UNIMPLEMENTED`. Anything that can open the socket gets
+//! methods delegate to `jwt`. Anything that can open the socket gets
 //! this workload's identity, so the socket belongs in a directory only the
 //! workload's containers share. Must not: obtain certificates (see `agent`).
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::Stream;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use super::jwt::JwtSvids;
 use super::State;
 use crate::proto::spiffe as pb;
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
@@ -29,6 +31,27 @@ pub(crate) const SECURITY_HEADER: &str = "workload.spiffe.io";
 pub(crate) struct WorkloadApi {
     state: watch::Receiver<State>,
     trust_domain: String,
+    jwt: Arc<JwtSvids>,
+}
+
+/// What a Workload API server serves: the agent's state and its JWT-SVID
+/// side ([`super::Agent::workload_source`]). A bare state receiver converts
+/// too; then `FetchJWTSVID` answers `UNAVAILABLE` (no CA link).
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The agent's state.
+    pub state: watch::Receiver<State>,
+    /// Minting, caching and validating JWT-SVIDs.
+    pub jwt: Arc<JwtSvids>,
+}
+
+impl From<watch::Receiver<State>> for Source {
+    fn from(state: watch::Receiver<State>) -> Self {
+        Source {
+            state,
+            jwt: Arc::new(JwtSvids::without_ca()),
+        }
+    }
 }
 
 fn check_header<T>(r: &Request<T>) -> Result<(), Status> {
@@ -107,7 +130,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("meshca issues X.509-SVIDs only"))
+        let ours = self
+            .state
+            .borrow()
+            .svid
+            .as_ref()
+            .map(|s| s.spiffe_id.clone());
+        let r = self
+            .jwt
+            .fetch(ours.as_deref(), request.into_inner())
+            .await?;
+        Ok(Response::new(r))
     }
 
     type FetchJWTBundlesStream = Stream_<pb::JwtBundlesResponse>;
@@ -117,7 +150,8 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("meshca issues X.509-SVIDs only"))
+        let s = super::jwt::bundle_stream(self.state.clone(), self.trust_domain.clone());
+        Ok(Response::new(Box::pin(s)))
     }
 
     async fn validate_jwtsvid(
@@ -125,7 +159,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(Status::unimplemented("meshca issues X.509-SVIDs only"))
+        let bundle = self.state.borrow().bundle.clone();
+        let r = self
+            .jwt
+            .validate(&self.trust_domain, &bundle, request.into_inner())?;
+        Ok(Response::new(r))
     }
 }
 
@@ -147,7 +185,7 @@ pub(crate) fn socket_path(spec: &str) -> Result<PathBuf, String> {
 /// Serves the Workload API on `path` until `stop` resolves.
 pub async fn serve(
     path: PathBuf,
-    state: watch::Receiver<State>,
+    source: impl Into<Source>,
     trust_domain: String,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
@@ -161,9 +199,11 @@ pub async fn serve(
     let listener = tokio::net::UnixListener::bind(&path)
         .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let Source { state, jwt } = source.into();
     let svc = SpiffeWorkloadApiServer::new(WorkloadApi {
         state,
         trust_domain,
+        jwt,
     });
     tracing::info!(socket = %path.display(), "SPIFFE Workload API listening");
     Ok(tokio::spawn(async move {

@@ -208,7 +208,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), crate::cli::Error> 
             Some((
                 agent::workload_api::serve(
                     path.clone(),
-                    a.watch(),
+                    a.workload_source(),
                     args.ca.trust_domain.clone(),
                     async move {
                         let _ = stop.wait_for(|s| *s).await;
