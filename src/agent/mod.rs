@@ -14,6 +14,8 @@
 
 pub(crate) mod endpoints;
 mod error;
+#[cfg(test)]
+mod federation_tests;
 pub mod files;
 pub mod jwt;
 pub mod workload_api;
@@ -296,8 +298,11 @@ impl Inner {
         self.state.borrow().clone()
     }
 
-    /// Adopts a bundle if it is newer than the one held.
-    fn adopt_bundle(&self, b: pb::TrustBundle) {
+    /// Adopts a bundle if it is newer than the one held. `fresh` is the
+    /// first message of a new stream: its federated part replaces ours
+    /// whatever its `federation_version` (that counter is the answering
+    /// replica's; after a failover or a CA restart it may be lower).
+    fn adopt_bundle(&self, b: pb::TrustBundle, fresh: bool) {
         let bundle = Bundle {
             version: b.version,
             trust_domain: b.trust_domain,
@@ -318,7 +323,8 @@ impl Inner {
         let mut tainted_chain = false;
         self.state.send_if_modified(|s| {
             if bundle.version <= s.bundle.version && s.bundle.version != 0 {
-                return false;
+                // Same own anchors: only a federation change is news.
+                return self.adopt_federation(s, &bundle, fresh);
             }
             tainted_chain = s
                 .svid
@@ -331,12 +337,42 @@ impl Inner {
                 tainted = bundle.tainted.len(),
                 "trust bundle updated"
             );
+            self.note_federation(&s.bundle, &bundle);
             s.bundle = Arc::new(bundle.clone());
             true
         });
         if tainted_chain {
             tracing::warn!("the root of our certificate is tainted: re-certifying now");
             self.renew_now.notify_one();
+        }
+    }
+
+    /// Takes the federated part of `new` (whose own anchors are not newer
+    /// than the held ones) when it is a change; true if it was.
+    fn adopt_federation(&self, s: &mut State, new: &Bundle, fresh: bool) -> bool {
+        let held = &s.bundle;
+        let newer = new.federation_version > held.federation_version;
+        if new.version != held.version || !(newer || fresh) || new.federated == held.federated {
+            return false;
+        }
+        self.note_federation(held, new);
+        let mut b = (**held).clone();
+        b.federated = new.federated.clone();
+        b.federation_version = new.federation_version;
+        s.bundle = Arc::new(b);
+        true
+    }
+
+    /// Logs and counts a change of the federated bundles.
+    fn note_federation(&self, held: &Bundle, new: &Bundle) {
+        self.metrics.agent_federated_bundles(new.federated.len());
+        if held.federated != new.federated {
+            let domains: Vec<&str> = new.federated.keys().map(String::as_str).collect();
+            tracing::info!(
+                federation_version = new.federation_version,
+                trust_domains = ?domains,
+                "federated bundles updated"
+            );
         }
     }
 
@@ -479,7 +515,7 @@ impl Inner {
             .agent_expiry(crate::util::clock::unix_secs(not_after));
         self.state.send_modify(|s| s.svid = Some(Arc::new(svid)));
         if let Some(b) = resp.trust_bundle {
-            self.adopt_bundle(b);
+            self.adopt_bundle(b, false);
         }
         Ok(())
     }
@@ -531,11 +567,12 @@ impl Inner {
                 }
             })
             .await?;
+        let mut fresh = true;
         loop {
             match stream.message().await {
                 Ok(Some(b)) => {
                     backoff.reset();
-                    self.adopt_bundle(b);
+                    self.adopt_bundle(b, std::mem::take(&mut fresh));
                 }
                 Ok(None) => return Err(AgentError::StreamClosed),
                 Err(s) => return Err(s.into()),

@@ -216,6 +216,7 @@ struct AgentMetrics {
     expiry: Gauge,
     renewals: Family<ResultLabel, Counter>,
     bundle_version: Gauge,
+    federated_bundles: Gauge,
 }
 
 impl AgentMetrics {
@@ -237,6 +238,12 @@ impl AgentMetrics {
                 r,
                 "agent_trust_bundle_version",
                 "Version of the trust bundle the agent holds",
+                Gauge::default(),
+            ),
+            federated_bundles: register(
+                r,
+                "agent_federated_bundles",
+                "Federated trust domains whose bundles the agent holds",
                 Gauge::default(),
             ),
         }
@@ -498,6 +505,11 @@ impl Metrics {
     /// The agent's bundle version.
     pub(crate) fn agent_bundle(&self, version: u64) {
         self.agent.bundle_version.set(version as i64);
+    }
+
+    /// How many federated trust domains' bundles the agent holds.
+    pub(crate) fn agent_federated_bundles(&self, n: usize) {
+        self.agent.federated_bundles.set(n as i64);
     }
 
     /// Counts a proxy handshake outcome.
