@@ -3,12 +3,15 @@
 //! Owns: serving the agent's state to SPIFFE-aware software in the pod, per
 //! the SPIFFE Workload API specification: `FetchX509SVID` and
 //! `FetchX509Bundles` are server streams that send the full current state at
-//! once and again on every change (renewal or new bundle); a request without
+//! once and again on every change (renewal, new bundle, or a change of the
+//! federated bundles, which both carry keyed by the foreign trust domain's
+//! SPIFFE ID, as the specification says); a request without
 //! the `workload.spiffe.io: true` metadata gets `INVALID_ARGUMENT`; the JWT
 //! methods delegate to `jwt`. Anything that can open the socket gets
 //! this workload's identity, so the socket belongs in a directory only the
 //! workload's containers share. Must not: obtain certificates (see `agent`).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -71,6 +74,20 @@ fn concat(certs: &[rustls::pki_types::CertificateDer<'_>]) -> Vec<u8> {
     certs.iter().flat_map(|c| c.iter().copied()).collect()
 }
 
+/// The federated trust domains' X.509 authorities, keyed by the trust
+/// domain's SPIFFE ID (`spiffe://b.test`) as the Workload API specification
+/// says, each the concatenated DER of its roots. A domain without X.509
+/// authorities is left out (it could verify nothing), and so is an entry
+/// that names our own trust domain (our own anchors come only from our CA).
+fn federated_x509(bundle: &super::Bundle, own: &str) -> HashMap<String, Vec<u8>> {
+    bundle
+        .federated
+        .iter()
+        .filter(|(td, b)| td.as_str() != own && !b.x509_authorities.is_empty())
+        .map(|(td, b)| (format!("spiffe://{td}"), concat(&b.x509_authorities)))
+        .collect()
+}
+
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -82,20 +99,22 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         check_header(&request)?;
-        let s = tokio_stream::wrappers::WatchStream::new(self.state.clone()).filter_map(|st| {
-            let svid = st.svid.as_ref()?;
-            Some(Ok(pb::X509svidResponse {
-                svids: vec![pb::X509svid {
-                    spiffe_id: svid.spiffe_id.clone(),
-                    x509_svid: concat(&svid.chain),
-                    x509_svid_key: svid.key_pkcs8.expose().to_vec(),
-                    bundle: concat(&st.bundle.roots),
-                    hint: String::new(),
-                }],
-                crl: Vec::new(),
-                federated_bundles: Default::default(),
-            }))
-        });
+        let own = self.trust_domain.clone();
+        let s =
+            tokio_stream::wrappers::WatchStream::new(self.state.clone()).filter_map(move |st| {
+                let svid = st.svid.as_ref()?;
+                Some(Ok(pb::X509svidResponse {
+                    svids: vec![pb::X509svid {
+                        spiffe_id: svid.spiffe_id.clone(),
+                        x509_svid: concat(&svid.chain),
+                        x509_svid_key: svid.key_pkcs8.expose().to_vec(),
+                        bundle: concat(&st.bundle.roots),
+                        hint: String::new(),
+                    }],
+                    crl: Vec::new(),
+                    federated_bundles: federated_x509(&st.bundle, &own),
+                }))
+            });
         Ok(Response::new(Box::pin(s)))
     }
 
@@ -110,16 +129,17 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let mut last = None;
         let s =
             tokio_stream::wrappers::WatchStream::new(self.state.clone()).filter_map(move |st| {
-                // Only bundle changes matter here, not renewals.
-                if last == Some(st.bundle.version) {
+                // Only bundle changes matter here (our own anchors or the
+                // federated ones), not renewals.
+                let mut bundles = federated_x509(&st.bundle, &td);
+                bundles.insert(td.clone(), concat(&st.bundle.roots));
+                if last.as_ref() == Some(&bundles) {
                     return None;
                 }
-                last = Some(st.bundle.version);
+                last = Some(bundles.clone());
                 Some(Ok(pb::X509BundlesResponse {
                     crl: Vec::new(),
-                    bundles: [(td.clone(), concat(&st.bundle.roots))]
-                        .into_iter()
-                        .collect(),
+                    bundles,
                 }))
             });
         Ok(Response::new(Box::pin(s)))

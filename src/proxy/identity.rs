@@ -3,9 +3,11 @@
 //! SPIFFE-compatible agent).
 //!
 //! Owns: streaming `FetchX509SVID` (with the required security header),
-//! turning each response into an agent [`State`], and reconnecting with
+//! turning each response (SVID, bundle, federated bundles) into an agent
+//! [`State`], and reconnecting with
 //! backoff when the socket goes away. Must not: request certificates.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -13,7 +15,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use x509_parser::prelude::*;
 
-use crate::agent::{Bundle, State, Svid};
+use crate::agent::{Bundle, FederatedBundle, State, Svid};
+use crate::identity::SpiffeId;
 use crate::proto::spiffe as pb;
 use crate::util::backoff::Backoff;
 use crate::util::secret::SecretBytes;
@@ -36,6 +39,41 @@ fn pkcs8_pem(der: &[u8]) -> SecretBytes {
     SecretBytes::new(std::mem::take(&mut *pem).into_bytes())
 }
 
+/// The federated bundles of a response, keyed by trust domain name. Keys
+/// are the trust domain's SPIFFE ID per the specification (`spiffe://b.test`);
+/// a bare name is accepted too, as other SPIFFE libraries do. An entry that
+/// does not parse is dropped with a warning: a peer of that domain is then
+/// refused (no bundle), never trusted on a bundle we could not read.
+fn federated(map: std::collections::HashMap<String, Vec<u8>>) -> BTreeMap<String, FederatedBundle> {
+    map.into_iter()
+        .filter_map(|(key, der)| {
+            let td = key.strip_prefix("spiffe://").unwrap_or(&key);
+            let parsed = format!("spiffe://{td}")
+                .parse::<SpiffeId>()
+                .map_err(|e| e.to_string())
+                .and_then(|id| {
+                    if !id.path().is_empty() {
+                        return Err(format!("{key:?} is not a trust domain"));
+                    }
+                    Ok((id.trust_domain().to_string(), split_der(&der)?))
+                });
+            match parsed {
+                Ok((td, roots)) => Some((
+                    td,
+                    FederatedBundle {
+                        x509_authorities: roots,
+                        ..Default::default()
+                    },
+                )),
+                Err(e) => {
+                    tracing::warn!(trust_domain = %key, error = %e, "unusable federated bundle from the Workload API; ignored");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
 fn to_state(r: pb::X509svidResponse, version: u64) -> Result<State, String> {
     let s = r
         .svids
@@ -46,6 +84,12 @@ fn to_state(r: pb::X509svidResponse, version: u64) -> Result<State, String> {
     let (_, leaf) = X509Certificate::from_der(&chain[0]).map_err(|e| e.to_string())?;
     let not_after = crate::ca::to_system_time(leaf.validity().not_after);
     let key_pem = pkcs8_pem(&s.x509_svid_key);
+    let trust_domain = s
+        .spiffe_id
+        .parse::<SpiffeId>()
+        .map_err(|e| format!("the SVID's {e}"))?
+        .trust_domain()
+        .to_string();
     Ok(State {
         svid: Some(Arc::new(Svid {
             spiffe_id: s.spiffe_id,
@@ -57,8 +101,10 @@ fn to_state(r: pb::X509svidResponse, version: u64) -> Result<State, String> {
         })),
         bundle: Arc::new(Bundle {
             version,
-            trust_domain: String::new(),
+            trust_domain,
             roots: split_der(&s.bundle)?,
+            federated: federated(r.federated_bundles),
+            federation_version: version,
             ..Default::default()
         }),
     })
