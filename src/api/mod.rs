@@ -8,6 +8,7 @@
 
 pub(crate) mod connections;
 pub mod istio;
+pub mod jwt_svid;
 pub mod linkerd;
 pub mod native;
 pub mod settings;
@@ -404,12 +405,48 @@ impl Core {
         who: &mut Option<Authenticated>,
         provenance: &mut Option<Provenance>,
     ) -> Result<Issued, ApiError> {
+        let authenticated = self
+            .authenticate(input.api, &input.credential, input.peer, provenance)
+            .await?;
+        *who = Some(authenticated.clone());
+        let workload = &authenticated.workload;
+        self.check_denied(workload)?;
+        if let Some(claimed) = input.claimed_dns_identity {
+            let actual = workload
+                .dns_identity(self.ca.mesh())
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            if claimed != actual.as_str() {
+                return Err(ApiError::IdentityMismatch {
+                    claimed: claimed.chars().take(253).collect(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        self.rate_limit(&authenticated, input.peer)?;
+        // Signing is ~100 µs of CPU and no I/O, like the token check above:
+        // running it inline on the worker measured ~5% faster (`meshca bench`,
+        // docs/performance.md) than a hand-off to the blocking pool.
+        let issued = self.ca.issue(workload, input.csr_der, input.ttl)?;
+        Ok(issued)
+    }
+
+    /// Checks the caller's credential (a token for `api`'s audience, or a
+    /// meshca client certificate this CA granted), failing closed, and
+    /// counts the validation. Every API that acts for a caller's identity
+    /// goes through here.
+    async fn authenticate(
+        &self,
+        api: WireApi,
+        credential: &Credential<'_>,
+        peer: Option<SocketAddr>,
+        provenance: &mut Option<Provenance>,
+    ) -> Result<Authenticated, ApiError> {
         let metrics = &self.metrics;
-        let authenticated = match input.credential {
+        let authenticated = match *credential {
             Credential::Token(token) => {
                 let r = self
                     .authn
-                    .authenticate_from(token, self.audience(input.api), input.peer.map(|p| p.ip()))
+                    .authenticate_from(token, self.audience(api), peer.map(|p| p.ip()))
                     .await;
                 let (method, result) = match &r {
                     Ok(a) => (a.method.as_str(), "ok"),
@@ -436,26 +473,7 @@ impl Core {
                 return Err(AuthnError::Missing.into());
             }
         };
-        *who = Some(authenticated.clone());
-        let workload = &authenticated.workload;
-        self.check_denied(workload)?;
-        if let Some(claimed) = input.claimed_dns_identity {
-            let actual = workload
-                .dns_identity(self.ca.mesh())
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            if claimed != actual.as_str() {
-                return Err(ApiError::IdentityMismatch {
-                    claimed: claimed.chars().take(253).collect(),
-                    actual: actual.to_string(),
-                });
-            }
-        }
-        self.rate_limit(&authenticated, input.peer)?;
-        // Signing is ~100 µs of CPU and no I/O, like the token check above:
-        // running it inline on the worker measured ~5% faster (`meshca bench`,
-        // docs/performance.md) than a hand-off to the blocking pool.
-        let issued = self.ca.issue(workload, input.csr_der, input.ttl)?;
-        Ok(issued)
+        Ok(authenticated)
     }
 
     /// One pod's bucket, then its service account's ceiling (only a request

@@ -1,4 +1,4 @@
-//! `meshca.v1.Identity`: the native API (certify, bundle get/watch).
+//! `meshca.v1.Identity`: the native API (certify, mint JWT-SVIDs, bundle get/watch).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
+use super::jwt_svid::MintInput;
 use super::{to_timestamp, ApiError, CertifyInput, Core, Credential, WireApi};
 use crate::authn::{Authenticated, AuthnError};
 use crate::ca::TrustBundle;
@@ -24,8 +25,42 @@ fn bundle_msg(b: &TrustBundle, trust_domain: &str) -> pb::TrustBundle {
         trust_domain: trust_domain.to_string(),
         roots: b.roots.iter().map(|r| r.to_vec()).collect(),
         tainted_roots: b.tainted.iter().map(|r| r.to_vec()).collect(),
-        // Filled by the JWT-SVID and federation work (issue 14).
+        jwt_authorities: b
+            .jwt_keys
+            .iter()
+            .map(|k| pb::JwtAuthority {
+                key_id: k.key_id.clone(),
+                public_key: k.spki_der.clone(),
+                expires_at: k.expires_at.map(to_timestamp),
+            })
+            .collect(),
+        // Filled by the federation work (issue 14).
         ..Default::default()
+    }
+}
+
+/// A request's lifetime: unset is None; negative is refused.
+fn requested_ttl(d: Option<prost_types::Duration>) -> Result<Option<Duration>, ApiError> {
+    match d {
+        None => Ok(None),
+        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(ApiError::BadRequest(
+            "requested_ttl must not be negative".into(),
+        )),
+        Some(d) => Ok(Some(Duration::new(d.seconds as u64, d.nanos as u32))),
+    }
+}
+
+/// The request's token, else the verified mTLS client certificate, else nothing.
+fn credential<'a>(
+    token: &'a str,
+    peer_certs: Option<&'a Arc<Vec<rustls::pki_types::CertificateDer<'static>>>>,
+) -> Credential<'a> {
+    if !token.is_empty() {
+        return Credential::Token(token);
+    }
+    match peer_certs.and_then(|c| c.first()) {
+        Some(leaf) => Credential::PeerCertificate(leaf),
+        None => Credential::None,
     }
 }
 
@@ -38,23 +73,8 @@ impl pb::identity_server::Identity for NativeService {
         let peer = request.remote_addr();
         let peer_certs = request.peer_certs();
         let req = request.into_inner();
-        let ttl = match req.requested_ttl {
-            None => None,
-            Some(d) if d.seconds < 0 || d.nanos < 0 => {
-                return Err(
-                    ApiError::BadRequest("requested_ttl must not be negative".into()).into(),
-                )
-            }
-            Some(d) => Some(Duration::new(d.seconds as u64, d.nanos as u32)),
-        };
-        let credential = if !req.token.is_empty() {
-            Credential::Token(&req.token)
-        } else {
-            match peer_certs.as_ref().and_then(|c| c.first()) {
-                Some(leaf) => Credential::PeerCertificate(leaf),
-                None => Credential::None,
-            }
-        };
+        let ttl = requested_ttl(req.requested_ttl)?;
+        let credential = credential(&req.token, peer_certs.as_ref());
         let issued = self
             .0
             .certify(CertifyInput {
@@ -97,13 +117,28 @@ impl pb::identity_server::Identity for NativeService {
 
     async fn mint_jwtsvid(
         &self,
-        _request: Request<pb::MintJwtsvidRequest>,
+        request: Request<pb::MintJwtsvidRequest>,
     ) -> Result<Response<pb::MintJwtsvidResponse>, Status> {
-        // Wire contract fixed first so the CA and agent sides are built in
-        // parallel against it; the CA side replaces this (issue 14, part 2).
-        Err(Status::unimplemented(
-            "JWT-SVIDs are not issued by this server yet",
-        ))
+        let peer = request.remote_addr();
+        let peer_certs = request.peer_certs();
+        let req = request.into_inner();
+        let ttl = requested_ttl(req.requested_ttl)?;
+        let minted = self
+            .0
+            .mint_jwt_svid(MintInput {
+                api: WireApi::Native,
+                credential: credential(&req.token, peer_certs.as_ref()),
+                audiences: &req.audience,
+                ttl,
+                peer,
+            })
+            .await?;
+        Ok(Response::new(pb::MintJwtsvidResponse {
+            token: minted.token,
+            spiffe_id: minted.spiffe_id.to_string(),
+            issued_at: Some(to_timestamp(minted.issued_at)),
+            expires_at: Some(to_timestamp(minted.expires_at)),
+        }))
     }
 
     type WatchTrustBundleStream =

@@ -73,7 +73,8 @@ impl ApiError {
                 | CaError::BadCsrSignature(_)
                 | CaError::UnsupportedKey(_)
                 | CaError::CaRequested(_)
-                | CaError::InvalidTtl(_) => Code::InvalidArgument,
+                | CaError::InvalidTtl(_)
+                | CaError::BadAudience(_) => Code::InvalidArgument,
             },
             ApiError::IdentityMismatch { .. } => Code::PermissionDenied,
             ApiError::RateLimited(_) | ApiError::TooManyWatchers(_) => Code::ResourceExhausted,
@@ -102,6 +103,7 @@ impl ApiError {
                 CaError::InvalidTtl(_) => "invalid_ttl",
                 CaError::IssuerUnusable(_) => "issuer_unusable",
                 CaError::Signing(_) => "signing_failed",
+                CaError::BadAudience(_) => "bad_audience",
             },
             ApiError::IdentityMismatch { .. } => "identity_mismatch",
             ApiError::RateLimited(_) => "rate_limited",

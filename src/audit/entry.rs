@@ -14,7 +14,7 @@ pub struct Entry {
     pub time: String,
     /// The same, as Unix milliseconds.
     pub time_unix_ms: u64,
-    /// `issuance` or `rotation`.
+    /// `issuance`, `jwt_svid` or `rotation`.
     pub kind: String,
     /// `native`, `linkerd` or `istio` (issuance).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -97,6 +97,16 @@ pub struct Entry {
     /// Issuance by certificate: the serial of the certificate presented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewed_from: Option<String>,
+    /// `jwt_svid`: the token's `sub` (the caller's SPIFFE ID). The token
+    /// itself is never recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// `jwt_svid`: the token's `aud` claim.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// `jwt_svid`: the `kid` of the key that signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
 }
 
 impl Entry {

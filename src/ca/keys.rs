@@ -95,6 +95,20 @@ impl SigningKey for CaKey {
     }
 }
 
+/// Generates a 2048-bit RSA key as PKCS#8 DER (for RS256 JWT-SVID keys).
+/// ring cannot generate RSA keys; the `rsa` crate does only this, and ring
+/// loads the result and does all signing.
+pub(crate) fn generate_rsa_pkcs8() -> Result<SecretBytes, super::jwt::JwtKeyError> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048)
+        .map_err(|e| super::jwt::JwtKeyError::new(format!("RSA key generation: {e}")))?;
+    let doc = key
+        .to_pkcs8_der()
+        .map_err(|e| super::jwt::JwtKeyError::new(format!("RSA key encoding: {e}")))?;
+    // `doc` and `key` zeroize themselves on drop.
+    Ok(SecretBytes::new(doc.as_bytes().to_vec()))
+}
+
 /// One DER TLV: (tag, value, rest).
 fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, b) = b.split_first()?;
@@ -115,7 +129,8 @@ fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
 }
 
-fn der(tag: u8, value: &[u8], out: &mut Vec<u8>) {
+/// Appends one DER TLV (shortest length form) to `out`.
+pub(crate) fn der(tag: u8, value: &[u8], out: &mut Vec<u8>) {
     out.push(tag);
     let n = value.len();
     if n < 0x80 {

@@ -6,6 +6,7 @@
 //! [`Workload`] and CSR bytes; keys come in from `ca::store`.
 
 pub mod csr;
+pub mod jwt;
 pub(crate) mod keys;
 pub(crate) mod profile;
 mod settings;
@@ -57,6 +58,9 @@ pub enum CaError {
     /// Signing failed.
     #[error("signing failed: {0}")]
     Signing(String),
+    /// The requested JWT-SVID audiences are unusable.
+    #[error("invalid audience: {0}")]
+    BadAudience(String),
 }
 
 impl From<rcgen::Error> for CaError {
@@ -210,6 +214,9 @@ pub struct Authority {
     clock: Arc<dyn Clock>,
     issuer: ArcSwap<ActiveIssuer>,
     bundle: watch::Sender<Arc<TrustBundle>>,
+    /// The JWT-SVID signing key of the active root (see `jwt`).
+    jwt: arc_swap::ArcSwapOption<jwt::ActiveJwtKey>,
+    jwt_policy: jwt::JwtPolicy,
 }
 
 impl std::fmt::Debug for Authority {
@@ -238,6 +245,8 @@ impl Authority {
             clock,
             issuer: ArcSwap::from_pointee(issuer),
             bundle,
+            jwt: arc_swap::ArcSwapOption::empty(),
+            jwt_policy: jwt::JwtPolicy::default(),
         }
     }
 

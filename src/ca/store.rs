@@ -8,6 +8,8 @@
 //! - `roots/<sha256>.crt`, `roots/<sha256>.key` — every root (self-signed or
 //!   imported), named by fingerprint; `rotation.json` (owned by
 //!   `trust::journal`) says which one is active
+//! - `roots/<sha256>.jwt.key` — that root's JWT-SVID signing key (PKCS#8,
+//!   0600), made with the root and rotated with it (see `ca::jwt`)
 //! - `root.crt`, `root.key` — the layout before rotation existed: one root;
 //!   `trust::manager` moves it into `roots/` on first start
 //! - `issuer.crt`, `issuer.key` — the issuing intermediate (under the active root)
@@ -20,6 +22,7 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
+use super::jwt::JwtKey;
 use super::{der_to_pem, fingerprint, pem_to_certs, profile, to_system_time, ActiveIssuer, CaKey};
 use crate::util::secret::{self, SecretBytes};
 
@@ -358,6 +361,47 @@ impl DataDir {
         secret::write_public(&crt, der_to_pem(der).as_bytes())
             .map_err(|source| StoreError::Io { path: crt, source })?;
         Ok(id)
+    }
+
+    /// `roots/<id>.jwt.key`: the JWT-SVID signing key of root `id`.
+    pub(crate) fn jwt_key_path(&self, id: &str) -> PathBuf {
+        self.file("roots").join(format!("{id}.jwt.key"))
+    }
+
+    /// True when root `id` has a JWT-SVID signing key.
+    pub(crate) fn has_jwt_key(&self, id: &str) -> bool {
+        self.jwt_key_path(id).exists()
+    }
+
+    /// Stores root `id`'s JWT-SVID signing key (0600, atomic).
+    pub(crate) fn write_jwt_key(&self, id: &str, key: &JwtKey) -> Result<(), StoreError> {
+        let path = self.jwt_key_path(id);
+        secret::write_private(&path, key.to_pem().expose())
+            .map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Root `id`'s JWT-SVID signing key.
+    pub(crate) fn read_jwt_key(&self, id: &str) -> Result<JwtKey, StoreError> {
+        let path = self.jwt_key_path(id);
+        let pem = secret::read_private(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        JwtKey::from_pem(&pem).map_err(|e| StoreError::Invalid {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Deletes root `id`'s JWT-SVID signing key, if any (the root left the
+    /// bundle: its key never signs or verifies again).
+    pub(crate) fn remove_jwt_key(&self, id: &str) -> Result<bool, StoreError> {
+        let path = self.jwt_key_path(id);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
     }
 
     /// The certificate of a stored root.

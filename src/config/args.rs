@@ -78,6 +78,17 @@ pub struct ServeArgs {
     /// Shortest leaf lifetime accepted [default: 5m].
     #[arg(long, env = "MESHCA_MIN_TTL")]
     pub min_ttl: Option<HumanDuration>,
+    /// Key type of new JWT-SVID signing keys: es256 (ECDSA P-256) or rs256
+    /// (RSA 2048) [default: es256]. Existing keys keep their type until
+    /// their root rotates out.
+    #[arg(long, env = "MESHCA_JWT_SVID_KEY_TYPE")]
+    pub jwt_svid_key_type: Option<String>,
+    /// JWT-SVID lifetime when a request names none [default: 5m].
+    #[arg(long, env = "MESHCA_JWT_SVID_DEFAULT_TTL")]
+    pub jwt_svid_default_ttl: Option<HumanDuration>,
+    /// Longest JWT-SVID lifetime; longer requests are clamped [default: 1h].
+    #[arg(long, env = "MESHCA_JWT_SVID_MAX_TTL")]
+    pub jwt_svid_max_ttl: Option<HumanDuration>,
     /// Token audience for the native API [default: meshca].
     #[arg(long, env = "MESHCA_NATIVE_AUDIENCE")]
     pub native_audience: Option<String>,

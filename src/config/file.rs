@@ -30,6 +30,7 @@ impl ServeArgs {
         Ok(merge_fields!(self, file;
             data_dir, listen, admin_listen, trust_domain, control_plane_namespace,
             server_dns_names, default_ttl, max_ttl, min_ttl, native_audience,
+            jwt_svid_key_type, jwt_svid_default_ttl, jwt_svid_max_ttl,
             linkerd_audience, istio_audience, jwks_file, jwks_url, oidc_issuer_url,
             jwks_ca_file, jwks_refresh_interval, jwt_issuers, kubeconfig,
             tokenreview_qps, tokenreview_burst, authn_order, allow_legacy_tokens,

@@ -82,6 +82,8 @@ pub struct ServeConfig {
     pub admin: crate::admin::settings::Settings,
     /// Root and issuer rotation (`max_leaf_ttl` is the issuance `max_ttl`).
     pub trust: crate::trust::service::Settings,
+    /// JWT-SVIDs: key type and lifetimes.
+    pub jwt: crate::ca::jwt::Settings,
 }
 
 impl ServeConfig {

@@ -60,6 +60,8 @@ impl ServeArgs {
         }
         let trust = self.trust(issuance.max_ttl);
         trust.validate()?;
+        let jwt = self.jwt()?;
+        jwt.validate()?;
         Ok(ServeConfig {
             init_root: self.init_root()?,
             replica: self.replica(),
@@ -77,6 +79,24 @@ impl ServeArgs {
             kubernetes,
             admin,
             trust,
+            jwt,
+        })
+    }
+
+    /// JWT-SVID key type and lifetimes.
+    fn jwt(&self) -> Result<crate::ca::jwt::Settings, ConfigError> {
+        let key_type = match &self.jwt_svid_key_type {
+            None => crate::ca::jwt::JwtKeyType::default(),
+            Some(s) => s
+                .parse()
+                .map_err(|e: String| InvalidSetting::new("jwt_svid_key_type", e))?,
+        };
+        Ok(crate::ca::jwt::Settings {
+            key_type,
+            policy: crate::ca::jwt::JwtPolicy {
+                default_ttl: secs(self.jwt_svid_default_ttl, 300),
+                max_ttl: secs(self.jwt_svid_max_ttl, 3600),
+            },
         })
     }
 

@@ -1,7 +1,8 @@
 //! The CA's state shared by replicas through a Kubernetes Secret.
 //!
 //! Owns: the mapping between the data directory and one Opaque Secret
-//! (`rotation.json`, every root in the bundle as `root.<sha256>.crt|key`,
+//! (`rotation.json`, every root in the bundle as `root.<sha256>.crt|key`
+//! and its JWT-SVID signing key `root.<sha256>.jwt.key`,
 //! `issuer.crt`, `issuer.key`, and `revocations.json` once an operator has
 //! revoked or denied anything): reading it into the data directory after
 //! validating it (the journal parses, every root's fingerprint and key
@@ -28,6 +29,7 @@ use k8s_openapi::ByteString;
 use kube::api::{Api, PostParams};
 use x509_parser::prelude::*;
 
+use crate::ca::jwt::JwtKey;
 use crate::ca::store::DataDir;
 use crate::ca::{fingerprint, pem_to_certs, CaKey};
 use crate::trust::journal::Journal;
@@ -146,6 +148,16 @@ pub fn snapshot(data: &DataDir) -> Result<Snapshot, String> {
                 .expose()
                 .to_vec(),
         );
+        // Its JWT-SVID key travels with it, so every replica signs with and
+        // publishes the same one (absent for a root made by an older meshca).
+        let jwt = data.jwt_key_path(&r.id);
+        match crate::util::secret::read_private(&jwt) {
+            Ok(k) => {
+                m.insert(format!("root.{}.jwt.key", r.id), k.expose().to_vec());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("{}: {e}", jwt.display())),
+        }
     }
     // The operator's revocations travel with the CA so every replica
     // enforces them (absent until the first revocation).
@@ -198,7 +210,16 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
         }
         let key = key_matches(&der, get(&format!("root.{}.key", r.id))?)
             .map_err(|e| format!("root {}: {e}", r.id))?;
-        roots.push((r.id.clone(), der, key));
+        // A Secret written by an older meshca has no JWT-SVID keys: the
+        // local ones (if any) stay.
+        let jwt = match m.get(&format!("root.{}.jwt.key", r.id)) {
+            Some(pem) => Some(
+                JwtKey::from_pem(&SecretBytes::new(pem.clone()))
+                    .map_err(|e| format!("root {}: {e}", r.id))?,
+            ),
+            None => None,
+        };
+        roots.push((r.id.clone(), der, key, jwt));
     }
     let issuer_pem = get("issuer.crt")?;
     let issuer = pem_to_certs(issuer_pem).map_err(|e| format!("issuer.crt: {e}"))?;
@@ -206,7 +227,7 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
     key_matches(&issuer[0], issuer_key).map_err(|e| format!("issuer: {e}"))?;
     let active_der = &roots
         .iter()
-        .find(|(id, _, _)| *id == active)
+        .find(|(id, ..)| *id == active)
         .ok_or("the active root is missing")?
         .1;
     if !crate::ca::signed_by(&issuer[0], active_der) {
@@ -223,7 +244,10 @@ pub fn apply(data: &DataDir, m: &Snapshot) -> Result<(), String> {
         crate::util::secret::write_public(&data.file(crate::revocation::FILE), b)
             .map_err(|e| format!("{}: {e}", crate::revocation::FILE))?;
     }
-    for (_, der, key) in &roots {
+    for (id, der, key, jwt) in &roots {
+        if let Some(jwt) = jwt {
+            data.write_jwt_key(id, jwt).map_err(|e| e.to_string())?;
+        }
         data.write_root(der, key).map_err(|e| e.to_string())?;
     }
     data.install_issuer(issuer_pem, &SecretBytes::new(issuer_key.clone()))

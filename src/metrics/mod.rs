@@ -137,6 +137,7 @@ fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, 
 /// Certificate requests: decisions, latency, credential checks.
 struct IssuanceMetrics {
     decisions: Family<IssuanceLabels, Counter>,
+    jwt_svids: Family<IssuanceLabels, Counter>,
     latency: Family<ApiLabel, Histogram, fn() -> Histogram>,
     validations: Family<ValidationLabels, Counter>,
     tokenreview_latency: Histogram,
@@ -150,6 +151,12 @@ impl IssuanceMetrics {
                 r,
                 "issuance",
                 "Issuance decisions by API, result (granted/refused) and reason",
+                Family::default(),
+            ),
+            jwt_svids: register(
+                r,
+                "jwt_svid_decisions",
+                "JWT-SVID mint decisions by API, result (granted/refused) and reason",
                 Family::default(),
             ),
             latency: register(
@@ -409,6 +416,18 @@ impl Metrics {
             .latency
             .get_or_create(&ApiLabel { api })
             .observe(latency.as_secs_f64());
+    }
+
+    /// Records one JWT-SVID mint decision.
+    pub fn jwt_svid(&self, api: &'static str, granted: bool, reason: &'static str) {
+        self.issuance
+            .jwt_svids
+            .get_or_create(&IssuanceLabels {
+                api,
+                result: if granted { "granted" } else { "refused" },
+                reason,
+            })
+            .inc();
     }
 
     /// Records one credential validation.

@@ -51,7 +51,10 @@ pub(super) async fn open(
     // One server per data directory: offline `meshca rotation` commands
     // take the same lock, so they cannot race a running server.
     let lock = lock_data_dir(&data)?;
-    let manager = Arc::new(TrustManager::open(data.clone(), clock.now())?);
+    let manager = Arc::new(
+        TrustManager::open(data.clone(), clock.now())?.with_jwt_key_type(cfg.jwt.key_type),
+    );
+    jwt_keys(&manager, shared.as_deref()).await?;
     // Finish whatever a crash interrupted, renew an expired issuer under a
     // still-valid root; an expired root is reported, not fatal (recovery is
     // `rotation prepare` + `activate --force` against this running server).
@@ -68,13 +71,17 @@ pub(super) async fn open(
         max_ttl: cfg.issuance.max_ttl,
         min_ttl: cfg.issuance.min_ttl,
     };
-    let ca = Arc::new(Authority::new(
-        policy,
-        clock,
-        loaded.issuer.with_root(active_root),
-        loaded.roots,
-    ));
+    let ca = Arc::new(
+        Authority::new(
+            policy,
+            clock,
+            loaded.issuer.with_root(active_root),
+            loaded.roots,
+        )
+        .with_jwt_policy(cfg.jwt.policy),
+    );
     ca.set_bundle(manager.bundle()?);
+    ca.set_jwt_key(Some(manager.active_jwt_key()?));
     metrics.set_issuer_expiry(crate::util::clock::unix_secs(ca.issuer().not_after));
     Ok(OpenedCa {
         data,
@@ -84,6 +91,27 @@ pub(super) async fn open(
         ca,
         shared,
     })
+}
+
+/// Gives roots made before JWT-SVIDs existed their JWT-SVID keys; when
+/// replicas share the CA, shares the new keys at once (a replica that loses
+/// the race adopts the keys the winner shared), so every replica signs with,
+/// and publishes, the same key.
+async fn jwt_keys(manager: &TrustManager, shared: Option<&SecretState>) -> Result<(), BoxError> {
+    let made = manager.ensure_jwt_keys()?;
+    if made.is_empty() {
+        return Ok(());
+    }
+    tracing::info!(roots = ?made, "made JWT-SVID signing keys for roots that had none (bundle version moved)");
+    let Some(ss) = shared.filter(|s| s.is_shared()) else {
+        return Ok(());
+    };
+    if !crate::trust::service::SharedState::push(ss).await? {
+        ss.pull().await?;
+        manager.reload()?;
+        tracing::info!("another replica shared its JWT-SVID keys first; adopted them");
+    }
+    Ok(())
 }
 
 /// With `state_secret`: copies the shared CA state into the data directory.

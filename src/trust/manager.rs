@@ -18,9 +18,10 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::*;
 
 use super::journal::{Journal, JournalError};
-use super::rotation::{Command, Event, Observations, RotationError, RotationState};
+use super::rotation::{Command, Event, Observations, Phase, RotationError, RotationState};
+use crate::ca::jwt::{ActiveJwtKey, JwtKey, JwtKeyType};
 use crate::ca::store::{DataDir, RenewReport, StoreError};
-use crate::ca::{fingerprint, signed_by, to_system_time, TrustBundle};
+use crate::ca::{fingerprint, signed_by, to_system_time, JwtPublicKey, TrustBundle};
 
 /// Why a rotation command (or reading the rotation state) did not happen.
 ///
@@ -103,6 +104,9 @@ pub struct TrustManager {
     data: DataDir,
     journal: Journal,
     state: Mutex<RotationState>,
+    /// The type of new JWT-SVID keys (None: the active root's key's type,
+    /// else ES256).
+    jwt_key_type: Option<JwtKeyType>,
 }
 
 /// Test hook: `MESHCA_FAILPOINT=before-commit:<step>` or
@@ -171,7 +175,76 @@ impl TrustManager {
             data,
             journal,
             state: Mutex::new(state),
+            jwt_key_type: None,
         })
+    }
+
+    /// Makes new JWT-SVID keys of `kind` (the setting `jwt_svid_key_type`).
+    pub fn with_jwt_key_type(mut self, kind: JwtKeyType) -> Self {
+        self.jwt_key_type = Some(kind);
+        self
+    }
+
+    /// The type of the next JWT-SVID key: the setting, else the active
+    /// root's key's type (so an offline `rotation prepare` keeps it), else ES256.
+    fn next_jwt_key_type(&self) -> JwtKeyType {
+        if let Some(k) = self.jwt_key_type {
+            return k;
+        }
+        self.state()
+            .active()
+            .and_then(|a| self.data.read_jwt_key(&a.id).ok())
+            .map(|k| k.key_type())
+            .unwrap_or_default()
+    }
+
+    /// Gives every published root that has none a JWT-SVID signing key (a
+    /// data directory made before JWT-SVIDs existed), and moves the bundle
+    /// version when it did, since the published keys changed. Run once at
+    /// start, before the state is shared: a replica that adopts the shared
+    /// state takes the keys in it instead. Returns the roots given a key.
+    pub fn ensure_jwt_keys(&self) -> Result<Vec<String>, TrustError> {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let missing: Vec<String> = guard
+            .jwt_published()
+            .filter(|r| !self.data.has_jwt_key(&r.id))
+            .map(|r| r.id.clone())
+            .collect();
+        if missing.is_empty() {
+            return Ok(missing);
+        }
+        let kind = self.jwt_key_type.unwrap_or_default();
+        for id in &missing {
+            let key = JwtKey::generate(kind).map_err(|e| TrustError::Storage(e.to_string()))?;
+            self.data.write_jwt_key(id, &key)?;
+        }
+        let next = guard.jwt_keys_added();
+        self.journal.commit(&next)?;
+        *guard = next;
+        Ok(missing)
+    }
+
+    /// The active root's JWT-SVID signing key, ready to sign.
+    pub fn active_jwt_key(&self) -> Result<ActiveJwtKey, TrustError> {
+        let s = self.state();
+        let active = s.active().ok_or(TrustError::NoActiveRoot)?;
+        Ok(ActiveJwtKey {
+            key: self.data.read_jwt_key(&active.id)?,
+            root: active.id.clone(),
+            not_after: active.not_after,
+        })
+    }
+
+    /// The published JWT-SVID keys (see [`RotationState::jwt_published`]);
+    /// a root without a key yet (shared by an older replica) publishes none.
+    fn jwt_keys(&self, s: &RotationState) -> Result<Vec<JwtPublicKey>, TrustError> {
+        let mut out = Vec::new();
+        for r in s.jwt_published() {
+            if self.data.has_jwt_key(&r.id) {
+                out.push(self.data.read_jwt_key(&r.id)?.public(Some(r.not_after)));
+            }
+        }
+        Ok(out)
     }
 
     fn adopt(
@@ -254,8 +327,7 @@ impl TrustManager {
             version: s.bundle_version,
             roots,
             tainted,
-            // Filled by the JWT-SVID key lifecycle (issue 14, part 2).
-            jwt_keys: Vec::new(),
+            jwt_keys: self.jwt_keys(&s)?,
         })
     }
 
@@ -275,6 +347,9 @@ impl TrustManager {
             out.bundle_written = true;
         }
         let state = self.state();
+        for r in state.roots.iter().filter(|r| r.phase == Phase::Removed) {
+            self.data.remove_jwt_key(&r.id)?;
+        }
         let active = state.active().ok_or(TrustError::NoActiveRoot)?;
         let root = self.data.read_root_cert(&active.id)?;
         let issuer = self.data.issuer_chain()?;
@@ -438,6 +513,11 @@ impl TrustManager {
                 crate::util::clock::rfc3339(na)
             )));
         }
+        // The root's JWT-SVID key is born with it, so it is published from
+        // the same bundle version on, long before it signs.
+        let jwt = JwtKey::generate(self.next_jwt_key_type())
+            .map_err(|e| TrustError::Storage(e.to_string()))?;
+        self.data.write_jwt_key(&id, &jwt)?;
         self.data.write_root(&der, &key)?;
         self.apply(&Command::Prepare { id, not_after: na }, obs)
     }
@@ -547,5 +627,117 @@ mod tests {
         let r = m.reconcile(Duration::from_secs(86400), later).unwrap();
         assert!(r.problem.is_none() && r.issuer_renewed.is_some());
         assert!(d.load().unwrap().issuer.not_after > later);
+    }
+
+    fn kids(m: &TrustManager) -> Vec<String> {
+        m.bundle()
+            .unwrap()
+            .jwt_keys
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect()
+    }
+
+    #[test]
+    fn jwt_keys_rotate_with_their_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path());
+        let t0 = SystemTime::now();
+        d.init(&InitOptions::default(), t0).unwrap();
+        let m = TrustManager::open(d.clone(), t0).unwrap();
+        // A data directory from before JWT-SVIDs: keys are made once, and
+        // the bundle version moves because the published keys changed.
+        assert!(kids(&m).is_empty());
+        let v0 = m.state().bundle_version;
+        let made = m.ensure_jwt_keys().unwrap();
+        assert_eq!(made.len(), 1);
+        assert_eq!(m.state().bundle_version, v0 + 1);
+        assert!(m.ensure_jwt_keys().unwrap().is_empty(), "only once");
+        assert_eq!(m.state().bundle_version, v0 + 1);
+        let old_id = m.state().active().unwrap().id.clone();
+        let mode = |p: &std::path::Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        };
+        assert_eq!(mode(&d.jwt_key_path(&old_id)), 0o600);
+        let old_kid = m.active_jwt_key().unwrap().key.key_id().to_string();
+        assert_eq!(kids(&m), vec![old_kid.clone()]);
+        // A restart keeps the same key.
+        let m = TrustManager::open(d.clone(), t0).unwrap();
+        assert_eq!(m.active_jwt_key().unwrap().key.key_id(), old_kid);
+
+        // Prepare: the new key is published (new version) but does not sign.
+        let v1 = m.state().bundle_version;
+        let year = Duration::from_secs(365 * 86400);
+        m.prepare(&RootSource::Generate(year), &obs(t0)).unwrap();
+        let b = m.bundle().unwrap();
+        assert!(b.version > v1);
+        assert_eq!(b.jwt_keys.len(), 2);
+        assert_eq!(m.active_jwt_key().unwrap().key.key_id(), old_kid);
+        let new_id = m.state().prepared().unwrap().id.clone();
+        let new_kid = d.read_jwt_key(&new_id).unwrap().key_id().to_string();
+        assert_ne!(new_kid, old_kid);
+        assert_eq!(
+            b.jwt_keys
+                .iter()
+                .find(|k| k.key_id == new_kid)
+                .unwrap()
+                .expires_at,
+            Some(m.state().prepared().unwrap().not_after)
+        );
+
+        // Activate: the new key signs; the old one is still published.
+        let t1 = t0 + Duration::from_secs(7200);
+        m.apply(&Command::Activate { force: false }, &obs(t1))
+            .unwrap();
+        m.reconcile(Duration::from_secs(86400), t1).unwrap();
+        assert_eq!(m.active_jwt_key().unwrap().key.key_id(), new_kid);
+        assert_eq!(kids(&m).len(), 2);
+
+        // Retire: the old key leaves the bundle and the disk.
+        let v2 = m.state().bundle_version;
+        let t2 = t1 + Duration::from_secs(3601);
+        m.apply(&Command::Retire, &obs(t2)).unwrap();
+        m.reconcile(Duration::from_secs(86400), t2).unwrap();
+        assert!(m.state().bundle_version > v2);
+        assert_eq!(kids(&m), vec![new_kid]);
+        assert!(!d.jwt_key_path(&old_id).exists());
+    }
+
+    #[test]
+    fn a_tainted_key_is_withdrawn_once_it_stops_signing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = DataDir::new(dir.path());
+        let t0 = SystemTime::now();
+        d.init(&InitOptions::default(), t0).unwrap();
+        let m = TrustManager::open(d.clone(), t0).unwrap();
+        m.ensure_jwt_keys().unwrap();
+        let year = Duration::from_secs(365 * 86400);
+        m.prepare(&RootSource::Generate(year), &obs(t0)).unwrap();
+        let old = m.state().active().unwrap().id.clone();
+        let old_kid = d.read_jwt_key(&old).unwrap().key_id().to_string();
+
+        // Tainting the signing root's key keeps it (nothing else signs yet).
+        m.apply(&Command::Taint { id: old.clone() }, &obs(t0))
+            .unwrap();
+        assert!(kids(&m).contains(&old_kid));
+        assert_eq!(m.active_jwt_key().unwrap().key.key_id(), old_kid);
+
+        // Once the next root signs, the tainted key is withdrawn at once
+        // (not kept until retirement), and the version says so.
+        let v = m.state().bundle_version;
+        let t1 = t0 + Duration::from_secs(7200);
+        m.apply(&Command::Activate { force: false }, &obs(t1))
+            .unwrap();
+        assert_eq!(m.state().bundle_version, v + 1);
+        assert!(!kids(&m).contains(&old_kid));
+        assert_eq!(kids(&m).len(), 1);
+
+        // A tainted prepared root's key is never published.
+        m.prepare(&RootSource::Generate(year), &obs(t1)).unwrap();
+        let p = m.state().prepared().unwrap().id.clone();
+        assert_eq!(kids(&m).len(), 2);
+        m.apply(&Command::Taint { id: p }, &obs(t1)).unwrap();
+        assert_eq!(kids(&m).len(), 1);
     }
 }

@@ -237,6 +237,26 @@ impl RotationState {
         self.roots.iter().filter(|r| r.phase != Phase::Removed)
     }
 
+    /// The roots whose JWT-SVID keys are published: every root in the
+    /// bundle, except a tainted one that does not sign. A JWT-SVID lives
+    /// minutes and is re-minted on demand, so unlike a tainted root (kept
+    /// while the leaves it signed live) a tainted key is withdrawn as soon
+    /// as another key signs: tokens it signed stop verifying at once.
+    pub fn jwt_published(&self) -> impl Iterator<Item = &RootRecord> {
+        self.in_bundle()
+            .filter(|r| !r.tainted || r.phase == Phase::Active)
+    }
+
+    /// The next state after JWT-SVID keys were added to roots already in
+    /// the bundle (an upgrade from a version without them): the published
+    /// keys changed, so the bundle version moves and every watcher hears.
+    pub fn jwt_keys_added(&self) -> RotationState {
+        let mut next = self.clone();
+        next.seq += 1;
+        next.bundle_version += 1;
+        next
+    }
+
     fn find(&self, id: &str) -> Result<usize, RotationError> {
         let hits: Vec<usize> = self
             .roots
@@ -358,6 +378,11 @@ impl RotationState {
             forced: force && !propagated,
         };
         let old = &mut self.roots[ai];
+        if old.tainted {
+            // Its JWT-SVID key stops being published now that another key
+            // signs (see `jwt_published`): the bundle changes.
+            self.bundle_version += 1;
+        }
         old.phase = Phase::Retired;
         old.retired_at = Some(now);
         // Leaves it signed up to now live at most max_leaf_ttl more (and

@@ -481,6 +481,7 @@ impl RotationService {
     pub async fn publish(&self, rec: &Reconciled) -> Result<(), TrustError> {
         let bundle = self.mgr.bundle()?;
         self.ca.set_bundle(bundle);
+        self.load_jwt_key();
         let state = self.mgr.state();
         for o in self.observers() {
             o.roots_changed(&state);
@@ -506,6 +507,27 @@ impl RotationService {
         }
         self.publish_metrics();
         Ok(())
+    }
+
+    /// Loads the active root's JWT-SVID key into the CA. Without one (a
+    /// root shared by an older replica) minting fails closed until it comes.
+    pub fn load_jwt_key(&self) {
+        match self.mgr.active_jwt_key() {
+            Ok(k) => {
+                let same = self
+                    .ca
+                    .jwt_key()
+                    .is_some_and(|c| c.key.key_id() == k.key.key_id());
+                if !same {
+                    tracing::info!(kid = %k.key.key_id(), alg = k.key.key_type().alg(), root = %k.root, "JWT-SVIDs are signed with a new key");
+                    self.ca.set_jwt_key(Some(k));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the active root has no usable JWT-SVID signing key; JWT-SVIDs are refused until it has one");
+                self.ca.set_jwt_key(None);
+            }
+        }
     }
 
     /// Loads the issuer from disk into the CA.

@@ -1,0 +1,173 @@
+//! The JWT-SVID pipeline: authenticate → deny list → rate limit → mint,
+//! then one audit entry (kind `jwt_svid`), one log line and one metric per
+//! decision — the same steps, and the same checks, as certificate issuance
+//! (`Core::certify`). Must not: sign anything itself (see `ca::jwt`), or
+//! record the token anywhere.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::{ApiError, Core, Credential, Provenance, WireApi};
+use crate::authn::Authenticated;
+use crate::ca::jwt::MintedJwt;
+
+/// One JWT-SVID request.
+#[derive(Debug)]
+pub struct MintInput<'a> {
+    /// The API it came through.
+    pub api: WireApi,
+    /// The credential.
+    pub credential: Credential<'a>,
+    /// The `aud` values asked for.
+    pub audiences: &'a [String],
+    /// Requested lifetime.
+    pub ttl: Option<Duration>,
+    /// The caller's address.
+    pub peer: Option<SocketAddr>,
+}
+
+impl Core {
+    /// Mints a JWT-SVID for the authenticated caller's own SPIFFE ID, and
+    /// records the decision whatever the outcome. A grant is returned only
+    /// once its audit entry is durable.
+    pub async fn mint_jwt_svid(&self, input: MintInput<'_>) -> Result<MintedJwt, ApiError> {
+        let _guard = self.metrics.in_flight();
+        let mut who: Option<Authenticated> = None;
+        let mut provenance: Option<Provenance> = None;
+        let mut result = self.mint_inner(&input, &mut who, &mut provenance).await;
+        if let Some(log) = &self.audit {
+            let mut entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
+            if let Some(p) = &provenance {
+                entry.auth_time = Some(crate::util::clock::rfc3339(p.auth_time));
+                entry.renewed_from = p.renewed_from.clone();
+            }
+            let folded = match (&result, &self.refusals) {
+                (Err(_), Some(gate)) => gate.admit(&entry) == crate::audit::intake::Admit::Folded,
+                _ => false,
+            };
+            if folded {
+                self.metrics.audit_refusal_folded();
+            } else {
+                match (log.append(entry).await, &result) {
+                    (Ok(_), _) => {}
+                    (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e.to_string())),
+                    (Err(e), Err(_)) => {
+                        tracing::error!(error = %e, "could not record a refusal in the audit log")
+                    }
+                }
+            }
+        }
+        self.log_mint(&input, who.as_ref(), &result);
+        result
+    }
+
+    async fn mint_inner(
+        &self,
+        input: &MintInput<'_>,
+        who: &mut Option<Authenticated>,
+        provenance: &mut Option<Provenance>,
+    ) -> Result<MintedJwt, ApiError> {
+        let a = self
+            .authenticate(input.api, &input.credential, input.peer, provenance)
+            .await?;
+        *who = Some(a.clone());
+        self.check_denied(&a.workload)?;
+        self.rate_limit(&a, input.peer)?;
+        // An ES256 signature is tens of µs of CPU and no I/O: inline, like
+        // certificate signing.
+        Ok(self.ca.mint_jwt(&a.workload, input.audiences, input.ttl)?)
+    }
+
+    /// The metric and the one log line of a decision (never the token).
+    fn log_mint(
+        &self,
+        input: &MintInput<'_>,
+        who: Option<&Authenticated>,
+        result: &Result<MintedJwt, ApiError>,
+    ) {
+        let identity = who
+            .map(|a| a.workload.to_string())
+            .unwrap_or_else(|| "-".into());
+        let method = who.map(|a| a.method.as_str()).unwrap_or("-");
+        let peer = input
+            .peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into());
+        match result {
+            Ok(m) => {
+                self.metrics.jwt_svid(input.api.as_str(), true, "ok");
+                tracing::info!(
+                    target: "meshca::issuance",
+                    api = input.api.as_str(),
+                    identity = %identity,
+                    spiffe_id = %m.spiffe_id,
+                    method,
+                    peer = %peer,
+                    audiences = ?m.audiences,
+                    kid = %m.key_id,
+                    expires_at = %crate::util::clock::rfc3339(m.expires_at),
+                    result = "granted",
+                    reason = "ok",
+                    "JWT-SVID minted"
+                );
+            }
+            Err(e) => {
+                self.metrics.jwt_svid(input.api.as_str(), false, e.reason());
+                tracing::info!(
+                    target: "meshca::issuance",
+                    api = input.api.as_str(),
+                    identity = %identity,
+                    method,
+                    peer = %peer,
+                    result = "refused",
+                    reason = e.reason(),
+                    detail = %crate::audit::intake::bound_detail(&e.to_string()),
+                    "JWT-SVID refused"
+                );
+            }
+        }
+    }
+}
+
+/// The audit record of one JWT-SVID decision: who, for which audiences,
+/// signed with which key, until when — never the token.
+fn audit_entry(
+    input: &MintInput<'_>,
+    who: Option<&Authenticated>,
+    result: &Result<MintedJwt, ApiError>,
+    now: std::time::SystemTime,
+) -> crate::audit::Entry {
+    use crate::util::clock::{rfc3339, unix_millis};
+    let mut e = crate::audit::Entry {
+        time: rfc3339(now),
+        time_unix_ms: unix_millis(now),
+        kind: "jwt_svid".into(),
+        api: Some(input.api.as_str().into()),
+        auth_method: who.map(|a| a.method.as_str().into()),
+        namespace: who.map(|a| a.workload.namespace.to_string()),
+        service_account: who.map(|a| a.workload.service_account.to_string()),
+        pod_name: who.and_then(|a| a.pod_name.clone()),
+        pod_uid: who.and_then(|a| a.pod_uid.clone()),
+        peer: input.peer.map(|p| p.to_string()),
+        requested_ttl_s: input.ttl.map(|d| d.as_secs()),
+        ..Default::default()
+    };
+    match result {
+        Ok(m) => {
+            e.result = "granted".into();
+            e.reason = "ok".into();
+            e.subject = Some(m.spiffe_id.to_string());
+            e.audiences = m.audiences.clone();
+            e.key_id = Some(m.key_id.clone());
+            e.not_before = Some(rfc3339(m.issued_at));
+            e.not_after = Some(rfc3339(m.expires_at));
+            e.root_fingerprint = Some(m.root_fingerprint.clone());
+        }
+        Err(err) => {
+            e.result = "refused".into();
+            e.reason = err.reason().into();
+            e.detail = Some(crate::audit::intake::bound_detail(&err.to_string()));
+        }
+    }
+    e
+}
