@@ -376,3 +376,119 @@ async fn rs256_mode_mints_tokens_pyjwt_verifies() {
     assert_eq!(r[0]["alg"], "RS256");
     assert_eq!(r[0]["claims"]["sub"], WEB_ID);
 }
+
+const SECRETS: &str = "/api/v1/namespaces/meshca/secrets";
+
+/// A replica sharing its CA through Secret `meshca-ca` on the fake API
+/// server, trusting tokens from `jwks`.
+async fn shared_replica(kc: &std::path::Path, name: &str, jwks: &std::path::Path) -> Ca {
+    let (kc, name, jwks) = (kc.to_path_buf(), name.to_string(), jwks.to_path_buf());
+    Ca::start_with(move |c| {
+        c.kubernetes.kubeconfig = Some(kc);
+        c.authn.jwks_file = Some(jwks);
+        c.authn.authn_order = vec![meshca::config::AuthnSource::Jwks];
+        c.kubernetes.state_secret = Some("meshca-ca".into());
+        c.kubernetes.audit_key_secret = Some("meshca-audit-key".into());
+        c.kubernetes.state_poll_interval = Duration::from_secs(3600);
+        c.replica = name;
+        c.trust.propagation_wait = Duration::ZERO;
+    })
+    .await
+}
+
+async fn until<F: Fn() -> bool>(what: &str, limit: Duration, f: F) {
+    let end = std::time::Instant::now() + limit;
+    while !f() {
+        assert!(std::time::Instant::now() < end, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn kid_of(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sign_with_and_publish_the_same_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    let signer = meshca::authn::devtoken::DevSigner::from_pem(
+        &meshca::ca::CaKey::generate_p256().unwrap().to_pem(),
+    )
+    .unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, signer.jwks()).unwrap();
+    let token = || {
+        signer
+            .mint(
+                &meshca::authn::devtoken::TokenSpec {
+                    workload: meshca::identity::Workload::new("shop", "web").unwrap(),
+                    audiences: vec!["meshca".into()],
+                    ttl: Duration::from_secs(600),
+                    issuer: ISSUER.into(),
+                    pod: None,
+                },
+                std::time::SystemTime::now(),
+            )
+            .unwrap()
+    };
+    let a = shared_replica(&kc, "a", &jwks).await;
+    let secret = api.get(SECRETS, "meshca-ca").unwrap();
+    let jwt_entries: Vec<String> = secret["data"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| k.ends_with(".jwt.key"))
+        .cloned()
+        .collect();
+    assert_eq!(jwt_entries.len(), 1, "the root's JWT key is shared");
+
+    // Upgrade from a version without JWT keys: the Secret has none, and the
+    // next replica to start makes them, shares them, and a adopts them.
+    let mut stripped = secret.clone();
+    for k in &jwt_entries {
+        stripped["data"].as_object_mut().unwrap().remove(k);
+    }
+    stripped["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    api.put(SECRETS, "meshca-ca", stripped);
+    let b = shared_replica(&kc, "b", &jwks).await;
+    let b_kid = b.running.ca.jwt_key().unwrap().key.key_id().to_string();
+    until("a adopts the key b shared", Duration::from_secs(10), || {
+        a.running.ca.jwt_key().unwrap().key.key_id() == b_kid
+    })
+    .await;
+    let (ca_, cb) = (a.channel().await, b.channel().await);
+    let ta = mint(&ca_, mint_req(token(), &["x"])).await.unwrap().token;
+    let tb = mint(&cb, mint_req(token(), &["x"])).await.unwrap().token;
+    assert_eq!(kid_of(&ta), kid_of(&tb));
+    let (ba, bb) = (bundle(&a).await, bundle(&b).await);
+    assert_eq!(ba.version, bb.version);
+    assert_eq!(ba.jwt_authorities, bb.jwt_authorities);
+    // Each replica's token verifies with the other's published keys.
+    let r = pyjwt(&bb.jwt_authorities, &[(&ta, "x")]).await;
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+
+    // A rotation through a: b publishes the new key, then signs with it.
+    assert_eq!(a.rotation("prepare", "{}").await.0, 200);
+    until(
+        "b publishes the prepared key",
+        Duration::from_secs(10),
+        || b.running.ca.bundle().jwt_keys.len() == 2,
+    )
+    .await;
+    let (code, body) = a.rotation("activate", r#"{"force": true}"#).await;
+    assert_eq!(code, 200, "{body}");
+    let new_kid = a.running.ca.jwt_key().unwrap().key.key_id().to_string();
+    assert_ne!(new_kid, b_kid);
+    until("b signs with the new key", Duration::from_secs(10), || {
+        b.running.ca.jwt_key().unwrap().key.key_id() == new_kid
+    })
+    .await;
+    let tb = mint(&cb, mint_req(token(), &["x"])).await.unwrap().token;
+    assert_eq!(kid_of(&tb), new_kid);
+    let r = pyjwt(&bundle(&a).await.jwt_authorities, &[(&tb, "x")]).await;
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+}

@@ -85,6 +85,8 @@ pub struct InitOptions {
     pub issuer_lifetime: Duration,
     /// Import this root (certificate PEM, key PEM) instead of generating one.
     pub import_root: Option<(PathBuf, PathBuf)>,
+    /// Type of the root's JWT-SVID signing key.
+    pub jwt_key_type: super::jwt::JwtKeyType,
 }
 
 impl Default for InitOptions {
@@ -93,6 +95,7 @@ impl Default for InitOptions {
             root_lifetime: Duration::from_secs(365 * 24 * 3600),
             issuer_lifetime: Duration::from_secs(30 * 24 * 3600),
             import_root: None,
+            jwt_key_type: Default::default(),
         }
     }
 }
@@ -211,6 +214,9 @@ impl DataDir {
 
         // Keys first, certificates after: a crash in between leaves a
         // directory that `is_initialized` still reports as empty.
+        let jwt =
+            JwtKey::generate(opts.jwt_key_type).map_err(|e| StoreError::Crypto(e.to_string()))?;
+        self.write_jwt_key(&fingerprint(&root_der), &jwt)?;
         self.write_root(&root_der, &root_key)?;
         self.write_key("issuer.key", &issuer_key.to_pem())?;
         if !self.file("token-signer.key").exists() {
@@ -348,12 +354,7 @@ impl DataDir {
         der: &CertificateDer<'static>,
         key: &CaKey,
     ) -> Result<String, StoreError> {
-        let dir = self.file("roots");
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        set_dir_private(&dir)?;
+        self.roots_dir()?;
         let id = fingerprint(der);
         let (crt, k) = self.root_paths(&id);
         secret::write_private(&k, key.to_pem().expose())
@@ -373,8 +374,20 @@ impl DataDir {
         self.jwt_key_path(id).exists()
     }
 
+    /// `roots/`, created private (0700) if missing.
+    fn roots_dir(&self) -> Result<PathBuf, StoreError> {
+        let dir = self.file("roots");
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        set_dir_private(&dir)?;
+        Ok(dir)
+    }
+
     /// Stores root `id`'s JWT-SVID signing key (0600, atomic).
     pub(crate) fn write_jwt_key(&self, id: &str, key: &JwtKey) -> Result<(), StoreError> {
+        self.roots_dir()?;
         let path = self.jwt_key_path(id);
         secret::write_private(&path, key.to_pem().expose())
             .map_err(|source| StoreError::Io { path, source })
@@ -657,7 +670,13 @@ mod tests {
         assert_eq!(loaded.issuer.fingerprint, r.issuer_fingerprint);
         use std::os::unix::fs::PermissionsExt;
         let root_key = d.root_paths(&r.root_fingerprint).1;
-        for k in [root_key, d.file("issuer.key"), d.file("token-signer.key")] {
+        let jwt_key = d.jwt_key_path(&r.root_fingerprint);
+        for k in [
+            root_key,
+            jwt_key,
+            d.file("issuer.key"),
+            d.file("token-signer.key"),
+        ] {
             let mode = std::fs::metadata(&k).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", k.display());
         }

@@ -46,6 +46,7 @@ pub(crate) fn run(a: InitArgs) -> Result<(), Error> {
         root_lifetime: a.root_ttl.0,
         issuer_lifetime: a.issuer_ttl.0,
         import_root: a.root_cert.zip(a.root_key),
+        ..Default::default()
     };
     let r = DataDir::new(&a.data_dir).init(&opts, SystemTime::now())?;
     println!("created CA in {}", a.data_dir.display());

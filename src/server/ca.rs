@@ -152,6 +152,7 @@ fn init(cfg: &ServeConfig, data: &DataDir, clock: &dyn Clock) -> Result<(), BoxE
     let opts = InitOptions {
         issuer_lifetime: cfg.trust.issuer_lifetime,
         import_root: cfg.init_root.clone(),
+        jwt_key_type: cfg.jwt.key_type,
         ..Default::default()
     };
     let report = data

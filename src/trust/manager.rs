@@ -608,6 +608,8 @@ mod tests {
         let (crt, key) = d.root_paths(&init.root_fingerprint);
         std::fs::rename(&crt, d.file("root.crt")).unwrap();
         std::fs::rename(&key, d.file("root.key")).unwrap();
+        // (That layout predates JWT-SVID keys too.)
+        std::fs::remove_file(d.jwt_key_path(&init.root_fingerprint)).unwrap();
         std::fs::remove_dir(d.file("roots")).unwrap();
         let m = TrustManager::open(d.clone(), t0).unwrap();
         assert_eq!(m.state().active().unwrap().id, init.root_fingerprint);
@@ -643,10 +645,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = DataDir::new(dir.path());
         let t0 = SystemTime::now();
-        d.init(&InitOptions::default(), t0).unwrap();
+        let init = d.init(&InitOptions::default(), t0).unwrap();
         let m = TrustManager::open(d.clone(), t0).unwrap();
+        assert_eq!(kids(&m).len(), 1, "init makes the root's key");
+        assert!(m.ensure_jwt_keys().unwrap().is_empty());
         // A data directory from before JWT-SVIDs: keys are made once, and
         // the bundle version moves because the published keys changed.
+        std::fs::remove_file(d.jwt_key_path(&init.root_fingerprint)).unwrap();
         assert!(kids(&m).is_empty());
         let v0 = m.state().bundle_version;
         let made = m.ensure_jwt_keys().unwrap();
