@@ -18,6 +18,7 @@ mod error;
 mod federation_tests;
 pub mod files;
 pub mod jwt;
+pub mod socket;
 pub mod workload_api;
 
 use std::collections::BTreeMap;

@@ -9,10 +9,10 @@
 //! the `workload.spiffe.io: true` metadata gets `INVALID_ARGUMENT`; the JWT
 //! methods delegate to `jwt`. Anything that can open the socket gets
 //! this workload's identity, so the socket belongs in a directory only the
-//! workload's containers share. Must not: obtain certificates (see `agent`).
+//! workload's containers share. Must not: obtain certificates (see `agent`),
+//! or handle the socket and its connections (see `agent::socket`).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -25,6 +25,10 @@ use super::jwt::JwtSvids;
 use super::State;
 use crate::proto::spiffe as pb;
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
+
+// Serving the socket lives in `agent::socket`; these paths stay for callers.
+pub use super::socket::serve;
+pub(crate) use super::socket::socket_path;
 
 /// The metadata every Workload API request must carry.
 pub(crate) const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -187,52 +191,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
     }
 }
 
-/// Accepts `unix:///path`, `unix:/path` or a plain path (the
-/// `SPIFFE_ENDPOINT_SOCKET` conventions).
-pub(crate) fn socket_path(spec: &str) -> Result<PathBuf, String> {
-    let p = spec
-        .strip_prefix("unix://")
-        .or_else(|| spec.strip_prefix("unix:"))
-        .unwrap_or(spec);
-    if p.is_empty() || !p.starts_with('/') {
-        return Err(format!(
-            "Workload API socket {spec:?} must be an absolute path (unix:///path)"
-        ));
-    }
-    Ok(PathBuf::from(p))
-}
-
-/// Serves the Workload API on `path` until `stop` resolves.
-pub async fn serve(
-    path: PathBuf,
-    source: impl Into<Source>,
+/// The service, for the socket (`agent::socket`) to serve.
+pub(crate) fn service(
+    source: Source,
     trust_domain: String,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<tokio::task::JoinHandle<()>, String> {
-    // A socket left by a previous run would make bind fail.
-    if path.exists() {
-        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let listener = tokio::net::UnixListener::bind(&path)
-        .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    let Source { state, jwt } = source.into();
-    let svc = SpiffeWorkloadApiServer::new(WorkloadApi {
+) -> SpiffeWorkloadApiServer<WorkloadApi> {
+    let Source { state, jwt } = source;
+    SpiffeWorkloadApiServer::new(WorkloadApi {
         state,
         trust_domain,
         jwt,
-    });
-    tracing::info!(socket = %path.display(), "SPIFFE Workload API listening");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, stop)
-            .await
-        {
-            tracing::error!(error = %e, "Workload API server failed");
-        }
-    }))
+    })
 }
