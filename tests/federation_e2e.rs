@@ -186,3 +186,360 @@ async fn the_workload_api_hands_federated_bundles_to_clients_and_streams_their_c
     .expect("the proxy's identity source follows the change")
     .unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Two CAs, two trust domains, agents and proxies on each side.
+
+use meshca::metrics::Metrics;
+use meshca::proxy::{self, ProxyConfig};
+use support::{closed_port, dev_token, metric_value, Ca};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A CA of trust domain `td`.
+async fn ca_of(td: &'static str) -> Ca {
+    Ca::start_with(|c| c.issuance.mesh.trust_domain = td.parse().unwrap()).await
+}
+
+/// Starts an agent for shop/`sa` of `ca` and waits for its certificate.
+async fn agent_of(ca: &Ca, dir: &std::path::Path, sa: &str) -> agent::Agent {
+    let data = ca.dir.path().join("data");
+    let token = dir.join(format!("{sa}.{}.token", ca.addr().replace(':', "_")));
+    std::fs::write(&token, dev_token(&data, "shop", sa)).unwrap();
+    let a = agent::start(
+        agent::AgentConfig {
+            ca_address: format!("127.0.0.1:{},{}", closed_port(), ca.addr()),
+            server_name: ca.running.server_name.clone(),
+            bootstrap_bundle: data.join("bundle.pem"),
+            token_file: token,
+            requested_ttl: None,
+        },
+        Arc::default(),
+    )
+    .unwrap();
+    a.ready(Duration::from_secs(20)).await.unwrap();
+    a
+}
+
+/// An echo service that prefixes nothing: what comes in goes back.
+async fn echo() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends `msg` through `to` and expects it back.
+async fn roundtrip(to: std::net::SocketAddr, msg: &[u8]) -> Result<(), String> {
+    let mut s = TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+    s.write_all(msg).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .map_err(|_| "timeout".to_string())?
+        .map_err(|e| format!("closed: {e}"))?;
+    (buf == msg)
+        .then_some(())
+        .ok_or_else(|| "wrong echo".into())
+}
+
+/// Round trips until one succeeds (the proxies build their TLS
+/// configurations from the first identity asynchronously).
+async fn flows(to: std::net::SocketAddr, msg: &[u8]) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        match roundtrip(to, msg).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+        // Poll interval, bounded by the loop: until the proxies are ready.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(last)
+}
+
+/// Round trips through `to`, each of which must fail, until the inbound
+/// proxy behind it has counted a refusal for `reason`.
+async fn refused(to: std::net::SocketAddr, m: &Metrics, reason: &str) {
+    let before = handshakes(m, "inbound", reason);
+    for _ in 0..50 {
+        let r = roundtrip(to, b"must not pass").await;
+        assert!(r.is_err(), "a connection got through (expected {reason})");
+        if handshakes(m, "inbound", reason) > before {
+            return;
+        }
+        // Poll interval, bounded by the loop: until the proxies are ready.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no {reason} refusal counted");
+}
+
+fn handshakes(m: &Metrics, direction: &str, reason: &str) -> f64 {
+    let result = if reason == "ok" { "ok" } else { "refused" };
+    metric_value(
+        &m.render(),
+        &format!(
+            "meshca_proxy_handshakes_total{{direction=\"{direction}\",result=\"{result}\",reason=\"{reason}\"}}"
+        ),
+    )
+    .unwrap_or(0.0)
+}
+
+fn sid(td: &str, sa: &str) -> String {
+    format!("spiffe://{td}/ns/shop/sa/{sa}")
+}
+
+/// One trust domain's side: an `api` workload behind an inbound proxy that
+/// takes its identity over the Workload API, and a `web` workload whose
+/// outbound proxy runs on an in-process agent's identity.
+struct Side {
+    td: &'static str,
+    /// The inbound proxy (allows `web` of the other domain).
+    inbound: proxy::Proxy,
+    in_metrics: Arc<Metrics>,
+    _api_agent: agent::Agent,
+    web_agent: agent::Agent,
+    _sock_dir: tempfile::TempDir,
+}
+
+/// Sets up `td`'s side: its api agent serves the Workload API from
+/// `api_state` (the agent's view, federated), its inbound proxy follows
+/// the socket and allows `allow`.
+async fn side(
+    td: &'static str,
+    api_agent: agent::Agent,
+    api_state: watch::Receiver<State>,
+    web_agent: agent::Agent,
+    allow: Vec<String>,
+) -> Side {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("api.sock");
+    let _api =
+        agent::workload_api::serve(sock.clone(), api_state, td.into(), std::future::pending())
+            .await
+            .unwrap();
+    let in_metrics: Arc<Metrics> = Arc::default();
+    let inbound = proxy::start(
+        ProxyConfig {
+            inbound: Some(("127.0.0.1:0".parse().unwrap(), echo().await.to_string())),
+            allow,
+            ..Default::default()
+        },
+        proxy::identity::follow(sock),
+        in_metrics.clone(),
+    )
+    .await
+    .unwrap();
+    Side {
+        td,
+        inbound,
+        in_metrics,
+        _api_agent: api_agent,
+        web_agent,
+        _sock_dir: sock_dir,
+    }
+}
+
+/// An outbound proxy for `from`'s web workload to `to`'s inbound proxy,
+/// which must present `to`'s api identity.
+async fn outbound_to(
+    from: &watch::Receiver<State>,
+    to: &Side,
+    metrics: Arc<Metrics>,
+) -> proxy::Proxy {
+    proxy::start(
+        ProxyConfig {
+            outbound: Some((
+                "127.0.0.1:0".parse().unwrap(),
+                to.inbound.inbound_addr.unwrap().to_string(),
+            )),
+            upstream_identity: Some(sid(to.td, "api")),
+            resolve_interval: Duration::from_secs(5),
+            ..Default::default()
+        },
+        from.clone(),
+        metrics,
+    )
+    .await
+    .unwrap()
+}
+
+/// The agent's state with `foreign` CAs' current roots added as federated
+/// bundles: the direct path, for sides whose CA does not follow them.
+fn with_foreign(agent: &agent::Agent, foreign: &[(&str, &Ca)]) -> watch::Receiver<State> {
+    let fed: BTreeMap<String, FederatedBundle> = foreign
+        .iter()
+        .map(|(td, ca)| {
+            let roots = ca.running.ca.bundle().roots.clone();
+            (
+                td.to_string(),
+                FederatedBundle {
+                    x509_authorities: roots,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let mut rx = agent.watch();
+    let (tx, out) = watch::channel(rx.borrow().clone());
+    tokio::spawn(async move {
+        loop {
+            let mut st = rx.borrow_and_update().clone();
+            let mut b = (*st.bundle).clone();
+            b.federated = fed.clone();
+            st.bundle = Arc::new(b);
+            if tx.send(st).is_err() || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    out
+}
+
+/// How each side's workloads get the other domain's bundle. Injected
+/// (`with_foreign`) until the CAs follow each other's bundle endpoints.
+async fn federated_view(agent: &agent::Agent, other: (&str, &Ca)) -> watch::Receiver<State> {
+    with_foreign(agent, &[other])
+}
+
+/// A workload in a.test and one in b.test complete mTLS with each other
+/// through their proxies, both ways, with bytes echoed; the proxies
+/// verify each foreign peer against its own domain's bundle. A proxy whose
+/// allow-list lacks the foreign ID refuses it, and a domain whose bundle a
+/// proxy does not hold is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_in_two_trust_domains_talk_through_their_proxies() {
+    let (ca_a, ca_b) = (ca_of("a.test").await, ca_of("b.test").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (a_api, a_web) = (
+        agent_of(&ca_a, dir.path(), "api").await,
+        agent_of(&ca_a, dir.path(), "web").await,
+    );
+    let (b_api, b_web) = (
+        agent_of(&ca_b, dir.path(), "api").await,
+        agent_of(&ca_b, dir.path(), "web").await,
+    );
+    let a_api_view = federated_view(&a_api, ("b.test", &ca_b)).await;
+    let a_web_view = federated_view(&a_web, ("b.test", &ca_b)).await;
+    let b_api_view = federated_view(&b_api, ("a.test", &ca_a)).await;
+    let b_web_view = federated_view(&b_web, ("a.test", &ca_a)).await;
+    // (c.test is allowed in: only the missing bundle keeps it out below.)
+    let allow_a = vec![sid("b.test", "web"), "spiffe://c.test/".to_string()];
+    let side_a = side("a.test", a_api, a_api_view, a_web, allow_a).await;
+    let side_b = side(
+        "b.test",
+        b_api,
+        b_api_view,
+        b_web,
+        vec![sid("a.test", "web")],
+    )
+    .await;
+
+    // b.test web → (its outbound proxy) → mTLS → a.test api's inbound proxy → echo.
+    let b_out_metrics: Arc<Metrics> = Arc::default();
+    let b_out = outbound_to(&b_web_view, &side_a, b_out_metrics.clone()).await;
+    flows(b_out.outbound_addr.unwrap(), b"from b.test to a.test")
+        .await
+        .expect("b.test web reaches a.test api");
+    // And the other way round.
+    let a_out_metrics: Arc<Metrics> = Arc::default();
+    let a_out = outbound_to(&a_web_view, &side_b, a_out_metrics.clone()).await;
+    flows(a_out.outbound_addr.unwrap(), b"from a.test to b.test")
+        .await
+        .expect("a.test web reaches b.test api");
+    let peers = |m: &Metrics, direction: &str, peer: &str| {
+        metric_value(
+            &m.render(),
+            &format!(
+                "meshca_proxy_peer_connections_total{{direction=\"{direction}\",peer=\"{peer}\"}}"
+            ),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(peers(&side_a.in_metrics, "inbound", &sid("b.test", "web")) >= 1.0);
+    assert!(peers(&side_b.in_metrics, "inbound", &sid("a.test", "web")) >= 1.0);
+    assert!(peers(&b_out_metrics, "outbound", &sid("a.test", "api")) >= 1.0);
+    assert!(peers(&a_out_metrics, "outbound", &sid("b.test", "api")) >= 1.0);
+
+    // An a.test proxy whose allow-list lacks the foreign ID refuses it.
+    let strict_metrics: Arc<Metrics> = Arc::default();
+    let strict = proxy::start(
+        ProxyConfig {
+            inbound: Some(("127.0.0.1:0".parse().unwrap(), echo().await.to_string())),
+            allow: vec![format!("spiffe://a.test/ns/shop/"), sid("b.test", "api")],
+            ..Default::default()
+        },
+        a_web_view.clone(),
+        strict_metrics.clone(),
+    )
+    .await
+    .unwrap();
+    let to_strict = proxy::start(
+        ProxyConfig {
+            outbound: Some((
+                "127.0.0.1:0".parse().unwrap(),
+                strict.inbound_addr.unwrap().to_string(),
+            )),
+            upstream_identity: Some(sid("a.test", "web")),
+            ..Default::default()
+        },
+        b_web_view.clone(),
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    refused(
+        to_strict.outbound_addr.unwrap(),
+        &strict_metrics,
+        "identity_not_allowed",
+    )
+    .await;
+    assert_eq!(handshakes(&strict_metrics, "inbound", "ok"), 0.0);
+
+    // A third domain whose bundle a.test does not hold: its workload,
+    // trusting a.test (so its own side completes), is refused at a.test's
+    // proxy for want of a bundle (its ID is on the allow-list).
+    let ca_c = ca_of("c.test").await;
+    let c_web = agent_of(&ca_c, dir.path(), "web").await;
+    let c_web_view = with_foreign(&c_web, &[("a.test", &ca_a)]);
+    let c_out = proxy::start(
+        ProxyConfig {
+            outbound: Some((
+                "127.0.0.1:0".parse().unwrap(),
+                side_a.inbound.inbound_addr.unwrap().to_string(),
+            )),
+            upstream_identity: Some(sid("a.test", "api")),
+            ..Default::default()
+        },
+        c_web_view,
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    refused(
+        c_out.outbound_addr.unwrap(),
+        &side_a.in_metrics,
+        "unknown_trust_domain",
+    )
+    .await;
+    assert_eq!(
+        peers(&side_a.in_metrics, "inbound", &sid("c.test", "web")),
+        0.0
+    );
+    drop((
+        b_out,
+        a_out,
+        strict,
+        to_strict,
+        side_a.web_agent,
+        side_b.web_agent,
+    ));
+}
