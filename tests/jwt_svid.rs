@@ -360,7 +360,24 @@ async fn the_signing_key_rotates_with_its_root() {
         .iter()
         .map(|k| k.key_id.clone())
         .collect();
-    assert_eq!(kids, vec![new_kid]);
+    assert_eq!(kids, vec![new_kid.clone()]);
+
+    // `rotation status` says which key signs and which was withdrawn.
+    let st = ca.rotation_status().await;
+    let row = |fp: &str| {
+        st["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["fingerprint"] == fp)
+            .unwrap()["jwt_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let new_root = ca.running.ca.jwt_key().unwrap().root.clone();
+    assert_eq!(row(&new_root), format!("ES256 kid {new_kid} (signing)"));
+    assert_eq!(row(&old_root), format!("ES256 kid {old_kid} (withdrawn)"));
 }
 
 #[tokio::test]

@@ -381,6 +381,13 @@ fn print_status_table(s: &crate::trust::status::Status) {
             c.subject
         );
     }
+    for c in s.certificates.iter().filter(|c| c.jwt_key.is_some()) {
+        println!(
+            "JWT-SVID key of root {}: {}",
+            c.fingerprint.get(..16).unwrap_or(&c.fingerprint),
+            c.jwt_key.as_deref().unwrap_or("-")
+        );
+    }
     if let Some(p) = &s.propagation {
         println!(
             "clients: {} live, {} watching; {} have seen bundle version {}",

@@ -44,6 +44,10 @@ pub struct CertRow {
     pub propagation: Option<String>,
     /// Seconds until expiry (negative once expired).
     pub expires_in_s: i64,
+    /// Roots: their JWT-SVID key, `ALG kid KID (signing|published|withdrawn)`,
+    /// or `none` (a root made by an older meshca).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_key: Option<String>,
 }
 
 /// The status report.
@@ -163,6 +167,21 @@ fn warnings(
     warnings
 }
 
+/// How a root's JWT-SVID key stands: its type, `kid` and role.
+fn jwt_key_row(data: &DataDir, state: &RotationState, r: &super::rotation::RootRecord) -> String {
+    let Ok(k) = data.read_jwt_key(&r.id) else {
+        return "none".into();
+    };
+    let role = if r.phase == Phase::Active {
+        "signing"
+    } else if state.jwt_published().any(|p| p.id == r.id) {
+        "published"
+    } else {
+        "withdrawn"
+    };
+    format!("{} kid {} ({role})", k.key_type().alg(), k.key_id())
+}
+
 /// Builds the status of `data` at `now`. `propagation` comes from a running
 /// server; offline it is None.
 pub fn status(
@@ -207,6 +226,7 @@ pub fn status(
                 .map(|(by_root, _)| by_root.get(&r.id).copied().unwrap_or(0)),
             propagation: prop,
             expires_in_s: secs(na),
+            jwt_key: Some(jwt_key_row(data, state, r)),
         });
     }
     let issuer = data
@@ -227,6 +247,7 @@ pub fn status(
             .map(|(_, by_issuer)| by_issuer.get(&issuer_fp).copied().unwrap_or(0)),
         propagation: None,
         expires_in_s: secs(i_na),
+        jwt_key: None,
     });
 
     let warnings = warnings(&rows, propagation.as_ref(), warn_within);
