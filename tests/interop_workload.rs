@@ -344,3 +344,48 @@ async fn the_cas_tcp_port_still_refuses_a_malformed_authority() {
         );
     }
 }
+
+/// Attack: a header block that never ends (CONTINUATION flood). The socket
+/// adapter buffers header blocks for h2, so without its bound the agent
+/// would buffer forever; with it the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_block_that_never_ends_closes_the_connection() {
+    let ca = Ca::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, sock) = agent_with_socket(&ca, dir.path(), "web").await;
+    let frame = |kind: u8, flags: u8, payload: &[u8]| {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags, 0, 0, 0, 1]);
+        f.extend(payload);
+        f
+    };
+    let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    wire.extend(
+        frame(0x4, 0, &[])
+            .iter()
+            .take(3)
+            .chain(&[0x4, 0, 0, 0, 0, 0]),
+    );
+    wire.extend(frame(0x1, 0, &[0x82])); // HEADERS without END_HEADERS
+    s.write_all(&wire).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    // Read (and drop) whatever the server says until it closes.
+    let closed = tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while matches!(r.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    let chunk = frame(0x9, 0, &[0x82; 4096]); // CONTINUATION, no END_HEADERS
+    let mut sent = 0usize;
+    while !closed.is_finished() && sent < (4 << 20) {
+        if w.write_all(&chunk).await.is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the agent closes a connection whose header block never ends")
+        .unwrap();
+    assert!(sent < (1 << 20), "{sent} bytes accepted before the close");
+}
