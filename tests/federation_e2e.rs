@@ -543,3 +543,47 @@ async fn workloads_in_two_trust_domains_talk_through_their_proxies() {
         side_b.web_agent,
     ));
 }
+
+fn fingerprint(der: &[u8]) -> String {
+    meshca::ca::fingerprint(der)
+}
+
+/// The Python SPIFFE library (PyPI `spiffe`, pinned in
+/// tests/interop/requirements.txt) sees the federated trust domain with its
+/// authorities on both X.509 methods, and our own domain with our roots
+/// (not the hostile federated entry that names it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_spiffe_library_sees_federated_bundles() {
+    support::interop::python();
+    let (a, b, evil) = (test_ca("a"), test_ca("b"), test_ca("evil"));
+    let (_tx, rx) = watch::channel(State {
+        svid: Some(Arc::new(svid(&a, WEB_A))),
+        bundle: Arc::new(Bundle {
+            version: 1,
+            trust_domain: "a.test".into(),
+            roots: vec![a.root.clone()],
+            federated: federated(&[("b.test", &b), ("a.test", &evil)]),
+            federation_version: 1,
+            ..Default::default()
+        }),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let _api =
+        agent::workload_api::serve(sock.clone(), rx, "a.test".into(), std::future::pending())
+            .await
+            .unwrap();
+    let out = support::interop::output(
+        support::interop::python_script("spiffe_federated.py").arg(&sock),
+        Duration::from_secs(60),
+    )
+    .await;
+    let seen = support::interop::last_json(&out);
+    let expected = serde_json::json!({
+        "a.test": [fingerprint(&a.root)],
+        "b.test": [fingerprint(&b.root)],
+    });
+    assert_eq!(seen["spiffe_id"], WEB_A);
+    assert_eq!(seen["fetch_x509_context"], expected, "{out}");
+    assert_eq!(seen["fetch_x509_bundles"], expected, "{out}");
+}
