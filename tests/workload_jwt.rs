@@ -1,7 +1,7 @@
 //! JWT-SVIDs on the agent's SPIFFE Workload API, against a real CA
 //! in-process (its `MintJWTSVID` and published JWT keys), through clients we
-//! did not write: the crates.io `spiffe` crate (workload-api-jwt), the Python
-//! SPIFFE library and PyJWT (tests/interop/spiffe_jwt.py).
+//! did not write: the crates.io `spiffe` crate (workload-api-jwt) and
+//! `jsonwebtoken`.
 #![allow(clippy::unwrap_used)]
 
 mod support;
