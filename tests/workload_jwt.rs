@@ -1,7 +1,8 @@
 //! JWT-SVIDs on the agent's SPIFFE Workload API, against a real CA
 //! in-process (its `MintJWTSVID` and published JWT keys), through clients we
-//! did not write: the crates.io `spiffe` crate (workload-api-jwt) and
-//! `jsonwebtoken`.
+//! did not write: the crates.io `spiffe` crate (workload-api-jwt),
+//! `jsonwebtoken`, the Python SPIFFE library and PyJWT
+//! (tests/interop/spiffe_jwt.py, through tests/support/interop.rs).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -313,4 +314,64 @@ async fn the_jwt_bundle_stream_sends_the_next_key_when_a_rotation_is_prepared() 
         .unwrap();
     assert_eq!(keys(&next).len(), 2, "the prepared root's key is published");
     assert_eq!(keys(&next), ca_kids(&ca).await);
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_spiffe_and_pyjwt_fetch_validate_and_refuse_the_wrong_audience() {
+    let python = support::interop::python();
+    assert!(python.exists());
+    let ca = Ca::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, sock) = agent_with_socket(&ca, dir.path(), "web").await;
+    // What the Rust crate gets for the same audience (the Python client must
+    // get the cached token, byte for byte).
+    let rust_token = spiffe_client(&sock)
+        .await
+        .fetch_jwt_token(["py-audience"], None)
+        .await
+        .unwrap();
+    let out = support::interop::output(
+        support::interop::python_script("spiffe_jwt.py")
+            .arg(&sock)
+            .arg(TD)
+            .arg("py-audience"),
+        Duration::from_secs(60),
+    )
+    .await;
+    let r = support::interop::last_json(&out);
+    let f = &r["fetch_jwt_svid"];
+    assert_eq!(f["spiffe_id"], id("web"));
+    assert_eq!(f["audience"], serde_json::json!(["py-audience"]));
+    assert_eq!(f["token_sha256"], sha256_hex(rust_token.as_bytes()));
+    assert_eq!(
+        r["fetch_jwt_bundles"],
+        serde_json::to_value(ca_kids(&ca).await).unwrap()
+    );
+    assert_eq!(r["validate_jwt_svid"], id("web"));
+    assert_eq!(r["parse_and_validate"], id("web"));
+    let w = &r["wrong_audience"];
+    assert_eq!(w["refused"], true, "{w}");
+    assert!(
+        w["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in the token's aud"),
+        "{w}"
+    );
+    assert_eq!(
+        r["raw_bundle_keys"],
+        serde_json::json!([format!("spiffe://{TD}")])
+    );
+    let p = &r["pyjwt"];
+    assert_eq!(p["sub"], id("web"));
+    assert_eq!(p["use"], "jwt-svid");
+    assert_eq!(p["wrong_audience_refused"], true);
+    assert_eq!(p["kid"], payload_kid(&rust_token));
+}
+
+fn payload_kid(token: &str) -> String {
+    jsonwebtoken::decode_header(token).unwrap().kid.unwrap()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
 }
