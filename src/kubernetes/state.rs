@@ -611,4 +611,52 @@ mod tests {
         );
         assert!(apply(&db, &bad).unwrap_err().contains("revocations.json"));
     }
+
+    #[test]
+    fn jwt_keys_travel_in_the_shared_state_and_bad_ones_are_refused() {
+        let now = std::time::SystemTime::now();
+        let a = tempfile::tempdir().unwrap();
+        let da = DataDir::new(a.path());
+        let id = da
+            .init(&InitOptions::default(), now)
+            .unwrap()
+            .root_fingerprint;
+        crate::trust::manager::TrustManager::open(da.clone(), now).unwrap();
+        let name = format!("root.{id}.jwt.key");
+        let snap = snapshot(&da).unwrap();
+        assert!(snap.contains_key(&name));
+        // Another replica takes the same key (and so the same kid).
+        let b = tempfile::tempdir().unwrap();
+        let db = DataDir::new(b.path());
+        apply(&db, &snap).unwrap();
+        let kid = |d: &DataDir| d.read_jwt_key(&id).unwrap().key_id().to_string();
+        assert_eq!(kid(&db), kid(&da));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(db.jwt_key_path(&id))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A Secret without JWT keys (an older meshca) keeps the local one.
+        let mut old = Snapshot::new();
+        for (k, v) in snap.iter().filter(|(k, _)| **k != name) {
+            old.insert(k.clone(), v.clone());
+        }
+        apply(&db, &old).unwrap();
+        assert_eq!(kid(&db), kid(&da));
+        // An unusable key refuses the whole Secret and writes nothing.
+        let c = tempfile::tempdir().unwrap();
+        let dc = DataDir::new(c.path());
+        let mut bad = Snapshot::new();
+        for (k, v) in snap.iter() {
+            bad.insert(k.clone(), v.clone());
+        }
+        bad.insert(
+            name,
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".to_vec(),
+        );
+        let e = apply(&dc, &bad).unwrap_err();
+        assert!(e.contains(&id) && e.contains("JWT-SVID key"), "{e}");
+        assert!(!dc.jwt_key_path(&id).exists() && !dc.file("rotation.json").exists());
+    }
 }
