@@ -389,3 +389,49 @@ async fn a_header_block_that_never_ends_closes_the_connection() {
         .unwrap();
     assert!(sent < (1 << 20), "{sent} bytes accepted before the close");
 }
+
+/// The same Python library against the `meshca agent` binary (a real
+/// process, its socket given as `SPIFFE_ENDPOINT_SOCKET` would be).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_spiffe_library_works_with_the_agent_binary() {
+    interop::python();
+    let ca = short_lived_ca().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = ca.dir.path().join("data");
+    let token = dir.path().join("token");
+    std::fs::write(&token, dev_token(&data, "shop", "web")).unwrap();
+    let sock = dir.path().join("spiffe/agent.sock");
+    let mut agent = tokio::process::Command::from(meshca_bin());
+    agent
+        .args(["agent", "--ca-address", &ca.addr(), "--ca-server-name"])
+        .arg(&ca.running.server_name)
+        .arg("--bootstrap-bundle")
+        .arg(data.join("bundle.pem"))
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--workload-api-socket")
+        .arg(format!("unix://{}", sock.display()))
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let _agent = agent.spawn().unwrap();
+    wait_until(
+        "the agent binary opens its socket",
+        Duration::from_secs(20),
+        || async { sock.exists() },
+    )
+    .await;
+    let out = interop::output(
+        interop::python_script("spiffe_x509.py")
+            .arg(&sock)
+            .arg(TD)
+            .arg("15"),
+        Duration::from_secs(60),
+    )
+    .await;
+    let v = interop::last_json(&out);
+    check_svid("fetch_x509_svid", &v["fetch_x509_svid"], &id("web"));
+    assert_eq!(strings(&v["fetch_x509_bundles"]), ca_roots(&ca));
+    let src = &v["x509_source"];
+    check_svid("X509Source after renewal", &src["renewed"], &id("web"));
+    assert_ne!(src["first"]["leaf"], src["renewed"]["leaf"]);
+}
