@@ -375,3 +375,142 @@ fn payload_kid(token: &str) -> String {
 fn sha256_hex(b: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, b))
 }
+
+/// `ca`'s current JWT keys as a federated bundle for `td`.
+fn federated_jwt(td: &str, ca: &Ca) -> (String, agent::FederatedBundle) {
+    let keys = ca
+        .running
+        .ca
+        .bundle()
+        .jwt_keys
+        .iter()
+        .map(|k| agent::JwtKey {
+            key_id: k.key_id.clone(),
+            public_key: k.spki_der.clone(),
+            expires_at: k.expires_at,
+        })
+        .collect();
+    (
+        td.to_string(),
+        agent::FederatedBundle {
+            jwt_authorities: keys,
+            ..Default::default()
+        },
+    )
+}
+
+/// `agent`'s Workload API source with `fed` added to every state it
+/// publishes (the bundle a federating CA would stream; injected here so the
+/// test needs no bundle endpoints).
+fn with_federated(
+    agent: &agent::Agent,
+    fed: Vec<(String, agent::FederatedBundle)>,
+) -> agent::workload_api::Source {
+    let src = agent.workload_source();
+    let mut rx = src.state.clone();
+    let (tx, out) = tokio::sync::watch::channel(rx.borrow().clone());
+    tokio::spawn(async move {
+        loop {
+            let mut st = rx.borrow_and_update().clone();
+            let mut b = (*st.bundle).clone();
+            b.federated = fed.iter().cloned().collect();
+            st.bundle = Arc::new(b);
+            if tx.send(st).is_err() || rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    agent::workload_api::Source {
+        state: out,
+        jwt: src.jwt,
+    }
+}
+
+/// A workload in b.test presents its JWT-SVID to a service in a.test: the
+/// a.test agent validates it with b.test's federated JWT bundle, and hands
+/// that bundle out on FetchJWTBundles. Without it, the token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_trust_domains_token_validates_only_with_its_bundle() {
+    let at = |td: &'static str| {
+        Ca::start_with(move |c| c.issuance.mesh.trust_domain = td.parse().unwrap())
+    };
+    let (ca_a, ca_b) = (at("a.test").await, at("b.test").await);
+    let dir = tempfile::tempdir().unwrap();
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let (_b, sock_b) = agent_with_socket(&ca_b, &db, "billing").await;
+    let token = spiffe_client(&sock_b)
+        .await
+        .fetch_jwt_token(["spiffe://a.test/ns/shop/sa/api"], None)
+        .await
+        .unwrap();
+    assert_eq!(payload(&token)["sub"], "spiffe://b.test/ns/shop/sa/billing");
+
+    // a.test's agent, federated with b.test.
+    let data = ca_a.dir.path().join("data");
+    std::fs::write(da.join("t"), dev_token(&data, "shop", "api")).unwrap();
+    let a = agent::start(
+        AgentConfig {
+            ca_address: ca_a.addr(),
+            server_name: ca_a.running.server_name.clone(),
+            bootstrap_bundle: data.join("bundle.pem"),
+            token_file: da.join("t"),
+            requested_ttl: None,
+        },
+        Arc::default(),
+    )
+    .unwrap();
+    a.ready(Duration::from_secs(20)).await.unwrap();
+    let (fed_sock, plain_sock) = (da.join("fed.sock"), da.join("plain.sock"));
+    let fed = with_federated(&a, vec![federated_jwt("b.test", &ca_b)]);
+    agent::workload_api::serve(
+        fed_sock.clone(),
+        fed,
+        "a.test".into(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    agent::workload_api::serve(
+        plain_sock.clone(),
+        a.workload_source(),
+        "a.test".into(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+
+    let client = spiffe_client(&fed_sock).await;
+    let ok = client
+        .validate_jwt_token("spiffe://a.test/ns/shop/sa/api", &token)
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.spiffe_id().to_string(),
+        "spiffe://b.test/ns/shop/sa/billing"
+    );
+    let bundles = client.fetch_jwt_bundles().await.unwrap();
+    let b_td = spiffe::TrustDomain::new("b.test").unwrap();
+    let kid = jsonwebtoken::decode_header(&token).unwrap().kid.unwrap();
+    assert!(bundles
+        .get(&b_td)
+        .unwrap()
+        .find_jwt_authority(&kid)
+        .is_some());
+    assert!(bundles
+        .get(&spiffe::TrustDomain::new("a.test").unwrap())
+        .is_some());
+
+    // The same token where b.test is not federated: untrusted.
+    let e = spiffe_client(&plain_sock)
+        .await
+        .validate_jwt_token("spiffe://a.test/ns/shop/sa/api", &token)
+        .await
+        .unwrap_err();
+    assert!(e.is_invalid_argument(), "{e:?}");
+    assert!(
+        format!("{e}").contains("no JWT bundle for trust domain \"b.test\""),
+        "{e}"
+    );
+}
