@@ -31,6 +31,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod federation;
 pub mod identity;
 pub mod kubernetes;
 pub mod metrics;

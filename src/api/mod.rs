@@ -132,6 +132,8 @@ pub struct Core {
     renewal: Arc<crate::authn::renewal::Renewal>,
     revocations: Arc<crate::revocation::Revocations>,
     metrics: Arc<Metrics>,
+    /// The federated bundles handed out with this domain's (issue 14).
+    federation: Arc<crate::federation::Hub>,
 }
 
 /// Where a grant's authentication comes from: recorded with it, so the
@@ -182,7 +184,13 @@ impl Core {
             )),
             revocations: Arc::new(crate::revocation::Revocations::in_memory(metrics.clone())),
             metrics,
+            federation: Arc::default(),
         }
+    }
+
+    /// The federated bundles (filled by the federation start-up step).
+    pub fn federation(&self) -> &Arc<crate::federation::Hub> {
+        &self.federation
     }
 
     /// Uses `renewal` to decide renewals by certificate (and feeds it every grant).

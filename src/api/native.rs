@@ -64,6 +64,34 @@ fn credential<'a>(
     }
 }
 
+/// Adds the federated bundles (issue 14, part 4) to a bundle message. They
+/// have their own `federation_version`: `version` counts only this trust
+/// domain's anchors, which the rotation gate reads.
+fn with_federated(mut msg: pb::TrustBundle, f: &crate::federation::Federated) -> pb::TrustBundle {
+    msg.federation_version = f.version;
+    msg.federated_bundles = f
+        .bundles
+        .iter()
+        .map(|(td, b)| {
+            let fb = pb::FederatedBundle {
+                x509_authorities: b.x509_authorities.iter().map(|c| c.to_vec()).collect(),
+                jwt_authorities: b
+                    .jwt_keys
+                    .iter()
+                    .map(|k| pb::JwtAuthority {
+                        key_id: k.key_id.clone(),
+                        public_key: k.spki_der.clone(),
+                        expires_at: k.expires_at.map(to_timestamp),
+                    })
+                    .collect(),
+                sequence: b.sequence.unwrap_or_default(),
+            };
+            (td.clone(), fb)
+        })
+        .collect();
+    msg
+}
+
 #[tonic::async_trait]
 impl pb::identity_server::Identity for NativeService {
     async fn certify(
@@ -90,9 +118,9 @@ impl pb::identity_server::Identity for NativeService {
         chain.extend(issued.intermediates.iter().map(|c| c.to_vec()));
         Ok(Response::new(pb::CertifyResponse {
             cert_chain: chain,
-            trust_bundle: Some(bundle_msg(
-                &issued.bundle,
-                self.0.ca.mesh().trust_domain.as_str(),
+            trust_bundle: Some(with_federated(
+                bundle_msg(&issued.bundle, self.0.ca.mesh().trust_domain.as_str()),
+                &self.0.federation().current(),
             )),
             not_after: Some(to_timestamp(issued.not_after)),
             spiffe_id: issued.spiffe_id.to_string(),
@@ -109,9 +137,9 @@ impl pb::identity_server::Identity for NativeService {
         let certs = request.peer_certs();
         self.0
             .check_bundle_caller(certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref()))?;
-        Ok(Response::new(bundle_msg(
-            &self.0.ca.bundle(),
-            self.0.ca.mesh().trust_domain.as_str(),
+        Ok(Response::new(with_federated(
+            bundle_msg(&self.0.ca.bundle(), self.0.ca.mesh().trust_domain.as_str()),
+            &self.0.federation().current(),
         )))
     }
 
@@ -192,6 +220,12 @@ impl pb::identity_server::Identity for NativeService {
         let td = core.ca.mesh().trust_domain.to_string();
         let stall_timeout = core.watchers().settings().stall_timeout;
         let mut inner = tokio_stream::wrappers::WatchStream::new(core.ca.watch_bundle());
+        // Federated bundles change on their own: a change there sends the
+        // same own bundle (same `version`) with the new federated set.
+        let mut fed = tokio_stream::wrappers::WatchStream::new(core.federation().subscribe());
+        let mut fed_open = true;
+        let mut own: Option<Arc<crate::ca::TrustBundle>> = None;
+        let mut federated = core.federation().current();
         let mut done = false;
         let mut sent: Option<(u64, u32)> = None;
         // WatchStream yields the current value at once, then every change.
@@ -223,12 +257,32 @@ impl pb::identity_server::Identity for NativeService {
                     stall_timeout.as_secs_f64()
                 )))));
             }
+            let mut changed = false;
             match std::pin::Pin::new(&mut inner).poll_next(cx) {
                 std::task::Poll::Ready(Some(b)) => {
-                    sent = Some((b.version, 0));
-                    std::task::Poll::Ready(Some(Ok(bundle_msg(&b, &td))))
+                    own = Some(b);
+                    changed = true;
                 }
-                other => other.map(|_| None),
+                std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+                std::task::Poll::Pending => {}
+            }
+            if fed_open {
+                match std::pin::Pin::new(&mut fed).poll_next(cx) {
+                    std::task::Poll::Ready(Some(f)) => {
+                        federated = f;
+                        changed = true;
+                    }
+                    std::task::Poll::Ready(None) => fed_open = false,
+                    std::task::Poll::Pending => {}
+                }
+            }
+            match (&own, changed) {
+                (Some(b), true) => {
+                    sent = Some((b.version, 0));
+                    let msg = with_federated(bundle_msg(b, &td), &federated);
+                    std::task::Poll::Ready(Some(Ok(msg)))
+                }
+                _ => std::task::Poll::Pending,
             }
         });
         Ok(Response::new(Box::pin(stream)))

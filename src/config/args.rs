@@ -309,4 +309,34 @@ pub struct ServeArgs {
     /// locally [default: on in in-cluster mode, else off].
     #[arg(long, env = "MESHCA_WATCH_TOKEN_BINDINGS")]
     pub watch_token_bindings: Option<bool>,
+    /// Serve this trust domain's SPIFFE bundle endpoint (HTTPS) on this
+    /// address [default: off]. See docs/federation.md.
+    #[arg(long, env = "MESHCA_FEDERATION_LISTEN")]
+    pub federation_listen: Option<SocketAddr>,
+    /// The bundle endpoint's profile: https_spiffe (an X509-SVID the CA
+    /// issues itself) or https_web (federation_cert_file/key_file) [default: https_spiffe].
+    #[arg(long, env = "MESHCA_FEDERATION_PROFILE")]
+    pub federation_profile: Option<String>,
+    /// https_web: the endpoint's certificate chain (PEM, leaf first).
+    #[arg(long, env = "MESHCA_FEDERATION_CERT_FILE")]
+    pub federation_cert_file: Option<PathBuf>,
+    /// https_web: the endpoint's private key (PEM).
+    #[arg(long, env = "MESHCA_FEDERATION_KEY_FILE")]
+    pub federation_key_file: Option<PathBuf>,
+    /// The path the bundle is served at [default: /].
+    #[arg(long, env = "MESHCA_FEDERATION_PATH")]
+    pub federation_path: Option<String>,
+    /// The spiffe_refresh_hint this CA publishes [default: 5m].
+    #[arg(long, env = "MESHCA_FEDERATION_REFRESH_HINT")]
+    pub federation_refresh_hint: Option<HumanDuration>,
+    /// Follow another trust domain's bundle endpoint (repeatable):
+    /// `td=example.org,url=https://…,profile=https_spiffe,endpoint_spiffe_id=spiffe://…,bundle=FILE`
+    /// or `td=…,url=…,profile=https_web[,ca=FILE]`. In the environment,
+    /// separate several with `;`. In TOML, an array of such strings or tables.
+    #[arg(
+        long = "federate-with",
+        env = "MESHCA_FEDERATE_WITH",
+        value_delimiter = ';'
+    )]
+    pub federate_with: Option<Vec<crate::federation::settings::FollowSpec>>,
 }

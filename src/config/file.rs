@@ -47,6 +47,8 @@ impl ServeArgs {
             watch_anonymous_per_ip, watch_anonymous_max, grpc_max_connections,
             grpc_max_concurrent_streams, grpc_handshake_timeout, grpc_keepalive_interval,
             grpc_keepalive_timeout, grpc_idle_timeout, grpc_max_header_bytes, renewal_max_age,
+            federation_listen, federation_profile, federation_cert_file, federation_key_file,
+            federation_path, federation_refresh_hint, federate_with,
         ))
     }
 }

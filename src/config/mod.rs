@@ -84,6 +84,8 @@ pub struct ServeConfig {
     pub trust: crate::trust::service::Settings,
     /// JWT-SVIDs: key type and lifetimes.
     pub jwt: crate::ca::jwt::Settings,
+    /// SPIFFE federation: the bundle endpoint and the domains followed.
+    pub federation: crate::federation::settings::Settings,
 }
 
 impl ServeConfig {

@@ -62,6 +62,8 @@ impl ServeArgs {
         trust.validate()?;
         let jwt = self.jwt()?;
         jwt.validate()?;
+        let federation = self.federation()?;
+        federation.validate(&issuance.mesh.trust_domain)?;
         Ok(ServeConfig {
             init_root: self.init_root()?,
             replica: self.replica(),
@@ -80,6 +82,7 @@ impl ServeArgs {
             admin,
             trust,
             jwt,
+            federation,
         })
     }
 
@@ -97,6 +100,52 @@ impl ServeArgs {
                 default_ttl: secs(self.jwt_svid_default_ttl, 300),
                 max_ttl: secs(self.jwt_svid_max_ttl, 3600),
             },
+        })
+    }
+
+    /// The bundle endpoint and the trust domains followed.
+    fn federation(&self) -> Result<crate::federation::settings::Settings, ConfigError> {
+        use crate::federation::settings::{ServeProfile, Settings};
+        let profile = match (
+            self.federation_profile.as_deref(),
+            &self.federation_cert_file,
+            &self.federation_key_file,
+        ) {
+            (None | Some("https_spiffe"), None, None) => ServeProfile::HttpsSpiffe,
+            (None | Some("https_web"), Some(c), Some(k)) => ServeProfile::HttpsWeb {
+                cert_file: c.clone(),
+                key_file: k.clone(),
+            },
+            (Some("https_web"), _, _) => {
+                let why = "https_web needs federation_cert_file and federation_key_file";
+                return Err(InvalidSetting::new("federation_profile", why).into());
+            }
+            (Some("https_spiffe"), _, _) => {
+                let why = "https_spiffe presents the CA's own SVID: federation_cert_file/key_file belong to https_web";
+                return Err(InvalidSetting::new("federation_profile", why).into());
+            }
+            (Some(other), _, _) => {
+                let why = format!("{other:?}: use https_web or https_spiffe");
+                return Err(InvalidSetting::new("federation_profile", why).into());
+            }
+            (None, _, _) => {
+                let why =
+                    "set both federation_cert_file and federation_key_file (profile https_web)";
+                return Err(InvalidSetting::new("federation_cert_file", why).into());
+            }
+        };
+        let d = Settings::default();
+        Ok(Settings {
+            listen: self.federation_listen,
+            profile,
+            path: self.federation_path.clone().unwrap_or(d.path),
+            refresh_hint: self.federation_refresh_hint.map_or(d.refresh_hint, |h| h.0),
+            follow: self
+                .federate_with
+                .iter()
+                .flatten()
+                .map(|f| f.0.clone())
+                .collect(),
         })
     }
 

@@ -7,6 +7,8 @@
 //! the `Arc` to what it builds, so a process running several (the tests)
 //! keeps their series apart. Instruments are atomics: recording takes no lock.
 
+mod federation;
+
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -125,6 +127,7 @@ pub struct Metrics {
     authn_edges: AuthnEdgeMetrics,
     limits: LimitMetrics,
     renewal: RenewalMetrics,
+    federation: federation::FederationMetrics,
 }
 
 /// Registers `metric` under `name` and hands back the caller's handle (a
@@ -392,6 +395,7 @@ impl Metrics {
             authn_edges: AuthnEdgeMetrics::register(r),
             limits: LimitMetrics::register(r),
             renewal: RenewalMetrics::register(r),
+            federation: federation::FederationMetrics::register(r),
             registry,
         }
     }

@@ -16,6 +16,7 @@ mod authn;
 mod ca;
 mod controllers;
 mod drain;
+mod federation;
 mod listener;
 mod services;
 mod tls;
@@ -54,6 +55,8 @@ pub enum Step {
     Listen,
     /// The Kubernetes controllers.
     Controllers,
+    /// Federation: bundle document and endpoint, followers.
+    Federation,
 }
 
 impl std::fmt::Display for Step {
@@ -67,6 +70,7 @@ impl std::fmt::Display for Step {
             Step::Tls => "set up TLS",
             Step::Listen => "listen",
             Step::Controllers => "start the Kubernetes controllers",
+            Step::Federation => "start SPIFFE federation",
         })
     }
 }
@@ -106,6 +110,8 @@ pub struct Running {
     pub leading: Option<watch::Receiver<bool>>,
     /// This server's instruments (what its `/metrics` renders).
     pub metrics: Arc<Metrics>,
+    /// The SPIFFE bundle endpoint's address, when `federation_listen` is set.
+    pub federation_addr: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -182,6 +188,9 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     .await
     .map_err(ServeError::at(Step::Controllers))?;
     controllers::spawn_bundle_file(&cfg, &opened.ca, stop.signal());
+    let federation_addr = federation::start(&cfg, &services.core, &metrics, stop.signal())
+        .await
+        .map_err(ServeError::at(Step::Federation))?;
     let rotation = services.rotation.clone();
     tls.spawn_renewal(opened.ca.clone(), cfg.clone(), rotation, stop.signal());
     let (grpc_addr, admin_addr) = (sockets.grpc_addr, sockets.admin_addr);
@@ -215,6 +224,7 @@ pub async fn start(cfg: ServeConfig) -> Result<Running, ServeError> {
     Ok(Running {
         leading: controllers.leading,
         metrics,
+        federation_addr,
         grpc_addr,
         admin_addr,
         ca: opened.ca,
