@@ -153,7 +153,7 @@ pub enum Refusal {
     #[error("header {0:?} is not allowed in a JWT-SVID (only alg, kid and typ are)")]
     Header(String),
     /// `typ` is neither `JWT` nor `JOSE`.
-    #[error("typ {0:?} is refused: a JWT-SVID's typ is JWT or JOSE")]
+    #[error("typ {0} is refused: a JWT-SVID's typ is JWT or JOSE")]
     Typ(String),
     /// No `kid` header.
     #[error("the token has no kid header: the signing key cannot be chosen")]
@@ -208,6 +208,9 @@ pub struct JwtSvids {
     minter: Option<Arc<dyn Minter>>,
     clock: Arc<dyn Clock>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
+    /// One lock per cache key being minted: concurrent misses for the same
+    /// audience set wait for one CA call instead of each making their own.
+    minting: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for JwtSvids {
@@ -234,6 +237,7 @@ impl JwtSvids {
             minter,
             clock,
             cache: Mutex::new(HashMap::new()),
+            minting: Mutex::new(HashMap::new()),
         }
     }
 
@@ -263,11 +267,30 @@ impl JwtSvids {
             });
         }
         let key = cache_key(ours, &audience);
-        let svid = match self.cached(&key) {
-            Some(svid) => svid,
-            None => self.mint(ours, &audience, key).await?,
+        if let Some(svid) = self.cached(&key) {
+            return Ok(pb::JwtsvidResponse { svids: vec![svid] });
+        }
+        let gate = {
+            let Ok(mut m) = self.minting.lock() else {
+                return Err(JwtError::CaUnavailable("internal lock poisoned".into()));
+            };
+            m.entry(key).or_default().clone()
         };
-        Ok(pb::JwtsvidResponse { svids: vec![svid] })
+        let _turn = gate.lock().await;
+        // Whoever held the turn before us may have cached a token meanwhile.
+        let r = match self.cached(&key) {
+            Some(svid) => Ok(svid),
+            None => self.mint(ours, &audience, key).await,
+        };
+        if let Ok(mut m) = self.minting.lock() {
+            // Waiters already holding this gate still take their turns (and
+            // find the cached token); later requests hit the cache or, after
+            // a failure, start a new gate.
+            if m.get(&key).is_some_and(|g| Arc::ptr_eq(g, &gate)) {
+                m.remove(&key);
+            }
+        }
+        Ok(pb::JwtsvidResponse { svids: vec![r?] })
     }
 
     fn cached(&self, key: &[u8; 32]) -> Option<pb::Jwtsvid> {
@@ -1245,12 +1268,16 @@ mod tests {
         calls: AtomicUsize,
         fail: Mutex<Option<AgentError>>,
         sub: String,
+        slow: bool,
     }
 
     impl Minter for FakeCa {
         fn mint<'a>(&'a self, audience: &'a [String]) -> MintFuture<'a> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.slow {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 if let Some(e) = self.fail.lock().unwrap().take() {
                     return Err(e);
                 }
@@ -1269,6 +1296,10 @@ mod tests {
     }
 
     fn fake(ttl: u64) -> (Arc<FakeCa>, Arc<ManualClock>, JwtSvids) {
+        fake_with(ttl, false)
+    }
+
+    fn fake_with(ttl: u64, slow: bool) -> (Arc<FakeCa>, Arc<ManualClock>, JwtSvids) {
         let clock = Arc::new(ManualClock::new(now()));
         let ca = Arc::new(FakeCa {
             key: Signer::ec("k1", false),
@@ -1277,6 +1308,7 @@ mod tests {
             calls: AtomicUsize::new(0),
             fail: Mutex::new(None),
             sub: WEB.into(),
+            slow,
         });
         let j = JwtSvids::new(Some(ca.clone() as Arc<dyn Minter>), clock.clone());
         (ca, clock, j)
@@ -1315,6 +1347,25 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_ne!(token(&j, &["api", "db"]).await, t1, "at half-life: fresh");
         assert_eq!(ca.calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_first_requests_for_one_audience_set_make_one_ca_call() {
+        let (ca, _clock, j) = fake_with(300, true);
+        let j = Arc::new(j);
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let j = j.clone();
+                tokio::spawn(async move { token(&j, &["api"]).await })
+            })
+            .collect();
+        let mut tokens = Vec::new();
+        for t in tasks {
+            tokens.push(t.await.unwrap());
+        }
+        assert!(tokens.iter().all(|t| *t == tokens[0]));
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 1);
+        assert!(j.minting.lock().unwrap().is_empty(), "no gate left behind");
     }
 
     #[tokio::test]
