@@ -307,6 +307,8 @@ struct Side {
     in_metrics: Arc<Metrics>,
     _api_agent: agent::Agent,
     web_agent: agent::Agent,
+    /// The api agent's Workload API socket.
+    sock: std::path::PathBuf,
     _sock_dir: tempfile::TempDir,
 }
 
@@ -344,6 +346,7 @@ async fn side(
         in_metrics,
         _api_agent: api_agent,
         web_agent,
+        sock: sock_dir.path().join("api.sock"),
         _sock_dir: sock_dir,
     }
 }
@@ -373,7 +376,8 @@ async fn outbound_to(
 }
 
 /// The agent's state with `foreign` CAs' current roots added as federated
-/// bundles: the direct path, for sides whose CA does not follow them.
+/// bundles, for a side whose CA does not follow them (the attacker's own
+/// setup below).
 fn with_foreign(agent: &agent::Agent, foreign: &[(&str, &Ca)]) -> watch::Receiver<State> {
     let fed: BTreeMap<String, FederatedBundle> = foreign
         .iter()
@@ -404,20 +408,131 @@ fn with_foreign(agent: &agent::Agent, foreign: &[(&str, &Ca)]) -> watch::Receive
     out
 }
 
-/// How each side's workloads get the other domain's bundle. Injected
-/// (`with_foreign`) until the CAs follow each other's bundle endpoints.
-async fn federated_view(agent: &agent::Agent, other: (&str, &Ca)) -> watch::Receiver<State> {
-    with_foreign(agent, &[other])
+/// A data directory initialized before its server starts, so the other CA
+/// can be configured with its bundle.pem as the bootstrap bundle.
+fn init_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    meshca::ca::store::DataDir::new(&data)
+        .init(&Default::default(), SystemTime::now())
+        .unwrap();
+    (dir, data)
 }
 
-/// A workload in a.test and one in b.test complete mTLS with each other
-/// through their proxies, both ways, with bytes echoed; the proxies
-/// verify each foreign peer against its own domain's bundle. A proxy whose
-/// allow-list lacks the foreign ID refuses it, and a domain whose bundle a
-/// proxy does not hold is refused.
+/// Following `td`'s bundle endpoint on `port` over https_spiffe, the CA's
+/// own SVID authenticated by `td`'s bundle (bootstrap: its bundle.pem).
+fn spiffe_follow(td: &str, port: u16, data: &std::path::Path) -> String {
+    format!(
+        "td={td},url=https://127.0.0.1:{port}/,profile=https_spiffe,\
+         endpoint_spiffe_id=spiffe://{td}/ns/meshca/sa/meshca,bundle={}",
+        data.join("bundle.pem").display()
+    )
+}
+
+/// A self-signed CA certificate naming `uri` (a trust domain's SPIFFE ID).
+fn ca_naming(uri: &str) -> CertificateDer<'static> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    p.self_signed(&KeyPair::generate().unwrap())
+        .unwrap()
+        .der()
+        .clone()
+}
+
+/// An https_web bundle endpoint that serves, for whoever asks, a bundle
+/// whose authority is b.test's: followed as `c.test`, it is a bundle for
+/// the wrong trust domain. Returns the follow spec (its CA file in `dir`).
+async fn wrong_domain_endpoint(dir: &std::path::Path) -> String {
+    let doc = meshca::trust::spiffe_bundle::SpiffeBundle {
+        x509_authorities: vec![ca_naming("spiffe://b.test")],
+        sequence: Some(1),
+        ..Default::default()
+    }
+    .to_json()
+    .unwrap();
+    let (addr, ca_pem) = support::https_server(Arc::new(move |_req| {
+        let doc = doc.clone();
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            hyper::Response::builder()
+                .header("content-type", "application/json")
+                .body(http_body_util::Full::new(hyper::body::Bytes::from(doc)).boxed())
+                .unwrap()
+        })
+    }))
+    .await;
+    let ca_file = dir.join("wrong-endpoint-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    format!(
+        "td=c.test,url=https://127.0.0.1:{}/,profile=https_web,ca={}",
+        addr.port(),
+        ca_file.display()
+    )
+}
+
+async fn start_ca(
+    (dir, data): (tempfile::TempDir, std::path::PathBuf),
+    td: &str,
+    listen: u16,
+    follow: Vec<String>,
+) -> Ca {
+    let mut cfg = meshca::config::ServeConfig::for_tests(data);
+    cfg.issuance.mesh.trust_domain = td.parse().unwrap();
+    cfg.federation.listen = Some(([127, 0, 0, 1], listen).into());
+    // Followers clamp it to their minimum (5 s): a rotation crosses over soon.
+    cfg.federation.refresh_hint = Duration::from_secs(1);
+    cfg.federation.follow = follow.iter().map(|f| f.parse().unwrap()).collect();
+    let running = meshca::server::start(cfg).await.expect("server starts");
+    Ca { running, dir }
+}
+
+/// Two `meshca serve` in a.test and b.test that federate through their
+/// bundle endpoints (https_spiffe, each bootstrapped with the other's
+/// bundle.pem); a.test also follows c.test at an endpoint that serves a
+/// bundle for another trust domain.
+async fn federated_cas() -> (Ca, Ca) {
+    let (dir_a, dir_b) = (init_dir(), init_dir());
+    let (port_a, port_b) = (closed_port(), closed_port());
+    let follow_a = spiffe_follow("a.test", port_a, &dir_a.1);
+    let follow_b = spiffe_follow("b.test", port_b, &dir_b.1);
+    let wrong = wrong_domain_endpoint(dir_a.0.path()).await;
+    let b = start_ca(dir_b, "b.test", port_b, vec![follow_a]).await;
+    let a = start_ca(dir_a, "a.test", port_a, vec![follow_b, wrong]).await;
+    (a, b)
+}
+
+/// The agent's state once it holds `other`'s current roots as the
+/// federated bundle of `td` (from its CA's bundle stream).
+async fn federated_view(agent: &agent::Agent, (td, other): (&str, &Ca)) -> watch::Receiver<State> {
+    let roots = other.running.ca.bundle().roots.clone();
+    let mut rx = agent.watch();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| {
+            s.bundle
+                .federated
+                .get(td)
+                .is_some_and(|b| b.x509_authorities == roots)
+        }),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("the agent never received {td}'s bundle"))
+    .unwrap();
+    rx
+}
+
+/// Two CAs federated through their bundle endpoints; an agent and proxies
+/// per domain. A workload in a.test and one in b.test complete mTLS with
+/// each other through their proxies, both ways, with bytes echoed; the
+/// proxies verify each foreign peer against its own domain's bundle, which
+/// reached them CA → agent → (Workload API →) proxy. A bundle for the wrong
+/// trust domain never reaches a workload; a proxy whose allow-list lacks
+/// the foreign ID refuses it; a domain whose bundle a proxy does not hold is
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workloads_in_two_trust_domains_talk_through_their_proxies() {
-    let (ca_a, ca_b) = (ca_of("a.test").await, ca_of("b.test").await);
+    let (ca_a, ca_b) = federated_cas().await;
     let dir = tempfile::tempdir().unwrap();
     let (a_api, a_web) = (
         agent_of(&ca_a, dir.path(), "api").await,
@@ -442,6 +557,48 @@ async fn workloads_in_two_trust_domains_talk_through_their_proxies() {
         vec![sid("a.test", "web")],
     )
     .await;
+
+    // The endpoint serving a bundle for the wrong trust domain is refused by
+    // a.test's CA (tests/federation.rs covers the CA side), and no workload
+    // of a.test ever sees c.test: not the agents, not the Workload API.
+    let wrong = "meshca_federation_refresh_failures_total{trust_domain=\"c.test\",reason=\"wrong_trust_domain\"}";
+    support::wait_until(
+        "the wrong-domain bundle is refused",
+        Duration::from_secs(20),
+        || async { ca_a.metric(wrong) >= 1.0 },
+    )
+    .await;
+    let held: Vec<String> = a_web_view
+        .borrow()
+        .bundle
+        .federated
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(held, ["b.test"]);
+    let gauge = metric_value(
+        &side_a.web_agent.metrics().render(),
+        "meshca_agent_federated_bundles",
+    );
+    assert_eq!(gauge, Some(1.0));
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", side_a.sock.display()))
+        .await
+        .unwrap();
+    let b_roots: Vec<Vec<u8>> = ca_b
+        .running
+        .ca
+        .bundle()
+        .roots
+        .iter()
+        .map(|r| r.to_vec())
+        .collect();
+    let seen = client.fetch_x509_bundles().await.unwrap();
+    assert_eq!(seen.len(), 2, "a.test and b.test only");
+    assert_eq!(authorities(&seen, "b.test"), Some(b_roots.clone()));
+    assert_eq!(authorities(&seen, "c.test"), None);
+    let ctx = client.fetch_x509_context().await.unwrap();
+    assert_eq!(ctx.bundle_set().len(), 2, "a.test and b.test only");
+    assert_eq!(authorities(ctx.bundle_set(), "b.test"), Some(b_roots));
 
     // b.test web → (its outbound proxy) → mTLS → a.test api's inbound proxy → echo.
     let b_out_metrics: Arc<Metrics> = Arc::default();
@@ -468,6 +625,42 @@ async fn workloads_in_two_trust_domains_talk_through_their_proxies() {
     assert!(peers(&side_b.in_metrics, "inbound", &sid("a.test", "web")) >= 1.0);
     assert!(peers(&b_out_metrics, "outbound", &sid("a.test", "api")) >= 1.0);
     assert!(peers(&a_out_metrics, "outbound", &sid("b.test", "api")) >= 1.0);
+
+    // A root rotation in b.test (a second root joins its bundle) reaches
+    // a.test's agents as a federation-only change (a.test's own version
+    // stays), and its Workload API clients with it.
+    let a_version = a_web_view.borrow().bundle.version;
+    let (status, body) = ca_b.rotation("prepare", "{}").await;
+    assert_eq!(status, 200, "{body}");
+    let b_roots = ca_b.running.ca.bundle().roots.clone();
+    assert_eq!(b_roots.len(), 2);
+    let mut rx = a_web_view.clone();
+    let st = tokio::time::timeout(
+        Duration::from_secs(30),
+        rx.wait_for(|s| s.bundle.federated["b.test"].x509_authorities == b_roots),
+    )
+    .await
+    .expect("b.test's rotation reaches a.test's agent")
+    .unwrap()
+    .clone();
+    assert_eq!(st.bundle.version, a_version);
+    let b_roots: Vec<Vec<u8>> = b_roots.iter().map(|r| r.to_vec()).collect();
+    support::wait_until(
+        "the rotated b.test bundle on a.test's Workload API",
+        Duration::from_secs(10),
+        || async {
+            authorities(&client.fetch_x509_bundles().await.unwrap(), "b.test")
+                == Some(b_roots.clone())
+        },
+    )
+    .await;
+    // Traffic still flows both ways (new handshakes on the new bundles).
+    flows(b_out.outbound_addr.unwrap(), b"after b.test's rotation")
+        .await
+        .unwrap();
+    flows(a_out.outbound_addr.unwrap(), b"after b.test's rotation")
+        .await
+        .unwrap();
 
     // An a.test proxy whose allow-list lacks the foreign ID refuses it.
     let strict_metrics: Arc<Metrics> = Arc::default();
