@@ -509,3 +509,72 @@ async fn replicas_sign_with_and_publish_the_same_key() {
     let r = pyjwt(&bundle(&a).await.jwt_authorities, &[(&tb, "x")]).await;
     assert_eq!(r[0]["ok"], true, "{}", r[0]);
 }
+
+/// The `jwt-svid` kids of the SPIFFE bundle document in a namespace's
+/// `meshca-trust-bundle` ConfigMap (None while there is none).
+fn configmap_kids(api: &support::kubeapi::Store, ns: &str) -> Option<Vec<String>> {
+    let cm = api.get(
+        &format!("/api/v1/namespaces/{ns}/configmaps"),
+        "meshca-trust-bundle",
+    )?;
+    let doc: Value = serde_json::from_str(cm["data"]["bundle.spiffe.json"].as_str()?).unwrap();
+    let mut kids: Vec<String> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    kids.sort();
+    Some(kids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_configmap_publishes_the_jwt_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kc) = support::kubeapi::start(dir.path()).await;
+    api.add_namespace("shop", json!({"mesh": "on"}));
+    let ca = Ca::start_with(move |c| {
+        c.kubernetes.kubeconfig = Some(kc);
+        c.kubernetes.publish = Some(meshca::config::PublishConfig {
+            namespace_labels: [("mesh".to_string(), "on".to_string())]
+                .into_iter()
+                .collect(),
+            resync: Duration::from_secs(3600),
+            lease: "meshca-leader".into(),
+            lease_duration: Duration::from_secs(2),
+        });
+        c.trust.propagation_wait = Duration::ZERO;
+    })
+    .await;
+    let kids = |ca: &Ca| {
+        let mut k: Vec<String> = ca
+            .running
+            .ca
+            .bundle()
+            .jwt_keys
+            .iter()
+            .map(|k| k.key_id.clone())
+            .collect();
+        k.sort();
+        k
+    };
+    let want = kids(&ca);
+    assert_eq!(want.len(), 1);
+    until(
+        "the ConfigMap carries the JWT key",
+        Duration::from_secs(10),
+        || configmap_kids(&api, "shop") == Some(want.clone()),
+    )
+    .await;
+    // A prepared root's key reaches the ConfigMap before it signs.
+    assert_eq!(ca.rotation("prepare", "{}").await.0, 200);
+    let want = kids(&ca);
+    assert_eq!(want.len(), 2);
+    until(
+        "the ConfigMap carries both keys",
+        Duration::from_secs(10),
+        || configmap_kids(&api, "shop") == Some(want.clone()),
+    )
+    .await;
+}

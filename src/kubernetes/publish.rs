@@ -1,6 +1,7 @@
 //! Publishing the trust bundle as a ConfigMap in every namespace.
 //!
-//! Owns: making `meshca-trust-bundle` (key `ca.crt`, the PEM roots) exist
+//! Owns: making `meshca-trust-bundle` (key `ca.crt`, the PEM roots; key
+//! `bundle.spiffe.json`, the SPIFFE bundle document with the JWT-SVID keys) exist
 //! with the current bundle in every namespace, or in those whose labels
 //! match a selector: created where missing (so a deleted one comes back),
 //! put right where stale or edited. Runs on the leader only, at every
@@ -17,7 +18,8 @@
 //! started) is read once and rewritten only if its `ca.crt` differs.
 //!
 //! Writes are server-side apply (field manager `meshca`, forced): meshca
-//! owns only `data.ca.crt`, its label and its two annotations, so labels,
+//! owns only `data.ca.crt`, `data.bundle.spiffe.json`, its label and its
+//! two annotations (the digest covers both keys), so labels,
 //! annotations, ownerReferences, `binaryData` and other data keys that
 //! others put there stay. Namespaces being deleted (`deletionTimestamp`, or
 //! a 403 `NamespaceTerminating` answer) are skipped quietly and are not
@@ -43,6 +45,10 @@ use cache::{Seen, Side, Touch};
 pub const CONFIGMAP: &str = "meshca-trust-bundle";
 /// The key holding the PEM roots.
 pub const KEY: &str = "ca.crt";
+/// The key holding the SPIFFE bundle document (X.509 authorities and
+/// JWT-SVID keys), the same JSON as `bundle.spiffe.json` in the data
+/// directory and on the federation endpoint.
+pub const SPIFFE_KEY: &str = "bundle.spiffe.json";
 /// The annotation holding the SHA-256 (hex) of the published `ca.crt`, so
 /// the watch cache (metadata only) tells a stale ConfigMap from a current one.
 pub const DIGEST_ANNOTATION: &str = "meshca.io/bundle-sha256";
@@ -57,6 +63,8 @@ pub struct Settings {
     /// Full resync period (compares the caches again; catches anything a
     /// wake-up missed).
     pub resync: Duration,
+    /// The `spiffe_refresh_hint` of the published document.
+    pub refresh_hint: Duration,
 }
 
 /// What one round did.
@@ -87,22 +95,55 @@ pub(crate) fn parse_selector(s: &str) -> Result<BTreeMap<String, String>, String
         .collect()
 }
 
-/// The bundle as published: its PEM, digest and version.
+/// The bundle as published: its PEM, SPIFFE document, digest and version.
 struct Published {
     pem: String,
+    /// Empty if it could not be encoded (logged; `ca.crt` still goes out).
+    spiffe: String,
     digest: String,
     version: u64,
 }
 
 impl Published {
-    fn new(b: &TrustBundle) -> Self {
+    fn new(b: &TrustBundle, refresh_hint: Duration) -> Self {
         let pem = b.to_pem();
-        let digest = hex::encode(ring::digest::digest(&ring::digest::SHA256, pem.as_bytes()));
+        let spiffe = crate::trust::spiffe_bundle::SpiffeBundle::from_trust_bundle(
+            b,
+            b.version,
+            refresh_hint,
+        )
+        .to_json()
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot encode the SPIFFE bundle document for the ConfigMaps");
+            String::new()
+        });
+        // Over both keys: a change of the JWT-SVID keys alone (same roots)
+        // must rewrite the ConfigMaps too.
+        let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+        h.update(pem.as_bytes());
+        h.update(b"\0");
+        h.update(spiffe.as_bytes());
         Self {
             pem,
-            digest,
+            spiffe,
+            digest: hex::encode(h.finish()),
             version: b.version,
         }
+    }
+
+    /// The data keys meshca owns.
+    fn data(&self) -> BTreeMap<String, String> {
+        let mut d = BTreeMap::from([(KEY.to_string(), self.pem.clone())]);
+        if !self.spiffe.is_empty() {
+            d.insert(SPIFFE_KEY.to_string(), self.spiffe.clone());
+        }
+        d
+    }
+
+    /// True when a ConfigMap's data holds exactly what would be published.
+    fn matches(&self, data: Option<&BTreeMap<String, String>>) -> bool {
+        let Some(data) = data else { return false };
+        self.data().iter().all(|(k, v)| data.get(k) == Some(v))
     }
 
     /// The fields meshca owns (server-side apply): nothing else.
@@ -121,7 +162,7 @@ impl Published {
                 ])),
                 ..Default::default()
             },
-            data: Some(BTreeMap::from([(KEY.to_string(), self.pem.clone())])),
+            data: Some(self.data()),
             ..Default::default()
         }
     }
@@ -264,7 +305,7 @@ async fn sync_namespace(
         Step::Create => apply(&api, ns, b).await.map(Done::Created),
         Step::Update => apply(&api, ns, b).await.map(Done::Updated),
         Step::Verify => match api.get_opt(CONFIGMAP).await {
-            Ok(Some(cm)) if cm.data.as_ref().and_then(|d| d.get(KEY)) == Some(&b.pem) => {
+            Ok(Some(cm)) if b.matches(cm.data.as_ref()) => {
                 Ok(Done::Unchanged(cm.metadata.resource_version))
             }
             Ok(Some(_)) => apply(&api, ns, b).await.map(Done::Updated),
@@ -376,7 +417,7 @@ pub async fn run(
             }
             continue;
         }
-        let b = Published::new(&bundle.borrow_and_update());
+        let b = Published::new(&bundle.borrow_and_update(), s.refresh_hint);
         if let Some(r) = round(&client, &caches, &s, &b, &mut known).await {
             report(&metrics, b.version, &r);
         }
@@ -452,6 +493,7 @@ mod tests {
         let s = Settings {
             namespace_labels: BTreeMap::from([("mesh".into(), "on".into())]),
             resync: Duration::from_secs(60),
+            refresh_hint: Duration::from_secs(300),
         };
         let (namespaces, configmaps) = (Side::listed(namespaces), Side::listed(configmaps));
         let (jobs, current, terminating) = plan(&namespaces, &configmaps, &s, "d", &known);
@@ -507,5 +549,38 @@ mod tests {
             "configmaps",
             "NamespaceTerminating"
         )));
+    }
+
+    #[test]
+    fn the_configmap_carries_the_jwt_keys_and_a_jwt_change_alone_rewrites_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = crate::ca::store::DataDir::new(dir.path());
+        let now = std::time::SystemTime::now();
+        d.init(&Default::default(), now).unwrap();
+        let m = crate::trust::manager::TrustManager::open(d, now).unwrap();
+        let b = m.bundle().unwrap();
+        let kid = b.jwt_keys[0].key_id.clone();
+        let hint = Duration::from_secs(300);
+        let p = Published::new(&b, hint);
+        let doc: serde_json::Value =
+            serde_json::from_str(&p.desired("ns").data.unwrap()[SPIFFE_KEY]).unwrap();
+        let jwt: Vec<_> = doc["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["use"] == "jwt-svid")
+            .collect();
+        assert_eq!(jwt.len(), 1);
+        assert_eq!(jwt[0]["kid"], kid.as_str());
+        assert_eq!(doc["spiffe_sequence"], b.version);
+        // Same roots, another JWT key set: another digest, and a ConfigMap
+        // holding the old document no longer matches.
+        let mut other = b.clone();
+        other.jwt_keys.clear();
+        let q = Published::new(&other, hint);
+        assert_eq!(q.pem, p.pem);
+        assert_ne!(q.digest, p.digest);
+        assert!(p.matches(Some(&p.data())));
+        assert!(!q.matches(Some(&p.data())));
     }
 }

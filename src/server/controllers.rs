@@ -219,6 +219,7 @@ fn run_singletons(
                 k8s::publish::Settings {
                     namespace_labels: p.namespace_labels.clone(),
                     resync: p.resync,
+                    refresh_hint: cfg.federation.refresh_hint,
                 },
                 cfg.kubernetes.watch_pacing(),
             ),
