@@ -29,10 +29,9 @@ use crate::identity::SpiffeId;
 use crate::proto::spiffe as pb;
 use crate::util::clock::{Clock, SystemClock};
 
-/// The most audiences one request may name.
-pub const MAX_AUDIENCES: usize = 32;
-/// The longest audience value accepted.
-pub const MAX_AUDIENCE_LEN: usize = 1024;
+/// The most audiences one request may name (the CA's limit: asking for
+/// more could only be refused by it).
+pub const MAX_AUDIENCES: usize = crate::ca::jwt::MAX_AUDIENCES;
 /// The largest token `ValidateJWTSVID` looks at.
 pub const MAX_TOKEN_LEN: usize = 64 * 1024;
 /// How many tokens the cache holds at most (one per identity × audience set).
@@ -82,7 +81,7 @@ pub enum JwtError {
     #[error("{0} audiences requested: at most {MAX_AUDIENCES} are allowed (one is recommended)")]
     TooManyAudiences(usize),
     /// An empty or over-long audience.
-    #[error("audience {0:?} is not usable: audiences must be 1 to {MAX_AUDIENCE_LEN} bytes")]
+    #[error("audience {0}")]
     BadAudience(String),
     /// The requested `spiffe_id` does not parse.
     #[error("spiffe_id {0:?} is not a valid SPIFFE ID: {1}")]
@@ -226,6 +225,8 @@ impl std::fmt::Debug for JwtSvids {
 struct Cached {
     spiffe_id: String,
     token: Zeroizing<String>,
+    /// The `kid` that signed it: served only while the bundle publishes it.
+    kid: String,
     /// Served until then (about half the lifetime); a new one is minted after.
     refresh_at: SystemTime,
 }
@@ -248,9 +249,15 @@ impl JwtSvids {
 
     /// `FetchJWTSVID`: a token for this workload's identity (`ours`, the held
     /// X.509-SVID's SPIFFE ID), from the cache or freshly minted.
+    ///
+    /// `published` is this trust domain's JWT keys in the bundle held now: a
+    /// cached token signed by a key no longer among them (withdrawn after a
+    /// taint, or removed) would be refused by every verifier, so it is not
+    /// served and a new one is minted.
     pub async fn fetch(
         &self,
         ours: Option<&str>,
+        published: &[JwtKey],
         req: pb::JwtsvidRequest,
     ) -> Result<pb::JwtsvidResponse, JwtError> {
         let audience = check_audiences(req.audience)?;
@@ -267,7 +274,7 @@ impl JwtSvids {
             });
         }
         let key = cache_key(ours, &audience);
-        if let Some(svid) = self.cached(&key) {
+        if let Some(svid) = self.cached(&key, published) {
             return Ok(pb::JwtsvidResponse { svids: vec![svid] });
         }
         let gate = {
@@ -278,7 +285,7 @@ impl JwtSvids {
         };
         let _turn = gate.lock().await;
         // Whoever held the turn before us may have cached a token meanwhile.
-        let r = match self.cached(&key) {
+        let r = match self.cached(&key, published) {
             Some(svid) => Ok(svid),
             None => self.mint(ours, &audience, key).await,
         };
@@ -293,10 +300,13 @@ impl JwtSvids {
         Ok(pb::JwtsvidResponse { svids: vec![r?] })
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<pb::Jwtsvid> {
+    fn cached(&self, key: &[u8; 32], published: &[JwtKey]) -> Option<pb::Jwtsvid> {
         let now = self.clock.now();
         let cache = self.cache.lock().ok()?;
-        let hit = cache.get(key).filter(|c| now < c.refresh_at)?;
+        let hit = cache
+            .get(key)
+            .filter(|c| now < c.refresh_at)
+            .filter(|c| published.iter().any(|k| k.key_id == c.kid))?;
         tracing::debug!(audience_set = %short_hash(key), "JWT-SVID served from the cache");
         Some(pb::Jwtsvid {
             spiffe_id: hit.spiffe_id.clone(),
@@ -323,6 +333,7 @@ impl JwtSvids {
         }
         let life = m.expires_at.duration_since(m.issued_at).unwrap_or_default();
         let refresh_at = m.issued_at + life / 2;
+        let kid = token_kid(&m.token).unwrap_or_default();
         tracing::debug!(audience_set = %short_hash(&key), expires_at = %crate::util::clock::rfc3339(m.expires_at), "JWT-SVID minted");
         let svid = pb::Jwtsvid {
             spiffe_id: m.spiffe_id.clone(),
@@ -334,6 +345,7 @@ impl JwtSvids {
             Cached {
                 spiffe_id: m.spiffe_id,
                 token: m.token,
+                kid,
                 refresh_at,
             },
         );
@@ -390,11 +402,13 @@ fn check_audiences(audience: Vec<String>) -> Result<Vec<String>, JwtError> {
     if audience.len() > MAX_AUDIENCES {
         return Err(JwtError::TooManyAudiences(audience.len()));
     }
+    // The CA's own rule (lengths, printable), so the agent never sends a
+    // request that can only be refused, and the limits are stated once.
+    if let Err(e) = crate::ca::jwt::check_audiences(&audience) {
+        return Err(JwtError::BadAudience(e.to_string()));
+    }
     let mut out: Vec<String> = Vec::with_capacity(audience.len());
     for a in audience {
-        if a.is_empty() || a.len() > MAX_AUDIENCE_LEN {
-            return Err(JwtError::BadAudience(a.chars().take(64).collect()));
-        }
         if !out.contains(&a) {
             out.push(a);
         }
@@ -644,6 +658,15 @@ fn decode_json(part: &str, what: &'static str) -> Result<Map<String, Value>, Ref
     match serde_json::from_slice(&bytes) {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(Refusal::Malformed(what)),
+    }
+}
+
+/// The `kid` in a compact JWS's header (None when it has none or is not one).
+fn token_kid(token: &str) -> Option<String> {
+    let header = decode_json(token.split('.').next()?, "header").ok()?;
+    match header.get("kid") {
+        Some(Value::String(k)) => Some(k.clone()),
+        _ => None,
     }
 }
 
@@ -1314,6 +1337,15 @@ mod tests {
         (ca, clock, j)
     }
 
+    /// The bundle's JWT keys: the fake CA's key `k1`.
+    fn published() -> Vec<JwtKey> {
+        vec![JwtKey {
+            key_id: "k1".into(),
+            public_key: Vec::new(),
+            expires_at: None,
+        }]
+    }
+
     fn req(aud: &[&str], id: &str) -> pb::JwtsvidRequest {
         pb::JwtsvidRequest {
             audience: aud.iter().map(|a| a.to_string()).collect(),
@@ -1322,7 +1354,10 @@ mod tests {
     }
 
     async fn token(j: &JwtSvids, aud: &[&str]) -> String {
-        let r = j.fetch(Some(WEB), req(aud, "")).await.unwrap();
+        let r = j
+            .fetch(Some(WEB), &published(), req(aud, ""))
+            .await
+            .unwrap();
         assert_eq!(r.svids.len(), 1);
         assert_eq!(r.svids[0].spiffe_id, WEB);
         r.svids[0].svid.clone()
@@ -1347,6 +1382,21 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_ne!(token(&j, &["api", "db"]).await, t1, "at half-life: fresh");
         assert_eq!(ca.calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// A taint withdraws the key from the bundle at once: every verifier
+    /// then refuses tokens it signed, so the cache must not hand them out.
+    #[tokio::test]
+    async fn a_cached_token_whose_key_left_the_bundle_is_not_served() {
+        let (ca, _clock, j) = fake(300);
+        let t1 = token(&j, &["api"]).await;
+        let withdrawn: Vec<JwtKey> = Vec::new();
+        let r = j
+            .fetch(Some(WEB), &withdrawn, req(&["api"], ""))
+            .await
+            .unwrap();
+        assert_ne!(r.svids[0].svid, t1, "the withdrawn key's token was served");
+        assert_eq!(ca.calls.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1383,36 +1433,44 @@ mod tests {
         let (ca, _clock, j) = fake(300);
         let code = |r: Result<pb::JwtsvidResponse, JwtError>| Status::from(r.unwrap_err()).code();
         assert_eq!(
-            code(j.fetch(Some(WEB), req(&[], "")).await),
+            code(j.fetch(Some(WEB), &published(), req(&[], "")).await),
             tonic::Code::InvalidArgument
         );
         assert_eq!(
-            code(j.fetch(Some(WEB), req(&[""], "")).await),
+            code(j.fetch(Some(WEB), &published(), req(&[""], "")).await),
             tonic::Code::InvalidArgument
         );
         let many: Vec<String> = (0..=MAX_AUDIENCES).map(|i| i.to_string()).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(
-            code(j.fetch(Some(WEB), req(&many, "")).await),
+            code(j.fetch(Some(WEB), &published(), req(&many, "")).await),
             tonic::Code::InvalidArgument
         );
         assert_eq!(
-            code(j.fetch(Some(WEB), req(&["api"], "not-an-id")).await),
+            code(
+                j.fetch(Some(WEB), &published(), req(&["api"], "not-an-id"))
+                    .await
+            ),
             tonic::Code::InvalidArgument
         );
         // Another workload's identity: the spec's PermissionDenied.
         let other = "spiffe://cluster.local/ns/shop/sa/admin";
-        let e = j.fetch(Some(WEB), req(&["api"], other)).await.unwrap_err();
+        let e = j
+            .fetch(Some(WEB), &published(), req(&["api"], other))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains(other), "{e}");
         assert_eq!(Status::from(e).code(), tonic::Code::PermissionDenied);
         // No certificate yet: nothing to authenticate with.
         assert_eq!(
-            code(j.fetch(None, req(&["api"], "")).await),
+            code(j.fetch(None, &published(), req(&["api"], "")).await),
             tonic::Code::Unavailable
         );
         assert_eq!(ca.calls.load(Ordering::SeqCst), 0);
         // Naming our own identity is fine.
-        j.fetch(Some(WEB), req(&["api"], WEB)).await.unwrap();
+        j.fetch(Some(WEB), &published(), req(&["api"], WEB))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -1455,14 +1513,18 @@ mod tests {
         ];
         for (e, want) in cases {
             *ca.fail.lock().unwrap() = Some(e);
-            let s = Status::from(j.fetch(Some(WEB), req(&["api"], "")).await.unwrap_err());
+            let s = Status::from(
+                j.fetch(Some(WEB), &published(), req(&["api"], ""))
+                    .await
+                    .unwrap_err(),
+            );
             assert_eq!(s.code(), want, "{}", s.message());
         }
         assert_eq!(j.cached_len(), 0, "nothing cached from a failure");
         // A CA without a link at all.
         let s = Status::from(
             JwtSvids::without_ca()
-                .fetch(Some(WEB), req(&["api"], ""))
+                .fetch(Some(WEB), &published(), req(&["api"], ""))
                 .await
                 .unwrap_err(),
         );
@@ -1473,7 +1535,10 @@ mod tests {
     async fn a_token_for_another_identity_from_the_ca_is_not_handed_out() {
         let (_ca, _clock, j) = fake(300);
         let other = "spiffe://cluster.local/ns/shop/sa/db";
-        let e = j.fetch(Some(other), req(&["api"], "")).await.unwrap_err();
+        let e = j
+            .fetch(Some(other), &published(), req(&["api"], ""))
+            .await
+            .unwrap_err();
         assert_eq!(Status::from(e).code(), tonic::Code::Unavailable);
         assert_eq!(j.cached_len(), 0);
     }

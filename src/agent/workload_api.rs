@@ -154,15 +154,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
         check_header(&request)?;
-        let ours = self
-            .state
-            .borrow()
-            .svid
-            .as_ref()
-            .map(|s| s.spiffe_id.clone());
+        let (ours, published) = {
+            let st = self.state.borrow();
+            let ours = st.svid.as_ref().map(|s| s.spiffe_id.clone());
+            (ours, st.bundle.jwt_authorities.clone())
+        };
         let r = self
             .jwt
-            .fetch(ours.as_deref(), request.into_inner())
+            .fetch(ours.as_deref(), &published, request.into_inner())
             .await?;
         Ok(Response::new(r))
     }

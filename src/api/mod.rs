@@ -83,8 +83,8 @@ impl Default for Audiences {
     }
 }
 
-/// How the caller proves who it is.
-#[derive(Debug)]
+/// How the caller proves who it is. `Debug` never shows the token (a
+/// `?input` in a log line must not leak a bearer credential).
 pub enum Credential<'a> {
     /// A bearer token.
     Token(&'a str),
@@ -92,6 +92,16 @@ pub enum Credential<'a> {
     PeerCertificate(&'a CertificateDer<'static>),
     /// Nothing.
     None,
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Token(t) => write!(f, "Token(<{} bytes, redacted>)", t.len()),
+            Credential::PeerCertificate(_) => f.write_str("PeerCertificate"),
+            Credential::None => f.write_str("None"),
+        }
+    }
 }
 
 /// One certificate request, whatever API it came through.
@@ -676,6 +686,14 @@ pub(crate) fn to_timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `?input` in some future log line must not print the bearer token.
+    #[test]
+    fn debug_output_of_a_credential_never_shows_the_token() {
+        let shown = format!("{:?}", Credential::Token("eyJhbGciOi.secret-part.sig"));
+        assert!(!shown.contains("secret-part"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+    }
 
     fn who(sa: &str, pod_uid: Option<&str>) -> Authenticated {
         Authenticated {

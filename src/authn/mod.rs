@@ -92,7 +92,7 @@ pub enum Verdict {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuthnError {
     /// No token was presented.
-    #[error("no credential: send a Kubernetes service-account token (renewal over mTLS with a meshca certificate, and no token, works only on meshca.v1.Identity/Certify)")]
+    #[error("no credential: send a Kubernetes service-account token (or, on meshca.v1.Identity Certify and MintJWTSVID only, present a still-valid meshca client certificate over mTLS and no token)")]
     Missing,
     /// The token is larger than [`MAX_TOKEN_BYTES`].
     #[error("token is {0} bytes, more than the 16384-byte limit")]

@@ -263,6 +263,29 @@ mod tests {
     /// legacy token for our audiences) but stays accepted, from the flag,
     /// the environment's spelling and the file, so that a configuration
     /// naming it still starts; it is no longer advertised in `--help`.
+    /// Review finding: with `max_ttl` 60s and `jwt_svid_max_ttl` 1h, a
+    /// retire one minute after activation deleted a JWT key whose tokens had
+    /// 58 minutes left. The gates now wait for the longer of the two.
+    #[test]
+    fn rotation_gates_wait_out_the_longest_jwt_svid_too() {
+        use clap::Parser;
+        let c = Cmd::try_parse_from([
+            "x",
+            "--max-ttl",
+            "60s",
+            "--min-ttl",
+            "10s",
+            "--default-ttl",
+            "60s",
+            "--jwt-svid-max-ttl",
+            "1h",
+        ])
+        .unwrap();
+        let s = c.serve.resolve().unwrap();
+        assert_eq!(s.issuance.max_ttl, Duration::from_secs(60));
+        assert_eq!(s.trust.max_leaf_ttl, Duration::from_secs(3600));
+    }
+
     #[test]
     fn the_retired_allow_legacy_tokens_is_still_accepted_but_hidden() {
         use clap::{CommandFactory, Parser};

@@ -58,10 +58,14 @@ impl ServeArgs {
             let why = crate::kubernetes::settings::NEEDS_KUBECONFIG;
             return Err(InvalidSetting::new("jwks_kubernetes", why).into());
         }
-        let trust = self.trust(issuance.max_ttl);
-        trust.validate()?;
         let jwt = self.jwt()?;
         jwt.validate()?;
+        let mut trust = self.trust(issuance.max_ttl);
+        // A root's JWT key is deleted with the root: the rotation gates must
+        // wait out its longest-lived JWT-SVID as well as its longest leaf, or
+        // a retire could delete a key whose tokens still verify elsewhere.
+        trust.max_leaf_ttl = trust.max_leaf_ttl.max(jwt.policy.max_ttl);
+        trust.validate()?;
         let federation = self.federation()?;
         federation.validate(&issuance.mesh.trust_domain)?;
         Ok(ServeConfig {
