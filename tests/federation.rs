@@ -396,4 +396,32 @@ async fn bad_bundles_are_refused_with_their_reason_and_the_last_good_one_is_kept
         );
         assert_eq!(held.sequence, 5);
     }
+    // The operator sees the state, and the last refusal in words.
+    let (code, text) = meshca::client::admin::request(
+        "GET",
+        &format!("http://{}/federation", a.running.admin_addr),
+        Some(&a.admin_token()),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let d = &v["trust_domains"][0];
+    assert_eq!(d["trust_domain"], B);
+    assert_eq!(d["sequence"], 5);
+    assert!(d["consecutive_failures"].as_u64().unwrap() >= 1, "{d}");
+    assert!(
+        d["last_error"].as_str().unwrap().contains("malformed"),
+        "{d}"
+    );
+    let (code, _) = meshca::client::admin::request(
+        "GET",
+        &format!("http://{}/federation", a.running.admin_addr),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 401, "the status needs the admin token");
 }

@@ -9,6 +9,7 @@
 
 pub mod audit;
 mod error;
+pub(crate) mod federation;
 pub(crate) mod guard;
 pub mod probes;
 pub(crate) mod revocation;
@@ -47,6 +48,8 @@ pub(crate) struct Endpoints {
     pub(crate) allowed_hosts: Vec<String>,
     /// This server's instruments (what `/metrics` renders).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// The followed trust domains (`GET /federation`).
+    pub(crate) federation: Arc<crate::federation::Hub>,
 }
 
 /// The admin router: open probes and metrics, token-protected operator and
@@ -56,7 +59,8 @@ pub(crate) fn router(e: Endpoints) -> Router {
     // For operators and auditors: the admin token on every method. Every
     // route that reads or changes CA state (revocation too) belongs here.
     let protected = rotation::routes(e.rotation, &e.admin_token)
-        .merge(revocation::routes(e.revocations, &e.admin_token));
+        .merge(revocation::routes(e.revocations, &e.admin_token))
+        .merge(federation::routes(e.federation));
     let protected = match e.audit {
         Some(log) => protected.merge(audit::routes(log)),
         None => protected,

@@ -18,6 +18,7 @@ mod audit;
 mod bench;
 mod certify;
 mod error;
+mod federation;
 mod init;
 mod inspect;
 mod output;
@@ -68,6 +69,9 @@ pub enum Command {
     /// Trust-anchor and issuer lifecycle.
     #[command(subcommand)]
     Rotation(rotation::RotationCommand),
+    /// SPIFFE federation: the trust domains a running server follows.
+    #[command(subcommand)]
+    Federation(federation::FederationCommand),
     /// The kill switch: revoke a certificate serial (it can no longer renew)
     /// or deny an identity (refused on every API), lift either, or list them.
     Revoke(revoke::RevokeArgs),
@@ -91,6 +95,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Bench(args) => Ok(bench::run(args).await?),
         Command::Audit(cmd) => Ok(audit::run(cmd)?),
         Command::Rotation(cmd) => rotation::run(cmd).await,
+        Command::Federation(cmd) => federation::run(cmd).await,
         Command::Revoke(args) => revoke::run(args).await,
         Command::Agent(args) => Ok(sidecar::run_agent(args).await?),
         Command::Proxy(args) => Ok(sidecar::run_proxy(args).await?),

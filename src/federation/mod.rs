@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::trust::spiffe_bundle::SpiffeBundle;
@@ -35,7 +35,7 @@ pub struct Federated {
 }
 
 /// What the status report says about one followed trust domain.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DomainStatus {
     /// The trust domain.
     pub trust_domain: String,

@@ -48,6 +48,7 @@ pub(super) fn serve(
         listen,
         allowed_hosts: cfg.admin.admin_allowed_hosts.clone(),
         metrics,
+        federation: services.core.federation().clone(),
     });
     tokio::spawn(async move {
         let r = axum::serve(listener, router)
