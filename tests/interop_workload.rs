@@ -435,3 +435,228 @@ async fn the_python_spiffe_library_works_with_the_agent_binary() {
     check_svid("X509Source after renewal", &src["renewed"], &id("web"));
     assert_ne!(src["first"]["leaf"], src["renewed"]["leaf"]);
 }
+
+// ---- The socket's HTTP/2 limits and connection errors (issue 14 review) ----
+
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+/// A FetchX509Bundles request's header block (a stream that stays open).
+fn bundles_request() -> Vec<u8> {
+    let field = |n: &str, v: &str| Field {
+        name: n.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+        never_indexed: false,
+    };
+    encode_literals(&[
+        field(":method", "POST"),
+        field(":scheme", "http"),
+        field(":path", "/SpiffeWorkloadAPI/FetchX509Bundles"),
+        field(":authority", "localhost"),
+        field("content-type", "application/grpc"),
+        field("te", "trailers"),
+        field("workload.spiffe.io", "true"),
+    ])
+}
+
+/// A client connection: preface, empty SETTINGS, and the ACK of the server's.
+async fn h2_client(sock: &Path) -> tokio::net::UnixStream {
+    let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    wire.extend(h2_frame(0x4, 0, 0, &[]));
+    wire.extend(h2_frame(0x4, 0x1, 0, &[]));
+    s.write_all(&wire).await.unwrap();
+    s
+}
+
+/// The next frame the server sends: (type, flags, stream, payload), or None
+/// at the end of the connection.
+async fn next_frame<R: AsyncReadExt + Unpin>(s: &mut R) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut h = [0u8; 9];
+    match tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut h))
+        .await
+        .expect("the server answers or closes within 10 s")
+    {
+        Ok(_) => {}
+        Err(_) => return None,
+    }
+    let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+    let mut payload = vec![0; len];
+    s.read_exact(&mut payload).await.ok()?;
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    Some((h[3], h[4], stream, payload))
+}
+
+const GOAWAY: u8 = 0x7;
+
+/// Reads until a GOAWAY (its error code and debug text) or the end.
+async fn goaway<R: AsyncReadExt + Unpin>(s: &mut R) -> Option<(u32, String)> {
+    while let Some((kind, _, _, p)) = next_frame(s).await {
+        if kind == GOAWAY {
+            let code = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+            return Some((code, String::from_utf8_lossy(&p[8..]).into_owned()));
+        }
+    }
+    None
+}
+
+/// Attack (review finding 2): HEADERS without END_HEADERS, then zero-length
+/// CONTINUATION frames without end. They add no bytes, so a byte bound never
+/// trips; the frame count must. Answered as h2 answers on TCP:
+/// GOAWAY(ENHANCE_YOUR_CALM), then the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_length_continuation_flood_gets_goaway_enhance_your_calm() {
+    let ca = Ca::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, sock) = agent_with_socket(&ca, dir.path(), "web").await;
+    let s = h2_client(&sock).await;
+    let (mut r, mut w) = s.into_split();
+    w.write_all(&h2_frame(0x1, 0, 1, &[0x82])).await.unwrap();
+    let flood = tokio::spawn(async move {
+        let batch = h2_frame(0x9, 0, 1, &[]).repeat(1000);
+        let mut sent = 0usize;
+        while sent < 200_000 && w.write_all(&batch).await.is_ok() {
+            sent += 1000;
+        }
+        sent
+    });
+    let got = goaway(&mut r).await;
+    assert_eq!(
+        got.as_ref().map(|g| g.0),
+        Some(0xb),
+        "want GOAWAY(ENHANCE_YOUR_CALM), got {got:?}"
+    );
+    assert!(got.unwrap().1.contains("CONTINUATION"));
+    assert!(
+        next_frame(&mut r).await.is_none(),
+        "closed after the GOAWAY"
+    );
+    let sent = tokio::time::timeout(Duration::from_secs(10), flood)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(sent < 200_000, "all {sent} frames accepted");
+}
+
+/// Attack (review finding 3): one connection opening streams without limit.
+/// The server advertises SETTINGS_MAX_CONCURRENT_STREAMS = 100 and refuses
+/// the 101st open stream (RST_STREAM(REFUSED_STREAM)); the 100th is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_refuses_the_101st_concurrent_stream() {
+    let ca = Ca::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, sock) = agent_with_socket(&ca, dir.path(), "web").await;
+    let mut s = h2_client(&sock).await;
+    let (kind, flags, _, settings) = next_frame(&mut s).await.unwrap();
+    assert_eq!((kind, flags), (0x4, 0), "the server's SETTINGS first");
+    let max_streams = settings
+        .chunks(6)
+        .find(|p| p[..2] == [0, 3])
+        .map(|p| u32::from_be_bytes([p[2], p[3], p[4], p[5]]));
+    assert_eq!(max_streams, Some(100), "SETTINGS_MAX_CONCURRENT_STREAMS");
+    let block = bundles_request();
+    let mut wire = Vec::new();
+    for i in 0..101u32 {
+        wire.extend(h2_frame(0x1, 0x4, 2 * i + 1, &block));
+        wire.extend(h2_frame(0x0, 0x1, 2 * i + 1, &[0, 0, 0, 0, 0]));
+    }
+    s.write_all(&wire).await.unwrap();
+    let (mut hundredth, mut refused) = (None, None);
+    while hundredth.is_none() || refused.is_none() {
+        let (kind, _, stream, p) = next_frame(&mut s).await.expect("connection open");
+        assert_ne!(kind, GOAWAY, "{:?}", String::from_utf8_lossy(&p));
+        match stream {
+            199 if hundredth.is_none() => hundredth = Some(kind),
+            201 if refused.is_none() => refused = Some((kind, p)),
+            _ => {}
+        }
+    }
+    assert_eq!(hundredth, Some(0x1), "the 100th stream gets its response");
+    assert_eq!(
+        refused,
+        Some((0x3, vec![0, 0, 0, 7])),
+        "the 101st: RST_STREAM(REFUSED_STREAM)"
+    );
+}
+
+/// Attack (review finding 4): 17,000 bytes of metadata (above the advertised
+/// 16 KiB header list) must cost only that stream: it is refused (431 or a
+/// reset), while the connection, an open stream on it and the HPACK state
+/// carry on — the next request refers to a dynamic-table entry the
+/// over-size block added, and is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_size_header_list_refuses_only_its_stream() {
+    let ca = Ca::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, sock) = agent_with_socket(&ca, dir.path(), "web").await;
+    let mut s = h2_client(&sock).await;
+    let mut wire = h2_frame(0x1, 0x4, 1, &bundles_request());
+    wire.extend(h2_frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+    // Stream 3: "x-meta: 17,000 bytes" plus "x-trace: abc" with incremental
+    // indexing (dynamic table index 62).
+    let mut big = bundles_request();
+    big.extend(encode_literals(&[Field {
+        name: b"x-meta".to_vec(),
+        value: vec![b'a'; 17_000],
+        never_indexed: false,
+    }]));
+    big.extend([0x40, 7]);
+    big.extend(b"x-trace");
+    big.extend([3]);
+    big.extend(b"abc");
+    let (a, b) = big.split_at(16_000);
+    wire.extend(h2_frame(0x1, 0, 3, a));
+    wire.extend(h2_frame(0x9, 0x4, 3, b));
+    // Stream 5: a normal request that also sends x-trace by index (0xbe).
+    let mut next = bundles_request();
+    next.push(0xbe);
+    wire.extend(h2_frame(0x1, 0x4, 5, &next));
+    wire.extend(h2_frame(0x0, 0x1, 5, &[0, 0, 0, 0, 0]));
+    s.write_all(&wire).await.unwrap();
+    let (mut first, mut over, mut after) = (None, None, None);
+    while first.is_none() || over.is_none() || after.is_none() {
+        let Some((kind, _, stream, p)) = next_frame(&mut s).await else {
+            panic!("connection closed: first {first:?}, over-size {over:?}, after {after:?}");
+        };
+        assert_ne!(kind, GOAWAY, "{:?}", String::from_utf8_lossy(&p));
+        let slot = match stream {
+            1 => &mut first,
+            3 => &mut over,
+            5 => &mut after,
+            _ => continue,
+        };
+        slot.get_or_insert(kind);
+    }
+    assert_eq!(first, Some(0x1), "the open stream is answered");
+    assert!(
+        matches!(over, Some(0x1 | 0x3)),
+        "the over-size stream: 431 HEADERS or RST_STREAM, got {over:?}"
+    );
+    assert_eq!(after, Some(0x1), "the next request is answered");
+}
+
+/// Review finding 4: a dynamic table size update above the advertised 4096
+/// (here 8192) is an HPACK error: GOAWAY(COMPRESSION_ERROR) with a debug
+/// text, not a silent EOF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hpack_error_gets_goaway_compression_error() {
+    let ca = Ca::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (_a, sock) = agent_with_socket(&ca, dir.path(), "web").await;
+    let mut s = h2_client(&sock).await;
+    let mut block = vec![0x3f, 0xe1, 0x3f]; // size update: 8192
+    block.extend(bundles_request());
+    s.write_all(&h2_frame(0x1, 0x5, 1, &block)).await.unwrap();
+    let got = goaway(&mut s).await;
+    assert_eq!(got.as_ref().map(|g| g.0), Some(0x9), "{got:?}");
+    assert!(got.unwrap().1.contains("8192"));
+    assert!(
+        next_frame(&mut s).await.is_none(),
+        "closed after the GOAWAY"
+    );
+}

@@ -27,8 +27,8 @@ use crate::proto::spiffe as pb;
 use pb::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 
 // Serving the socket lives in `agent::socket`; these paths stay for callers.
-pub use super::socket::serve;
 pub(crate) use super::socket::socket_path;
+pub use super::socket::{serve, serve_claimed, SocketClaim, DEFAULT_SOCKET_MODE};
 
 /// The metadata every Workload API request must carry.
 pub(crate) const SECURITY_HEADER: &str = "workload.spiffe.io";

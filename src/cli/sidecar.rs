@@ -82,6 +82,10 @@ pub struct AgentArgs {
     /// Serve the SPIFFE Workload API on this Unix socket (unix:///path or /path).
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
     pub workload_api_socket: Option<String>,
+    /// The Workload API socket's file mode, octal (default 666: any local
+    /// uid may connect; the socket's directory is the access boundary).
+    #[arg(long, env = "MESHCA_WORKLOAD_API_SOCKET_MODE", value_parser = parse_mode)]
+    pub workload_api_socket_mode: Option<u32>,
     /// Admin HTTP (/metrics, /live, /ready).
     #[arg(long, env = "MESHCA_AGENT_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
@@ -190,6 +194,17 @@ async fn admin(
     Ok(())
 }
 
+/// An octal file mode such as 660 or 0o660.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "{s:?} is not a file mode; give octal permission bits such as 660 or 666"
+        )),
+    }
+}
+
 /// Runs `meshca agent` until a signal.
 pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), crate::cli::Error> {
     let _log = crate::cli::init_logging(args.log_format);
@@ -205,9 +220,13 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), crate::cli::Error> 
         Some(s) => {
             let path = agent::workload_api::socket_path(s)?;
             let mut stop = stop_rx.clone();
-            Some((
-                agent::workload_api::serve(
-                    path.clone(),
+            let mode = args
+                .workload_api_socket_mode
+                .unwrap_or(agent::workload_api::DEFAULT_SOCKET_MODE);
+            Some(
+                agent::workload_api::serve_claimed(
+                    path,
+                    mode,
                     a.workload_source(),
                     args.ca.trust_domain.clone(),
                     async move {
@@ -215,8 +234,7 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), crate::cli::Error> 
                     },
                 )
                 .await?,
-                path,
-            ))
+            )
         }
         None => None,
     };
@@ -232,9 +250,10 @@ pub(crate) async fn run_agent(args: AgentArgs) -> Result<(), crate::cli::Error> 
     shutdown_signal().await;
     tracing::info!("agent stopping");
     let _ = stop_tx.send(true);
-    if let Some((task, path)) = api {
+    if let Some((task, claim)) = api {
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-        let _ = std::fs::remove_file(path);
+        // Only if still ours: never a successor's socket.
+        claim.release();
     }
     a.stop();
     Ok(())

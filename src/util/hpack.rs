@@ -49,10 +49,27 @@ pub enum HpackError {
     /// A dynamic table size update after a header field.
     #[error("dynamic table size update after a header field")]
     LateSizeUpdate,
-    /// The decoded header list exceeds the bound.
+    /// The decoded header list exceeds the abuse bound (a multiple of the
+    /// advertised limit): decoding stops, a connection error.
     #[error("the header list is larger than {0} bytes")]
     TooLarge(usize),
 }
+
+/// A decoded header block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    /// The fields, in order; empty when `over_size`.
+    pub fields: Vec<Field>,
+    /// The list exceeded the advertised limit: the whole block was still
+    /// decoded (so the dynamic table stays in step with the encoder's) but
+    /// its fields were dropped; the stream, not the connection, is refused.
+    pub over_size: bool,
+}
+
+/// How far past the advertised list size a block is still decoded (to keep
+/// the dynamic table in step) before the connection is given up, as h2's
+/// `MAX_HEADER_LIST_ABUSE_MULTIPLIER` does.
+const ABUSE_MULTIPLIER: usize = 4;
 
 /// The RFC 7541 Appendix A static table (index 1 is the first entry).
 const STATIC: [(&str, &str); 61] = [
@@ -290,9 +307,11 @@ impl Decoder {
         Ok((name, read_string(buf)?))
     }
 
-    /// Decodes one complete header block; fails when the decoded list
-    /// (RFC 9113 size: name + value + 32 per field) exceeds `max_list`.
-    pub fn decode(&mut self, mut block: &[u8], max_list: usize) -> Result<Vec<Field>, HpackError> {
+    /// Decodes one complete header block. A decoded list (RFC 9113 size:
+    /// name + value + 32 per field) above `max_list` is reported as
+    /// [`Decoded::over_size`]; above `ABUSE_MULTIPLIER` times that, decoding
+    /// fails ([`HpackError::TooLarge`]).
+    pub fn decode(&mut self, mut block: &[u8], max_list: usize) -> Result<Decoded, HpackError> {
         let mut fields = Vec::new();
         let mut list_size = 0usize;
         while let Some(&b) = block.first() {
@@ -304,7 +323,7 @@ impl Decoder {
                 self.insert(n.clone(), v.clone());
                 (n, v, false)
             } else if b & 0x20 != 0 {
-                if !fields.is_empty() {
+                if list_size > 0 {
                     return Err(HpackError::LateSizeUpdate);
                 }
                 let size = read_int(&mut block, 5)?;
@@ -319,16 +338,25 @@ impl Decoder {
                 (n, v, b & 0x10 != 0)
             };
             list_size += entry_size(&name, &value);
-            if list_size > max_list {
-                return Err(HpackError::TooLarge(max_list));
+            if list_size > max_list.saturating_mul(ABUSE_MULTIPLIER) {
+                return Err(HpackError::TooLarge(
+                    max_list.saturating_mul(ABUSE_MULTIPLIER),
+                ));
             }
-            fields.push(Field {
-                name,
-                value,
-                never_indexed,
-            });
+            if list_size > max_list {
+                fields.clear();
+            } else {
+                fields.push(Field {
+                    name,
+                    value,
+                    never_indexed,
+                });
+            }
         }
-        Ok(fields)
+        Ok(Decoded {
+            fields,
+            over_size: list_size > max_list,
+        })
     }
 }
 
@@ -409,7 +437,7 @@ mod tests {
             ],
         ] {
             let mut d = Decoder::new(4096);
-            let first = d.decode(&hex(blocks[0]), 1 << 16).unwrap();
+            let first = d.decode(&hex(blocks[0]), 1 << 16).unwrap().fields;
             assert_eq!(
                 pairs(&first),
                 want(&[
@@ -420,7 +448,7 @@ mod tests {
                 ])
             );
             assert_eq!(d.size, 57);
-            let second = d.decode(&hex(blocks[1]), 1 << 16).unwrap();
+            let second = d.decode(&hex(blocks[1]), 1 << 16).unwrap().fields;
             assert_eq!(
                 pairs(&second)[3],
                 pairs(&first)[3],
@@ -430,7 +458,7 @@ mod tests {
                 pairs(&second)[4],
                 ("cache-control".into(), "no-cache".into())
             );
-            let third = d.decode(&hex(blocks[2]), 1 << 16).unwrap();
+            let third = d.decode(&hex(blocks[2]), 1 << 16).unwrap().fields;
             assert_eq!(
                 pairs(&third),
                 want(&[
@@ -459,7 +487,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.size, 222);
-        let second = d.decode(&hex("4803 3330 37c1 c0bf"), 1 << 16).unwrap();
+        let second = d
+            .decode(&hex("4803 3330 37c1 c0bf"), 1 << 16)
+            .unwrap()
+            .fields;
         assert_eq!(pairs(&second)[0], (":status".into(), "307".into()));
         assert_eq!(pairs(&second)[3].0, "location");
         assert_eq!(d.size, 222);
@@ -495,8 +526,34 @@ mod tests {
     fn bounds_the_decoded_list() {
         // ":method: GET" is 7 + 3 + 32 = 42 bytes.
         let mut d = Decoder::new(4096);
-        assert_eq!(d.decode(&hex("82 82"), 83), Err(HpackError::TooLarge(83)));
-        assert_eq!(d.decode(&hex("82 82"), 84).unwrap().len(), 2);
+        let over = d.decode(&hex("82 82"), 83).unwrap();
+        assert!(over.over_size && over.fields.is_empty(), "{over:?}");
+        let fits = d.decode(&hex("82 82"), 84).unwrap();
+        assert!(!fits.over_size);
+        assert_eq!(fits.fields.len(), 2);
+        // Beyond four times the limit decoding stops: a connection error.
+        assert_eq!(
+            d.decode(&hex("82 82 82 82 82"), 42),
+            Err(HpackError::TooLarge(168))
+        );
+    }
+
+    /// An over-size block is still decoded to its end: the entries it adds
+    /// to the dynamic table are there for the next block (else every later
+    /// block on the connection would decode wrongly).
+    #[test]
+    fn an_over_size_block_keeps_the_dynamic_table_in_step() {
+        let mut d = Decoder::new(4096);
+        // 82, then "custom-key: custom-value" with incremental indexing.
+        let block = hex("82 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65");
+        assert!(d.decode(&block, 50).unwrap().over_size);
+        let next = d.decode(&hex("be"), 1 << 16).unwrap();
+        assert_eq!(pairs(&next.fields), want(&[("custom-key", "custom-value")]));
+        // A size update after an (over-size, dropped) field is still late.
+        assert_eq!(
+            d.decode(&hex("82 82 3f e1 1f"), 50),
+            Err(HpackError::LateSizeUpdate)
+        );
     }
 
     #[test]
@@ -509,7 +566,10 @@ mod tests {
         .unwrap();
         assert_eq!(d.table.len(), 1);
         // Size 0 (flush), then an indexed static field.
-        assert_eq!(pairs(&d.decode(&hex("20 82"), 1 << 16).unwrap()).len(), 1);
+        assert_eq!(
+            pairs(&d.decode(&hex("20 82"), 1 << 16).unwrap().fields).len(),
+            1
+        );
         assert!(d.table.is_empty());
         assert_eq!(d.decode(&hex("be"), 1 << 16), Err(HpackError::BadIndex(62)));
     }
@@ -530,7 +590,7 @@ mod tests {
         ];
         let block = encode_literals(&fields);
         let mut d = Decoder::new(4096);
-        assert_eq!(d.decode(&block, 1 << 16).unwrap(), fields);
+        assert_eq!(d.decode(&block, 1 << 16).unwrap().fields, fields);
         assert!(d.table.is_empty());
     }
 }
