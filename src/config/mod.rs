@@ -284,6 +284,22 @@ mod tests {
         let s = c.serve.resolve().unwrap();
         assert_eq!(s.issuance.max_ttl, Duration::from_secs(60));
         assert_eq!(s.trust.max_leaf_ttl, Duration::from_secs(3600));
+        // Unset, the JWT-SVID maximum follows a shorter max_ttl, so the
+        // gates wait for nothing longer than a certificate.
+        let c = Cmd::try_parse_from([
+            "x",
+            "--max-ttl",
+            "2s",
+            "--min-ttl",
+            "1s",
+            "--default-ttl",
+            "2s",
+        ])
+        .unwrap();
+        let s = c.serve.resolve().unwrap();
+        assert_eq!(s.jwt.policy.max_ttl, Duration::from_secs(2));
+        assert_eq!(s.jwt.policy.default_ttl, Duration::from_secs(2));
+        assert_eq!(s.trust.max_leaf_ttl, Duration::from_secs(2));
     }
 
     #[test]

@@ -58,7 +58,16 @@ impl ServeArgs {
             let why = crate::kubernetes::settings::NEEDS_KUBECONFIG;
             return Err(InvalidSetting::new("jwks_kubernetes", why).into());
         }
-        let jwt = self.jwt()?;
+        let mut jwt = self.jwt()?;
+        if self.jwt_svid_max_ttl.is_none() {
+            // Unset: a JWT-SVID lives no longer than a certificate may, so
+            // the rotation gates (below) need not wait for it separately.
+            let p = &mut jwt.policy;
+            p.max_ttl = p.max_ttl.min(issuance.max_ttl);
+            if self.jwt_svid_default_ttl.is_none() {
+                p.default_ttl = p.default_ttl.min(p.max_ttl);
+            }
+        }
         jwt.validate()?;
         let mut trust = self.trust(issuance.max_ttl);
         // A root's JWT key is deleted with the root: the rotation gates must
