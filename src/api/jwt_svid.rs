@@ -137,21 +137,8 @@ fn audit_entry(
     result: &Result<MintedJwt, ApiError>,
     now: std::time::SystemTime,
 ) -> crate::audit::Entry {
-    use crate::util::clock::{rfc3339, unix_millis};
-    let mut e = crate::audit::Entry {
-        time: rfc3339(now),
-        time_unix_ms: unix_millis(now),
-        kind: "jwt_svid".into(),
-        api: Some(input.api.as_str().into()),
-        auth_method: who.map(|a| a.method.as_str().into()),
-        namespace: who.map(|a| a.workload.namespace.to_string()),
-        service_account: who.map(|a| a.workload.service_account.to_string()),
-        pod_name: who.and_then(|a| a.pod_name.clone()),
-        pod_uid: who.and_then(|a| a.pod_uid.clone()),
-        peer: input.peer.map(|p| p.to_string()),
-        requested_ttl_s: input.ttl.map(|d| d.as_secs()),
-        ..Default::default()
-    };
+    use crate::util::clock::rfc3339;
+    let mut e = super::decision_entry("jwt_svid", input.api, who, input.peer, input.ttl, now);
     match result {
         Ok(m) => {
             e.result = "granted".into();
@@ -163,11 +150,7 @@ fn audit_entry(
             e.not_after = Some(rfc3339(m.expires_at));
             e.root_fingerprint = Some(m.root_fingerprint.clone());
         }
-        Err(err) => {
-            e.result = "refused".into();
-            e.reason = err.reason().into();
-            e.detail = Some(crate::audit::intake::bound_detail(&err.to_string()));
-        }
+        Err(err) => super::mark_refused(&mut e, err),
     }
     e
 }

@@ -611,6 +611,42 @@ fn pod_key(who: &Authenticated, peer: Option<SocketAddr>) -> (String, String) {
     }
 }
 
+/// The fields every decision record shares (certificates and JWT-SVIDs):
+/// when, of what kind, through which API, who as authenticated, from where,
+/// and the lifetime asked for.
+pub(crate) fn decision_entry(
+    kind: &str,
+    api: WireApi,
+    who: Option<&Authenticated>,
+    peer: Option<SocketAddr>,
+    ttl: Option<Duration>,
+    now: std::time::SystemTime,
+) -> crate::audit::Entry {
+    use crate::util::clock::{rfc3339, unix_millis};
+    crate::audit::Entry {
+        time: rfc3339(now),
+        time_unix_ms: unix_millis(now),
+        kind: kind.into(),
+        api: Some(api.as_str().into()),
+        auth_method: who.map(|a| a.method.as_str().into()),
+        namespace: who.map(|a| a.workload.namespace.to_string()),
+        service_account: who.map(|a| a.workload.service_account.to_string()),
+        pod_name: who.and_then(|a| a.pod_name.clone()),
+        pod_uid: who.and_then(|a| a.pod_uid.clone()),
+        peer: peer.map(|p| p.to_string()),
+        requested_ttl_s: ttl.map(|d| d.as_secs()),
+        ..Default::default()
+    }
+}
+
+/// Marks a decision record refused, with the error's reason and detail.
+pub(crate) fn mark_refused(e: &mut crate::audit::Entry, err: &ApiError) {
+    e.result = "refused".into();
+    e.reason = err.reason().into();
+    // The detail may echo what the caller sent (an `iss`, a `kid`).
+    e.detail = Some(crate::audit::intake::bound_detail(&err.to_string()));
+}
+
 /// Builds the audit record of one decision.
 fn audit_entry(
     input: &CertifyInput<'_>,
@@ -618,26 +654,13 @@ fn audit_entry(
     result: &Result<Issued, ApiError>,
     now: std::time::SystemTime,
 ) -> crate::audit::Entry {
-    use crate::util::clock::{rfc3339, unix_millis};
-    let mut e = crate::audit::Entry {
-        time: rfc3339(now),
-        time_unix_ms: unix_millis(now),
-        kind: "issuance".into(),
-        api: Some(input.api.as_str().into()),
-        auth_method: who.map(|a| a.method.as_str().into()),
-        namespace: who.map(|a| a.workload.namespace.to_string()),
-        service_account: who.map(|a| a.workload.service_account.to_string()),
-        pod_name: who.and_then(|a| a.pod_name.clone()),
-        pod_uid: who.and_then(|a| a.pod_uid.clone()),
-        peer: input.peer.map(|p| p.to_string()),
-        // Untrusted: a DNS name is at most 253 bytes, so real ones are whole.
-        requested_identity: input
-            .claimed_dns_identity
-            .map(|s| crate::audit::intake::truncate(s, 253)),
-        requested_ttl_s: input.ttl.map(|d| d.as_secs()),
-        csr_sha256: (!input.csr_der.is_empty()).then(|| crate::ca::fingerprint(input.csr_der)),
-        ..Default::default()
-    };
+    use crate::util::clock::rfc3339;
+    let mut e = decision_entry("issuance", input.api, who, input.peer, input.ttl, now);
+    // Untrusted: a DNS name is at most 253 bytes, so real ones are whole.
+    e.requested_identity = input
+        .claimed_dns_identity
+        .map(|s| crate::audit::intake::truncate(s, 253));
+    e.csr_sha256 = (!input.csr_der.is_empty()).then(|| crate::ca::fingerprint(input.csr_der));
     match result {
         Ok(i) => {
             e.result = "granted".into();
@@ -652,12 +675,7 @@ fn audit_entry(
             e.root_fingerprint = i.root_fingerprint.clone();
             e.bundle_version = (input.api != WireApi::Linkerd).then_some(i.bundle.version);
         }
-        Err(err) => {
-            e.result = "refused".into();
-            e.reason = err.reason().into();
-            // The detail may echo what the caller sent (an `iss`, a `kid`).
-            e.detail = Some(crate::audit::intake::bound_detail(&err.to_string()));
-        }
+        Err(err) => mark_refused(&mut e, err),
     }
     e
 }
