@@ -35,28 +35,13 @@ impl Core {
         let mut who: Option<Authenticated> = None;
         let mut provenance: Option<Provenance> = None;
         let mut result = self.mint_inner(&input, &mut who, &mut provenance).await;
-        if let Some(log) = &self.audit {
-            let mut entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
-            if let Some(p) = &provenance {
-                entry.auth_time = Some(crate::util::clock::rfc3339(p.auth_time));
-                entry.renewed_from = p.renewed_from.clone();
-            }
-            let folded = match (&result, &self.refusals) {
-                (Err(_), Some(gate)) => gate.admit(&entry) == crate::audit::intake::Admit::Folded,
-                _ => false,
-            };
-            if folded {
-                self.metrics.audit_refusal_folded();
-            } else {
-                match (log.append(entry).await, &result) {
-                    (Ok(_), _) => {}
-                    (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e.to_string())),
-                    (Err(e), Err(_)) => {
-                        tracing::error!(error = %e, "could not record a refusal in the audit log")
-                    }
-                }
-            }
-        }
+        let now = self.ca.clock().now();
+        self.record_decision(
+            |r| audit_entry(&input, who.as_ref(), r, now),
+            provenance.as_ref(),
+            &mut result,
+        )
+        .await;
         self.log_mint(&input, who.as_ref(), &result);
         result
     }

@@ -321,30 +321,13 @@ impl Core {
         let mut who: Option<Authenticated> = None;
         let mut provenance: Option<Provenance> = None;
         let mut result = self.certify_inner(&input, &mut who, &mut provenance).await;
-        if let Some(log) = &self.audit {
-            let mut entry = audit_entry(&input, who.as_ref(), &result, self.ca.clock().now());
-            if let Some(p) = &provenance {
-                entry.auth_time = Some(crate::util::clock::rfc3339(p.auth_time));
-                entry.renewed_from = p.renewed_from.clone();
-            }
-            // Refusals cost an attacker nothing: each peer gets a bounded
-            // share of the log. Grants always get their own entry.
-            let folded = match (&result, &self.refusals) {
-                (Err(_), Some(gate)) => gate.admit(&entry) == crate::audit::intake::Admit::Folded,
-                _ => false,
-            };
-            if folded {
-                metrics.audit_refusal_folded();
-            } else {
-                match (log.append(entry).await, &result) {
-                    (Ok(_), _) => {}
-                    (Err(e), Ok(_)) => result = Err(ApiError::AuditUnavailable(e.to_string())),
-                    (Err(e), Err(_)) => {
-                        tracing::error!(error = %e, "could not record a refusal in the audit log")
-                    }
-                }
-            }
-        }
+        let now = self.ca.clock().now();
+        self.record_decision(
+            |r| audit_entry(&input, who.as_ref(), r, now),
+            provenance.as_ref(),
+            &mut result,
+        )
+        .await;
         let identity = who
             .as_ref()
             .map(|a| a.workload.to_string())
@@ -608,6 +591,44 @@ fn pod_key(who: &Authenticated, peer: Option<SocketAddr>) -> (String, String) {
             format!("the caller at {}", p.ip()),
         ),
         (None, None) => (who.workload.to_string(), "the caller".into()),
+    }
+}
+
+impl Core {
+    /// Writes one decision's audit record, built by `entry` only when the
+    /// log is on. Refusals cost an attacker nothing, so each peer gets a
+    /// bounded share of the log; grants always get their own entry, and a
+    /// grant whose entry cannot be made durable becomes `AuditUnavailable`
+    /// (never handed out unrecorded).
+    async fn record_decision<T>(
+        &self,
+        entry: impl FnOnce(&Result<T, ApiError>) -> crate::audit::Entry,
+        provenance: Option<&Provenance>,
+        result: &mut Result<T, ApiError>,
+    ) {
+        let Some(log) = &self.audit else {
+            return;
+        };
+        let mut entry = entry(result);
+        if let Some(p) = provenance {
+            entry.auth_time = Some(crate::util::clock::rfc3339(p.auth_time));
+            entry.renewed_from = p.renewed_from.clone();
+        }
+        let folded = match (&*result, &self.refusals) {
+            (Err(_), Some(gate)) => gate.admit(&entry) == crate::audit::intake::Admit::Folded,
+            _ => false,
+        };
+        if folded {
+            self.metrics.audit_refusal_folded();
+            return;
+        }
+        match (log.append(entry).await, &*result) {
+            (Ok(_), _) => {}
+            (Err(e), Ok(_)) => *result = Err(ApiError::AuditUnavailable(e.to_string())),
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "could not record a refusal in the audit log")
+            }
+        }
     }
 }
 
